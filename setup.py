@@ -1,0 +1,21 @@
+"""Build script: the package plus its C++ launch fast path (a torch extension).
+
+Build with `pip install --no-build-isolation -e .` after the pinned runtime
+dependencies (requirements.txt) are installed: the extension compiles against
+the torch already in the environment.
+"""
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+setup(
+    packages=find_packages(include=["torch_xegpu_attn", "torch_xegpu_attn.*"]),
+    ext_modules=[
+        CppExtension(
+            name="torch_xegpu_attn._C",
+            sources=["csrc/cpu_launcher.cpp"],
+            extra_compile_args=["-O2"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,49 @@
+"""Shared test setup: a private disk cache per test session, and reference attention."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Every test session starts with an empty, private disk cache (set before the package is used).
+os.environ.setdefault("XEGPU_ATTN_CACHE_DIR", tempfile.mkdtemp(prefix="xegpu_attn_test_cache_"))
+# Outputs start as NaN, so an element a kernel fails to write fails the comparison.
+os.environ["XEGPU_ATTN_POISON"] = "1"
+
+import torch_xegpu_attn  # noqa: E402,F401  (registers torch.ops.xegpu.attention)
+
+
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Standard attention in float64, written out (not SDPA): the ground truth of the tests.
+
+    Fully masked rows give 0, as SDPA does.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+    scale = 1.0 / q.size(-1) ** 0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    L, S = scores.shape[-2:]
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.double()
+    row_max = scores.amax(-1, keepdim=True)
+    dead = torch.isneginf(row_max)
+    weights = torch.exp(scores - torch.where(dead, torch.zeros_like(row_max), row_max))
+    total = weights.sum(-1, keepdim=True)
+    out = (weights / torch.where(total == 0, torch.ones_like(total), total)) @ v
+    return torch.where(dead, torch.zeros_like(out), out)
+
+
+@pytest.fixture
+def fresh_seed(request):
+    """A different but reproducible random stream per test."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    return seed

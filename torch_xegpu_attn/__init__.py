@@ -1,0 +1,45 @@
+"""torch-xegpu-attn: scaled dot-product attention compiled by MLIR, as a torch op.
+
+    import torch_xegpu_attn                      # registers torch.ops.xegpu.attention
+    out = torch.ops.xegpu.attention(q, k, v, is_causal=True)
+    out = torch_xegpu_attn.attention(q, k, v)    # same, as a plain function
+
+    with torch_xegpu_attn.replace_sdpa():        # drop-in for F.scaled_dot_product_attention
+        y = model(x)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from . import ops  # noqa: F401  (registers the op)
+from .cache import CACHE
+from .compiler import COUNTERS, CompilationStopped, compile_spec, stage_names
+from .spec import AttentionSpec, MaskSpec
+
+__version__ = "0.1.0"
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
+    """Same signature and results as torch.nn.functional.scaled_dot_product_attention."""
+    return torch.ops.xegpu.attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                     scale=scale, enable_gqa=enable_gqa)
+
+
+@contextmanager
+def replace_sdpa():
+    """Within the block, torch.nn.functional.scaled_dot_product_attention is `attention`."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+__all__ = ["attention", "replace_sdpa", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
+           "CompilationStopped", "CACHE", "COUNTERS"]

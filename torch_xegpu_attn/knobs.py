@@ -1,0 +1,45 @@
+"""Every environment variable the package reads, typed, in one place.
+
+XEGPU_ATTN_CACHE_DIR    disk cache directory
+                        (default: $XDG_CACHE_HOME/torch_xegpu_attn, else ~/.cache/torch_xegpu_attn)
+XEGPU_ATTN_DISK_CACHE   "0" to neither read nor write the disk cache (default "1")
+XEGPU_ATTN_DUMP_IR      directory: write the IR after every compiler stage there
+XEGPU_ATTN_STOP_AFTER   stage name: stop compiling after it (raises CompilationStopped)
+XEGPU_ATTN_POISON       "1": fill each output with NaN before the kernel runs, so that an
+                        element the kernel fails to write shows (for tests; default "0")
+
+They are read at each use, so tests and tools may set them at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def cache_dir() -> str:
+    explicit = os.environ.get("XEGPU_ATTN_CACHE_DIR")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "torch_xegpu_attn")
+
+
+def disk_cache_enabled() -> bool:
+    value = os.environ.get("XEGPU_ATTN_DISK_CACHE", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"XEGPU_ATTN_DISK_CACHE must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on", "yes")
+
+
+def dump_ir_dir() -> Optional[str]:
+    value = os.environ.get("XEGPU_ATTN_DUMP_IR")
+    return os.path.abspath(value) if value else None
+
+
+def stop_after() -> Optional[str]:
+    return os.environ.get("XEGPU_ATTN_STOP_AFTER") or None
+
+
+def poison_outputs() -> bool:
+    return os.environ.get("XEGPU_ATTN_POISON", "0").strip() in ("1", "true", "on", "yes")

@@ -1,0 +1,144 @@
+"""The payload: standard (unfused) attention for one spec, as linalg on tensors.
+
+    scores = Q . K^T                      linalg.transpose + linalg.contract, f32 accumulate
+    scores = scores * scale               linalg.generic
+    scores = scores + mask  | causal      linalg.generic (bool mask: select -inf where False)
+    P      = softmax(scores, dim = s)     linalg.softmax
+    out    = P . V                        linalg.contract, f32 accumulate (then truncf)
+
+Every op carries an ``attn.tag``; the op that produces the result also carries
+``attn.root``.  The function takes the caller's buffers directly:
+``attention(q, k, v, [mask], out)`` with q/k/v/mask as memrefs with dynamic
+outer strides (see `strided_memref`) and out as a contiguous memref.
+
+The payload states SDPA's mathematics; two conventions of the fused kernel are
+not visible here: a row whose keys are all masked gives 0 (linalg.softmax
+would give NaN), and masked keys never contribute (not just exp(-inf) = 0).
+The flash stage implements both.
+"""
+
+from __future__ import annotations
+
+from mlir import ir
+from mlir.dialects import arith, bufferization, func, linalg, tensor
+
+from .mlir_utils import (TAG, affine_map, element_type, f32, linalg_generic, set_tag,
+                         strided_memref)
+from .spec import MASK_DIMS, AttentionSpec
+
+FUNC_NAME = "attention"
+
+# Loop dims of the score-shaped ops: (b, h, g, l, s); of the contractions: plus e.
+_B, _H, _G, _L, _S, _E = range(6)
+
+
+def operand_names(spec: AttentionSpec) -> list:
+    """Names of the payload function's arguments, in order."""
+    return ["q", "k", "v"] + (["mask"] if spec.mask is not None else []) + ["out"]
+
+
+def build_attention_payload(spec: AttentionSpec) -> ir.Module:
+    """Build the payload module for `spec` (in the current MLIR context)."""
+    et = element_type(spec.dtype)
+    shapes = spec.shapes()
+    arg_types = [strided_memref(shapes["q"], et), strided_memref(shapes["k"], et),
+                 strided_memref(shapes["v"], et)]
+    if spec.mask is not None:
+        arg_types.append(strided_memref(shapes["mask"], element_type(spec.mask.dtype)))
+    arg_types.append(ir.MemRefType.get(shapes["out"], et))
+
+    module = ir.Module.create()
+    with ir.InsertionPoint(module.body):
+        fn = func.FuncOp(FUNC_NAME, (arg_types, []))
+        entry = fn.add_entry_block()
+        with ir.InsertionPoint(entry):
+            args = list(entry.arguments)
+            tensors = [_as_tensor(a, writable=(i == len(args) - 1)) for i, a in enumerate(args)]
+            q, k, v = tensors[:3]
+            mask = tensors[3] if spec.mask is not None else None
+            out = tensors[-1]
+            result = _attention(spec, q, k, v, mask, out)
+            bufferization.materialize_in_destination(None, result, args[-1], restrict=True, writable=True)
+            func.ReturnOp([])
+    return module
+
+
+def _as_tensor(buffer: ir.Value, writable: bool) -> ir.Value:
+    mt = ir.MemRefType(buffer.type)
+    return bufferization.to_tensor(ir.RankedTensorType.get(mt.shape, mt.element_type), buffer,
+                                   restrict=True, writable=writable or None)
+
+
+def _attention(spec, q, k, v, mask, out):
+    et = element_type(spec.dtype)
+    b, h, g, l, s = spec.batch, spec.kv_heads, spec.group, spec.q_len, spec.kv_len
+    e, ev = spec.head_dim, spec.v_head_dim
+    score_shape = [b, h, g, l, s]
+    zero = arith.constant(f32(), 0.0)
+
+    # K^T: (b, h, s, e) -> (b, h, e, s)
+    kt = linalg.transpose(k, outs=[tensor.empty([b, h, e, s], et)], permutation=[0, 1, 3, 2])
+    set_tag(kt, "k_transpose")
+
+    # scores[b,h,g,l,s] = sum_e q[b,h,g,l,e] * kt[b,h,e,s], accumulated in f32
+    qk_init = linalg.fill(zero, outs=[tensor.empty(score_shape, f32())])
+    set_tag(qk_init.owner, "qk_init")
+    scores = linalg.contract(q, kt.result, outs=[qk_init], indexing_maps=[
+        affine_map(6, [_B, _H, _G, _L, _E]), affine_map(6, [_B, _H, _E, _S]),
+        affine_map(6, [_B, _H, _G, _L, _S])])
+    set_tag(scores.owner, "qk")
+
+    scores = _elementwise(scores, [], score_shape, "scale",
+                          lambda x: arith.mulf(x, arith.constant(f32(), spec.scale)))
+    if spec.mask is not None:
+        scores = _apply_mask(spec, scores, mask, score_shape)
+    if spec.causal:
+        scores = _elementwise(scores, [], score_shape, "causal", _causal_body)
+
+    probs = linalg.softmax([ir.RankedTensorType.get(score_shape, f32())], scores,
+                           tensor.empty(score_shape, f32()), 4)
+    set_tag(probs.owner, "softmax")
+
+    # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in f32
+    accumulate_in_out = et == f32()
+    pv_init = linalg.fill(zero, outs=[out if accumulate_in_out else tensor.empty(spec.shapes()["out"], f32())])
+    set_tag(pv_init.owner, "pv_init")
+    result = linalg.contract(probs, v, outs=[pv_init], indexing_maps=[
+        affine_map(6, [_B, _H, _G, _L, _S]), affine_map(6, [_B, _H, _S, _E]),
+        affine_map(6, [_B, _H, _G, _L, _E])])
+    set_tag(result.owner, "pv")
+    if not accumulate_in_out:
+        ident = affine_map(5, range(5))
+        result = linalg_generic([result], [out], [ident, ident], ["parallel"] * 5,
+                                lambda x, _: arith.truncf(et, x), "out_cast")
+    result.owner.attributes["attn.root"] = ir.UnitAttr.get()
+    return result
+
+
+def _elementwise(x, extra_inputs, shape, tag, fn, extra_maps=()):
+    """scores-shaped elementwise op: fn(score, *extra scalars) -> score."""
+    ident = affine_map(5, range(5))
+    return linalg_generic([x, *extra_inputs], [tensor.empty(shape, f32())],
+                          [ident, *extra_maps, ident], ["parallel"] * 5,
+                          lambda *a: fn(*a[:-1]), tag)
+
+
+def _causal_body(x):
+    # Top-left aligned causal mask (SDPA): query row l sees keys s <= l.
+    row = linalg.IndexOp(_L).result
+    key = linalg.IndexOp(_S).result
+    visible = arith.cmpi(arith.CmpIPredicate.ule, key, row)
+    return arith.select(visible, x, arith.constant(f32(), float("-inf")))
+
+
+def _apply_mask(spec, scores, mask, shape):
+    # The mask operand has only the dims it varies along; broadcast the rest.
+    mask_map = affine_map(5, [MASK_DIMS.index(d) for d in spec.mask.dims])
+    if spec.mask.kind == "bool":
+        def body(x, m):
+            keep = arith.cmpi(arith.CmpIPredicate.ne, m, arith.constant(m.type, 0))
+            return arith.select(keep, x, arith.constant(f32(), float("-inf")))
+    else:
+        def body(x, m):
+            return arith.addf(x, m if m.type == f32() else arith.extf(f32(), m))
+    return _elementwise(scores, [mask], shape, "mask", body, extra_maps=[mask_map])

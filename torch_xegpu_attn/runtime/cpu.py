@@ -1,0 +1,46 @@
+"""Host side of the cpu target: load a kernel library, run it on torch tensors."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Dict, List, Sequence
+
+import torch
+
+from .. import _C
+
+_WORKSPACE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8}
+
+#: work per parallel chunk below which a grid runs on the calling thread only
+#: (waking the pool costs more than it saves on tiny problems).
+_MIN_PARALLEL_FLOPS = 2e6
+
+
+class CpuKernel:
+    """A loaded kernel library: call it with the canonical operand tensors."""
+
+    def __init__(self, library_path: str, metadata: Dict):
+        # RTLD_LOCAL: kernels of different specs export the same symbol names.
+        self._library = ctypes.CDLL(library_path, mode=ctypes.RTLD_LOCAL)
+        self.metadata = metadata
+        grids = metadata["grids"]
+        self._fns = [ctypes.cast(getattr(self._library, f"_mlir_ciface_{g['name']}"), ctypes.c_void_p).value
+                     for g in grids]
+        self._tasks = [int(g["tasks"]) for g in grids]
+        self._workspaces = [(tuple(w["shape"]), _WORKSPACE_DTYPES[w["dtype"]]) for w in metadata["workspaces"]]
+        operands = metadata["operands"]
+        self._shapes = [list(operands[n]) for n in ("q", "k", "v", "mask", "out") if n in operands]
+        self._shapes += [list(shape) for shape, _ in self._workspaces]
+        self._grains = self._tasks  # serial until `set_work` says the problem is large enough
+
+    def set_work(self, flops: float) -> None:
+        """Choose per-grid parallel grains from the problem's total work."""
+        threads = max(1, torch.get_num_threads())
+        parallel = flops / threads >= _MIN_PARALLEL_FLOPS
+        self._grains = [1 if parallel else max(1, n) for n in self._tasks]
+
+    def __call__(self, operands: Sequence[torch.Tensor]) -> None:
+        """Run on q, k, v, [mask], out (canonical shapes; out is written)."""
+        buffers: List[torch.Tensor] = list(operands)
+        buffers += [torch.empty(shape, dtype=dtype) for shape, dtype in self._workspaces]
+        _C.launch_cpu(self._fns, self._tasks, self._grains, buffers, self._shapes)

