@@ -14,7 +14,10 @@ setup(
         CppExtension(
             name="torch_xegpu_attn._C",
             sources=["csrc/cpu_launcher.cpp"],
-            extra_compile_args=["-O2"],
+            # at::parallel_for is header code: without OpenMP here it runs serially.
+            # The soname libgomp.so.1 resolves to the copy torch already loaded.
+            extra_compile_args=["-O2", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},

@@ -16,7 +16,7 @@ import torch
 
 from . import ops  # noqa: F401  (registers the op)
 from .cache import CACHE
-from .compiler import COUNTERS, CompilationStopped, compile_spec, stage_names
+from .compiler import COUNTERS, CompilationStopped, CompileReport, compile_spec, stage_names
 from .spec import AttentionSpec, MaskSpec
 
 __version__ = "0.1.0"
@@ -42,4 +42,4 @@ def replace_sdpa():
 
 
 __all__ = ["attention", "replace_sdpa", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
-           "CompilationStopped", "CACHE", "COUNTERS"]
+           "CompilationStopped", "CompileReport", "CACHE", "COUNTERS"]

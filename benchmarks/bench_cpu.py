@@ -1,0 +1,118 @@
+"""CPU benchmark: torch.ops.xegpu.attention against F.scaled_dot_product_attention.
+
+Reports, in one run:
+  * compile time of a new spec (disk cache off, fresh spec), per stage;
+  * cost of a cache hit: the op's host overhead on a tiny problem, and a disk
+    hit in this process (memory cache cleared);
+  * time of both on the problems of issue 2, interleaved, median of N runs.
+
+    python benchmarks/bench_cpu.py [--repeats 15] [--threads N] [--csv out.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("XEGPU_ATTN_CACHE_DIR", tempfile.mkdtemp(prefix="xegpu_attn_bench_"))
+import torch_xegpu_attn  # noqa: E402
+from torch_xegpu_attn import AttentionSpec, CompileReport  # noqa: E402
+from torch_xegpu_attn.cache import CACHE, STATS  # noqa: E402
+from torch_xegpu_attn.compiler import compile_spec  # noqa: E402
+
+PROBLEMS = [  # (B, H, L=S, E), dtype, causal
+    ((2, 8, 1024, 64), torch.float32, False),
+    ((2, 8, 1024, 64), torch.float32, True),
+    ((1, 8, 2048, 128), torch.float32, False),
+    ((1, 8, 2048, 128), torch.float32, True),
+]
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench_compile() -> None:
+    spec = AttentionSpec(batch=2, kv_heads=8, group=1, q_len=1024, kv_len=1024, head_dim=64,
+                         v_head_dim=64, dtype="float32", scale=0.123)
+    report = CompileReport()
+    start = time.perf_counter()
+    compile_spec(spec, report=report)
+    total = time.perf_counter() - start
+    stages = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in report.stage_seconds.items())
+    print(f"compile of a new spec: {total:.2f} s  (ms per stage: {stages})")
+
+
+def bench_hits(repeats: int) -> None:
+    q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
+    torch_xegpu_attn.attention(q, k, v)  # compile
+    ours = median_ms(lambda: torch_xegpu_attn.attention(q, k, v), repeats * 20)
+    op = median_ms(lambda: torch.ops.xegpu.attention(q, k, v), repeats * 20)
+    sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats * 20)
+    print(f"cache hit, tiny problem (1x1x8x16): attention() {ours * 1e3:.1f} us, "
+          f"torch.ops.xegpu.attention {op * 1e3:.1f} us, SDPA {sdpa * 1e3:.1f} us")
+    CACHE.clear_memory()
+    before = STATS["disk_hits"]
+    start = time.perf_counter()
+    torch_xegpu_attn.attention(q, k, v)
+    took = (time.perf_counter() - start) * 1e3
+    assert STATS["disk_hits"] == before + 1
+    print(f"disk cache hit (memory cleared, same process): {took:.2f} ms")
+
+
+def bench_problems(repeats: int, rows: list) -> None:
+    print(f"threads: {torch.get_num_threads()}, median of {repeats}")
+    print(f"{'problem':<34} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>9} {'GFLOP/s':>8} {'max err vs SDPA':>15}")
+    for (b, h, n, e), dtype, causal in PROBLEMS:
+        q, k, v = (torch.randn(b, h, n, e, dtype=dtype) for _ in range(3))
+        ours_fn = lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal)  # noqa: E731
+        sdpa_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+        err = (ours_fn() - sdpa_fn()).abs().max().item()  # also compiles
+        ours_fn(), sdpa_fn()
+        ours_t, sdpa_t = [], []
+        for _ in range(repeats):  # interleaved, so both see the same machine state
+            ours_t.append(median_ms(ours_fn, 1))
+            sdpa_t.append(median_ms(sdpa_fn, 1))
+        o, s = statistics.median(ours_t), statistics.median(sdpa_t)
+        flops = 4.0 * b * h * n * n * e / (2 if causal else 1)
+        name = f"B={b} H={h} L=S={n} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
+        print(f"{name:<34} {o:9.2f} {s:9.2f} {o / s:9.2f} {flops / o / 1e6:8.1f} {err:15.2e}")
+        rows.append({"problem": name, "ours_ms": round(o, 3), "sdpa_ms": round(s, 3),
+                     "ratio": round(o / s, 3), "threads": torch.get_num_threads()})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--csv", default="")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench_compile()
+    bench_hits(args.repeats)
+    rows: list = []
+    bench_problems(args.repeats, rows)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
