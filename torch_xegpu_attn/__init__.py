@@ -24,9 +24,27 @@ __version__ = "0.1.0"
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False):
-    """Same signature and results as torch.nn.functional.scaled_dot_product_attention."""
+    """Same signature and results as torch.nn.functional.scaled_dot_product_attention.
+
+    Calls torch.ops.xegpu.attention.  In plain eager inference (no input needs
+    a gradient, not tracing) it calls the op's kernel directly, skipping the
+    dispatcher's round trip through Python (the same kernel either way).
+    """
+    if _plain_eager(query, key, value, attn_mask):
+        return ops.run_kernel(query, key, value, attn_mask, dropout_p, is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
     return torch.ops.xegpu.attention(query, key, value, attn_mask, dropout_p, is_causal,
                                      scale=scale, enable_gqa=enable_gqa)
+
+
+def _plain_eager(*tensors) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 @contextmanager

@@ -184,8 +184,7 @@ def output_shape(query, key, value, enable_gqa) -> Tuple[int, ...]:
     return (*batch, *heads, query.size(-2), value.size(-1))
 
 
-def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-         enable_gqa=False) -> Plan:
+def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Plan:
     """Check everything, then build the spec and the canonical operands (output allocated)."""
     check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     check_tensors(query, key, value, attn_mask, is_causal)
@@ -214,14 +213,85 @@ def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
-    out = torch.empty(out_shape, dtype=query.dtype, device=query.device)
-    if knobs.poison_outputs():
-        out.fill_(float("nan"))
+    out = _new_output(out_shape, query)
     operands.append(out.view(math.prod(batch), h, g, l, ev))
     spec = AttentionSpec(batch=math.prod(batch), kv_heads=h, group=g, q_len=l, kv_len=s, head_dim=e,
                          v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
                          scale=scale, mask=mask_spec, target=target)
     return Plan(out_shape, spec=spec, operands=operands, output=out)
+
+
+def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if knobs.poison_outputs():
+        out.fill_(float("nan"))
+    return out
+
+
+# ----------------------------------------------------------------------------- fast path
+#
+# A model calls the op with the same shapes, strides and flags over and over.
+# The first call of a combination runs every check and records how its
+# canonical operands view the inputs; later calls with identical tensor
+# metadata (so the same checks would pass) only rebuild those views.
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    spec: AttentionSpec
+    out_shape: Tuple[int, ...]
+    views: Tuple[Tuple[Tuple[int, ...], Tuple[int, ...]], ...]  # (size, stride) of q, k, v, [mask]
+    out_view: Tuple[int, ...]
+
+
+_RECIPES: dict = {}
+_MAX_RECIPES = 4096
+
+
+def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Everything the checks and the mapping depend on, or None when the fast path does not apply."""
+    if (type(is_causal) is not bool or type(enable_gqa) is not bool or type(dropout_p) not in (float, int)
+            or (scale is not None and type(scale) not in (float, int))):
+        return None
+    tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return None
+    return (tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors),
+            dropout_p, is_causal, scale, enable_gqa)
+
+
+def _recipe(plan: Plan, inputs) -> "_Recipe | None":
+    """How `plan`'s operands view `inputs`, if they all are plain views (no copies)."""
+    views = []
+    for operand, source in zip(plan.operands[:-1], inputs):
+        if (operand.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+                or operand.storage_offset() != source.storage_offset()):
+            return None
+        views.append((tuple(operand.shape), tuple(operand.stride())))
+    return _Recipe(plan.spec, plan.out_shape, tuple(views), tuple(plan.operands[-1].shape))
+
+
+def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False) -> Plan:
+    """The plan of one call: checks (or a recorded identical call), spec and operands."""
+    signature = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    recipe = _RECIPES.get(signature) if signature is not None else None
+    if recipe is None:
+        result = _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if signature is not None and result.spec is not None:
+            inputs = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+            recorded = _recipe(result, inputs)
+            if recorded is not None:
+                if len(_RECIPES) >= _MAX_RECIPES:
+                    _RECIPES.clear()
+                _RECIPES[signature] = recorded
+        return result
+    inputs = (query, key, value) if attn_mask is None else (query, key, value, attn_mask.view(torch.uint8)
+                                                              if attn_mask.dtype == torch.bool else attn_mask)
+    operands = [t.as_strided(size, stride) for t, (size, stride) in zip(inputs, recipe.views)]
+    out = _new_output(recipe.out_shape, query)
+    operands.append(out.view(recipe.out_view))
+    return Plan(recipe.out_shape, spec=recipe.spec, operands=operands, output=out)
 
 
 assert set(_DTYPE_NAMES.values()) == set(DTYPES)

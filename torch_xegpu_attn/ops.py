@@ -25,17 +25,16 @@ _LIBRARY = torch.library.Library("xegpu", "DEF")
 _LIBRARY.define(SCHEMA)
 
 
-def _run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+def run_kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     plan = frontend.plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if plan.result is not None:
         return plan.result
-    kernel = CACHE.get(plan.spec)
-    kernel(plan.operands)
+    CACHE.get(plan.spec)(plan.operands)
     return plan.output
 
 
 for _key in ("CPU", "CUDA", "XPU"):
-    _LIBRARY.impl("attention", _run, _key)
+    _LIBRARY.impl("attention", run_kernel, _key)
 
 
 @torch.library.register_fake("xegpu::attention")
