@@ -120,6 +120,11 @@ def test_gqa(hq, hk, causal, fresh_seed):
     check(rand(2, hq, 50, 32), rand(2, hk, 77, 32), rand(2, hk, 77, 32), is_causal=causal, enable_gqa=True)
 
 
+def test_gqa_key_and_value_heads_differ(fresh_seed):
+    # SDPA repeats key and value heads separately: 6 query heads, 3 key heads, 2 value heads.
+    check(rand(1, 6, 20, 16), rand(1, 3, 30, 16), rand(1, 2, 30, 16), enable_gqa=True)
+
+
 def test_gqa_with_mask(fresh_seed):
     mask = torch.rand(2, 8, 50, 77) > 0.3
     check(rand(2, 8, 50, 32), rand(2, 2, 77, 32), rand(2, 2, 77, 32), attn_mask=mask, enable_gqa=True)

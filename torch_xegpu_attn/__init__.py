@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import ops  # noqa: F401  (registers the op)
+from . import frontend, ops  # noqa: F401  (ops registers the op)
 from .cache import CACHE
 from .compiler import COUNTERS, CompilationStopped, CompileReport, compile_spec, stage_names
 from .spec import AttentionSpec, MaskSpec
@@ -30,19 +30,23 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     a gradient, not tracing) it calls the op's kernel directly, skipping the
     dispatcher's round trip through Python (the same kernel either way).
     """
-    if _plain_eager(query, key, value, attn_mask):
+    if _plain_eager(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return ops.run_kernel(query, key, value, attn_mask, dropout_p, is_causal,
                               scale=scale, enable_gqa=enable_gqa)
     return torch.ops.xegpu.attention(query, key, value, attn_mask, dropout_p, is_causal,
                                      scale=scale, enable_gqa=enable_gqa)
 
 
-def _plain_eager(*tensors) -> bool:
+def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+    for t in (query, key, value, attn_mask):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            frontend.check_arguments(query, key, value, attn_mask, *flags)  # raises SDPA's TypeError
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
             return False
     return True
 

@@ -35,6 +35,11 @@ DEVICE_TARGETS = {"cpu": "cpu", "cuda": "nvvm", "xpu": "xegpu"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+class UnsupportedDtypeError(TypeError, RuntimeError):
+    """A dtype the kernels do not take.  Both a TypeError and a RuntimeError: SDPA
+    itself raises RuntimeError for integer inputs."""
+
+
 @dataclass
 class Plan:
     """What the op will do: either run `spec` on `operands`, or return `result` directly."""
@@ -77,7 +82,8 @@ def check_tensors(query, key, value, attn_mask, is_causal) -> None:
         raise RuntimeError("Expected query, key, and value to have the same dtype, but got "
                            f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
     if query.dtype not in _DTYPE_NAMES:
-        raise TypeError(f"xegpu::attention supports float32, float16 and bfloat16 tensors, got {query.dtype}")
+        raise UnsupportedDtypeError(f"xegpu::attention supports float32, float16 and bfloat16 tensors, "
+                                    f"got {query.dtype}")
     if not (query.device == key.device == value.device):
         raise RuntimeError("Expected query, key, and value to have the same device type, but got "
                            f"query.device: {query.device} key.device: {key.device} and value.device: {value.device} instead.")
@@ -121,7 +127,7 @@ def layout(query, key, value, enable_gqa) -> Tuple[Tuple[int, ...], int, int]:
             raise RuntimeError("Number of heads in key and value must divide the number of heads in query, "
                                f"but got query heads {hq}, key heads {hk} and value heads {hv}")
         batch = _broadcast([_batch(query), _batch(key), _batch(value)], "batch dims")
-        h = max(hk, hv)
+        h = math.lcm(hk, hv)  # divides hq; key or value heads are repeated up to it
         return batch, h, hq // h
     lead = _broadcast([query.shape[:-2], key.shape[:-2], value.shape[:-2]], "batch and head dims")
     heads = lead[-1] if lead else 1
@@ -152,12 +158,23 @@ def _kv_heads(t: torch.Tensor, batch, h: int) -> torch.Tensor:
     return _canonical(t, batch, h)
 
 
+def check_mask_shape(mask: torch.Tensor, scores_shape: Tuple[int, ...]) -> None:
+    """attn_mask must broadcast to the scores' shape (batch..., heads, L, S)."""
+    fits = mask.dim() <= len(scores_shape) and all(
+        m in (1, f) for m, f in zip(reversed(mask.shape), reversed(scores_shape)))
+    if not fits:
+        raise RuntimeError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores' "
+                           f"shape {tuple(scores_shape)} (batch..., heads, L, S)")
+
+
+def scores_shape(query, key, value, enable_gqa) -> Tuple[int, ...]:
+    batch, h, g = layout(query, key, value, enable_gqa)
+    return (*batch, h * g, query.size(-2), key.size(-2))
+
+
 def _compact_mask(mask: torch.Tensor, batch, h: int, g: int, l: int, s: int) -> Tuple[torch.Tensor, Tuple[str, ...]]:
     """The mask as a view over only the (b, h, g, l, s) dims it varies along."""
     full = (*batch, h * g, l, s)
-    if tuple(torch.broadcast_shapes(mask.shape, full)) != full or mask.dim() > len(full):
-        raise RuntimeError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores' "
-                           f"shape {full} (batch..., heads, L, S)")
     m = mask.expand(full)
     n_batch = len(batch)
     if any(m.size(i) > 1 and m.stride(i) != 0 for i in range(n_batch)):
@@ -192,7 +209,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     out_shape = output_shape(query, key, value, enable_gqa)
     l, s, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
     if attn_mask is not None:
-        _compact_mask(attn_mask, batch, h, g, l, s)  # shape check even when the result is empty
+        check_mask_shape(attn_mask, (*batch, h * g, l, s))  # even when the result is empty
     if math.prod(out_shape) == 0:
         return Plan(out_shape, result=query.new_empty(out_shape))
     if s == 0:  # no keys: SDPA gives zeros
