@@ -36,7 +36,9 @@ from typing import List, Tuple
 
 from mlir import ir
 from mlir.dialects import arith, linalg, math as mmath, scf, tensor
+from mlir.dialects import transform
 from mlir.dialects.transform import structured
+from mlir.dialects.transform import tensor as ttensor
 
 from ..mlir_utils import (TAG, CompileError, TransformScript, affine_map, any_op, apply_cleanup,
                           body_op_names, const_index, defining_op, f32, linalg_generic,
@@ -285,7 +287,12 @@ def _fuse_score_chains(module: ir.Module, groups: List[str]) -> None:
             chain = match_attr(root, "attn.fuse_group", name)
             loop = match_attr(root, "attn.fuse_into", name)
             structured.FuseIntoContainingOp(any_op(), any_op(), chain, loop)
-        apply_cleanup(match_ops(root, ["func.func"]))
+        func = match_ops(root, ["func.func"])
+        # Slices of the payload's whole-row empty tensors (destinations of the
+        # fused fills) become tile-sized empties; the whole-row ones die.
+        with ir.InsertionPoint(transform.ApplyPatternsOp(func).patterns):
+            ttensor.ApplyFoldTensorEmptyPatternsOp()
+        apply_cleanup(func)
     script.apply(module)
 
 
