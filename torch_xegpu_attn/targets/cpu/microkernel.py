@@ -11,16 +11,22 @@ probabilities, B: a K^T or V tile) is lowered to
 with the C rows as loop-carried vectors (M * NB/16 registers) and A[m, k]
 broadcast straight from memory.  This is the register blocking that the
 generic outer-product lowering lacks: it keeps A transposed in registers and
-spills.  A operand that is not already in memory (the probabilities, computed
+spills.  An operand that is not already in memory (the probabilities, computed
 in registers) is first stored to a stack buffer; an operand read from memory
 is re-read in place (the transfer_read it came from is left to DCE).
 
 N is processed in chunks of `n_block` columns so that M * n_block / 16 stays
 within the register file; the target picks M (the row tile) and n_block.
+
+Unit dims were folded away before vectorization, so a one-row work-group
+gives C[N] += A[K] . B[K, N] (M absent), a one-key tail C[M] += A[M, K] . B[K]
+(N absent), and both together a dot product; these are the same loop with M
+or N taken as 1.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from mlir import ir
@@ -29,23 +35,32 @@ from mlir.dialects import arith, memref, scf, vector
 from ...mlir_utils import const_index, defining_op, walk
 
 
-def _dims_are_matmul(contract) -> bool:
-    """True for C[m, n] += A[m, k] B[k, n] with a single reduction dim k."""
+@dataclass
+class _Form:
+    """Which of the m and n dims a contraction has (k always)."""
+
+    has_m: bool
+    has_n: bool
+
+
+def _matmul_form(contract) -> Optional[_Form]:
+    """The form of C[m?, n?] += A[m?, k] B[k, n?] with one reduction dim k, else None."""
     maps = [ir.AffineMapAttr(a).value for a in ir.ArrayAttr(contract.attributes["indexing_maps"])]
     kinds = [str(a) for a in ir.ArrayAttr(contract.attributes["iterator_types"])]
-    if any(len(m.results) != 2 for m in maps):
-        return False
     lhs, rhs, acc = ([ir.AffineDimExpr(e).position for e in m.results] for m in maps)
     reductions = [i for i, kind in enumerate(kinds) if "reduction" in kind]
-    if len(reductions) != 1:
-        return False
+    if len(reductions) != 1 or len(kinds) > 3:
+        return None
     k = reductions[0]
-    m, n = acc
-    return lhs == [m, k] and rhs == [k, n]
+    m = [d for d in lhs if d != k]
+    n = [d for d in rhs if d != k]
+    if len(m) > 1 or len(n) > 1 or acc != m + n or lhs != m + [k] or rhs != [k] + n:
+        return None
+    return _Form(has_m=bool(m), has_n=bool(n))
 
 
 def _memory_source(value: ir.Value) -> Optional[Tuple[ir.Value, List[ir.Value]]]:
-    """(memref, indices of element [0, 0]) when `value` is an in-bounds 2-D read of memory.
+    """(memref, indices of the first element) when `value` is an in-bounds read of memory.
 
     An arith.extf on top is looked through: the micro-kernel extends per element.
     """
@@ -57,7 +72,7 @@ def _memory_source(value: ir.Value) -> Optional[Tuple[ir.Value, List[ir.Value]]]
         return None
     read = op.opview
     rank = ir.MemRefType(read.base.type).rank
-    minor_identity = ir.AffineMap.get_minor_identity(rank, 2)
+    minor_identity = ir.AffineMap.get_minor_identity(rank, ir.VectorType(value.type).rank)
     if ir.AffineMapAttr(read.permutation_map).value != minor_identity or read.mask is not None:
         return None
     if not all(ir.BoolAttr(b).value for b in ir.ArrayAttr(read.in_bounds)):
@@ -72,33 +87,47 @@ def _function_entry(op: ir.Operation) -> ir.Block:
 
 
 def _spill_to_stack(value: ir.Value, anchor: ir.Operation):
-    """Store a 2-D vector row by row into a stack buffer allocated at function entry."""
+    """Store a 1-D or 2-D vector (row by row) into a stack buffer allocated at function entry."""
     vt = ir.VectorType(value.type)
     with ir.InsertionPoint.at_block_begin(_function_entry(anchor)):
         buffer = memref.alloca(ir.MemRefType.get(vt.shape, vt.element_type), [], [], alignment=64)
-    for r in range(vt.shape[0]):
-        vector.store(vector.extract(value, [], [r]), buffer, [const_index(r), const_index(0)])
-    return buffer, [const_index(0), const_index(0)]
+    if vt.rank == 1:
+        vector.store(value, buffer, [const_index(0)])
+    else:
+        for r in range(vt.shape[0]):
+            vector.store(vector.extract(value, [], [r]), buffer, [const_index(r), const_index(0)])
+    return buffer, [const_index(0)] * vt.rank
 
 
-def _offset(indices: List[ir.Value], row, col) -> List[ir.Value]:
-    return indices[:-2] + [arith.addi(indices[-2], row), arith.addi(indices[-1], col)]
+def _at(indices: List[ir.Value], offsets) -> List[ir.Value]:
+    """indices of the element at `offsets` from the first one (offsets cover the trailing dims)."""
+    lead = indices[:len(indices) - len(offsets)]
+    return lead + [arith.addi(i, o) for i, o in zip(indices[len(lead):], offsets)]
+
+
+def _extended(value: ir.Value, element: ir.Type) -> ir.Value:
+    vt = value.type
+    source = vt.element_type if isinstance(vt, ir.VectorType) else vt
+    if source == element:
+        return value
+    target = ir.VectorType.get(vt.shape, element) if isinstance(vt, ir.VectorType) else element
+    return arith.extf(target, value)
 
 
 def lower_contraction(contract, n_block: int) -> bool:
-    """Lower one vector.contract in place; False (untouched) when it is not a plain matmul."""
-    if not _dims_are_matmul(contract):
+    """Lower one vector.contract in place; False (untouched) when it is not of a matmul form."""
+    form = _matmul_form(contract)
+    if form is None:
         return False
     lhs, rhs, acc = contract.operands[0], contract.operands[1], contract.operands[2]
-    m_size, k_size = ir.VectorType(lhs.type).shape
-    n_size = ir.VectorType(rhs.type).shape[1]
-    acc_type = ir.VectorType(acc.type).element_type
+    k_size = ir.VectorType(lhs.type).shape[-1]
+    m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
+    n_size = ir.VectorType(rhs.type).shape[-1] if form.has_n else 1
+    acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
     with ir.InsertionPoint(contract), contract.location:
         a_mem, a_idx = _memory_source(lhs) or _spill_to_stack(lhs, contract)
         b_mem, b_idx = _memory_source(rhs) or _spill_to_stack(rhs, contract)
-        a_type = ir.MemRefType(a_mem.type).element_type
-        b_type = ir.MemRefType(b_mem.type).element_type
-        rows = [vector.extract(acc, [], [m]) for m in range(m_size)]
+        rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
         for n0 in range(0, n_size, n_block):
             width = min(n_block, n_size - n0)
@@ -109,25 +138,51 @@ def lower_contraction(contract, n_block: int) -> bool:
             loop = scf.ForOp(const_index(0), const_index(k_size), const_index(1), chunk)
             with ir.InsertionPoint(loop.body):
                 k = loop.induction_variable
-                b = vector.load(ir.VectorType.get([width], b_type), b_mem, _offset(b_idx, k, const_index(n0)))
-                if b_type != acc_type:
-                    b = arith.extf(chunk_type, b)
+                if form.has_n:
+                    b_type = ir.VectorType.get([width], ir.MemRefType(b_mem.type).element_type)
+                    b = _extended(vector.load(b_type, b_mem, _at(b_idx, [k, const_index(n0)])), acc_type)
+                else:
+                    b = vector.broadcast(chunk_type, _extended(memref.load(b_mem, _at(b_idx, [k])), acc_type))
                 updated = []
                 for m in range(m_size):
-                    a = memref.load(a_mem, _offset(a_idx, const_index(m), k))
-                    if a_type != acc_type:
-                        a = arith.extf(acc_type, a)
-                    updated.append(vector.fma(vector.broadcast(chunk_type, a), b, loop.inner_iter_args[m]))
+                    a = memref.load(a_mem, _at(a_idx, [const_index(m), k] if form.has_m else [k]))
+                    a = vector.broadcast(chunk_type, _extended(a, acc_type))
+                    updated.append(vector.fma(a, b, loop.inner_iter_args[m]))
                 scf.YieldOp(updated)
             for m in range(m_size):
                 part = loop.results[m]
                 result_rows[m] = part if whole else vector.insert_strided_slice(part, result_rows[m], [n0], [1])
-        result = acc
-        for m in range(m_size):
-            result = vector.insert(result_rows[m], result, [], [m])
+        result = _assemble(acc, form, result_rows)
     contract.results[0].replace_all_uses_with(result)
     contract.erase()
     return True
+
+
+def _acc_rows(acc: ir.Value, form: _Form, m_size: int, acc_type: ir.Type) -> List[ir.Value]:
+    """The accumulator as M row vectors (of N lanes, or of one lane when n is absent)."""
+    if form.has_m and form.has_n:
+        return [vector.extract(acc, [], [m]) for m in range(m_size)]
+    if form.has_n:
+        return [acc]
+    one = ir.VectorType.get([1], acc_type)
+    if form.has_m:
+        return [vector.broadcast(one, vector.extract(acc, [], [m])) for m in range(m_size)]
+    return [vector.broadcast(one, acc)]
+
+
+def _assemble(acc: ir.Value, form: _Form, rows: List[ir.Value]) -> ir.Value:
+    """Inverse of `_acc_rows`."""
+    if form.has_n and not form.has_m:
+        return rows[0]
+    if not form.has_n:
+        scalars = [vector.extract(r, [], [0]) for r in rows]
+        if not form.has_m:
+            return scalars[0]
+        rows = scalars
+    result = acc
+    for m, row in enumerate(rows):
+        result = vector.insert(row, result, [], [m])
+    return result
 
 
 def _widen_operands(contract) -> None:
@@ -137,17 +192,16 @@ def _widen_operands(contract) -> None:
     acc_element = acc_type.element_type if isinstance(acc_type, ir.VectorType) else acc_type
     for i in (0, 1):
         operand = contract.operands[i]
-        vt = ir.VectorType(operand.type)
-        if vt.element_type != acc_element:
+        if ir.VectorType(operand.type).element_type != acc_element:
             with ir.InsertionPoint(contract), contract.location:
-                contract.operands[i] = arith.extf(ir.VectorType.get(vt.shape, acc_element), operand)
+                contract.operands[i] = _extended(operand, acc_element)
 
 
 def lower_contractions(module: ir.Module, n_block: int) -> Tuple[int, int]:
-    """Lower every plain-matmul vector.contract; returns (lowered, left to the default lowering).
+    """Lower every matmul-form vector.contract; returns (lowered, left to the default lowering).
 
-    The ones left (matrix-vector and dot products of one-row or one-key tiles)
-    get operands of the accumulator type for the default lowering.
+    The ones left (none expected) get operands of the accumulator type for the
+    default lowering.
     """
     contracts = walk(module, lambda op: op.name == "vector.contract")
     left = [c for c in contracts if not lower_contraction(c, n_block)]
