@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Dict, List, Sequence
 
 import torch
@@ -14,6 +15,29 @@ _WORKSPACE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.b
 #: work per parallel chunk below which a grid runs on the calling thread only
 #: (waking the pool costs more than it saves on tiny problems).
 _MIN_PARALLEL_FLOPS = 2e6
+
+
+_ALIGN = 64
+_arenas = threading.local()
+
+
+def _arena(nbytes: int) -> torch.Tensor:
+    """This thread's workspace arena, grown to at least `nbytes`.
+
+    Workspaces (the materialized K^T) are reused across calls: a fresh
+    allocation of tens of MB costs more in page faults than the transpose
+    that fills it.  One arena per thread, so concurrent calls never share.
+    """
+    arena = getattr(_arenas, "buffer", None)
+    if arena is None or arena.numel() < nbytes:
+        arena = torch.empty(nbytes, dtype=torch.uint8)
+        _arenas.buffer = arena
+    return arena
+
+
+def release_workspaces() -> None:
+    """Free the calling thread's workspace arena (the next call allocates a new one)."""
+    _arenas.buffer = None
 
 
 class CpuKernel:
@@ -28,6 +52,12 @@ class CpuKernel:
                      for g in grids]
         self._tasks = [int(g["tasks"]) for g in grids]
         self._workspaces = [(tuple(w["shape"]), _WORKSPACE_DTYPES[w["dtype"]]) for w in metadata["workspaces"]]
+        self._offsets, offset = [], 0
+        for shape, dtype in self._workspaces:
+            self._offsets.append(offset)
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self._arena_bytes = offset
         operands = metadata["operands"]
         self._shapes = [list(operands[n]) for n in ("q", "k", "v", "mask", "out") if n in operands]
         self._shapes += [list(shape) for shape, _ in self._workspaces]
@@ -42,5 +72,9 @@ class CpuKernel:
     def __call__(self, operands: Sequence[torch.Tensor]) -> None:
         """Run on q, k, v, [mask], out (canonical shapes; out is written)."""
         buffers: List[torch.Tensor] = list(operands)
-        buffers += [torch.empty(shape, dtype=dtype) for shape, dtype in self._workspaces]
+        if self._workspaces:
+            arena = _arena(self._arena_bytes)
+            for (shape, dtype), offset in zip(self._workspaces, self._offsets):
+                nbytes = torch.Size(shape).numel() * dtype.itemsize
+                buffers.append(arena[offset:offset + nbytes].view(dtype).view(shape))
         _C.launch_cpu(self._fns, self._tasks, self._grains, buffers, self._shapes)
