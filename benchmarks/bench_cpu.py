@@ -27,6 +27,7 @@ import torch_xegpu_attn  # noqa: E402
 from torch_xegpu_attn import AttentionSpec, CompileReport  # noqa: E402
 from torch_xegpu_attn.cache import CACHE, STATS  # noqa: E402
 from torch_xegpu_attn.compiler import compile_spec  # noqa: E402
+from torch_xegpu_attn.timing import median_ms  # noqa: E402
 
 PROBLEMS = [  # (B, H, L=S, E), dtype, causal
     ((2, 8, 1024, 64), torch.float32, False),
@@ -36,13 +37,6 @@ PROBLEMS = [  # (B, H, L=S, E), dtype, causal
 ]
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bench_compile() -> None:

@@ -9,7 +9,6 @@ float64 reference, and the median time of both.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -17,15 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import torch_xegpu_attn
+from torch_xegpu_attn.timing import median_ms
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None) -> int:
@@ -51,8 +44,8 @@ def main(argv=None) -> int:
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
         err_ours = (ours.double() - ref).abs().max().item()
         err_sdpa = (sdpa.double() - ref).abs().max().item()
-        t_ours = _median_ms(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal), args.repeats)
-        t_sdpa = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), args.repeats)
+        t_ours = median_ms(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal), args.repeats)
+        t_sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), args.repeats)
         label = "causal" if causal else "full  "
         print(f"{label}  xegpu::attention: max err {err_ours:.2e}, {t_ours:8.2f} ms "
               f"(first call {first:.2f} s incl. compile)   SDPA: max err {err_sdpa:.2e}, {t_sdpa:8.2f} ms")
