@@ -179,6 +179,20 @@ def test_disk_cache_off_does_not_read(cache_dir, monkeypatch):
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in cache_dir.iterdir()} == listing
 
 
+def test_unwritable_cache_dir_warns_and_still_runs(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XEGPU_ATTN_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.delenv("XEGPU_ATTN_DISK_CACHE", raising=False)
+    CACHE.clear_memory()
+    before = snapshot()
+    with pytest.warns(UserWarning, match="cannot write the disk cache"):
+        run_checked(*inputs())
+    after = delta(before, snapshot())
+    assert (after["compilations"], after["disk_writes"]) == (1, 0)
+    CACHE.clear_memory()
+
+
 # ----------------------------------------------------------------------------- across processes
 
 CHILD = r"""

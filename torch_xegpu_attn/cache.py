@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from importlib import metadata as importlib_metadata
 from typing import Dict, Optional
 
@@ -128,12 +129,8 @@ class KernelCache:
         target = get_target(spec.target)
         key = entry_key(spec)
         use_disk = knobs.disk_cache_enabled()
-        folder = knobs.cache_dir() if use_disk else self._private()
-        os.makedirs(folder, exist_ok=True)
-        binary_path = os.path.join(folder, key + target.binary_suffix)
-        meta_path = os.path.join(folder, key + ".json")
         if use_disk:
-            kernel = self._try_load(target, key, binary_path, meta_path)
+            kernel = self._try_load(target, key, *self._paths(knobs.cache_dir(), key, target))
             if kernel is not None:
                 STATS["disk_hits"] += 1
                 return self._prepared(kernel, spec)
@@ -144,10 +141,29 @@ class KernelCache:
             "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
             "metadata": artifact.metadata,
         }
-        _write_atomically(binary_path, artifact.binary)
-        _write_atomically(meta_path, json.dumps(record, indent=1, sort_keys=True).encode())
-        STATS["disk_writes"] += int(use_disk)
+        binary_path = None
+        if use_disk:
+            try:
+                binary_path = self._write_entry(knobs.cache_dir(), key, target, artifact.binary, record)
+                STATS["disk_writes"] += 1
+            except OSError as error:  # an unwritable cache must not fail the op
+                warnings.warn(f"torch_xegpu_attn: cannot write the disk cache in {knobs.cache_dir()} "
+                              f"({error}); kernels of this process stay in a temporary directory")
+        if binary_path is None:
+            binary_path = self._write_entry(self._private(), key, target, artifact.binary, record)
         return self._prepared(target.load(binary_path, artifact.metadata), spec)
+
+    @staticmethod
+    def _paths(folder: str, key: str, target):
+        return os.path.join(folder, key + target.binary_suffix), os.path.join(folder, key + ".json")
+
+    def _write_entry(self, folder: str, key: str, target, binary: bytes, record: Dict) -> str:
+        """Write binary then record atomically; returns the binary's path."""
+        os.makedirs(folder, exist_ok=True)
+        binary_path, meta_path = self._paths(folder, key, target)
+        _write_atomically(binary_path, binary)
+        _write_atomically(meta_path, json.dumps(record, indent=1, sort_keys=True).encode())
+        return binary_path
 
     @staticmethod
     def _prepared(kernel, spec: AttentionSpec):
