@@ -104,11 +104,16 @@ def check_tensors(query, key, value, attn_mask, is_causal) -> None:
 
 
 def _broadcast(shapes: Sequence[Sequence[int]], what: str) -> Tuple[int, ...]:
-    try:
-        return tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
-    except RuntimeError as error:
-        raise RuntimeError(f"the {what} of query, key and value do not broadcast: "
-                           f"{[tuple(s) for s in shapes]} ({error})") from None
+    """NumPy-style broadcast of shapes (torch.broadcast_shapes costs a heavy first import)."""
+    rank = max((len(s) for s in shapes), default=0)
+    result = []
+    for i in range(-rank, 0):
+        sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
+        if len(sizes) > 1:
+            raise RuntimeError(f"the {what} of query, key and value do not broadcast: "
+                               f"{[tuple(s) for s in shapes]} (sizes {sorted(sizes)} at dim {i})")
+        result.append(sizes.pop() if sizes else 1)
+    return tuple(result)
 
 
 def _heads(t: torch.Tensor) -> int:
