@@ -108,11 +108,14 @@ def _broadcast(shapes: Sequence[Sequence[int]], what: str) -> Tuple[int, ...]:
     rank = max((len(s) for s in shapes), default=0)
     result = []
     for i in range(-rank, 0):
-        sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
-        if len(sizes) > 1:
-            raise RuntimeError(f"the {what} of query, key and value do not broadcast: "
-                               f"{[tuple(s) for s in shapes]} (sizes {sorted(sizes)} at dim {i})")
-        result.append(sizes.pop() if sizes else 1)
+        size = 1
+        for shape in shapes:  # no sets: sizes may be SymInts (fake tensors, dynamic shapes)
+            if len(shape) >= -i and shape[i] != 1:
+                if size != 1 and shape[i] != size:
+                    raise RuntimeError(f"the {what} of query, key and value do not broadcast: "
+                                       f"{[tuple(s) for s in shapes]} (sizes {size} and {shape[i]} at dim {i})")
+                size = shape[i]
+        result.append(size)
     return tuple(result)
 
 
