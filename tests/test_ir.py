@@ -211,9 +211,21 @@ CHECK: scf.for %{{.*}} = %c0 to %c192 step %c64 iter_args(
 
 
 
+# Many query rows per key/value head: the cpu target materializes K^T once.
+MANY_ROWS = replace(SPEC, q_len=300)
+
+
 def test_vectorized():
+    # Few rows per key/value head (10): the QK^T contraction reads K tiles (64 keys x 16) in place.
     ir = stage_ir(SPEC, "vectorized")
     filecheck(ir, r"""
+CHECK: scf.for %{{.*}} = %c0 to %c192 step %c64 iter_args({{.*}}) -> (vector<4xf32>, vector<4xf32>, vector<4x16xf32>)
+CHECK:   vector.contract {{.*}} : vector<4x16xf32>, vector<64x16xf32> into vector<4x64xf32>
+CHECK:   vector.contract {{.*}} : vector<4x64xf32>, vector<64x16xf32> into vector<4x16xf32>
+CHECK:   scf.yield
+""")
+    # Many rows: it reads tiles (16 x 64 keys) of the materialized K^T.
+    filecheck(stage_ir(MANY_ROWS, "vectorized"), r"""
 CHECK: scf.for %{{.*}} = %c0 to %c192 step %c64 iter_args({{.*}}) -> (vector<4xf32>, vector<4xf32>, vector<4x16xf32>)
 CHECK:   vector.contract {{.*}} : vector<4x16xf32>, vector<16x64xf32> into vector<4x64xf32>
 CHECK:   vector.contract {{.*}} : vector<4x64xf32>, vector<64x16xf32> into vector<4x16xf32>
@@ -243,19 +255,27 @@ CHECK-NOT: linalg.
 
 
 def test_cpu_grid():
+    # K read in place: the main rows (2 heads x 2 row tiles) and the row tail (2 heads), no workspace.
     ir = stage_ir(SPEC, "cpu-grid")
     filecheck(ir, r"""
-CHECK: module attributes {attn.kernel = {grids = [{name = "attention_grid0", tasks = 2 : i64}, {name = "attention_grid1", tasks = 4 : i64}, {name = "attention_grid2", tasks = 2 : i64}], workspaces = [{dtype = "f32", shape = array<i64: 1, 2, 16, 200>}]}}
+CHECK: module attributes {attn.kernel = {grids = [{name = "attention_grid0", tasks = 4 : i64}, {name = "attention_grid1", tasks = 2 : i64}], workspaces = []}}
 CHECK: func.func @attention_grid0(%{{.*}}: index, %{{.*}}: index, {{.*}}) attributes {llvm.emit_c_interface}
-CHECK: func.func @attention_grid1(%{{.*}}: index, %{{.*}}: index, {{.*}}) attributes {llvm.emit_c_interface}
 CHECK:   scf.for
 CHECK:     vector.contract
-CHECK: func.func @attention_grid2(%{{.*}}: index, %{{.*}}: index, {{.*}}) attributes {llvm.emit_c_interface}
+CHECK: func.func @attention_grid1(%{{.*}}: index, %{{.*}}: index, {{.*}}) attributes {llvm.emit_c_interface}
 CHECK-NOT: func.func
 """)
     filecheck(ir, r"""
 CHECK-NOT: func.func @attention(
 CHECK-NOT: scf.forall
+""")
+    # K^T materialized: its transpose grid (one task per head) runs first, into the workspace.
+    filecheck(stage_ir(MANY_ROWS, "cpu-grid"), r"""
+CHECK: module attributes {attn.kernel = {grids = [{name = "attention_grid0", tasks = 2 : i64}, {name = "attention_grid1", tasks = 150 : i64}], workspaces = [{dtype = "f32", shape = array<i64: 1, 2, 16, 200>}]}}
+CHECK: func.func @attention_grid0(
+CHECK:   vector.transpose
+CHECK: func.func @attention_grid1(
+CHECK-NOT: func.func
 """)
 
 

@@ -47,6 +47,12 @@ LLVM_PIPELINE = ",".join([
 ])
 
 
+#: query rows per key/value head (L * G) up to which K is read in place by
+#: dot products instead of being transposed once into a workspace: with so few
+#: rows the transpose pass costs more than it saves.
+READ_K_IN_PLACE_ROWS = 128
+
+
 def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
@@ -102,7 +108,7 @@ class CpuTarget(Target):
         return ScheduleOptions(
             row_tile=ROW_TILE,
             kv_tile=KV_TILE,
-            fuse_k_transpose=False,
+            fuse_k_transpose=spec.q_len * spec.group <= READ_K_IN_PLACE_ROWS,
             transpose_tile=(_largest_divisor(spec.head_dim, 16), _largest_divisor(spec.kv_len, 16)),
         )
 

@@ -37,14 +37,15 @@ from ...mlir_utils import const_index, defining_op, walk
 
 @dataclass
 class _Form:
-    """Which of the m and n dims a contraction has (k always)."""
+    """Which of the m and n dims a contraction has (k always), and B's layout."""
 
     has_m: bool
     has_n: bool
+    b_rows_along_k: bool = False  # B[n, k] (K read in place) instead of B[k, n]
 
 
 def _matmul_form(contract) -> Optional[_Form]:
-    """The form of C[m?, n?] += A[m?, k] B[k, n?] with one reduction dim k, else None."""
+    """The form of C[m?, n?] += A[m?, k] B[k, n?] (or B[n?, k]) with one reduction dim k, else None."""
     maps = [ir.AffineMapAttr(a).value for a in ir.ArrayAttr(contract.attributes["indexing_maps"])]
     kinds = [str(a) for a in ir.ArrayAttr(contract.attributes["iterator_types"])]
     lhs, rhs, acc = ([ir.AffineDimExpr(e).position for e in m.results] for m in maps)
@@ -54,9 +55,9 @@ def _matmul_form(contract) -> Optional[_Form]:
     k = reductions[0]
     m = [d for d in lhs if d != k]
     n = [d for d in rhs if d != k]
-    if len(m) > 1 or len(n) > 1 or acc != m + n or lhs != m + [k] or rhs != [k] + n:
+    if len(m) > 1 or len(n) > 1 or acc != m + n or lhs != m + [k] or rhs not in ([k] + n, n + [k]):
         return None
-    return _Form(has_m=bool(m), has_n=bool(n))
+    return _Form(has_m=bool(m), has_n=bool(n), b_rows_along_k=bool(n) and rhs == n + [k])
 
 
 def _memory_source(value: ir.Value) -> Optional[Tuple[ir.Value, List[ir.Value]]]:
@@ -119,6 +120,8 @@ def lower_contraction(contract, n_block: int) -> bool:
     form = _matmul_form(contract)
     if form is None:
         return False
+    if form.b_rows_along_k:
+        return _lower_dot_products(contract, form)
     lhs, rhs, acc = contract.operands[0], contract.operands[1], contract.operands[2]
     k_size = ir.VectorType(lhs.type).shape[-1]
     m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
@@ -153,6 +156,63 @@ def lower_contraction(contract, n_block: int) -> bool:
                 part = loop.results[m]
                 result_rows[m] = part if whole else vector.insert_strided_slice(part, result_rows[m], [n0], [1])
         result = _assemble(acc, form, result_rows)
+    contract.results[0].replace_all_uses_with(result)
+    contract.erase()
+    return True
+
+
+#: lanes of the partial sums of a dot product (one zmm of f32).
+_LANES = 16
+
+
+def _lower_dot_products(contract, form: _Form) -> bool:
+    """C[m, n] += sum_k A[m, k] B[n, k], B's rows contiguous along k (K read in place).
+
+        for n in [0, N):                      scf.for
+            b = B[n, :]                       K/16 loads, shared by all m
+            for m in [0, M):                  unrolled
+                C[m, n] += reduce_add(sum_c A[m, c] * b[c])     c: 16-lane chunks
+
+    Used when the work-group has few rows (decode-like problems): reading K
+    in place costs less than materializing K^T for them.  Results go through
+    a small stack buffer, one scalar per (m, n).
+    """
+    lhs, rhs, acc = contract.operands[0], contract.operands[1], contract.operands[2]
+    k_size = ir.VectorType(lhs.type).shape[-1]
+    m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
+    n_size = ir.VectorType(rhs.type).shape[0]
+    acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
+    chunks = [(c, min(_LANES, k_size - c)) for c in range(0, k_size, _LANES)]
+    with ir.InsertionPoint(contract), contract.location:
+        a_mem, a_idx = _memory_source(lhs) or _spill_to_stack(lhs, contract)
+        b_mem, b_idx = _memory_source(rhs) or _spill_to_stack(rhs, contract)
+        sums, sums_idx = _spill_to_stack(acc if form.has_m else vector.shape_cast(
+            ir.VectorType.get([1, n_size], acc_type), acc), contract)
+        a_type = ir.MemRefType(a_mem.type).element_type
+        b_type = ir.MemRefType(b_mem.type).element_type
+        loop = scf.ForOp(const_index(0), const_index(n_size), const_index(1))
+        with ir.InsertionPoint(loop.body):
+            n = loop.induction_variable
+            b = [_extended(vector.load(ir.VectorType.get([w], b_type), b_mem, _at(b_idx, [n, const_index(c)])),
+                           acc_type) for c, w in chunks]
+            for m in range(m_size):
+                partial = None
+                for (c, w), b_chunk in zip(chunks, b):
+                    at = [const_index(m), const_index(c)] if form.has_m else [const_index(c)]
+                    a = _extended(vector.load(ir.VectorType.get([w], a_type), a_mem, _at(a_idx, at)), acc_type)
+                    if w < _LANES:  # pad a short last chunk with zeros to a full one
+                        full = ir.VectorType.get([_LANES], acc_type)
+                        zeros = arith.constant(full, ir.DenseElementsAttr.get_splat(full, ir.FloatAttr.get(acc_type, 0.0)))
+                        a = vector.insert_strided_slice(a, zeros, [0], [1])
+                        b_chunk = vector.insert_strided_slice(b_chunk, zeros, [0], [1])
+                    partial = arith.mulf(a, b_chunk) if partial is None else vector.fma(a, b_chunk, partial)
+                slot = [const_index(m), n]
+                reduced = vector.ReductionOp(acc_type, ir.Attribute.parse("#vector.kind<add>"), partial).result
+                memref.store(arith.addf(reduced, memref.load(sums, slot)), sums, slot)
+            scf.YieldOp([])
+        rows = [vector.load(ir.VectorType.get([n_size], acc_type), sums, [const_index(m), const_index(0)])
+                for m in range(m_size)]
+        result = _assemble(acc, _Form(form.has_m, True), rows)
     contract.results[0].replace_all_uses_with(result)
     contract.erase()
     return True
