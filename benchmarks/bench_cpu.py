@@ -4,7 +4,8 @@ Reports, in one run:
   * compile time of a new spec (disk cache off, fresh spec), per stage;
   * cost of a cache hit: the op's host overhead on a tiny problem, and a disk
     hit in this process (memory cache cleared);
-  * time of both on the problems of issue 2, interleaved, median of N runs.
+  * time of both on the problems of issue 2 (and a bf16 and two decode-like
+    ones), interleaved, median of N runs.
 
     python benchmarks/bench_cpu.py [--repeats 15] [--threads N] [--csv out.csv]
 """
@@ -29,11 +30,14 @@ from torch_xegpu_attn.cache import CACHE, STATS  # noqa: E402
 from torch_xegpu_attn.compiler import compile_spec  # noqa: E402
 from torch_xegpu_attn.timing import median_ms  # noqa: E402
 
-PROBLEMS = [  # (B, H, L=S, E), dtype, causal
-    ((2, 8, 1024, 64), torch.float32, False),
-    ((2, 8, 1024, 64), torch.float32, True),
-    ((1, 8, 2048, 128), torch.float32, False),
-    ((1, 8, 2048, 128), torch.float32, True),
+PROBLEMS = [  # (B, Hq, Hkv, L, S, E), dtype, causal: the problems of issue 2, then decode-like ones
+    ((2, 8, 8, 1024, 1024, 64), torch.float32, False),
+    ((2, 8, 8, 1024, 1024, 64), torch.float32, True),
+    ((1, 8, 8, 2048, 2048, 128), torch.float32, False),
+    ((1, 8, 8, 2048, 2048, 128), torch.float32, True),
+    ((2, 8, 8, 1024, 1024, 64), torch.bfloat16, True),
+    ((1, 32, 32, 1, 4096, 128), torch.float32, False),
+    ((1, 32, 8, 1, 4096, 128), torch.float32, False),
 ]
 
 
@@ -69,23 +73,27 @@ def bench_hits(repeats: int) -> None:
 
 def bench_problems(repeats: int, rows: list) -> None:
     print(f"threads: {torch.get_num_threads()}, median of {repeats}")
-    print(f"{'problem':<34} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>9} {'GFLOP/s':>8} {'max err vs SDPA':>15}")
-    for (b, h, n, e), dtype, causal in PROBLEMS:
-        q, k, v = (torch.randn(b, h, n, e, dtype=dtype) for _ in range(3))
-        ours_fn = lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal)  # noqa: E731
-        sdpa_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    print(f"{'problem':<44} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>9} {'GFLOP/s':>8} {'max err vs SDPA':>15}")
+    for (b, hq, hkv, l, s, e), dtype, causal in PROBLEMS:
+        q = torch.randn(b, hq, l, e, dtype=dtype)
+        k, v = (torch.randn(b, hkv, s, e, dtype=dtype) for _ in range(2))
+        gqa = hq != hkv
+        ours_fn = lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # noqa: E731
+        sdpa_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # noqa: E731
         err = (ours_fn() - sdpa_fn()).abs().max().item()  # also compiles
         ours_fn(), sdpa_fn()
         ours_t, sdpa_t = [], []
         for _ in range(repeats):  # interleaved, so both see the same machine state
             ours_t.append(median_ms(ours_fn, 1))
             sdpa_t.append(median_ms(sdpa_fn, 1))
-        o, s = statistics.median(ours_t), statistics.median(sdpa_t)
-        flops = 4.0 * b * h * n * n * e / (2 if causal else 1)
-        name = f"B={b} H={h} L=S={n} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
-        print(f"{name:<34} {o:9.2f} {s:9.2f} {o / s:9.2f} {flops / o / 1e6:8.1f} {err:15.2e}")
-        rows.append({"problem": name, "ours_ms": round(o, 3), "sdpa_ms": round(s, 3),
-                     "ratio": round(o / s, 3), "threads": torch.get_num_threads()})
+        o, t_sdpa = statistics.median(ours_t), statistics.median(sdpa_t)
+        flops = 4.0 * b * hq * l * s * e / (2 if causal else 1)
+        heads = f"H={hq}" if not gqa else f"Hq={hq} Hkv={hkv}"
+        lengths = f"L=S={l}" if l == s else f"L={l} S={s}"
+        name = f"B={b} {heads} {lengths} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
+        print(f"{name:<44} {o:9.2f} {t_sdpa:9.2f} {o / t_sdpa:9.2f} {flops / o / 1e6:8.1f} {err:15.2e}")
+        rows.append({"problem": name, "ours_ms": round(o, 3), "sdpa_ms": round(t_sdpa, 3),
+                     "ratio": round(o / t_sdpa, 3), "threads": torch.get_num_threads()})
 
 
 def main(argv=None) -> int:
