@@ -7,7 +7,7 @@ Reports, in one run:
   * time of both on the problems of issue 2 (and a bf16 and two decode-like
     ones), interleaved, median of N runs.
 
-    python benchmarks/bench_cpu.py [--repeats 15] [--threads N] [--csv out.csv]
+    python benchmarks/bench_cpu.py [--repeats 11] [--threads N] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def bench_problems(repeats: int, rows: list) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--csv", default="")
     args = parser.parse_args(argv)

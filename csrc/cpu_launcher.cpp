@@ -64,15 +64,16 @@ void call_grid(uintptr_t fn, int64_t begin, int64_t end, const std::vector<Word>
 
 // Run the grids of one kernel over `tensors` (operands then workspaces).
 //   fns[i], tasks[i], grains[i]: address, task count and parallel grain of grid i
-//   shapes[j]: the static shape tensor j must have (checked: a mismatch would
-//              make the kernel read or write out of bounds)
+//   shapes[j], item_sizes[j]: the static shape and element size tensor j must
+//              have (checked: a mismatch would make the kernel read or write
+//              out of bounds, or misread the data)
 void launch(const std::vector<int64_t>& fns, const std::vector<int64_t>& tasks,
             const std::vector<int64_t>& grains, const std::vector<at::Tensor>& tensors,
-            const std::vector<std::vector<int64_t>>& shapes) {
+            const std::vector<std::vector<int64_t>>& shapes, const std::vector<int64_t>& item_sizes) {
   TORCH_CHECK(fns.size() == tasks.size() && fns.size() == grains.size(),
               "torch_xegpu_attn: grid lists differ in length");
-  TORCH_CHECK(tensors.size() == shapes.size(), "torch_xegpu_attn: expected ", shapes.size(),
-              " buffers, got ", tensors.size());
+  TORCH_CHECK(tensors.size() == shapes.size() && tensors.size() == item_sizes.size(),
+              "torch_xegpu_attn: expected ", shapes.size(), " buffers, got ", tensors.size());
   std::vector<std::vector<int64_t>> words;
   words.reserve(tensors.size());
   for (size_t j = 0; j < tensors.size(); ++j) {
@@ -80,6 +81,9 @@ void launch(const std::vector<int64_t>& fns, const std::vector<int64_t>& tasks,
     TORCH_CHECK(t.device().is_cpu(), "torch_xegpu_attn: buffer ", j, " is not on the CPU");
     TORCH_CHECK(t.sizes().vec() == shapes[j], "torch_xegpu_attn: buffer ", j, " has shape ",
                 t.sizes(), ", the kernel was compiled for ", at::IntArrayRef(shapes[j]));
+    TORCH_CHECK(t.element_size() == item_sizes[j], "torch_xegpu_attn: buffer ", j, " has ",
+                t.element_size(), "-byte elements, the kernel was compiled for ", item_sizes[j]);
+    TORCH_CHECK(!t.is_neg() && !t.is_conj(), "torch_xegpu_attn: buffer ", j, " is a lazily negated view");
     TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1,
                 "torch_xegpu_attn: buffer ", j, " must have a unit innermost stride");
     words.push_back(describe(t));
@@ -101,5 +105,6 @@ void launch(const std::vector<int64_t>& fns, const std::vector<int64_t>& tasks,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torch-xegpu-attn launch fast paths";
   m.def("launch_cpu", &launch, "Run a cpu kernel's grids over torch's intra-op thread pool",
-        py::arg("fns"), py::arg("tasks"), py::arg("grains"), py::arg("tensors"), py::arg("shapes"));
+        py::arg("fns"), py::arg("tasks"), py::arg("grains"), py::arg("tensors"), py::arg("shapes"),
+        py::arg("item_sizes"));
 }

@@ -130,11 +130,16 @@ def _corrupt(folder, key: str, how: str) -> None:
         record = json.loads(meta.read_text())
         record["key"] = "0" * 64
         _replace_file(meta, json.dumps(record).encode())
+    elif how == "json-wrong-task-count":  # valid JSON, right key, damaged launch metadata
+        record = json.loads(meta.read_text())
+        record["metadata"]["grids"][0]["tasks"] //= 2
+        _replace_file(meta, json.dumps(record).encode())
     else:
         raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["so-truncated", "so-flipped", "json-garbage", "json-wrong-key"])
+@pytest.mark.parametrize("how", ["so-truncated", "so-flipped", "json-garbage", "json-wrong-key",
+                                 "json-wrong-task-count"])
 def test_corrupted_entry_is_rebuilt(cache_dir, how):
     key = cache.entry_key(SPEC)
     run_checked(*inputs())
@@ -277,3 +282,14 @@ def test_racing_processes_leave_one_valid_entry(tmp_path):
     # The entry the race left is loadable by a fresh process.
     third = finish_child(start_child(folder))
     assert third["key"] == key and third["counters"]["compilations"] == 0 and third["stats"]["disk_hits"] == 1
+
+
+def test_cli_clear_removes_only_cache_files(cache_dir):
+    run_checked(*inputs())
+    foreign = cache_dir / "notes.txt"
+    foreign.write_text("not ours")
+    done = subprocess.run([sys.executable, "-m", "torch_xegpu_attn", "cache", "--clear"],
+                          env={**os.environ, "XEGPU_ATTN_CACHE_DIR": str(cache_dir)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in cache_dir.iterdir()] == ["notes.txt"]

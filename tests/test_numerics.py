@@ -160,6 +160,13 @@ def test_five_d_with_mask(fresh_seed):
     check(rand(2, 3, 4, 20, 16), rand(2, 3, 4, 40, 16), rand(2, 3, 4, 40, 16), attn_mask=mask)
 
 
+@pytest.mark.parametrize("shape_q,shape_kv", [((1, 64), (4096, 64)), ((1, 1, 130, 32), (1, 1, 130, 32)),
+                                              ((1, 1, 5, 16), (1, 1, 128, 16))])
+def test_single_work_group_many_keys(shape_q, shape_kv, fresh_seed):
+    # One work-group in all (its loop is folded away) whose flash loop runs over several tiles.
+    check(rand(*shape_q), rand(*shape_kv), rand(*shape_kv))
+
+
 def test_scale(fresh_seed):
     check(rand(1, 2, 30, 32), rand(1, 2, 50, 32), rand(1, 2, 50, 32), scale=0.37)
 

@@ -246,3 +246,22 @@ def test_fake_kernel_rejects_like_real_kernel(case):
            None if mask is None else mask.to("meta"))
     assert type(fake.value) is type(real.value)
     assert activity() == before
+
+
+def test_attention_on_meta_tensors():
+    q, k, v = (torch.empty(2, 4, 8, 16, device="meta") for _ in range(3))
+    out = torch_xegpu_attn.attention(q, k, v, is_causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 8, 16)
+
+
+def test_scale_as_zero_dim_tensor(fresh_seed):
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    torch.testing.assert_close(torch_xegpu_attn.attention(q, k, v, scale=torch.tensor(0.3)),
+                               F.scaled_dot_product_attention(q, k, v, scale=0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_lazily_negated_input(fresh_seed):
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    for _ in range(2):  # the second call may take the recorded fast path
+        torch.testing.assert_close(torch_xegpu_attn.attention(torch._neg_view(q), k, v),
+                                   F.scaled_dot_product_attention(-q, k, v), rtol=1e-5, atol=1e-5)

@@ -30,6 +30,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     a gradient, not tracing) it calls the op's kernel directly, skipping the
     dispatcher's round trip through Python (the same kernel either way).
     """
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0:
+        scale = scale.item()  # SDPA's argument parser takes a 0-d tensor as a float too
     if _plain_eager(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return ops.run_kernel(query, key, value, attn_mask, dropout_p, is_causal,
                               scale=scale, enable_gqa=enable_gqa)
@@ -38,6 +40,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
+    """Plain CPU tensors, nothing to differentiate, not tracing: the kernel can be called directly."""
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
@@ -46,7 +49,7 @@ def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
             continue
         if not isinstance(t, torch.Tensor):
             frontend.check_arguments(query, key, value, attn_mask, *flags)  # raises SDPA's TypeError
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
             return False
     return True
 

@@ -12,8 +12,8 @@ rows and keys) or additive:ls.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+import re
 import sys
 import time
 
@@ -56,14 +56,21 @@ def _compile(args) -> int:
     return 0
 
 
+#: the files of a cache entry (64 hex digits of its key) and temporaries of writes in flight.
+_ENTRY_FILE = re.compile(r"^([0-9a-f]{64}\.[A-Za-z0-9]+|\.tmp-.*)$")
+
+
 def _cache(args) -> int:
     folder = knobs.cache_dir()
-    entries = sorted(glob.glob(os.path.join(folder, "*.json")))
+    files = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if _ENTRY_FILE.match(f)]
+    entries = [f for f in files if f.endswith(".json") and not f.startswith(".tmp-")]
     print(f"cache directory: {folder} ({len(entries)} entries)")
     if args.clear:
-        for path in glob.glob(os.path.join(folder, "*")):
-            os.unlink(path)
-        print("cleared")
+        for name in files:  # only this package's files: the directory may be shared
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.unlink(path)
+        print(f"removed {len(files)} files")
     return 0
 
 

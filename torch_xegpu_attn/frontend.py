@@ -28,9 +28,7 @@ import torch
 
 from . import knobs
 from .spec import DTYPES, AttentionSpec, MaskSpec
-
-#: torch device type -> compilation target.
-DEVICE_TARGETS = {"cpu": "cpu", "cuda": "nvvm", "xpu": "xegpu"}
+from .targets import target_for_device
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -175,11 +173,6 @@ def check_mask_shape(mask: torch.Tensor, scores_shape: Tuple[int, ...]) -> None:
                            f"shape {tuple(scores_shape)} (batch..., heads, L, S)")
 
 
-def scores_shape(query, key, value, enable_gqa) -> Tuple[int, ...]:
-    batch, h, g = layout(query, key, value, enable_gqa)
-    return (*batch, h * g, query.size(-2), key.size(-2))
-
-
 def _compact_mask(mask: torch.Tensor, batch, h: int, g: int, l: int, s: int) -> Tuple[torch.Tensor, Tuple[str, ...]]:
     """The mask as a view over only the (b, h, g, l, s) dims it varies along."""
     full = (*batch, h * g, l, s)
@@ -203,8 +196,8 @@ def _compact_mask(mask: torch.Tensor, batch, h: int, g: int, l: int, s: int) -> 
     return compact, dims
 
 
-def output_shape(query, key, value, enable_gqa) -> Tuple[int, ...]:
-    batch, h, g = layout(query, key, value, enable_gqa)
+def output_shape(query, key, value, enable_gqa, layout_=None) -> Tuple[int, ...]:
+    batch, h, g = layout_ or layout(query, key, value, enable_gqa)
     heads = () if query.dim() == 2 and key.dim() == 2 and value.dim() == 2 else (h * g,)
     return (*batch, *heads, query.size(-2), value.size(-1))
 
@@ -214,7 +207,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     check_tensors(query, key, value, attn_mask, is_causal)
     batch, h, g = layout(query, key, value, enable_gqa)
-    out_shape = output_shape(query, key, value, enable_gqa)
+    out_shape = output_shape(query, key, value, enable_gqa, (batch, h, g))
     l, s, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
     if attn_mask is not None:
         check_mask_shape(attn_mask, (*batch, h * g, l, s))  # even when the result is empty
@@ -224,10 +217,11 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return Plan(out_shape, result=query.new_zeros(out_shape))
     if e == 0:
         raise NotImplementedError("xegpu::attention does not support a query/key head dimension of 0")
-    target = DEVICE_TARGETS.get(query.device.type)
-    if target is None:
-        raise NotImplementedError(f"xegpu::attention has no target for {query.device.type} tensors "
-                                  f"(targets: {', '.join(f'{d}->{t}' for d, t in DEVICE_TARGETS.items())})")
+    # A lazily negated view (torch._neg_view) holds the un-negated data: materialize it.
+    query, key, value = query.resolve_neg(), key.resolve_neg(), value.resolve_neg()
+    if attn_mask is not None:
+        attn_mask = attn_mask.resolve_neg()
+    target = target_for_device(query.device.type)
 
     mask_spec, operands = None, []
     q = _canonical(query, batch, h * g, split=(h, g))
@@ -258,7 +252,12 @@ def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
 # A model calls the op with the same shapes, strides and flags over and over.
 # The first call of a combination runs every check and records how its
 # canonical operands view the inputs; later calls with identical tensor
-# metadata (so the same checks would pass) only rebuild those views.
+# metadata only rebuild those views.  This is sound because
+#   * every check and the whole mapping depend only on (shape, stride, dtype,
+#     device) of the tensors and on the flags, which form the signature;
+#   * recipes are recorded only when every canonical operand is a view of its
+#     input at the input's own storage offset, and Tensor.as_strided without
+#     an offset reuses the tensor's storage offset.
 
 
 @dataclass(frozen=True)
@@ -279,8 +278,8 @@ def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
             or (scale is not None and type(scale) not in (float, int))):
         return None
     tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
-    if any(type(t) is not torch.Tensor for t in tensors):
-        return None
+    if any(type(t) is not torch.Tensor or t.is_neg() for t in tensors):
+        return None  # lazily negated views are resolved (copied) by the full plan
     return (tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors),
             dropout_p, is_causal, scale, enable_gqa)
 

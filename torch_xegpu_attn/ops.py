@@ -41,9 +41,11 @@ for _key in ("CPU", "CUDA", "XPU"):
 def _fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     frontend.check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     frontend.check_tensors(query, key, value, attn_mask, is_causal)
+    layout = frontend.layout(query, key, value, enable_gqa)
     if attn_mask is not None:
-        frontend.check_mask_shape(attn_mask, frontend.scores_shape(query, key, value, enable_gqa))
-    return query.new_empty(frontend.output_shape(query, key, value, enable_gqa))
+        batch, h, g = layout
+        frontend.check_mask_shape(attn_mask, (*batch, h * g, query.size(-2), key.size(-2)))
+    return query.new_empty(frontend.output_shape(query, key, value, enable_gqa, layout))
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output) -> None:

@@ -32,11 +32,6 @@ FUNC_NAME = "attention"
 _B, _H, _G, _L, _S, _E = range(6)
 
 
-def operand_names(spec: AttentionSpec) -> list:
-    """Names of the payload function's arguments, in order."""
-    return ["q", "k", "v"] + (["mask"] if spec.mask is not None else []) + ["out"]
-
-
 def build_attention_payload(spec: AttentionSpec) -> ir.Module:
     """Build the payload module for `spec` (in the current MLIR context)."""
     et = element_type(spec.dtype)

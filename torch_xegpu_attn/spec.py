@@ -111,6 +111,19 @@ class AttentionSpec:
             shapes["mask"] = tuple(extent[d] for d in self.mask.dims)
         return shapes
 
+    def operands(self) -> list:
+        """The kernel's arguments in order: (name, shape, element dtype) of q, k, v, [mask], out.
+
+        A bool mask travels as bytes ("uint8").
+        """
+        shapes = self.shapes()
+        names = ["q", "k", "v"] + (["mask"] if self.mask is not None else []) + ["out"]
+        def dtype(name):
+            if name != "mask":
+                return self.dtype
+            return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
+        return [(name, shapes[name], dtype(name)) for name in names]
+
     def flops(self) -> float:
         """Multiply-adds of the two matmuls, times two (halved when causal with L == S)."""
         f = 2.0 * self.batch * self.q_heads * self.q_len * self.kv_len * (self.head_dim + self.v_head_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from typing import Dict, List, Sequence
 
@@ -10,7 +11,10 @@ import torch
 
 from .. import _C
 
+#: MLIR element types of workspaces, and dtype names of operands (AttentionSpec.operands).
 _WORKSPACE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8}
+_OPERAND_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "uint8": torch.uint8}
 
 #: work per parallel chunk below which a grid runs on the calling thread only
 #: (waking the pool costs more than it saves on tiny problems).
@@ -51,16 +55,19 @@ class CpuKernel:
         self._fns = [ctypes.cast(getattr(self._library, f"_mlir_ciface_{g['name']}"), ctypes.c_void_p).value
                      for g in grids]
         self._tasks = [int(g["tasks"]) for g in grids]
-        self._workspaces = [(tuple(w["shape"]), _WORKSPACE_DTYPES[w["dtype"]]) for w in metadata["workspaces"]]
-        self._offsets, offset = [], 0
-        for shape, dtype in self._workspaces:
-            self._offsets.append(offset)
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
+        # Workspaces: (shape, dtype, byte offset in the arena, bytes).
+        self._workspaces, offset = [], 0
+        for w in metadata["workspaces"]:
+            shape, dtype = tuple(w["shape"]), _WORKSPACE_DTYPES[w["dtype"]]
+            nbytes = math.prod(shape) * dtype.itemsize
+            self._workspaces.append((shape, dtype, offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self._arena_bytes = offset
+        # What the launcher checks every buffer against (operands, then workspaces).
         operands = metadata["operands"]
-        self._shapes = [list(operands[n]) for n in ("q", "k", "v", "mask", "out") if n in operands]
-        self._shapes += [list(shape) for shape, _ in self._workspaces]
+        self._shapes = [list(o["shape"]) for o in operands] + [list(w[0]) for w in self._workspaces]
+        self._item_sizes = ([_OPERAND_DTYPES[o["dtype"]].itemsize for o in operands]
+                            + [w[1].itemsize for w in self._workspaces])
         self._grains = self._tasks  # serial until `set_work` says the problem is large enough
 
     def set_work(self, flops: float) -> None:
@@ -74,7 +81,6 @@ class CpuKernel:
         buffers: List[torch.Tensor] = list(operands)
         if self._workspaces:
             arena = _arena(self._arena_bytes)
-            for (shape, dtype), offset in zip(self._workspaces, self._offsets):
-                nbytes = torch.Size(shape).numel() * dtype.itemsize
+            for shape, dtype, offset, nbytes in self._workspaces:
                 buffers.append(arena[offset:offset + nbytes].view(dtype).view(shape))
-        _C.launch_cpu(self._fns, self._tasks, self._grains, buffers, self._shapes)
+        _C.launch_cpu(self._fns, self._tasks, self._grains, buffers, self._shapes, self._item_sizes)

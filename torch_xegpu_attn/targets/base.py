@@ -42,8 +42,12 @@ class Target(abc.ABC):
         """The target's IR stages, run after the shared ones."""
 
     @abc.abstractmethod
-    def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> KernelArtifact:
-        """Turn the last stage's IR into a binary plus launch metadata."""
+    def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions,
+             keep_dir: str = "") -> KernelArtifact:
+        """Turn the last stage's IR into a binary plus launch metadata.
+
+        `keep_dir`, when set, receives the target's intermediate files (the IR dump directory).
+        """
 
     @abc.abstractmethod
     def load(self, binary_path: str, metadata: Dict):
@@ -60,6 +64,9 @@ class Target(abc.ABC):
 
 _REGISTRY: Dict[str, Target] = {}
 
+#: targets designed but not implemented yet: torch device type -> target name.
+PLANNED = {"cuda": "nvvm", "xpu": "xegpu"}
+
 
 def register(target: Target) -> Target:
     _REGISTRY[target.name] = target
@@ -70,8 +77,20 @@ def get_target(name: str) -> Target:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise NotImplementedError(
-            f"target {name!r} is not available in this build (known: {sorted(_REGISTRY)})") from None
+        planned = [device for device, target in PLANNED.items() if target == name]
+        why = f"is not implemented yet ({planned[0]} tensors)" if planned else "does not exist"
+        raise NotImplementedError(f"the {name!r} target {why}; available: {sorted(_REGISTRY)}") from None
+
+
+def target_for_device(device_type: str) -> str:
+    """Name of the target that serves tensors of `device_type`."""
+    for target in _REGISTRY.values():
+        if target.device_type == device_type:
+            return target.name
+    if device_type in PLANNED:
+        return PLANNED[device_type]
+    served = sorted({t.device_type for t in _REGISTRY.values()} | set(PLANNED))
+    raise NotImplementedError(f"xegpu::attention has no target for {device_type} tensors (devices: {served})")
 
 
 def registered() -> List[str]:

@@ -120,7 +120,8 @@ class CpuTarget(Target):
     def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions,
              keep_dir: str = "") -> KernelArtifact:
         metadata = grid.kernel_metadata(module)
-        metadata["operands"] = {name: list(shape) for name, shape in spec.shapes().items()}
+        metadata["operands"] = [{"name": name, "shape": list(shape), "dtype": dtype}
+                                for name, shape, dtype in spec.operands()]
         binary = toolchain.llvm_dialect_to_shared_library(str(module), keep_dir=keep_dir)
         return KernelArtifact(binary=binary, metadata=metadata)
 

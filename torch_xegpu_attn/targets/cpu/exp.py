@@ -52,6 +52,8 @@ def emit_exp(x: ir.Value) -> ir.Value:
     for coefficient in _P[1:]:
         p = mmath.fma(p, r, c(coefficient))
     er = mmath.fma(p, arith.mulf(r, r), arith.addf(r, c(1.0)))
+    # fptosi of NaN is poison in LLVM: convert 0 instead (er is NaN already, so is the result).
+    n = arith.select(arith.cmpf(arith.CmpFPredicate.UNO, n, n), c(0.0), n)
     biased = arith.addi(arith.fptosi(ity, n), ci(127))
     biased = arith.minsi(arith.maxsi(biased, ci(0)), ci(255))  # 0 -> +0.0, 255 -> inf
     two_n = arith.bitcast(ty, arith.shli(biased, ci(23)))

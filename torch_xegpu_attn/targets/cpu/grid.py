@@ -21,6 +21,7 @@ The module gets an ``attn.kernel`` attribute recording grids and workspaces.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 from mlir import ir
@@ -49,10 +50,14 @@ def outline_grids(module: ir.Module, spec: AttentionSpec, options: ScheduleOptio
         grids.append({"name": name, "tasks": count})
 
     # A work-group loop with a single iteration is folded away by canonicalization:
-    # its ops then sit at top level and form a grid of one task.
+    # its ops then sit at top level and form a grid of one task, together with
+    # every value op that depends on them (the rest are cloned where used).
     serial: List[ir.Operation] = []
+    in_serial = set()
     for op in top_level:
-        if op.name in ("memref.alloc", "func.return") or _is_value_op(op):
+        if op.name in ("memref.alloc", "func.return"):
+            continue
+        if _is_value_op(op) and not any(defining_op(v) in in_serial for v in op.operands):
             continue
         if op.name == "scf.forall":
             if serial:
@@ -61,6 +66,7 @@ def outline_grids(module: ir.Module, spec: AttentionSpec, options: ScheduleOptio
             add_grid(_task_count(op), None, forall=op)
         else:
             serial.append(op)
+            in_serial.add(op)
     if serial:
         add_grid(1, serial)
     if not grids:
@@ -110,9 +116,13 @@ def _static_bounds(forall):
     return lower, upper, step
 
 
+def _counts(lower, upper, step) -> List[int]:
+    """Iterations of each forall dim."""
+    return [-(-(u - lo) // st) for lo, u, st in zip(lower, upper, step)]
+
+
 def _task_count(forall) -> int:
-    lower, upper, step = _static_bounds(forall)
-    return _product(-(-(u - lo) // st) for lo, u, st in zip(lower, upper, step))
+    return math.prod(_counts(*_static_bounds(forall)))
 
 
 def _outline(module, attention, name, args, allocs, ops, forall, interleave_rows) -> None:
@@ -128,8 +138,7 @@ def _outline(module, attention, name, args, allocs, ops, forall, interleave_rows
         with ir.InsertionPoint(loop.body):
             if forall is not None:
                 lower, upper, step = _static_bounds(forall)
-                counts = [-(-(u - lo) // st) for lo, u, st in zip(lower, upper, step)]
-                ivs = _task_ivs(loop.induction_variable, counts, lower, step, interleave_rows)
+                ivs = _task_ivs(loop.induction_variable, _counts(lower, upper, step), lower, step, interleave_rows)
             terminator = scf.YieldOp([])
         func.ReturnOp([])
 
@@ -150,13 +159,6 @@ def _outline(module, attention, name, args, allocs, ops, forall, interleave_rows
         for result in op.results:
             if any(not is_inside(op_of(use.owner), grid.operation) for use in result.uses):
                 raise CompileError(f"cpu-grid: {op.name} is used outside its grid")
-
-
-def _product(values) -> int:
-    total = 1
-    for v in values:
-        total *= v
-    return total
 
 
 def _task_ivs(task, counts, lower, step, interleave_last):
