@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_xegpu_attn
-from torch_xegpu_attn import cache, compiler
+from torch_xegpu_attn import cache
 from torch_xegpu_attn.cache import CACHE, STATS
 from torch_xegpu_attn.compiler import COUNTERS
 from torch_xegpu_attn.spec import AttentionSpec

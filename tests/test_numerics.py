@@ -7,7 +7,6 @@ small absolute floor.  Outputs start as NaN (XEGPU_ATTN_POISON, see conftest),
 so an element the kernel does not write fails.
 """
 
-import itertools
 
 import pytest
 import torch

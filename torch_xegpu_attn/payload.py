@@ -22,7 +22,7 @@ from __future__ import annotations
 from mlir import ir
 from mlir.dialects import arith, bufferization, func, linalg, tensor
 
-from .mlir_utils import (TAG, affine_map, element_type, f32, linalg_generic, set_tag,
+from .mlir_utils import (affine_map, element_type, f32, linalg_generic, set_tag,
                          strided_memref)
 from .spec import MASK_DIMS, AttentionSpec
 
@@ -67,7 +67,7 @@ def _as_tensor(buffer: ir.Value, writable: bool) -> ir.Value:
 def _attention(spec, q, k, v, mask, out):
     et = element_type(spec.dtype)
     b, h, g, l, s = spec.batch, spec.kv_heads, spec.group, spec.q_len, spec.kv_len
-    e, ev = spec.head_dim, spec.v_head_dim
+    e = spec.head_dim
     score_shape = [b, h, g, l, s]
     zero = arith.constant(f32(), 0.0)
 
