@@ -44,8 +44,7 @@ PROBLEMS = [  # (B, Hq, Hkv, L, S, E), dtype, causal: the problems of issue 2, t
 
 
 def bench_compile() -> None:
-    spec = AttentionSpec(batch=2, kv_heads=8, group=1, q_len=1024, kv_len=1024, head_dim=64,
-                         v_head_dim=64, dtype="float32", scale=0.123)
+    spec = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float32", scale=0.123, length_class="long")
     report = CompileReport()
     start = time.perf_counter()
     compile_spec(spec, report=report)

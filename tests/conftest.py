@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import zlib
 
 import pytest
 import torch
@@ -41,9 +42,31 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
     return torch.where(dead, torch.zeros_like(out), out)
 
 
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def check(q, k, v, **kw):
+    """Run ours, SDPA and the reference; assert our error is within 2x SDPA's + floor.
+
+    Outputs start as NaN (XEGPU_ATTN_POISON), so an unwritten element fails.
+    """
+    import torch.nn.functional as F
+    ours = torch_xegpu_attn.attention(q, k, v, **kw)
+    sdpa = F.scaled_dot_product_attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    assert ours.shape == sdpa.shape and ours.dtype == q.dtype
+    assert not ours.isnan().any(), "unwritten or NaN output elements"
+    err = (ours.double() - ref).abs().max().item()
+    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    bound = 2 * sdpa_err + FLOOR[q.dtype]
+    assert err <= bound, f"error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e})"
+    return err, sdpa_err
+
+
 @pytest.fixture
 def fresh_seed(request):
-    """A different but reproducible random stream per test."""
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    """A different but reproducible random stream per test: the seed is a CRC of the test's
+    id, the same in every process (str hashes are salted per process)."""
+    seed = zlib.crc32(request.node.nodeid.encode()) % (2**31)
     torch.manual_seed(seed)
     return seed

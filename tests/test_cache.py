@@ -26,8 +26,8 @@ from torch_xegpu_attn.compiler import COUNTERS
 from torch_xegpu_attn.spec import AttentionSpec
 
 SHAPE = (1, 2, 16, 32)
-SPEC = AttentionSpec(batch=1, kv_heads=2, group=1, q_len=16, kv_len=16, head_dim=32, v_head_dim=32,
-                     dtype="float32")
+# The spec of SHAPE: 16 rows per key/value head is the cpu target's "short" class.
+SPEC = AttentionSpec(group=1, head_dim=32, v_head_dim=32, dtype="float32", length_class="short")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -130,16 +130,16 @@ def _corrupt(folder, key: str, how: str) -> None:
         record = json.loads(meta.read_text())
         record["key"] = "0" * 64
         _replace_file(meta, json.dumps(record).encode())
-    elif how == "json-wrong-task-count":  # valid JSON, right key, damaged launch metadata
+    elif how == "json-wrong-plan-length":  # valid JSON, right key, damaged launch metadata
         record = json.loads(meta.read_text())
-        record["metadata"]["grids"][0]["tasks"] //= 2
+        record["metadata"]["plan_length"] -= 1
         _replace_file(meta, json.dumps(record).encode())
     else:
         raise ValueError(how)
 
 
 @pytest.mark.parametrize("how", ["so-truncated", "so-flipped", "json-garbage", "json-wrong-key",
-                                 "json-wrong-task-count"])
+                                 "json-wrong-plan-length"])
 def test_corrupted_entry_is_rebuilt(cache_dir, how):
     key = cache.entry_key(SPEC)
     run_checked(*inputs())
@@ -222,8 +222,7 @@ out = torch_xegpu_attn.attention(q, k, v)
 ok = bool(torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5))
 if out_path:
     torch.save(out, out_path)
-spec = AttentionSpec(batch=1, kv_heads=2, group=1, q_len=16, kv_len=16, head_dim=32, v_head_dim=32,
-                     dtype="float32")
+spec = AttentionSpec(group=1, head_dim=32, v_head_dim=32, dtype="float32", length_class="short")
 print(json.dumps({"counters": compiler.COUNTERS, "stats": cache.STATS, "ok": ok,
                   "key": cache.entry_key(spec)}))
 sys.exit(0 if ok else 1)

@@ -3,9 +3,10 @@
 One small function per IR case, in the style of MLIR's Python tests: compile a
 spec with `compile_spec(spec, stop_after=<stage>)`, take the stage's IR from
 the CompilationStopped it raises, and run FileCheck on it with the CHECK lines
-written next to the case.  Shapes are picked so that every number in a check
-means one thing: q_len=10 (not a multiple of the cpu row tile 4: a main and a
-tail forall), kv_len=200 (> the kv tile 64, not a multiple of it), head_dim=16.
+written next to the case.  A spec holds no lengths (they are run-time sizes
+of the kernel's arguments); numbers are picked so that each means one thing:
+group 2, head_dim 16, v_head_dim 8, the cpu target's "short" class (row tile 4,
+kv tile 64, K read in place).
 """
 
 import functools
@@ -19,15 +20,17 @@ from dataclasses import replace
 import pytest
 
 from torch_xegpu_attn import compiler
-from torch_xegpu_attn.compiler import CompilationStopped, compile_spec, stage_names
+from torch_xegpu_attn.compiler import CompilationStopped, compile_spec, dump_folder_name, stage_names
 from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
+from torch_xegpu_attn.targets import get_target
 
-SPEC = AttentionSpec(batch=1, kv_heads=2, group=1, q_len=10, kv_len=200, head_dim=16, v_head_dim=16,
-                     dtype="float32")
+SPEC = AttentionSpec(group=2, head_dim=16, v_head_dim=8, dtype="float32", length_class="short")
 CAUSAL = replace(SPEC, causal=True)
-MASKED = replace(SPEC, mask=MaskSpec("bool", ("l", "s"), "bool"))
-# Every parallel dim > 1 and q_len a multiple of the row tile: one forall over (b, h, g, rows).
-WIDE = replace(SPEC, batch=2, kv_heads=3, group=2, q_len=8)
+MASKED = replace(SPEC, mask=MaskSpec("bool", ("b", "l", "s"), "bool"))
+ADDITIVE = replace(SPEC, mask=MaskSpec("additive", ("l", "s"), "float32"))
+# Many query rows per key/value head: the cpu target materializes K^T once.
+LONG = replace(SPEC, length_class="long")
+DECODE = replace(SPEC, length_class="decode")
 
 
 def _filecheck_binary() -> str:
@@ -66,15 +69,20 @@ def test_filecheck_can_fail():
 
 
 def test_payload():
+    # Run-time B, H, L, S: dynamic sizes of the arguments; G, E, Ev compiled in.
     filecheck(stage_ir(SPEC, "payload"), r"""
 CHECK-LABEL: func.func @attention(
+CHECK-SAME: memref<?x?x2x?x16xf32, strided<[?, ?, ?, ?, 1], offset: ?>>
+CHECK-SAME: memref<?x?x?x16xf32, strided<[?, ?, ?, 1], offset: ?>>
+CHECK-SAME: memref<?x?x?x8xf32, strided<[?, ?, ?, 1], offset: ?>>
+CHECK-SAME: memref<?x?x2x?x8xf32>
 CHECK: linalg.transpose {{.*}}permutation = [0, 1, 3, 2] {{.*}}attn.tag = "k_transpose"
 CHECK: linalg.fill {{.*}}attn.tag = "qk_init"
-CHECK: linalg.contract {{.*}}attn.tag = "qk"{{.*}}-> tensor<1x2x1x10x200xf32>
+CHECK: linalg.contract {{.*}}attn.tag = "qk"{{.*}}-> tensor<?x?x2x?x?xf32>
 CHECK: linalg.generic {{.*}}attn.tag = "scale"
 CHECK:   arith.mulf
 CHECK: linalg.softmax {{.*}}attn.tag = "softmax"{{.*}} dimension(4)
-CHECK: linalg.contract {{.*}}attn.root, attn.tag = "pv"{{.*}}-> tensor<1x2x1x10x16xf32>
+CHECK: linalg.contract {{.*}}attn.root, attn.tag = "pv"{{.*}}-> tensor<?x?x2x?x8xf32>
 CHECK: bufferization.materialize_in_destination
 CHECK: return
 """)
@@ -89,217 +97,256 @@ CHECK-NOT: attn.tag = "causal"
 def test_payload_mask():
     filecheck(stage_ir(MASKED, "payload"), r"""
 CHECK-LABEL: func.func @attention(
-CHECK-SAME: memref<10x200xi8, strided<[?, 1], offset: ?>>
+CHECK-SAME: memref<?x?x?xi8, strided<[?, ?, 1], offset: ?>>
 CHECK: linalg.contract {{.*}}attn.tag = "qk"
 CHECK: linalg.generic {{.*}}attn.tag = "scale"
-CHECK: linalg.generic {{.*}}ins({{.*}}tensor<1x2x1x10x200xf32>, tensor<10x200xi8>){{.*}}attn.tag = "mask"
+CHECK: linalg.generic {{.*}}ins({{.*}}tensor<?x?x2x?x?xf32>, tensor<?x?x?xi8>){{.*}}attn.tag = "mask"
 CHECK:   arith.cmpi ne
 CHECK:   arith.select
 CHECK: linalg.softmax
-CHECK: linalg.contract {{.*}}attn.tag = "pv"
-CHECK: bufferization.materialize_in_destination
 """)
 
 
-def test_payload_causal():
+def test_payload_causal_compares_i32():
     filecheck(stage_ir(CAUSAL, "payload"), r"""
 CHECK: linalg.generic {{.*}}attn.tag = "scale"
 CHECK: linalg.generic {{.*}}attn.tag = "causal"
 CHECK:   %[[ROW:.*]] = linalg.index 3
+CHECK:   %[[ROW32:.*]] = arith.index_cast %[[ROW]] : index to i32
 CHECK:   %[[KEY:.*]] = linalg.index 4
-CHECK:   arith.cmpi ule, %[[KEY]], %[[ROW]]
+CHECK:   %[[KEY32:.*]] = arith.index_cast %[[KEY]] : index to i32
+CHECK:   arith.cmpi sle, %[[KEY32]], %[[ROW32]] : i32
 CHECK:   arith.select
 CHECK: linalg.softmax
 """)
 
 
-
-def test_tiled_parallel_dims():
-    ir = stage_ir(WIDE, "tiled")
-    filecheck(ir, r"""
-CHECK: scf.forall (%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}) = (0, 0, 0, 0) to (2, 3, 2, 8) step (1, 1, 1, 4)
-CHECK: linalg.contract {{.*}}attn.tag = "qk"{{.*}}tensor<1x1x1x4x16xf32>{{.*}}-> tensor<1x1x1x4x200xf32>
-CHECK: linalg.contract {{.*}}attn.tag = "pv"
-CHECK: scf.forall.in_parallel
-CHECK-NOT: attn.tag = "qk"
-""")
-    filecheck(ir, 'CHECK-NOT: linalg.softmax')
-
-
-def test_tiled_row_tail():
-    ir = stage_ir(SPEC, "tiled")
-    filecheck(ir, r"""
-CHECK: scf.forall (%[[BH:.*]], %[[ROW:.*]]) = (0, 0) to (2, 8) step (1, 4)
-CHECK:   tensor.extract_slice %{{.*}}[0, %[[BH]], 0, %[[ROW]], 0] [1, 1, 1, 4, 16]
-CHECK:   linalg.contract {{.*}}attn.tag = "qk"{{.*}}-> tensor<1x1x1x4x200xf32>
-CHECK:   linalg.generic
-CHECK:     math.exp
-CHECK:   linalg.contract {{.*}}attn.tag = "pv"
-CHECK: scf.forall.in_parallel
-CHECK: scf.forall (%{{.*}}) in (2)
-CHECK:   linalg.contract {{.*}}attn.tag = "qk"{{.*}}-> tensor<1x1x1x2x200xf32>
-CHECK:   linalg.contract {{.*}}attn.tag = "pv"
-CHECK: scf.forall.in_parallel
-CHECK-NOT: attn.tag = "qk"
-""")
-    # The softmax is decomposed: max, exp, sum, divide as generics; no linalg.softmax.
-    filecheck(ir, r"""
-CHECK-NOT: linalg.softmax
-CHECK: arith.maxnumf
-CHECK: math.exp
-CHECK: arith.addf
-CHECK: arith.divf
-""")
-
-
-
-def test_flash_online_softmax_loop():
-    filecheck(stage_ir(SPEC, "flash"), r"""
-CHECK: scf.forall (%{{.*}}, %{{.*}}) = (0, 0) to (2, 8) step (1, 4)
-CHECK: %{{.*}}:3 = scf.for %[[J:.*]] = %c0 to %c192 step %c64 iter_args(%[[M:.*]] = %{{.*}}, %[[L:.*]] = %{{.*}}, %[[ACC:.*]] = %{{.*}}) -> (tensor<1x1x1x4xf32>, tensor<1x1x1x4xf32>, tensor<1x1x1x4x16xf32>)
-CHECK-NOT: scf.yield
-CHECK:   linalg.contract {{.*}}attn.tag = "qk"{{.*}}tensor<1x1x16x64xf32>{{.*}}-> tensor<1x1x1x4x64xf32>
-CHECK-NOT: scf.yield
-CHECK:   linalg.generic {{.*}}ins(%[[M]], %{{.*}}) {{.*}}attn.tag = "running_max"
-CHECK-NOT: scf.yield
-CHECK:   linalg.generic {{.*}}ins(%[[L]], %{{.*}}, %{{.*}}) {{.*}}attn.tag = "running_sum"
-CHECK-NOT: scf.yield
-CHECK:   linalg.generic {{.*}}ins(%[[ACC]], %{{.*}}) {{.*}}attn.tag = "acc_rescale"
-CHECK-NOT: scf.yield
-CHECK:   linalg.contract {{.*}}attn.tag = "pv"{{.*}}tensor<1x1x1x4x64xf32>, tensor<1x1x64x16xf32>
-CHECK:   scf.yield
-CHECK: attn.tag = "normalize"
-CHECK: scf.forall.in_parallel
-""")
-
-
-# Scores of a whole row: the payload's (1, 2, 1, 10, 200) or a work-group's
-# (1, 1, 1, rows, 200).  K^T slices (1x1x16x200) keep S as their last dim
-# legitimately and do not match.
-WHOLE_ROWS = r"""
-CHECK-NOT: 1x1x1x{{[0-9]+}}x200xf32
-CHECK-NOT: x10x200xf32
+# The work-group loop: five normalized dims (b, h, g, p, r), mapped at creation.
+WORK_GROUP_LOOP = r"""
+CHECK: %[[ROWS:.*]] = affine.apply #{{.*}}()[%{{.*}}]
+CHECK: scf.forall (%[[B:.*]], %[[H:.*]], %[[G:.*]], %[[P:.*]], %[[R:.*]]) in (%{{.*}}, %{{.*}}, 2, 1, %[[ROWS]])
+"""
+MAPPING = r"""
+CHECK: {attn.work_groups, mapping = [#gpu.block<linear_dim_4>, #gpu.block<linear_dim_3>, #gpu.block<linear_dim_2>, #gpu.block<linear_dim_1>, #gpu.block<linear_dim_0>]}
 """
 
 
-def test_flash_no_whole_score_rows():
-    # No value of a whole-row score type is left anywhere after the flash stage.
-    filecheck(stage_ir(SPEC, "flash"), WHOLE_ROWS)
-    filecheck(stage_ir(CAUSAL, "flash"), WHOLE_ROWS)
-    # The check is meaningful: the tiled stage (before the rewrite) fails it.
-    with pytest.raises(AssertionError):
-        filecheck(stage_ir(SPEC, "tiled"), WHOLE_ROWS)
+def test_tiled_work_group_loop():
+    ir = stage_ir(SPEC, "tiled")
+    filecheck(ir, WORK_GROUP_LOOP + r"""
+CHECK:   tensor.extract_slice %{{.*}}[%[[B]], %[[H]], %[[G]], %{{.*}}, 0] [1, 1, 1, %{{.*}}, 16]
+CHECK:   linalg.contract {{.*}}attn.tag = "qk"{{.*}}-> tensor<1x1x1x?x?xf32>
+CHECK:   linalg.generic
+CHECK:     math.exp
+CHECK:   linalg.contract {{.*}}attn.tag = "pv"
+CHECK:   scf.forall.in_parallel
+""" + MAPPING)
+    filecheck(ir, r"""
+CHECK-NOT: linalg.softmax
+CHECK-COUNT-1: scf.forall (
+CHECK-NOT: scf.forall (
+""")
 
 
-def test_flash_causal_skips_tiles_above_diagonal():
+def test_tiled_packed_heads():
+    # GQA packing: the g dim has extent 1, each work-group's tile holds both query heads.
+    filecheck(stage_ir(DECODE, "tiled"), r"""
+CHECK: scf.forall (%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}) in (%{{.*}}, %{{.*}}, 1, 1, %{{.*}})
+CHECK:   linalg.contract {{.*}}attn.tag = "qk"{{.*}}-> tensor<1x1x2x1x?xf32>
+""")
+
+
+def test_flash_online_softmax_loop():
+    # One loop over ceil(S / 64) full tiles: m, l and acc are loop-carried vectors;
+    # Q is read once, before it, rows past L read as zeros.
+    filecheck(stage_ir(SPEC, "flash"), WORK_GROUP_LOOP + r"""
+CHECK:   %[[Q:.*]] = vector.transfer_read {{.*}} {in_bounds = [false, true]} : tensor<1x1x1x?x16xf32>, vector<4x16xf32>
+CHECK:   %[[TILES:.*]] = arith.ceildivui %[[S:.*]], %c64
+CHECK:   %[[END:.*]] = arith.muli %[[TILES]], %c64
+CHECK:   scf.for %[[J:arg[0-9]+]] = %c0 to %[[END]] step %c64 iter_args(%[[M:.*]] = %{{.*}}, %[[L:.*]] = %{{.*}}, %[[ACC:.*]] = %{{.*}}) -> (vector<4xf32>, vector<4xf32>, vector<4x8xf32>)
+CHECK:     %[[K:.*]] = vector.transfer_read {{.*}}[%c0, %c0, %[[J]], %c0]{{.*}} {in_bounds = [false, true]} : tensor<1x1x?x16xf32>, vector<64x16xf32>
+CHECK:     %[[QK:.*]] = vector.contract {{.*}} %[[Q]], %[[K]], %{{.*}} : vector<4x16xf32>, vector<64x16xf32> into vector<4x64xf32>
+CHECK:     arith.mulf %[[QK]]
+CHECK:     %[[LAST:.*]] = arith.cmpi ugt, %{{.*}}, %[[S]] : index
+CHECK:     scf.if %[[LAST]] -> (vector<4x64xf32>)
+CHECK:       arith.cmpi slt, %{{.*}}, %{{.*}} : vector<4x64xi32>
+CHECK:     vector.multi_reduction <maximumf>, %{{.*}}, %{{.*}} [1] : vector<4x64xf32> to vector<4xf32>
+CHECK:     arith.maximumf %[[M]]
+CHECK:     math.exp2 {{.*}} : vector<4xf32>
+CHECK:     vector.shape_cast {{.*}} : vector<4xf32> to vector<4x1xf32>
+CHECK:     vector.broadcast {{.*}} : vector<4x1xf32> to vector<4x64xf32>
+CHECK:     math.exp2 {{.*}} : vector<4x64xf32>
+CHECK:     vector.multi_reduction <add>
+CHECK:     vector.transfer_read {{.*}}[%c0, %c0, %[[J]], %c0]{{.*}} : tensor<1x1x?x8xf32>, vector<64x8xf32>
+CHECK:     vector.contract {{.*}} : vector<4x64xf32>, vector<64x8xf32> into vector<4x8xf32>
+CHECK:     scf.yield
+CHECK:   } {attn.flash_loop}
+CHECK:   arith.divf %{{.*}}, %{{.*}} : vector<4xf32>
+CHECK:   vector.transfer_write {{.*}} {in_bounds = [false, true]} : vector<4x8xf32>, tensor<1x1x1x?x8xf32>
+CHECK:   scf.forall.in_parallel
+""" + MAPPING)
+
+
+def test_flash_scores_in_base_two():
+    # log2(e) folds into the scale constant (0.25 * 1.4427 = 0.3607), exp2 replaces exp,
+    # and the normalization is one reciprocal per row times the accumulator.
+    ir = stage_ir(SPEC, "flash")
+    filecheck(ir, r"""
+CHECK-DAG: arith.constant dense<0.360673755> : vector<4x64xf32>
+CHECK-DAG: arith.constant dense<1.000000e+00> : vector<4xf32>
+""")
+    filecheck(ir, r"""
+CHECK-NOT: math.exp {{.*}}
+CHECK-NOT: arith.divf {{.*}} : vector<4x8xf32>
+CHECK-NOT: vector.transpose
+""")
+    # An additive mask is added in natural units: the factor follows it, unfolded.
+    filecheck(stage_ir(ADDITIVE, "flash"), r"""
+CHECK: %[[SCALED:.*]] = arith.mulf %{{.*}}, %{{.*}} : vector<4x64xf32>
+CHECK: %[[MASKED:.*]] = arith.addf %[[SCALED]], %{{.*}} : vector<4x64xf32>
+CHECK: arith.mulf %[[MASKED]], %{{.*}} : vector<4x64xf32>
+""")
+
+
+def test_flash_causal_masks_only_straddling_tiles():
+    # Tiles wholly above the diagonal: the loop stops at the last tile the rows see.
+    # Tiles below it: the else branch (no index compare).  Straddling or last tiles: i32 compares.
     filecheck(stage_ir(CAUSAL, "flash"), r"""
-CHECK: scf.forall (%{{.*}}, %[[ROW:.*]]) = (0, 0) to (2, 8) step (1, 4)
-CHECK:   %[[END:.*]] = arith.addi %[[ROW]], %c4
-CHECK:   %[[TILES:.*]] = arith.ceildivui %[[END]], %c64
-CHECK:   %[[WHOLE:.*]] = arith.muli %[[TILES]], %c64
-CHECK:   %[[UB:.*]] = arith.minui %[[WHOLE]], %c192
-CHECK:   scf.for %{{.*}} = %c0 to %[[UB]] step %c64 iter_args(
-CHECK:     attn.tag = "qk"
-CHECK:     attn.tag = "causal"
+CHECK: scf.forall
+CHECK: %[[ROW0:.*]] = affine.apply
+CHECK: %[[VALID:.*]] = affine.min
+CHECK: %[[SEEN:.*]] = arith.addi %[[ROW0]], %[[VALID]]
+CHECK: %[[VIS:.*]] = arith.minui %[[SEEN]], %[[S:.*]] : index
+CHECK: %[[TILES:.*]] = arith.ceildivui %[[VIS]], %c64
+CHECK: %[[END:.*]] = arith.muli %[[TILES]], %c64
+CHECK: scf.for %[[J:arg[0-9]+]] = %c0 to %[[END]] step %c64
+CHECK:   %[[NEXT:.*]] = arith.addi %[[J]], %c64
+CHECK:   %[[LAST:.*]] = arith.cmpi ugt, %[[NEXT]], %[[S]]
+CHECK:   %[[FIRST:.*]] = arith.addi %[[ROW0]], %c1
+CHECK:   %[[STRADDLE:.*]] = arith.cmpi ugt, %[[NEXT]], %[[FIRST]]
+CHECK:   %[[NEED:.*]] = arith.ori %[[LAST]], %[[STRADDLE]]
+CHECK:   scf.if %[[NEED]] -> (vector<4x64xf32>) {
+CHECK:     vector.step : vector<4xindex>
+CHECK:     arith.cmpi sle, %{{.*}}, %{{.*}} : vector<4x64xi32>
+CHECK:     arith.cmpi slt, %{{.*}}, %{{.*}} : vector<4x64xi32>
+CHECK:   } else {
+CHECK-NEXT: scf.yield
 """)
-    # Without causal the bound is the constant end of the full tiles.
-    filecheck(stage_ir(SPEC, "flash"), r"""
-CHECK-NOT: arith.minui
-CHECK-NOT: arith.ceildivui
-CHECK: scf.for %{{.*}} = %c0 to %c192 step %c64 iter_args(
+    filecheck(stage_ir(CAUSAL, "flash"), r"""
+CHECK-NOT: xindex>, vector<{{.*}}xi32>
+CHECK-NOT: vector<4x64xindex>
 """)
 
 
-
-# Many query rows per key/value head: the cpu target materializes K^T once.
-MANY_ROWS = replace(SPEC, q_len=300)
-
-
-def test_vectorized():
-    # Few rows per key/value head (10): the QK^T contraction reads K tiles (64 keys x 16) in place.
-    ir = stage_ir(SPEC, "vectorized")
-    filecheck(ir, r"""
-CHECK: scf.for %{{.*}} = %c0 to %c192 step %c64 iter_args({{.*}}) -> (vector<4xf32>, vector<4xf32>, vector<4x16xf32>)
-CHECK:   vector.contract {{.*}} : vector<4x16xf32>, vector<64x16xf32> into vector<4x64xf32>
-CHECK:   vector.contract {{.*}} : vector<4x64xf32>, vector<64x16xf32> into vector<4x16xf32>
-CHECK:   scf.yield
+def test_flash_mask_tile_broadcast():
+    # A mask varying along (b, l, s): an (rows x keys) tile read per step, padded with
+    # 0 (= masked) past L and S.
+    filecheck(stage_ir(MASKED, "flash"), r"""
+CHECK: scf.for %[[J:arg[0-9]+]] =
+CHECK:   vector.transfer_read %{{.*}}[%c0, %c0, %[[J]]], %{{.*}} : tensor<1x?x?xi8>, vector<4x64xi8>
+CHECK:   arith.cmpi ne, %{{.*}}, %{{.*}} : vector<4x64xi8>
 """)
-    # Many rows: it reads tiles (16 x 64 keys) of the materialized K^T.
-    filecheck(stage_ir(MANY_ROWS, "vectorized"), r"""
-CHECK: scf.for %{{.*}} = %c0 to %c192 step %c64 iter_args({{.*}}) -> (vector<4xf32>, vector<4xf32>, vector<4x16xf32>)
-CHECK:   vector.contract {{.*}} : vector<4x16xf32>, vector<16x64xf32> into vector<4x64xf32>
-CHECK:   vector.contract {{.*}} : vector<4x64xf32>, vector<64x16xf32> into vector<4x16xf32>
-CHECK:   scf.yield
+
+
+def test_flash_decode_packs_query_heads():
+    # Decode: the 2 query heads of a key/value head are the work-group's rows (2 x 1 row);
+    # one-row tiles are static, so their reads and writes are in bounds.
+    filecheck(stage_ir(DECODE, "flash"), r"""
+CHECK: scf.forall (%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}) in (%{{.*}}, %{{.*}}, 1, 1, %{{.*}})
+CHECK: vector.transfer_read {{.*}} {in_bounds = [true, true, true]} : tensor<1x1x2x1x16xf32>, vector<2x1x16xf32>
+CHECK: vector.shape_cast {{.*}} : vector<2x1x16xf32> to vector<2x16xf32>
+CHECK: scf.for {{.*}} -> (vector<2xf32>, vector<2xf32>, vector<2x8xf32>)
+CHECK: vector.shape_cast {{.*}} : vector<2x8xf32> to vector<2x1x8xf32>
+CHECK: vector.transfer_write {{.*}} {in_bounds = [true, true, true]} : vector<2x1x8xf32>, tensor<1x1x2x1x8xf32>
 """)
-    filecheck(ir, r"""
-CHECK-NOT: linalg.
-CHECK-NOT: 1x1x1x{{[0-9]+}}x200xf32
-CHECK-NOT: x10x200xf32
-CHECK-NOT: vector<{{[0-9]+}}x200xf32>
+
+
+def test_flash_materialized_k_transpose():
+    # "long": a loop of its own writes K^T tiles into a workspace padded to whole tiles;
+    # the flash loop reads (16 x 64) tiles of it, in bounds.
+    filecheck(stage_ir(LONG, "flash"), r"""
+CHECK: %[[TILES:.*]] = arith.ceildivui
+CHECK: %[[PADDED:.*]] = arith.muli %[[TILES]], %c64
+CHECK: tensor.empty(%{{.*}}, %{{.*}}, %[[PADDED]]) : tensor<?x?x16x?xf32>
+CHECK: scf.forall (%{{.*}}, %{{.*}}, %{{.*}}) in (%{{.*}}, %{{.*}}, %[[TILES]])
+CHECK:   vector.transpose {{.*}} [1, 0] : vector<16x16xf32> to vector<16x16xf32>
+CHECK: {attn.k_transpose, mapping = [#gpu.block<linear_dim_2>, #gpu.block<linear_dim_1>, #gpu.block<linear_dim_0>]}
+CHECK: scf.forall
+CHECK:   scf.for
+CHECK:     vector.transfer_read {{.*}} {in_bounds = [true, true]} : tensor<?x?x16x?xf32>, vector<16x64xf32>
+CHECK:     vector.contract {{.*}} : vector<4x16xf32>, vector<16x64xf32> into vector<4x64xf32>
 """)
 
 
 def test_bufferized():
     ir = stage_ir(SPEC, "bufferized")
-    filecheck(ir, r"""
-CHECK-LABEL: func.func @attention(
-CHECK: vector.contract
-""")
+    filecheck(ir, WORK_GROUP_LOOP + r"""
+CHECK:   memref.subview
+CHECK:   vector.transfer_read {{.*}} : memref<1x1x1x?x16xf32, strided<{{.*}}>>, vector<4x16xf32>
+CHECK:   scf.for
+CHECK:     vector.contract
+CHECK:   vector.transfer_write {{.*}} : vector<4x8xf32>, memref<1x1x1x?x8xf32, strided<{{.*}}>>
+""" + MAPPING)
     filecheck(ir, r"""
 CHECK-NOT: tensor<
 CHECK-NOT: tensor.
 CHECK-NOT: bufferization.
 CHECK-NOT: linalg.
+CHECK-NOT: memref.alloc
 """)
 
 
-
 def test_cpu_grid():
-    # K read in place: the main rows (2 heads x 2 row tiles) and the row tail (2 heads), no workspace.
+    # K read in place: one grid (the work-group loop) and the plan of its task count.
     ir = stage_ir(SPEC, "cpu-grid")
     filecheck(ir, r"""
-CHECK: module attributes {attn.kernel = {grids = [{name = "attention_grid0", tasks = 4 : i64}, {name = "attention_grid1", tasks = 2 : i64}], workspaces = []}}
+CHECK: module attributes {attn.kernel = {grids = ["attention_grid0"], plan = "attention_plan", plan_length = 1 : i64, workspaces = []}}
 CHECK: func.func @attention_grid0(%{{.*}}: index, %{{.*}}: index, {{.*}}) attributes {llvm.emit_c_interface}
 CHECK:   scf.for
-CHECK:     vector.contract
-CHECK: func.func @attention_grid1(%{{.*}}: index, %{{.*}}: index, {{.*}}) attributes {llvm.emit_c_interface}
+CHECK:     scf.for
+CHECK:       vector.contract
+CHECK: func.func @attention_plan({{.*}}, %[[PLAN:.*]]: memref<1xi64>) attributes {llvm.emit_c_interface}
+CHECK:   memref.store %{{.*}}, %[[PLAN]][%{{.*}}] : memref<1xi64>
 CHECK-NOT: func.func
 """)
     filecheck(ir, r"""
 CHECK-NOT: func.func @attention(
 CHECK-NOT: scf.forall
 """)
-    # K^T materialized: its transpose grid (one task per head) runs first, into the workspace.
-    filecheck(stage_ir(MANY_ROWS, "cpu-grid"), r"""
-CHECK: module attributes {attn.kernel = {grids = [{name = "attention_grid0", tasks = 2 : i64}, {name = "attention_grid1", tasks = 150 : i64}], workspaces = [{dtype = "f32", shape = array<i64: 1, 2, 16, 200>}]}}
+    # K^T materialized: its transpose grid runs first, into a workspace whose three dynamic
+    # sizes (B, H, padded S) the plan computes after the two task counts.
+    filecheck(stage_ir(LONG, "cpu-grid"), r"""
+CHECK: module attributes {attn.kernel = {grids = ["attention_grid0", "attention_grid1"], plan = "attention_plan", plan_length = 5 : i64, workspaces = [{dtype = "f32", shape = array<i64: -9223372036854775808, -9223372036854775808, 16, -9223372036854775808>}]}}
 CHECK: func.func @attention_grid0(
 CHECK:   vector.transpose
 CHECK: func.func @attention_grid1(
-CHECK-NOT: func.func
+CHECK: func.func @attention_plan(
 """)
-
 
 
 def test_dump_dir_one_file_per_stage(tmp_path, monkeypatch):
     monkeypatch.delenv("XEGPU_ATTN_STOP_AFTER", raising=False)
-    spec = replace(SPEC, q_len=5, kv_len=70)
+    spec = replace(SPEC, head_dim=32)
     compile_spec(spec, dump_dir=str(tmp_path))
-    folder = tmp_path / spec.short_name()
+    folders = list(tmp_path.iterdir())
+    assert [f.name for f in folders] == [dump_folder_name(spec, get_target("cpu").options_for(spec))]
+    folder = folders[0]
     ir_stages = [n for n in stage_names("cpu") if n != "binary"]
     assert sorted(p.name for p in folder.glob("*.mlir")) == [f"{i:02d}-{n}.mlir" for i, n in enumerate(ir_stages)]
     assert all(p.stat().st_size > 0 for p in folder.glob("*.mlir"))
     filecheck((folder / "00-payload.mlir").read_text(), "CHECK: linalg.softmax")
-    filecheck((folder / "07-cpu-llvm.mlir").read_text(), "CHECK: llvm.func @_mlir_ciface_attention_grid0")
+    filecheck((folder / f"{len(ir_stages) - 1:02d}-cpu-llvm.mlir").read_text(),
+              "CHECK: llvm.func @_mlir_ciface_attention_grid0")
 
 
 def test_dump_env_var_with_stop_after(tmp_path, monkeypatch):
     monkeypatch.setenv("XEGPU_ATTN_DUMP_IR", str(tmp_path))
     monkeypatch.setenv("XEGPU_ATTN_STOP_AFTER", "flash")
-    spec = replace(SPEC, q_len=6, kv_len=90)
+    spec = replace(SPEC, head_dim=24)
     with pytest.raises(CompilationStopped) as stopped:
         compile_spec(spec)
     assert stopped.value.stage == "flash"
-    folder = tmp_path / spec.short_name()
+    folder = tmp_path / dump_folder_name(spec, get_target("cpu").options_for(spec))
     assert sorted(p.name for p in folder.iterdir()) == ["00-payload.mlir", "01-tiled.mlir", "02-flash.mlir"]
     assert (folder / "02-flash.mlir").read_text() == stopped.value.ir
 

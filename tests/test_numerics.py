@@ -10,27 +10,11 @@ so an element the kernel does not write fails.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import torch_xegpu_attn
-from conftest import reference_attention
+from conftest import check
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-
-
-def check(q, k, v, **kw):
-    """Run ours, SDPA and the reference; assert our error is within 2x SDPA's + floor."""
-    ours = torch_xegpu_attn.attention(q, k, v, **kw)
-    sdpa = F.scaled_dot_product_attention(q, k, v, **kw)
-    ref = reference_attention(q, k, v, **kw)
-    assert ours.shape == sdpa.shape and ours.dtype == q.dtype
-    assert not ours.isnan().any(), "unwritten or NaN output elements"
-    err = (ours.double() - ref).abs().max().item()
-    sdpa_err = (sdpa.double() - ref).abs().max().item()
-    bound = 2 * sdpa_err + FLOOR[q.dtype]
-    assert err <= bound, f"error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e})"
-    return err, sdpa_err
 
 
 def rand(*shape, dtype=torch.float32):

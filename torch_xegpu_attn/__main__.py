@@ -6,7 +6,8 @@
 
 --shape is B,H,L,S,E[,Ev] (H = key/value heads); --group G gives H*G query heads
 (GQA); --mask KIND:DIMS gives a mask, e.g. bool:bls (varies along batch, query
-rows and keys) or additive:ls.
+rows and keys) or additive:ls.  A kernel serves every B, H, L and S of its
+length class; the shape picks the class.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import sys
 import time
 
 from . import knobs
-from .compiler import CompilationStopped, CompileReport, compile_spec, stage_names
-from .spec import DTYPES, AttentionSpec, MaskSpec
+from .compiler import CompilationStopped, CompileReport, compile_spec, dump_folder_name, stage_names
+from .spec import DTYPES, AttentionSpec, MaskSpec, ProblemSize
+from .targets import get_target
 
 
 def _spec(args) -> AttentionSpec:
@@ -32,8 +34,9 @@ def _spec(args) -> AttentionSpec:
     if args.mask:
         kind, _, where = args.mask.partition(":")
         mask = MaskSpec(kind, tuple(where), "bool" if kind == "bool" else args.dtype)
-    return AttentionSpec(batch=b, kv_heads=h, group=args.group, q_len=l, kv_len=s, head_dim=e, v_head_dim=ev,
-                         dtype=args.dtype, causal=args.causal, scale=args.scale, mask=mask, target=args.target)
+    length_class = get_target(args.target).length_class(ProblemSize(b, h, l, s), args.group)
+    return AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
+                         scale=args.scale, mask=mask, target=args.target, length_class=length_class)
 
 
 def _compile(args) -> int:
@@ -50,9 +53,10 @@ def _compile(args) -> int:
     stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in report.stage_seconds.items())
     print(f"{spec.short_name()}: {len(artifact.binary)} bytes, {report.total:.2f} s ({stages})")
     for grid in artifact.metadata.get("grids", []):
-        print(f"  {grid['name']}: {grid['tasks']} work-groups")
+        print(f"  {grid}")
     if args.dump_ir:
-        print(f"IR per stage in {os.path.join(args.dump_ir, spec.short_name())}")
+        options = get_target(spec.target).options_for(spec)
+        print(f"IR per stage in {os.path.join(args.dump_ir, dump_folder_name(spec, options))}")
     return 0
 
 

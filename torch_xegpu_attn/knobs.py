@@ -7,14 +7,18 @@ XEGPU_ATTN_DUMP_IR      directory: write the IR after every compiler stage there
 XEGPU_ATTN_STOP_AFTER   stage name: stop compiling after it (raises CompilationStopped)
 XEGPU_ATTN_POISON       "1": fill each output with NaN before the kernel runs, so that an
                         element the kernel fails to write shows (for tests; default "0")
+XEGPU_ATTN_SCHEDULE     JSON object: fields of ScheduleOptions that override the target's
+                        choice for every spec, e.g. '{"row_tile": 16, "tail": "peel"}'
+                        (tuning and tests; the options are part of the cache key)
 
 They are read at each use, so tests and tools may set them at run time.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 
 def cache_dir() -> str:
@@ -43,3 +47,22 @@ def stop_after() -> Optional[str]:
 
 def poison_outputs() -> bool:
     return os.environ.get("XEGPU_ATTN_POISON", "0").strip() in ("1", "true", "on", "yes")
+
+
+def schedule_overrides_text() -> str:
+    return os.environ.get("XEGPU_ATTN_SCHEDULE", "")
+
+
+def schedule_overrides() -> Dict:
+    value = schedule_overrides_text().strip()
+    if not value:
+        return {}
+    try:
+        overrides = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"XEGPU_ATTN_SCHEDULE must be a JSON object, got {value!r} ({error})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"XEGPU_ATTN_SCHEDULE must be a JSON object, got {value!r}")
+    if isinstance(overrides.get("transpose_tile"), list):
+        overrides["transpose_tile"] = tuple(overrides["transpose_tile"])
+    return overrides

@@ -9,8 +9,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Sequence
 
-from mlir import ir
-from mlir.dialects import arith, linalg, transform
+from mlir import ir, passmanager
+from mlir.dialects import arith, linalg, tensor, transform
 from mlir.dialects.transform import interpreter, structured
 
 TAG = "attn.tag"
@@ -46,15 +46,26 @@ def const_index(value: int) -> ir.Value:
     return arith.constant(index(), value)
 
 
-def strided_memref(shape: Sequence[int], elt: ir.Type) -> ir.Type:
-    """A memref with static sizes, dynamic outer strides and offset, unit inner stride.
+def _dim_text(d) -> str:
+    return "?" if isinstance(d, str) or d is None else str(d)
+
+
+def strided_memref(shape: Sequence, elt: ir.Type) -> ir.Type:
+    """A memref with dynamic outer strides and offset, unit inner stride.
 
     This is how the kernels see caller tensors: any layout whose last dim is
-    contiguous is read in place.
+    contiguous is read in place.  A size given as a str (a run-time extent
+    symbol such as "L") or None is dynamic.
     """
     strides = ", ".join(["?"] * (len(shape) - 1) + ["1"])
-    dims = "x".join(str(d) for d in shape)
+    dims = "x".join(_dim_text(d) for d in shape)
     return ir.Type.parse(f"memref<{dims}x{elt}, strided<[{strides}], offset: ?>>")
+
+
+def contiguous_memref(shape: Sequence, elt: ir.Type) -> ir.Type:
+    """A row-major contiguous memref (identity layout); str/None sizes are dynamic."""
+    dims = "x".join(_dim_text(d) for d in shape)
+    return ir.Type.parse(f"memref<{dims}x{elt}>")
 
 
 def affine_map(n_dims: int, results: Iterable[int]) -> ir.AffineMap:
@@ -62,6 +73,32 @@ def affine_map(n_dims: int, results: Iterable[int]) -> ir.AffineMap:
 
 
 # --------------------------------------------------------------------------- ops
+
+
+def _mixed(values: Sequence) -> tuple:
+    """(dynamic values, static attribute list) of a mixed list of ints and index values."""
+    dynamic = [v for v in values if not isinstance(v, int)]
+    static = [v if isinstance(v, int) else ir.ShapedType.get_dynamic_size() for v in values]
+    return dynamic, static
+
+
+def slice_of(source: ir.Value, offsets: Sequence, sizes: Sequence) -> ir.Value:
+    """tensor.extract_slice with unit strides; offsets and sizes are ints or index values."""
+    element = ir.RankedTensorType(source.type).element_type
+    dyn_offsets, static_offsets = _mixed(offsets)
+    dyn_sizes, static_sizes = _mixed(sizes)
+    result = ir.RankedTensorType.get(static_sizes, element)
+    return tensor.extract_slice(result, source, dyn_offsets, dyn_sizes, [], static_offsets, static_sizes,
+                                [1] * len(sizes))
+
+
+def insert_in_parallel(source: ir.Value, dest: ir.Value, offsets: Sequence, sizes: Sequence) -> None:
+    """tensor.parallel_insert_slice (at the current insertion point: an scf.forall.in_parallel)."""
+    dyn_offsets, static_offsets = _mixed(offsets)
+    dyn_sizes, static_sizes = _mixed(sizes)
+    tensor.parallel_insert_slice(source, dest, dyn_offsets, dyn_sizes, [], static_offsets, static_sizes,
+                                 [1] * len(sizes))
+
 
 
 def defining_op(value: ir.Value) -> Optional[ir.Operation]:
@@ -206,6 +243,12 @@ def apply_cleanup(handle: ir.Value) -> None:
     transform.ApplyCommonSubexpressionEliminationOp(handle)
     with ir.InsertionPoint(transform.ApplyPatternsOp(handle).patterns):
         transform.ApplyCanonicalizationPatternsOp()
+
+
+def cleanup(module: ir.Module) -> None:
+    """CSE, canonicalize, CSE on the whole module (pass manager; CSE merges the copies of an op
+    with regions that fusion leaves, which one transform-dialect CSE does not always do)."""
+    passmanager.PassManager.parse("builtin.module(cse,canonicalize,cse)").run(module.operation)
 
 
 @contextmanager

@@ -9,7 +9,9 @@
 Every op carries an ``attn.tag``; the op that produces the result also carries
 ``attn.root``.  The function takes the caller's buffers directly:
 ``attention(q, k, v, [mask], out)`` with q/k/v/mask as memrefs with dynamic
-outer strides (see `strided_memref`) and out as a contiguous memref.
+outer strides (see `strided_memref`) and out as a contiguous memref.  The
+batch B, the key/value heads H and the lengths L and S are dynamic sizes of
+those memrefs: one payload serves every length.
 
 The payload states SDPA's mathematics; two conventions of the fused kernel are
 not visible here: a row whose keys are all masked gives 0 (linalg.softmax
@@ -19,10 +21,12 @@ The flash stage implements both.
 
 from __future__ import annotations
 
+from typing import Dict
+
 from mlir import ir
 from mlir.dialects import arith, bufferization, func, linalg, tensor
 
-from .mlir_utils import (affine_map, element_type, f32, linalg_generic, set_tag,
+from .mlir_utils import (affine_map, contiguous_memref, element_type, f32, linalg_generic, set_tag,
                          strided_memref)
 from .spec import MASK_DIMS, AttentionSpec
 
@@ -35,12 +39,12 @@ _B, _H, _G, _L, _S, _E = range(6)
 def build_attention_payload(spec: AttentionSpec) -> ir.Module:
     """Build the payload module for `spec` (in the current MLIR context)."""
     et = element_type(spec.dtype)
-    shapes = spec.shapes()
-    arg_types = [strided_memref(shapes["q"], et), strided_memref(shapes["k"], et),
-                 strided_memref(shapes["v"], et)]
+    dims = spec.operand_dims()
+    arg_types = [strided_memref(dims["q"], et), strided_memref(dims["k"], et),
+                 strided_memref(dims["v"], et)]
     if spec.mask is not None:
-        arg_types.append(strided_memref(shapes["mask"], element_type(spec.mask.dtype)))
-    arg_types.append(ir.MemRefType.get(shapes["out"], et))
+        arg_types.append(strided_memref(dims["mask"], element_type(spec.mask.dtype)))
+    arg_types.append(contiguous_memref(dims["out"], et))
 
     module = ir.Module.create()
     with ir.InsertionPoint(module.body):
@@ -64,39 +68,54 @@ def _as_tensor(buffer: ir.Value, writable: bool) -> ir.Value:
                                    restrict=True, writable=writable or None)
 
 
+def extents(q: ir.Value, k: ir.Value) -> Dict[str, ir.Value]:
+    """The run-time extents B, H, L, S as index values (tensor.dim of q and k)."""
+    return {"B": tensor.dim(q, _index(0)), "H": tensor.dim(q, _index(1)),
+            "L": tensor.dim(q, _index(3)), "S": tensor.dim(k, _index(2))}
+
+
+def _index(i: int) -> ir.Value:
+    return arith.constant(ir.IndexType.get(), i)
+
+
+def _empty(shape, symbols: Dict[str, ir.Value], et: ir.Type) -> ir.Value:
+    """tensor.empty of `shape` whose str entries are the run-time extents in `symbols`."""
+    return tensor.empty([symbols[d] if isinstance(d, str) else d for d in shape], et)
+
+
 def _attention(spec, q, k, v, mask, out):
     et = element_type(spec.dtype)
-    b, h, g, l, s = spec.batch, spec.kv_heads, spec.group, spec.q_len, spec.kv_len
-    e = spec.head_dim
-    score_shape = [b, h, g, l, s]
+    g, e = spec.group, spec.head_dim
+    sym = extents(q, k)
+    score_shape = ["B", "H", g, "L", "S"]
     zero = arith.constant(f32(), 0.0)
 
     # K^T: (b, h, s, e) -> (b, h, e, s)
-    kt = linalg.transpose(k, outs=[tensor.empty([b, h, e, s], et)], permutation=[0, 1, 3, 2])
+    kt = linalg.transpose(k, outs=[_empty(["B", "H", e, "S"], sym, et)], permutation=[0, 1, 3, 2])
     set_tag(kt, "k_transpose")
 
     # scores[b,h,g,l,s] = sum_e q[b,h,g,l,e] * kt[b,h,e,s], accumulated in f32
-    qk_init = linalg.fill(zero, outs=[tensor.empty(score_shape, f32())])
+    qk_init = linalg.fill(zero, outs=[_empty(score_shape, sym, f32())])
     set_tag(qk_init.owner, "qk_init")
     scores = linalg.contract(q, kt.result, outs=[qk_init], indexing_maps=[
         affine_map(6, [_B, _H, _G, _L, _E]), affine_map(6, [_B, _H, _E, _S]),
         affine_map(6, [_B, _H, _G, _L, _S])])
     set_tag(scores.owner, "qk")
 
-    scores = _elementwise(scores, [], score_shape, "scale",
+    scores = _elementwise(scores, [], score_shape, sym, "scale",
                           lambda x: arith.mulf(x, arith.constant(f32(), spec.scale)))
     if spec.mask is not None:
-        scores = _apply_mask(spec, scores, mask, score_shape)
+        scores = _apply_mask(spec, scores, mask, score_shape, sym)
     if spec.causal:
-        scores = _elementwise(scores, [], score_shape, "causal", _causal_body)
+        scores = _elementwise(scores, [], score_shape, sym, "causal", _causal_body)
 
-    probs = linalg.softmax([ir.RankedTensorType.get(score_shape, f32())], scores,
-                           tensor.empty(score_shape, f32()), 4)
+    probs = linalg.softmax([scores.type], scores, _empty(score_shape, sym, f32()), 4)
     set_tag(probs.owner, "softmax")
 
     # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in f32
     accumulate_in_out = et == f32()
-    pv_init = linalg.fill(zero, outs=[out if accumulate_in_out else tensor.empty(spec.shapes()["out"], f32())])
+    out_shape = ["B", "H", g, "L", spec.v_head_dim]
+    pv_init = linalg.fill(zero, outs=[out if accumulate_in_out else _empty(out_shape, sym, f32())])
     set_tag(pv_init.owner, "pv_init")
     result = linalg.contract(probs, v, outs=[pv_init], indexing_maps=[
         affine_map(6, [_B, _H, _G, _L, _S]), affine_map(6, [_B, _H, _S, _E]),
@@ -110,23 +129,25 @@ def _attention(spec, q, k, v, mask, out):
     return result
 
 
-def _elementwise(x, extra_inputs, shape, tag, fn, extra_maps=()):
+def _elementwise(x, extra_inputs, shape, sym, tag, fn, extra_maps=()):
     """scores-shaped elementwise op: fn(score, *extra scalars) -> score."""
     ident = affine_map(5, range(5))
-    return linalg_generic([x, *extra_inputs], [tensor.empty(shape, f32())],
+    return linalg_generic([x, *extra_inputs], [_empty(shape, sym, f32())],
                           [ident, *extra_maps, ident], ["parallel"] * 5,
                           lambda *a: fn(*a[:-1]), tag)
 
 
 def _causal_body(x):
     # Top-left aligned causal mask (SDPA): query row l sees keys s <= l.
-    row = linalg.IndexOp(_L).result
-    key = linalg.IndexOp(_S).result
-    visible = arith.cmpi(arith.CmpIPredicate.ule, key, row)
+    # Compared as i32: index vectors are 64-bit on every target and need not be.
+    i32 = ir.IntegerType.get_signless(32)
+    row = arith.index_cast(i32, linalg.IndexOp(_L).result)
+    key = arith.index_cast(i32, linalg.IndexOp(_S).result)
+    visible = arith.cmpi(arith.CmpIPredicate.sle, key, row)
     return arith.select(visible, x, arith.constant(f32(), float("-inf")))
 
 
-def _apply_mask(spec, scores, mask, shape):
+def _apply_mask(spec, scores, mask, shape, sym):
     # The mask operand has only the dims it varies along; broadcast the rest.
     mask_map = affine_map(5, [MASK_DIMS.index(d) for d in spec.mask.dims])
     if spec.mask.kind == "bool":
@@ -136,4 +157,4 @@ def _apply_mask(spec, scores, mask, shape):
     else:
         def body(x, m):
             return arith.addf(x, m if m.type == f32() else arith.extf(f32(), m))
-    return _elementwise(scores, [mask], shape, "mask", body, extra_maps=[mask_map])
+    return _elementwise(scores, [mask], shape, sym, "mask", body, extra_maps=[mask_map])

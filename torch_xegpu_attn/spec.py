@@ -1,9 +1,14 @@
-"""AttentionSpec: one normalized attention problem, and the compile-cache key.
+"""AttentionSpec: what a kernel is compiled for, and the compile-cache key.
 
-Everything that changes the compiled binary lives here and nothing else does:
-two calls with equal specs can share one kernel.  Strides are *not* part of
-the spec: the kernels read their inputs through memrefs with dynamic strides
-(innermost stride 1), so a transposed or sliced input needs no new binary.
+Everything that changes the compiled code lives here and nothing else does:
+two calls with equal specs share one kernel.  The sequence lengths, the
+batch and the number of key/value heads are *not* part of the spec: they are
+run-time arguments of the kernel (the sizes of its memref arguments), so a
+decoding loop whose key length grows by one each step reuses one kernel.  A
+target may still cut problems into a few coarse `length_class`es when it wants
+different tiles for short and long problems (the cpu target: "decode",
+"short", "long").  Strides are not part of the spec either: the kernels read
+their inputs through memrefs with dynamic strides (innermost stride 1).
 
 The problem is always described in the kernel's canonical 5-D form
 
@@ -12,7 +17,9 @@ The problem is always described in the kernel's canonical 5-D form
     v   (B, H, S, Ev)
     out (B, H, G, L, Ev)
 
-and an optional mask that varies along a subset of (b, h, g, l, s).
+where G, E and Ev are compiled in and B, H, L, S are run-time sizes
+(`ProblemSize`), plus an optional mask that varies along a subset of
+(b, h, g, l, s).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 #: dtypes the kernels accept, by their torch name.
 DTYPES = ("float32", "float16", "bfloat16")
@@ -29,8 +36,15 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: the loop dimensions of the canonical problem, in order.
 MASK_DIMS = ("b", "h", "g", "l", "s")
 
-#: targets that can compile a spec.
-TARGETS = ("cpu", "nvvm", "xegpu")
+#: The one table of targets: target name -> the torch device type whose tensors
+#: it serves.  The registry (targets/) holds the implemented ones; a target in
+#: this table that is not registered is planned.
+TARGET_DEVICES = {"cpu": "cpu", "nvvm": "cuda", "xegpu": "xpu"}
+
+#: run-time extents: the symbols that stand for them in operand shapes.
+RUNTIME_SYMBOLS = {"b": "B", "h": "H", "l": "L", "s": "S"}
+
+Dim = Union[int, str]
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,8 @@ class MaskSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("bool", "additive"):
             raise ValueError(f"mask kind must be 'bool' or 'additive', got {self.kind!r}")
-        if tuple(d for d in MASK_DIMS if d in self.dims) != tuple(self.dims):
-            raise ValueError(f"mask dims must be an ordered subset of {MASK_DIMS}, got {self.dims!r}")
+        if not self.dims or tuple(d for d in MASK_DIMS if d in self.dims) != tuple(self.dims):
+            raise ValueError(f"mask dims must be a non-empty ordered subset of {MASK_DIMS}, got {self.dims!r}")
         if self.kind == "bool" and self.dtype != "bool":
             raise ValueError("a bool mask has dtype 'bool'")
         if self.kind == "additive" and self.dtype not in DTYPES:
@@ -61,14 +75,29 @@ class MaskSpec:
 
 
 @dataclass(frozen=True)
-class AttentionSpec:
-    """One attention problem in canonical form; hashable, immutable, the cache key."""
+class ProblemSize:
+    """The run-time extents of one call: batch, key/value heads, query and key lengths."""
 
     batch: int
     kv_heads: int
-    group: int
     q_len: int
     kv_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "kv_heads", "q_len", "kv_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ProblemSize.{name} must be a positive int, got {value!r}")
+
+    def symbols(self) -> Dict[str, int]:
+        return {"B": self.batch, "H": self.kv_heads, "L": self.q_len, "S": self.kv_len}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one kernel is compiled for; hashable, immutable, the cache key."""
+
+    group: int
     head_dim: int
     v_head_dim: int
     dtype: str
@@ -76,58 +105,66 @@ class AttentionSpec:
     scale: Optional[float] = None
     mask: Optional[MaskSpec] = None
     target: str = "cpu"
+    length_class: str = "any"
 
     def __post_init__(self) -> None:
-        for name in ("batch", "kv_heads", "group", "q_len", "kv_len", "head_dim", "v_head_dim"):
+        for name in ("group", "head_dim", "v_head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AttentionSpec.{name} must be a positive int, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"AttentionSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"AttentionSpec.target must be one of {TARGETS}, got {self.target!r}")
+        if self.target not in TARGET_DEVICES:
+            raise ValueError(f"AttentionSpec.target must be one of {tuple(TARGET_DEVICES)}, got {self.target!r}")
         if self.causal and self.mask is not None:
             raise ValueError("a spec has either a mask or causal, not both")
+        if not isinstance(self.length_class, str) or not self.length_class:
+            raise ValueError(f"AttentionSpec.length_class must be a non-empty str, got {self.length_class!r}")
         if self.scale is None:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
         else:
             object.__setattr__(self, "scale", float(self.scale))
 
-    @property
-    def q_heads(self) -> int:
-        return self.kv_heads * self.group
-
-    def shapes(self) -> dict:
-        """Canonical operand shapes, by operand name."""
-        b, h, g, l, s = self.batch, self.kv_heads, self.group, self.q_len, self.kv_len
-        shapes = {
-            "q": (b, h, g, l, self.head_dim),
-            "k": (b, h, s, self.head_dim),
-            "v": (b, h, s, self.v_head_dim),
-            "out": (b, h, g, l, self.v_head_dim),
+    def operand_dims(self) -> Dict[str, Tuple[Dim, ...]]:
+        """Canonical operand shapes, by operand name: ints are compiled in, "B", "H", "L", "S"
+        are the run-time extents."""
+        g, e, ev = self.group, self.head_dim, self.v_head_dim
+        dims = {
+            "q": ("B", "H", g, "L", e),
+            "k": ("B", "H", "S", e),
+            "v": ("B", "H", "S", ev),
+            "out": ("B", "H", g, "L", ev),
         }
         if self.mask is not None:
-            extent = dict(zip(MASK_DIMS, (b, h, g, l, s)))
-            shapes["mask"] = tuple(extent[d] for d in self.mask.dims)
-        return shapes
+            extent = {"b": "B", "h": "H", "g": g, "l": "L", "s": "S"}
+            dims["mask"] = tuple(extent[d] for d in self.mask.dims)
+        return dims
 
-    def operands(self) -> list:
-        """The kernel's arguments in order: (name, shape, element dtype) of q, k, v, [mask], out.
+    def operands(self) -> List[Tuple[str, Tuple[Dim, ...], str]]:
+        """The kernel's arguments in order: (name, dims, element dtype) of q, k, v, [mask], out.
 
         A bool mask travels as bytes ("uint8").
         """
-        shapes = self.shapes()
+        dims = self.operand_dims()
         names = ["q", "k", "v"] + (["mask"] if self.mask is not None else []) + ["out"]
+
         def dtype(name):
             if name != "mask":
                 return self.dtype
             return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
-        return [(name, shapes[name], dtype(name)) for name in names]
+        return [(name, dims[name], dtype(name)) for name in names]
 
-    def flops(self) -> float:
+    def shapes(self, size: ProblemSize) -> Dict[str, Tuple[int, ...]]:
+        """Concrete operand shapes of one problem."""
+        symbols = size.symbols()
+        return {name: tuple(symbols[d] if isinstance(d, str) else d for d in dims)
+                for name, dims in self.operand_dims().items()}
+
+    def flops(self, size: ProblemSize) -> float:
         """Multiply-adds of the two matmuls, times two (halved when causal with L == S)."""
-        f = 2.0 * self.batch * self.q_heads * self.q_len * self.kv_len * (self.head_dim + self.v_head_dim)
-        return f / 2 if self.causal and self.q_len == self.kv_len else f
+        f = (2.0 * size.batch * size.kv_heads * self.group * size.q_len * size.kv_len
+             * (self.head_dim + self.v_head_dim))
+        return f / 2 if self.causal and size.q_len == size.kv_len else f
 
     def to_json(self) -> str:
         """A stable text form: the spec part of the cache key (floats exact, via hex)."""
@@ -139,5 +176,5 @@ class AttentionSpec:
         """A readable name for logs, dumps and kernel symbols."""
         m = "" if self.mask is None else f"_{self.mask.kind}{''.join(self.mask.dims)}"
         c = "_causal" if self.causal else ""
-        return (f"b{self.batch}h{self.kv_heads}g{self.group}_l{self.q_len}s{self.kv_len}"
-                f"_e{self.head_dim}v{self.v_head_dim}_{self.dtype}{m}{c}")
+        return (f"g{self.group}_e{self.head_dim}v{self.v_head_dim}_{self.dtype}{m}{c}"
+                f"_{self.length_class}")

@@ -1,73 +1,93 @@
-"""Shared stage "flash": replace each work-group's materialized softmax by an online one.
+"""Shared stage "flash": each work-group's materialized softmax becomes an online one over key tiles.
 
-Input (per scf.forall body, from the "tiled" stage):
+Input (the body of the work-group loop, from the "tiled" stage): the tiled
+chain on tensors (1, 1, 1|G, rows, S), rows <= row_tile,
 
-    X   = mask/causal(scale * Q.K^T)          (1, 1, 1, R, S) f32, the score chain
-    m   = max_s X ; E = exp(X - m) ; l = sum_s E ; P = E / l
-    O   = P . V
+    X = mask/causal(scale * Q.K^T) ; m = max_s X ; E = exp(X - m) ; P = E / sum_s E ; O = P . V
 
-Output: an scf.for over tiles of `kv_tile` keys carrying the running row max
-m, row sum l and accumulator O (FlashAttention's online softmax):
+Output: the same loop whose body works on full, static tiles held in vectors
+(`vector_tiles`): rows = (1|G) * row_tile (past L: zeros, never stored) and
+kv_tile keys per step:
 
-    x      = X[:, j:j+n]                     (the score chain, fused into the loop)
-    m'     = max(m, max_s x)
-    base   = m' == -inf ? 0 : m'             (rows with no visible key yet)
-    alpha  = exp(m - base)
-    p      = exp(x - base)
-    l'     = l * alpha + sum_s p
-    O'     = O * alpha + p . V[j:j+n]       (in f32, or with p rounded to V's type:
-                                             ScheduleOptions.pv_in_f32)
-    ...after the loop:  out = l == 0 ? 0 : O / l   (fully masked rows give 0, as SDPA)
+    q         = Q tile, read once (rows past L read as 0)
+    m, l, acc = -inf, 0, 0                           vector<rows>, vector<rows>, vector<rows x Ev>
+    scf.for j over the key tiles (run-time bounds):  m, l, acc loop-carried
+        s     = q . K[j : j + T]^T                   K read past S as 0
+        s     = the score chain on s (scale, mask...), in base-2 units: log2(e)
+                folds into the scale (FlashAttention's exp2 trick)
+        s     = scf.if (tile holds keys >= S, or straddles the causal diagonal)
+                  { select(key < S and key <= row, s, -inf) }       i32 index compare
+                else { s }
+        m'    = max(m, max_s s) ; base = m' == -inf ? 0 : m'
+        alpha = exp2(m - base) ; p = exp2(s - base)
+        l'    = l * alpha + sum_s p
+        acc'  = acc * alpha + p . V[j : j + T]       (P.V in f32, or p rounded to V's
+                                                     type: ScheduleOptions.pv_in_f32)
+    out = acc * (l == 0 ? 0 : 1 / l)                 one reciprocal per row; rows
+                                                     with no visible key give 0
+    out rows < L written (transfer_write, rows past L not written)
 
-The score chain is not rewritten by hand: the loop takes slices of X and the
-transform dialect's fuse_into_containing_op tiles the chain's linalg ops (QK^T,
-scale, mask, causal - whatever the payload had) into the loop along S.
+Tail modes (ScheduleOptions.tail): "mask" visits ceil(S / T) full tiles as
+above; "peel" visits the full tiles below the last multiple of T without any
+key check, then the remaining keys one at a time.  Causal problems stop at
+the last tile that holds a key visible to the work-group's last valid row, so
+tiles wholly above the diagonal are never visited; tiles wholly below it take
+the else branch.  Top-left alignment (row l sees keys <= l), as SDPA.
 
-Key tails: keys [0, S_full) are visited in full tiles by the loop; the last
-S - S_full keys (if any) by a second, single-iteration loop with a static
-tile of that size.  With causal, both loops stop at the last tile that holds a
-key visible to the work-group's last row: tiles wholly above the diagonal are
-never computed.
+K layouts (ScheduleOptions.k_layout): "folded" contracts (m,k) x (n,k) on
+the K tile as read; "explicit" transposes the K tile (vector.transpose) and
+contracts row-major; "materialized" reads (E x T) tiles of K^T from a
+workspace that a loop of its own (tagged attn.k_transpose) fills once.
+
+Split keys (ScheduleOptions.kv_splits = P > 1): work-group (b, h, g, p, r)
+visits only its share of the row tile's key tiles (ceil(tiles / P) each) and
+writes its (m, l, acc) to workspaces; a combine loop (tagged attn.combine)
+over (b, h, g, r) merges the P partials exactly (log-sum-exp merge) and
+normalizes.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 from mlir import ir
-from mlir.dialects import arith, linalg, math as mmath, scf, tensor
-from mlir.dialects import transform
-from mlir.dialects.transform import structured
-from mlir.dialects.transform import tensor as ttensor
+from mlir.dialects import arith, bufferization, math as mmath, scf, tensor, vector
 
-from ..mlir_utils import (TAG, CompileError, TransformScript, affine_map, any_op, apply_cleanup,
-                          body_op_names, const_index, defining_op, f32, linalg_generic,
-                          match_attr, match_ops, ops_tagged, redirect_uses_inside, tag_of, walk)
+from ..mlir_utils import (CompileError, body_op_names, cleanup, const_index, defining_op, f32,
+                          insert_in_parallel, slice_of, tag_of, walk)
 from ..spec import AttentionSpec
 from .options import ScheduleOptions
+from .tiling import WORK_GROUPS, block_mapping, forall_upper_bounds, rebuild_forall
+from .vector_tiles import (BodyTranslator, broadcast_rows, expand_to, flatten_rows, i32, iota_i32,
+                           read_tile, splat, to_i32, unflatten_rows, vector_type, write_tile)
 
-_DYNAMIC = ir.ShapedType.get_dynamic_size()
 _NEG_INF = float("-inf")
+_LOG2E = 1.4426950408889634
+#: loop dims of the score-shaped ops.
+_G, _L, _S = 2, 3, 4
+#: tags of the score ops that compare indices: applied only on tiles that need them.
+INDEX_MASK_TAGS = ("causal",)
+K_TRANSPOSE_LOOP = "attn.k_transpose"
+COMBINE_LOOP = "attn.combine"
 
 
 def flash_rewrite(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
-    """Rewrite every work-group of `module` into the online-softmax loop."""
-    groups: List[str] = []
-    for n, pv in enumerate(ops_tagged(module, "pv")):
-        groups += _rewrite_work_group(pv, options.kv_tile, options.pv_in_f32, f"wg{n}")
-    if not groups:
-        raise CompileError("flash: no P.V contraction (tag 'pv') found; run the tiling stage first")
-    # The zero fill that started the P.V accumulation is dead: every tile of the
-    # output is now written whole by its work-group's normalization.
-    for fill in ops_tagged(module, "pv_init"):
-        fill.results[0].replace_all_uses_with(fill.operands[1])
-        fill.erase()
-    _fuse_score_chains(module, groups)
-    _check_no_full_rows(module, spec, options)
+    """Rewrite the work-group loop of `module` into the online-softmax form."""
+    loops = walk(module, lambda op: op.name == "scf.forall" and WORK_GROUPS in op.attributes)
+    if len(loops) != 1:
+        raise CompileError(f"flash: expected one work-group loop (attn.work_groups), found {len(loops)}; "
+                           "run the tiling stage first")
+    if options.kv_splits > 1 and options.tail != "mask":
+        raise CompileError("flash: split keys need tail='mask'")
+    work_group = _WorkGroup(loops[0], spec, options)
+    work_group.build()
+    cleanup(module)
     return module
 
 
-# --------------------------------------------------------------------------- matching
+# --------------------------------------------------------------------------- reading the tiled body
 
 
 def _expect_generic(op, what: str, body: Tuple[str, ...]):
@@ -77,243 +97,528 @@ def _expect_generic(op, what: str, body: Tuple[str, ...]):
     return op
 
 
-def _softmax_parts(pv):
+def _softmax_scores(pv) -> ir.Value:
     """Walk from P.V's P operand back through the decomposed softmax to the scores X."""
     div = _expect_generic(defining_op(pv.operands[0]), "softmax normalization", ("arith.divf",))
     exp = _expect_generic(defining_op(div.operands[0]), "softmax exponential", ("arith.subf", "math.exp"))
-    total = _expect_generic(defining_op(div.operands[1]), "softmax row sum", ("arith.addf",))
+    _expect_generic(defining_op(div.operands[1]), "softmax row sum", ("arith.addf",))
     rowmax = _expect_generic(defining_op(exp.operands[1]), "softmax row max", ("arith.maxnumf",))
-    scores = exp.operands[0]
-    if rowmax.operands[0] != scores:
+    if rowmax.operands[0] != exp.operands[0]:
         raise CompileError("flash: the softmax row max and exponential read different scores")
-    return scores, [div, total, exp, rowmax]
+    return exp.operands[0]
 
 
-def _score_chain(scores: ir.Value, block: ir.Block) -> List[ir.Operation]:
-    """The linalg ops of the work-group body that the scores depend on, in block order."""
-    seen, stack = set(), [scores]
-    while stack:
-        op = defining_op(stack.pop())
-        if op is None or op in seen or op.block != block or not op.name.startswith("linalg."):
-            continue
-        seen.add(op)
-        stack.extend(op.operands)
-    return [o.operation for o in block.operations if o.operation in seen]
+def _score_ops(scores: ir.Value) -> Tuple[ir.Operation, List[ir.Operation]]:
+    """(the QK^T contraction, the elementwise score ops after it in order)."""
+    ops = []
+    op = defining_op(scores)
+    while op is not None and tag_of(op) != "qk":
+        if op.name != "linalg.generic" or any("reduction" in str(it) for it in
+                                              ir.ArrayAttr(op.attributes["iterator_types"])):
+            raise CompileError(f"flash: unexpected {op.name} (tag {tag_of(op)!r}) in the score chain")
+        ops.append(op)
+        op = defining_op(op.operands[0])
+    if op is None:
+        raise CompileError("flash: the score chain does not start with a QK^T contraction (tag 'qk')")
+    return op, list(reversed(ops))
 
 
-def _row_offset(qk) -> ir.Value:
-    """Global index of the work-group's first query row: the offset of its Q slice."""
-    source = defining_op(qk.operands[0])
-    if source is not None and source.name == "bufferization.to_tensor":
-        return const_index(0)  # the work-group reads all rows
-    if source is None or source.name != "tensor.extract_slice":
-        raise CompileError("flash: the Q operand of the QK^T contraction is not a slice of Q")
-    static = list(ir.DenseI64ArrayAttr(source.attributes["static_offsets"]))
-    dynamic = iter(list(source.operands)[1:])
-    offsets = [next(dynamic) if s == _DYNAMIC else s for s in static]
-    row = offsets[3]
-    return const_index(row) if isinstance(row, int) else row
+def _slice_source(value: ir.Value, what: str) -> ir.Operation:
+    op = defining_op(value)
+    if op is None or op.name != "tensor.extract_slice":
+        raise CompileError(f"flash: the {what} operand is not a slice of the caller's tensor")
+    return op
 
 
-# --------------------------------------------------------------------------- building
+def _slice_offset(slice_op: ir.Operation, dim: int):
+    """The slice's offset along `dim`: an int if static, else the index value."""
+    static = list(ir.DenseI64ArrayAttr(slice_op.attributes["static_offsets"]))
+    dynamic = iter(slice_op.opview.offsets)
+    offsets = [next(dynamic) if s == ir.ShapedType.get_dynamic_size() else s for s in static]
+    return offsets[dim]
 
 
-def _full(shape, value: float) -> ir.Value:
-    return linalg.fill(arith.constant(f32(), value), outs=[tensor.empty(list(shape), f32())])
+def _slice_size(slice_op: ir.Operation, dim: int):
+    """The slice's size along `dim`: an int if static, else the index value."""
+    static = list(ir.DenseI64ArrayAttr(slice_op.attributes["static_sizes"]))
+    dynamic = iter(slice_op.opview.sizes)
+    sizes = [next(dynamic) if s == ir.ShapedType.get_dynamic_size() else s for s in static]
+    return sizes[dim]
 
 
-def _slice(source: ir.Value, dim: int, offset: ir.Value, size: int) -> ir.Value:
-    t = ir.RankedTensorType(source.type)
-    shape = list(t.shape)
-    shape[dim] = size
-    offsets = [0] * t.rank
-    offsets[dim] = _DYNAMIC
-    return tensor.extract_slice(ir.RankedTensorType.get(shape, t.element_type), source,
-                                [offset], [], [], offsets, shape, [1] * t.rank)
+@dataclass
+class _KeyRange:
+    """One scf.for over key tiles: [start, end) by `tile` keys."""
+
+    start: ir.Value
+    end: ir.Value
+    tile: int
+    in_bounds: bool      # every tile lies below S
+    key_bound: bool      # tiles may hold keys >= S (mask them)
 
 
-def _convert(value: ir.Value, element: ir.Type, tag: str) -> ir.Value:
-    """Elementwise float conversion of a tensor (extf or truncf), as a tagged generic."""
-    t = ir.RankedTensorType(value.type)
-    if t.element_type == element:
-        return value
-    widen = ir.FloatType(element).width > ir.FloatType(t.element_type).width
-    ident = affine_map(t.rank, range(t.rank))
-    return linalg_generic([value], [tensor.empty(t.shape, element)], [ident, ident], ["parallel"] * t.rank,
-                          lambda a, _: (arith.extf if widen else arith.truncf)(element, a), tag)
+# --------------------------------------------------------------------------- the work-group
 
 
-def _online_step(pv, x, v, m, l, acc, pv_in_f32: bool):
-    """One flash step over a tile x (.., R, n) of scores and v (.., n, Ev) of values."""
-    shape = ir.RankedTensorType(x.type).shape
-    rows = shape[:-1]
-    r = len(shape)
-    full, row = affine_map(r, range(r)), affine_map(r, range(r - 1))
-    vec = affine_map(r - 1, range(r - 1))
-    par_x, red_x = ["parallel"] * r, ["parallel"] * (r - 1) + ["reduction"]
-    par_row = ["parallel"] * (r - 1)
+class _WorkGroup:
+    """One tiled work-group loop and the vector IR that replaces its body."""
 
-    tile_max = linalg_generic([x], [_full(rows, _NEG_INF)], [full, row], red_x,
-                              lambda a, b: arith.maximumf(a, b), "tile_max")
-    new_max = linalg_generic([m, tile_max], [m], [vec] * 3, par_row,
-                             lambda a, b, _: arith.maximumf(a, b), "running_max")
+    def __init__(self, loop: ir.Operation, spec: AttentionSpec, options: ScheduleOptions):
+        self.loop, self.spec, self.options = loop, spec, options
+        view = loop.opview
+        self.body = view.body
+        self.ivs = dict(zip("bhgpr", view.induction_variables))
+        self.out_arg = view.inner_iter_args[0]
+        self.terminator = self.body.operations[len(self.body.operations) - 1].operation
+        inserts = list(self.terminator.regions[0].blocks[0].operations)
+        if len(inserts) != 1:
+            raise CompileError("flash: the work-group loop must insert exactly one result")
+        self.insert = inserts[0].operation
+        pvs = [op for op in walk(loop, lambda o: tag_of(o) == "pv")]
+        if len(pvs) != 1:
+            raise CompileError(f"flash: expected one P.V contraction (tag 'pv'), found {len(pvs)}")
+        self.pv = pvs[0]
+        self.qk, self.score_ops = _score_ops(_softmax_scores(self.pv))
+        self.q = self.qk.operands[0]
+        q_slice = _slice_source(self.q, "Q")
+        k_transpose = defining_op(self.qk.operands[1])
+        if k_transpose is None or tag_of(k_transpose) != "k_transpose":
+            raise CompileError("flash: the K^T operand of QK^T is not the payload's transpose")
+        self.k = k_transpose.operands[0]
+        self.k_full = _slice_source(self.k, "K").operands[0]
+        self.v = self.pv.operands[1]
+        _slice_source(self.v, "V")
+        self.row0 = _slice_offset(q_slice, 3)         # first query row of the work-group
+        self.rows_valid = _slice_size(q_slice, 3)     # min(row_tile, L - row0)
+        self.packed = options.pack_gqa
+        self.groups = spec.group if self.packed else 1
+        self.R = options.row_tile
+        self.rows = self.groups * self.R
+        self.T = options.kv_tile
+        self.e, self.ev = spec.head_dim, spec.v_head_dim
+        self.et = ir.RankedTensorType(self.q.type).element_type
+        for op in self.score_ops:
+            if tag_of(op) in INDEX_MASK_TAGS and any(tag_of(o) not in INDEX_MASK_TAGS
+                                                     for o in self.score_ops[self.score_ops.index(op):]):
+                raise CompileError("flash: index masks (causal) must come last in the score chain")
 
-    def exp_base(a, _):
-        # Rows with no visible key so far keep max -inf; shift them by 0 so
-        # that exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
-        empty = arith.cmpf(arith.CmpFPredicate.OEQ, a, arith.constant(f32(), _NEG_INF))
-        return arith.select(empty, arith.constant(f32(), 0.0), a)
+    # ------------------------------------------------------------------ build
 
-    base = linalg_generic([new_max], [tensor.empty(rows, f32())], [vec] * 2, par_row, exp_base, "exp_base")
-    alpha = linalg_generic([m, base], [tensor.empty(rows, f32())], [vec] * 3, par_row,
-                           lambda a, b, _: mmath.exp(arith.subf(a, b)), "rescale")
-    probs = linalg_generic([x, base], [tensor.empty(shape, f32())], [full, row, full], par_x,
-                           lambda a, b, _: mmath.exp(arith.subf(a, b)), "probs")
-    tile_sum = linalg_generic([probs], [_full(rows, 0.0)], [full, row], red_x,
-                              lambda a, b: arith.addf(a, b), "tile_sum")
-    new_sum = linalg_generic([l, alpha, tile_sum], [l], [vec] * 4, par_row,
-                             lambda a, b, c, _: arith.addf(arith.mulf(a, b), c), "running_sum")
-    ra = ir.RankedTensorType(acc.type).rank
-    scaled = linalg_generic([acc, alpha], [acc],
-                            [affine_map(ra, range(ra)), affine_map(ra, range(ra - 1)), affine_map(ra, range(ra))],
-                            ["parallel"] * ra, lambda a, b, _: arith.mulf(a, b), "acc_rescale")
-    v_type = ir.RankedTensorType(v.type).element_type
-    if pv_in_f32:
-        v = _convert(v, f32(), "v_upcast")
-    else:
-        probs = _convert(probs, v_type, "p_downcast")
-    # The payload's P.V contraction (same maps and tag) on this tile's operands.
-    maps = [ir.AffineMapAttr(a).value for a in ir.ArrayAttr(pv.attributes["indexing_maps"])]
-    new_acc = linalg.contract(probs, v, outs=[scaled], indexing_maps=maps)
-    new_acc.owner.attributes[TAG] = pv.attributes[TAG]
-    return new_max, new_sum, new_acc
+    def build(self) -> None:
+        kt = None
+        if self.options.k_layout == "materialized":
+            with ir.InsertionPoint(self.loop), self.loop.location:
+                kt = self._materialize_k_transpose()
+        self.kt = kt
+        with ir.InsertionPoint(self.terminator), self.loop.location:
+            self.row0, self.rows_valid = _value(self.row0), _value(self.rows_valid)
+            self.S = tensor.dim(self.k, const_index(2))
+            self.q_tile = self._q_tile()
+            m, l, acc = self._online_softmax()
+            if self.options.kv_splits == 1:
+                self.insert.operands[0] = self._write_output(self._normalized(acc, l))
+                return
+        self._split(m, l, acc)
 
+    # ------------------------------------------------------------------ tiles
 
-def _normalize(acc, total, dest):
-    ra = ir.RankedTensorType(acc.type).rank
+    def _row_dims(self, dim_g: int, dim_l: int) -> List[Tuple[int, int, bool]]:
+        """Vector dims of a row-indexed read: (g if packed, l), rows past L out of bounds."""
+        dims = [(dim_g, self.groups, True)] if self.packed else []
+        return dims + [(dim_l, self.R, False)]
 
-    def body(a, s, _):
-        zero = arith.constant(f32(), 0.0)
-        return arith.select(arith.cmpf(arith.CmpFPredicate.OEQ, s, zero), zero, arith.divf(a, s))
+    def _q_tile(self) -> ir.Value:
+        zero = arith.constant(self.et, 0.0)
+        tile = read_tile(self.q, self._row_dims(2, 3) + [(4, self.e, True)], {}, zero)
+        return flatten_rows(tile) if self.packed else tile
 
-    return linalg_generic([acc, total], [dest],
-                          [affine_map(ra, range(ra)), affine_map(ra, range(ra - 1)), affine_map(ra, range(ra))],
-                          ["parallel"] * ra, body, "normalize")
+    def _k_operand(self, j: ir.Value, r: _KeyRange) -> Tuple[ir.Value, bool]:
+        """The K side of QK^T for keys [j, j + tile): (vector, True if laid out (n, k))."""
+        zero = arith.constant(self.et, 0.0)
+        if self.kt is not None:  # (E x T) tiles of the materialized K^T
+            offsets = {0: self.ivs["b"], 1: self.ivs["h"], 3: j}
+            return read_tile(self.kt, [(2, self.e, True), (3, r.tile, True)], offsets, zero), False
+        tile = read_tile(self.k, [(2, r.tile, r.in_bounds), (3, self.e, True)], {2: j}, zero)
+        if self.options.k_layout == "explicit":
+            return vector.transpose(vector_type([self.e, r.tile], self.et), tile, [1, 0]), False
+        return tile, True
 
+    def _operand_tile(self, generic: ir.Operation, index: int, j: ir.Value, r: _KeyRange) -> ir.Value:
+        """Operand `index` of a score op (a mask) as a (rows x tile) vector, broadcast where it is."""
+        value = generic.operands[index]
+        amap = ir.AffineMapAttr(ir.ArrayAttr(generic.attributes["indexing_maps"])[index]).value
+        loop_dims = [ir.AffineDimExpr(e).position for e in amap.results]
+        sizes = {_G: (self.groups, True), _L: (self.R, False), _S: (r.tile, r.in_bounds)}
+        wanted = [_G, _L, _S] if self.packed else [_L, _S]
+        dims, offsets, present = [], {}, []
+        for d in wanted:
+            if d in loop_dims:
+                dims.append((loop_dims.index(d), *sizes[d]))
+            present.append(d in loop_dims)
+        if _S in loop_dims:
+            offsets[loop_dims.index(_S)] = j
+        if not dims:  # varies along none of the tile's dims: read its one element
+            dims = [(len(loop_dims) - 1, 1, True)]
+        element = ir.RankedTensorType(value.type).element_type
+        padding = arith.constant(element, 0 if isinstance(element, ir.IntegerType) else 0.0)
+        tile = read_tile(value, dims, offsets, padding)
+        full = ([self.groups] if self.packed else []) + [self.R, r.tile]
+        tile = expand_to(tile, present, full)
+        return flatten_rows(tile) if self.packed else tile
 
-def _rewrite_work_group(pv, kv_tile: int, pv_in_f32: bool, group: str) -> List[str]:
-    scores, softmax_ops = _softmax_parts(pv)
-    block = pv.block
-    score_shape = ir.RankedTensorType(scores.type).shape
-    kv_len, rows = score_shape[-1], score_shape[:-1]
-    tile = min(kv_tile, kv_len)
-    full_end, tail = (kv_len // tile) * tile, kv_len % tile
-    chain = _score_chain(scores, block)
-    qk = [op for op in chain if tag_of(op) == "qk"]
-    if len(qk) != 1:
-        raise CompileError(f"flash: expected one QK^T contraction in the score chain, found {len(qk)}")
-    causal = any(tag_of(op) == "causal" for op in chain)
-    values = pv.operands[1]
-    out_type = ir.RankedTensorType(pv.results[0].type)
+    def _index_vectors(self, j: ir.Value, tile: int):
+        """linalg.index d of a score op inside the tile, as (rows x tile) i32 vectors."""
+        cache: Dict[int, ir.Value] = {}
 
-    with ir.InsertionPoint(pv), pv.location:
-        carried = [_full(rows, _NEG_INF), _full(rows, 0.0), _full(out_type.shape, 0.0)]
-        if causal:
-            # Rows [r0, r0 + R) see keys [0, r0 + R): stop after the tile holding key r0 + R - 1.
-            visible_end = arith.addi(_row_offset(qk[0]), const_index(rows[-1]))
-            whole_tiles = arith.muli(arith.ceildivui(visible_end, const_index(tile)), const_index(tile))
-            main_end = arith.minui(whole_tiles, const_index(full_end))
-            needs_tail = arith.cmpi(arith.CmpIPredicate.ugt, visible_end, const_index(full_end))
-            tail_end = arith.select(needs_tail, const_index(kv_len), const_index(full_end))
-        else:
-            main_end, tail_end = const_index(full_end), const_index(kv_len)
-        loops = []
-        for start, end, size in ((const_index(0), main_end, tile), (const_index(full_end), tail_end, tail)):
-            if size == 0:
-                continue
-            loop = scf.ForOp(start, end, const_index(tile), carried)
+        def rows_of(per_row: ir.Value) -> ir.Value:
+            return broadcast_rows(per_row, tile)
+
+        def make(d: int) -> ir.Value:
+            if d in cache:
+                return cache[d]
+            if d == _S:
+                keys = arith.addi(iota_i32(tile), vector.broadcast(vector_type([tile], i32()), to_i32(j)))
+                value = vector.broadcast(vector_type([self.rows, tile], i32()), keys)
+            elif d == _L:
+                rows = iota_i32(self.R)
+                if self.packed:
+                    rows = flatten_rows(expand_to(rows, [False, True], [self.groups, self.R]))
+                value = rows_of(rows)
+            elif d == _G and self.packed:
+                groups = expand_to(iota_i32(self.groups), [True, False], [self.groups, self.R])
+                value = rows_of(flatten_rows(groups))
+            else:  # b, h, and g of an unpacked work-group: one value per tile
+                value = splat([self.rows, tile], i32(), 0)
+            cache[d] = value
+            return value
+        return make
+
+    # ------------------------------------------------------------------ the key loop
+
+    def _key_ranges(self) -> List[_KeyRange]:
+        """The loops over key tiles of this work-group (run-time bounds)."""
+        T, S = self.T, self.S
+        tiles = arith.ceildivui(S, const_index(T))
+        end = arith.muli(tiles, const_index(T))
+        visible = None
+        if self.spec.causal:
+            # Valid rows [row0, row0 + rows_valid) see keys [0, row0 + rows_valid).
+            visible = arith.minui(arith.addi(self.row0, self.rows_valid), S)
+        if self.options.tail == "peel":
+            full_end = arith.muli(arith.divui(S, const_index(T)), const_index(T))
+            main_end, rest_end = full_end, S
+            if visible is not None:
+                whole = arith.muli(arith.ceildivui(visible, const_index(T)), const_index(T))
+                main_end, rest_end = arith.minui(whole, full_end), visible
+            return [_KeyRange(const_index(0), main_end, T, True, False),
+                    _KeyRange(full_end, rest_end, 1, True, False)]
+        if visible is not None:
+            tiles = arith.ceildivui(visible, const_index(T))
+            end = arith.muli(tiles, const_index(T))
+        start = const_index(0)
+        if self.options.kv_splits > 1:
+            share = arith.muli(arith.ceildivui(tiles, const_index(self.options.kv_splits)), const_index(T))
+            start = arith.minui(arith.muli(self.ivs["p"], share), end)
+            end = arith.minui(arith.addi(start, share), end)
+        return [_KeyRange(start, end, T, False, True)]
+
+    def _online_softmax(self):
+        rows = self.rows
+        carried = [splat([rows], f32(), _NEG_INF), splat([rows], f32(), 0.0),
+                   splat([rows, self.ev], f32(), 0.0)]
+        for r in self._key_ranges():
+            loop = scf.ForOp(r.start, r.end, const_index(r.tile), carried)
+            loop.operation.attributes["attn.flash_loop"] = ir.UnitAttr.get()
             with ir.InsertionPoint(loop.body):
-                j = loop.induction_variable
-                step = _online_step(pv, _slice(scores, len(rows), j, size),
-                                    _slice(values, 2, j, size), *loop.inner_iter_args, pv_in_f32)
-                scf.YieldOp(list(step))
-            loops.append(loop)
+                scf.YieldOp(list(self._step(loop.induction_variable, r, *loop.inner_iter_args)))
             carried = list(loop.results)
-        out = _normalize(carried[2], carried[1], pv.operands[2])
+        return carried
 
-    pv.results[0].replace_all_uses_with(out)
-    pv.erase()
-    for op in softmax_ops:
-        init = defining_op(op.operands[-1])
-        op.erase()
-        if init is not None and init.name == "linalg.fill" and not list(init.results[0].uses):
-            init.erase()
-    return _mark_fusion_groups(loops, chain, scores, group)
+    def _scores(self, j: ir.Value, r: _KeyRange) -> ir.Value:
+        """QK^T of the tile and the score chain on it, in base-2 units."""
+        k, k_rows = self._k_operand(j, r)
+        maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
+                for dims in ([0, 2], [1, 2] if k_rows else [2, 1], [0, 1])]
+        s = _contract(self.q_tile, k, splat([self.rows, r.tile], f32(), 0.0), maps)
+        translator = BodyTranslator([self.rows, r.tile], self._index_vectors(j, r.tile))
+        fold_after = "mask" if self.spec.mask is not None and self.spec.mask.kind == "additive" else "scale"
+        plain = [op for op in self.score_ops if tag_of(op) not in INDEX_MASK_TAGS]
+        guarded = [op for op in self.score_ops if tag_of(op) in INDEX_MASK_TAGS]
+        for op in plain:
+            extra = [self._operand_tile(op, i, j, r) for i in range(1, len(op.operands) - 1)]
+            s = translator.translate(op, [s, *extra, None])
+            if tag_of(op) == fold_after:
+                s = _scaled(s, _LOG2E)
+        if not any(tag_of(op) == fold_after for op in plain):
+            raise CompileError(f"flash: no score op tagged {fold_after!r} to fold log2(e) into")
+        if guarded or r.key_bound:
+            s = self._guarded_masks(s, j, r, guarded, translator)
+        return s
+
+    def _guarded_masks(self, s, j, r: _KeyRange, guarded, translator) -> ir.Value:
+        """Index masks (keys >= S; causal) only on the tiles that need them."""
+        tile_end = arith.addi(j, const_index(r.tile))
+        conditions = []
+        if r.key_bound:
+            conditions.append(arith.cmpi(arith.CmpIPredicate.ugt, tile_end, self.S))
+        if guarded:  # the tile's last key lies past the work-group's first row
+            conditions.append(arith.cmpi(arith.CmpIPredicate.ugt, tile_end,
+                                         arith.addi(self.row0, const_index(1))))
+        needed = conditions[0]
+        for c in conditions[1:]:
+            needed = arith.ori(needed, c)
+        branch = scf.IfOp(needed, [s.type], has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+            masked = s
+            for op in guarded:
+                masked = translator.translate(op, [masked, None])
+            if r.key_bound:
+                keys = translator._index_vector(_S)
+                inside = arith.cmpi(arith.CmpIPredicate.slt, keys,
+                                    vector.broadcast(vector_type([self.rows, r.tile], i32()), to_i32(self.S)))
+                masked = arith.select(inside, masked, splat([self.rows, r.tile], f32(), _NEG_INF))
+            scf.YieldOp([masked])
+        with ir.InsertionPoint(branch.else_block):
+            scf.YieldOp([s])
+        return branch.results[0]
+
+    def _step(self, j, r: _KeyRange, m, l, acc):
+        """One online-softmax step over the key tile [j, j + r.tile)."""
+        rows, tile = self.rows, r.tile
+        s = self._scores(j, r)
+        tile_max = vector.multi_reduction(ir.Attribute.parse("#vector.kind<maximumf>"), s,
+                                          splat([rows], f32(), _NEG_INF), [1])
+        new_max = arith.maximumf(m, tile_max)
+        base = _exp_base(new_max)
+        alpha = mmath.exp2(arith.subf(m, base))
+        p = mmath.exp2(arith.subf(s, broadcast_rows(base, tile)))
+        tile_sum = vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), p,
+                                          splat([rows], f32(), 0.0), [1])
+        new_sum = arith.addf(arith.mulf(l, alpha), tile_sum)
+        v = read_tile(self.v, [(2, tile, r.in_bounds), (3, self.ev, True)], {2: j},
+                      arith.constant(self.et, 0.0))
+        if self.options.pv_in_f32 or self.et == f32():
+            v = _convert(v, f32())
+        else:
+            p = _convert(p, self.et)
+        scaled = arith.mulf(acc, broadcast_rows(alpha, self.ev))
+        maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
+                for dims in ([0, 2], [2, 1], [0, 1])]
+        new_acc = _contract(p, v, scaled, maps)
+        return new_max, new_sum, new_acc
+
+    # ------------------------------------------------------------------ results
+
+    def _normalized(self, acc: ir.Value, l: ir.Value) -> ir.Value:
+        """acc / l per row as one reciprocal per row; rows with no visible key give 0."""
+        return _normalize(acc, l, self.ev, self.et)
+
+    def _out_dims(self):
+        dims = [(2, True)] if self.packed else []
+        return dims + [(3, False), (4, True)]
+
+    def _write_output(self, out: ir.Value) -> ir.Value:
+        dests = [op for op in self.body.operations if op.operation.name == "tensor.extract_slice"
+                 and op.operation.operands[0] == self.out_arg]
+        if len(dests) != 1:
+            raise CompileError(f"flash: expected one slice of the output per work-group, found {len(dests)}")
+        if self.packed:
+            out = unflatten_rows(out, self.groups)
+        return write_tile(out, dests[0].results[0], self._out_dims(), {})
+
+    # ------------------------------------------------------------------ split keys
+
+    def _split(self, m, l, acc) -> None:
+        """Partials to workspaces; a combine loop merges them into the output."""
+        options, spec = self.options, self.spec
+        P, R, ev = options.kv_splits, self.R, self.ev
+        b_ub, h_ub, g_ub, _, r_ub = forall_upper_bounds(self.loop)
+        out_init = self.loop.opview.outputs[0]
+        with ir.InsertionPoint(self.loop), self.loop.location:
+            batch, heads = (tensor.dim(out_init, const_index(i)) for i in (0, 1))
+            padded_rows = arith.muli(_value(r_ub), const_index(R))
+            shape = [P, batch, heads, spec.group, padded_rows]
+            # alloc_tensor, not tensor.empty: three distinct buffers (CSE would merge empties)
+            workspaces = [_new_tensor(shape, f32()), _new_tensor(shape, f32()), _new_tensor(shape + [ev], f32())]
+        self.insert.erase()
+        loop = rebuild_forall(self.loop, forall_upper_bounds(self.loop), [0, 1, 2, 3, 4],
+                              [out_init] + workspaces, block_mapping(5))
+        ivs = dict(zip("bhgpr", loop.induction_variables))
+        row0 = self.row0  # moved with the body
+        terminator = loop.body.operations[len(loop.body.operations) - 1].operation
+        writes = []
+        with ir.InsertionPoint(terminator), loop.location:
+            g0 = const_index(0) if self.packed else ivs["g"]
+            for value, arg, has_ev in ((m, loop.inner_iter_args[1], False), (l, loop.inner_iter_args[2], False),
+                                       (acc, loop.inner_iter_args[3], True)):
+                offsets = [ivs["p"], ivs["b"], ivs["h"], g0, row0] + ([0] if has_ev else [])
+                sizes = [1, 1, 1, self.groups, R] + ([ev] if has_ev else [])
+                dest = slice_of(arg, offsets, sizes)
+                tile = unflatten_rows(value, self.groups) if self.packed else value
+                dims = [(3, True)] if self.packed else []
+                dims += [(4, True)] + ([(5, True)] if has_ev else [])
+                writes.append((write_tile(tile, dest, dims, {}), arg, offsets, sizes))
+        with ir.InsertionPoint(terminator.regions[0].blocks[0]):
+            for tile, arg, offsets, sizes in writes:
+                insert_in_parallel(tile, arg, offsets, sizes)
+        partials = list(loop.results)[1:]
+        with ir.InsertionPoint.after(loop), loop.location:
+            combine = self._combine(partials, out_init, [b_ub, h_ub, g_ub, r_ub])
+        loop.results[0].replace_all_uses_with(combine.results[0])
+
+    def _combine(self, partials, out_init, upper_bounds):
+        """forall (b, h, g, r): merge the P partials of each row tile, normalize, write."""
+        R, ev, P = self.R, self.ev, self.options.kv_splits
+        loop = scf.ForallOp([0] * 4, list(upper_bounds), [1] * 4, [out_init],
+                            mapping=block_mapping(4))
+        loop.attributes[COMBINE_LOOP] = ir.UnitAttr.get()
+        ivs = dict(zip("bhgr", loop.induction_variables))
+        out_arg = loop.inner_iter_args[0]
+        with ir.InsertionPoint(loop.body):
+            g0 = const_index(0) if self.packed else ivs["g"]
+            row0 = arith.muli(ivs["r"], const_index(R))
+            length = tensor.dim(out_arg, const_index(3))
+            valid = arith.minui(const_index(R), arith.subi(length, row0))
+            rows = self.rows
+            carried = [splat([rows], f32(), _NEG_INF), splat([rows], f32(), 0.0), splat([rows, ev], f32(), 0.0)]
+            merge = scf.ForOp(const_index(0), const_index(P), const_index(1), carried)
+            with ir.InsertionPoint(merge.body):
+                p = merge.induction_variable
+                zero = arith.constant(f32(), 0.0)
+
+                def part(ws, has_ev):
+                    dims = [(3, self.groups, True)] if self.packed else []
+                    dims += [(4, R, True)] + ([(5, ev, True)] if has_ev else [])
+                    offsets = {0: p, 1: ivs["b"], 2: ivs["h"], 3: g0, 4: row0}
+                    tile = read_tile(ws, dims, offsets, zero)
+                    return flatten_rows(tile) if self.packed else tile
+                m_p, l_p, acc_p = part(partials[0], False), part(partials[1], False), part(partials[2], True)
+                m, l, acc = merge.inner_iter_args
+                new_max = arith.maximumf(m, m_p)
+                base = _exp_base(new_max)
+                a, w = mmath.exp2(arith.subf(m, base)), mmath.exp2(arith.subf(m_p, base))
+                new_sum = arith.addf(arith.mulf(l, a), arith.mulf(l_p, w))
+                new_acc = arith.addf(arith.mulf(acc, broadcast_rows(a, ev)),
+                                     arith.mulf(acc_p, broadcast_rows(w, ev)))
+                scf.YieldOp([new_max, new_sum, new_acc])
+            out = _normalize(merge.results[2], merge.results[1], ev, self.et)
+            if self.packed:
+                out = unflatten_rows(out, self.groups)
+            offsets = [ivs["b"], ivs["h"], g0, row0, 0]
+            sizes = [1, 1, self.groups, valid, ev]
+            dest = slice_of(out_arg, offsets, sizes)
+            written = write_tile(out, dest, self._out_dims(), {})
+            in_parallel = scf.InParallelOp()
+            with ir.InsertionPoint(in_parallel.block):
+                insert_in_parallel(written, out_arg, offsets, sizes)
+        return loop
+
+    # ------------------------------------------------------------------ K^T workspace
+
+    def _materialize_k_transpose(self) -> ir.Value:
+        """forall (b, h, t): K tiles -> (E x T) tiles of a K^T workspace padded to whole tiles."""
+        k, T, e = self.k_full, self.T, self.e
+        te, ts = self.options.transpose_tile or (e, T)
+        B, H, S = (tensor.dim(k, const_index(i)) for i in range(3))
+        tiles = arith.ceildivui(S, const_index(T))
+        workspace = tensor.empty([B, H, e, arith.muli(tiles, const_index(T))], self.et)
+        loop = scf.ForallOp([0] * 3, [B, H, tiles], [1] * 3, [workspace], mapping=block_mapping(3))
+        loop.attributes[K_TRANSPOSE_LOOP] = ir.UnitAttr.get()
+        b, h, t = loop.induction_variables
+        out = loop.inner_iter_args[0]
+        with ir.InsertionPoint(loop.body):
+            s0 = arith.muli(t, const_index(T))
+            offsets, sizes = [b, h, 0, s0], [1, 1, e, T]
+            tile = slice_of(out, offsets, sizes)
+            zero = arith.constant(self.et, 0.0)
+            e_loop = scf.ForOp(const_index(0), const_index(e), const_index(te), [tile])
+            with ir.InsertionPoint(e_loop.body):
+                e0 = e_loop.induction_variable
+                s_loop = scf.ForOp(const_index(0), const_index(T), const_index(ts), list(e_loop.inner_iter_args))
+                with ir.InsertionPoint(s_loop.body):
+                    c0 = s_loop.induction_variable
+                    rows = read_tile(k, [(2, ts, False), (3, te, e % te == 0)],
+                                     {0: b, 1: h, 2: arith.addi(s0, c0), 3: e0}, zero)
+                    transposed = vector.transpose(vector_type([te, ts], self.et), rows, [1, 0])
+                    scf.YieldOp([write_tile(transposed, s_loop.inner_iter_args[0], [(2, e % te == 0), (3, True)],
+                                            {2: e0, 3: c0})])
+                scf.YieldOp(list(s_loop.results))
+            in_parallel = scf.InParallelOp()
+            with ir.InsertionPoint(in_parallel.block):
+                insert_in_parallel(e_loop.results[0], out, offsets, sizes)
+        return loop.results[0]
 
 
-def _mark_fusion_groups(loops, chain, scores, group: str) -> List[str]:
-    """Tag each loop and the chain it must receive; a later loop gets its own copy of the chain."""
-    names = []
-    for i, loop in enumerate(loops):
-        name = f"{group}_{i}"
-        ops = chain
-        if i > 0:
-            ops = _clone_before(chain, loop.operation)
-            own_scores = ops[chain.index(defining_op(scores))].results[0]
-            redirect_uses_inside(scores, own_scores, loop.operation)
-        for op in ops:
-            op.attributes["attn.fuse_group"] = ir.StringAttr.get(name)
-        loop.operation.attributes["attn.fuse_into"] = ir.StringAttr.get(name)
-        names.append(name)
-    return names
+# --------------------------------------------------------------------------- small pieces
 
 
-def _clone_before(chain: List[ir.Operation], anchor: ir.Operation) -> List[ir.Operation]:
-    clones = {}
-    for op in chain:
-        copy = op.clone(ip=ir.InsertionPoint(anchor))
-        for i, operand in enumerate(op.operands):
-            producer = defining_op(operand)
-            if producer in clones:
-                copy.operands[i] = clones[producer].results[list(producer.results).index(operand)]
-        clones[op] = copy.operation
-    return [clones[op] for op in chain]
+def _value(bound) -> ir.Value:
+    return const_index(bound) if isinstance(bound, int) else bound
 
 
-def _fuse_score_chains(module: ir.Module, groups: List[str]) -> None:
-    with TransformScript() as script:
-        root = script.root
-        for name in groups:
-            chain = match_attr(root, "attn.fuse_group", name)
-            loop = match_attr(root, "attn.fuse_into", name)
-            structured.FuseIntoContainingOp(any_op(), any_op(), chain, loop)
-        func = match_ops(root, ["func.func"])
-        # Slices of the payload's whole-row empty tensors (destinations of the
-        # fused fills) become tile-sized empties; the whole-row ones die.
-        with ir.InsertionPoint(transform.ApplyPatternsOp(func).patterns):
-            ttensor.ApplyFoldTensorEmptyPatternsOp()
-        apply_cleanup(func)
-    script.apply(module)
+def _new_tensor(shape, element: ir.Type) -> ir.Value:
+    """A fresh tensor (bufferization.alloc_tensor) of `shape` (ints and index values)."""
+    static = [d if isinstance(d, int) else ir.ShapedType.get_dynamic_size() for d in shape]
+    dynamic = [d for d in shape if not isinstance(d, int)]
+    return bufferization.alloc_tensor(ir.RankedTensorType.get(static, element), dynamic)
 
 
-#: tags of the ops whose results are score-shaped (.., rows, keys).
-SCORE_TAGS = ("qk_init", "qk", "scale", "mask", "causal", "tile_max", "probs", "tile_sum")
+def _contract(lhs, rhs, acc, maps) -> ir.Value:
+    iterators = ir.ArrayAttr.get([ir.Attribute.parse(f"#vector.iterator_type<{k}>")
+                                  for k in ("parallel", "parallel", "reduction")])
+    return vector.contract(acc.type, lhs, rhs, acc, ir.ArrayAttr.get([ir.AffineMapAttr.get(m) for m in maps]),
+                           iterators)
 
 
-def _check_no_full_rows(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> None:
-    """After the rewrite no op may produce a whole row of scores (unless S fits one tile)."""
-    if spec.kv_len <= options.kv_tile:
-        return
+def _convert(value: ir.Value, element: ir.Type) -> ir.Value:
+    vt = ir.VectorType(value.type)
+    if vt.element_type == element:
+        return value
+    target = vector_type(vt.shape, element)
+    widen = ir.FloatType(element).width > ir.FloatType(vt.element_type).width
+    return (arith.extf if widen else arith.truncf)(target, value)
 
-    def whole_rows(op) -> bool:
-        if not op.name.startswith("linalg."):
-            return False
-        if tag_of(op) is None and op.name == "linalg.generic":
-            return True  # a leftover of the decomposed softmax
-        return tag_of(op) in SCORE_TAGS and any(
-            ir.RankedTensorType(r.type).shape[-1] == spec.kv_len for r in op.results)
 
-    offenders = walk(module, whole_rows)
-    if offenders:
-        raise CompileError(f"flash: {len(offenders)} op(s) still produce whole score rows, e.g. "
-                           f"{offenders[0].name} tagged {tag_of(offenders[0])!r}")
+def _exp_base(row_max: ir.Value) -> ir.Value:
+    """Rows with no visible key so far keep max -inf; shift them by 0 so that
+    exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN."""
+    rows = ir.VectorType(row_max.type).shape
+    empty = arith.cmpf(arith.CmpFPredicate.OEQ, row_max, splat(rows, f32(), _NEG_INF))
+    return arith.select(empty, splat(rows, f32(), 0.0), row_max)
+
+
+def _normalize(acc: ir.Value, total: ir.Value, ev: int, element: ir.Type) -> ir.Value:
+    rows = ir.VectorType(total.type).shape
+    zero = splat(rows, f32(), 0.0)
+    inverse = arith.select(arith.cmpf(arith.CmpFPredicate.OEQ, total, zero), zero,
+                           arith.divf(splat(rows, f32(), 1.0), total))
+    return _convert(arith.mulf(acc, broadcast_rows(inverse, ev)), element)
+
+
+def _scaled(scores: ir.Value, factor: float) -> ir.Value:
+    """scores * factor; folded into the constant when `scores` is itself a product by a constant."""
+    op = defining_op(scores)
+    vt = ir.VectorType(scores.type)
+    if op is not None and op.name == "arith.mulf":
+        for i in (0, 1):
+            constant = _splat_constant(op.operands[i])
+            if constant is not None:
+                with ir.InsertionPoint(op), op.location:
+                    op.operands[i] = splat(vt.shape, vt.element_type, constant * factor)
+                return scores
+    return arith.mulf(scores, splat(vt.shape, vt.element_type, factor))
+
+
+def _splat_constant(value: ir.Value) -> Optional[float]:
+    """The float of a splat constant or of a broadcast of a scalar constant, else None."""
+    op = defining_op(value)
+    if op is not None and op.name == "vector.broadcast":
+        op = defining_op(op.operands[0])
+        if op is not None and op.name == "arith.constant":
+            return ir.FloatAttr(op.attributes["value"]).value
+        return None
+    if op is not None and op.name == "arith.constant":
+        attr = op.attributes["value"]
+        if isinstance(attr, ir.DenseElementsAttr) and attr.is_splat:
+            return ir.FloatAttr(attr.get_splat_value()).value
+    return None

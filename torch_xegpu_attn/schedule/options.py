@@ -2,34 +2,88 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Optional, Tuple
+
+#: how the QK^T contraction gets K (ScheduleOptions.k_layout).
+K_LAYOUTS = ("folded", "explicit", "materialized")
+#: how key tails are handled (ScheduleOptions.tail).
+TAIL_MODES = ("mask", "peel")
 
 
 @dataclass(frozen=True)
 class ScheduleOptions:
     """How the shared stages cut the problem; chosen per spec by the target.
 
-    row_tile        query rows per work-group (one scf.forall iteration).
+    row_tile        query rows (of L) per work-group and query head.  With
+                    `pack_gqa` a work-group holds G * row_tile rows.  Rows past
+                    L in the last row tile are padded: computed on zeros, never
+                    stored.
     kv_tile         keys per step of the flash loop.
-    fuse_k_transpose
-                    True: K^T is computed inside each work-group from K (a GPU
-                    reads K with transposed loads).  False: K^T is materialized
-                    once by its own parallel loop (a CPU wants unit-stride
-                    K^T rows for its broadcast-FMA micro-kernel).
-    transpose_tile  (e, s) tile of the materialized transpose's inner loops,
-                    or None to transpose a whole (e, s) slice at once.
+    k_layout        how the QK^T contraction reads K:
+                      "folded"        the K tile (kv_tile x E) as loaded; the
+                                      contraction is (m,k) x (n,k) (what
+                                      ldmatrix and dot products want);
+                      "explicit"      the K tile as loaded, then an explicit
+                                      vector.transpose to (E x kv_tile) and a
+                                      row-major contraction (what XeGPU's
+                                      vector-to-xegpu conversion takes);
+                      "materialized"  K^T is written once per key/value head
+                                      into a workspace by a loop of its own and
+                                      read as (E x kv_tile) tiles (a CPU wants
+                                      unit-stride K^T rows).
+    transpose_tile  (e, s) tile of the "materialized" transpose's inner loop.
     pv_in_f32       True: P.V multiplies in f32 (V tiles of f16/bf16 inputs are
                     extended); False: P is rounded to the input type first (what
                     f16/bf16 matrix engines take).  Accumulation is f32 either way.
+    tail            "mask": one loop over ceil(S / kv_tile) full tiles; the
+                    last reads past S as zeros and masks keys >= S to -inf.
+                    "peel": full tiles up to the last multiple of kv_tile, then
+                    the remaining keys one at a time (no masking code, but a
+                    one-key contraction).  Query rows are full tiles in both.
+    pack_gqa        the G query heads of one key/value head are one work-group's
+                    rows (K and V tiles are read once per group).
+    kv_splits       P > 1: the key range of each row tile is split over P
+                    work-groups, each keeping partial (max, sum, accumulator);
+                    a combine loop merges them (log-sum-exp merge).
     """
 
     row_tile: int
     kv_tile: int
-    fuse_k_transpose: bool = False
+    k_layout: str = "folded"
     transpose_tile: Optional[Tuple[int, int]] = None
     pv_in_f32: bool = True
+    tail: str = "mask"
+    pack_gqa: bool = False
+    kv_splits: int = 1
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
             raise ValueError(f"tile sizes must be positive: {self}")
+        if self.k_layout not in K_LAYOUTS:
+            raise ValueError(f"k_layout must be one of {K_LAYOUTS}, got {self.k_layout!r}")
+        if self.tail not in TAIL_MODES:
+            raise ValueError(f"tail must be one of {TAIL_MODES}, got {self.tail!r}")
+        if self.kv_splits < 1:
+            raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
+        if self.transpose_tile is not None:
+            te, ts = self.transpose_tile
+            if te < 1 or ts < 1 or self.kv_tile % ts:
+                raise ValueError(f"transpose_tile {self.transpose_tile} must be positive and its key "
+                                 f"extent must divide kv_tile {self.kv_tile}")
+
+    def to_json(self) -> str:
+        """Stable text form (part of the cache key)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def short_name(self) -> str:
+        parts = [f"r{self.row_tile}", f"kv{self.kv_tile}", self.k_layout, self.tail]
+        if self.pack_gqa:
+            parts.append("packed")
+        if self.kv_splits > 1:
+            parts.append(f"split{self.kv_splits}")
+        if not self.pv_in_f32:
+            parts.append("pv-lowp")
+        return "_".join(parts)

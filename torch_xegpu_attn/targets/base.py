@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from mlir import ir
 
+from .. import knobs
 from ..schedule.options import ScheduleOptions
-from ..spec import AttentionSpec
+from ..spec import TARGET_DEVICES, AttentionSpec, ProblemSize
 
 #: A stage maps IR to IR: fn(module, spec, options) -> module (usually the same object).
 Stage = Tuple[str, Callable[[ir.Module, AttentionSpec, ScheduleOptions], ir.Module]]
@@ -33,9 +35,26 @@ class Target(abc.ABC):
     #: file suffix of the binary in the disk cache.
     binary_suffix: str = ".bin"
 
+    def length_class(self, size: ProblemSize, group: int) -> str:
+        """The coarse length class of a problem (AttentionSpec.length_class): a target that
+        wants different tiles for short and long problems says so here; one class by default."""
+        return "any"
+
     @abc.abstractmethod
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         """Tile sizes and choices of the shared schedule for `spec` on this target."""
+
+    def options_for(self, spec: AttentionSpec) -> ScheduleOptions:
+        """The ScheduleOptions a kernel of `spec` is built with: the target's choice, with the
+        fields of XEGPU_ATTN_SCHEDULE (if set) overriding it."""
+        options = self.schedule_options(spec)
+        overrides = knobs.schedule_overrides()
+        if overrides:
+            unknown = set(overrides) - {f.name for f in dataclasses.fields(ScheduleOptions)}
+            if unknown:
+                raise ValueError(f"XEGPU_ATTN_SCHEDULE: unknown ScheduleOptions fields {sorted(unknown)}")
+            options = dataclasses.replace(options, **overrides)
+        return options
 
     @abc.abstractmethod
     def stages(self) -> Sequence[Stage]:
@@ -64,11 +83,10 @@ class Target(abc.ABC):
 
 _REGISTRY: Dict[str, Target] = {}
 
-#: targets designed but not implemented yet: torch device type -> target name.
-PLANNED = {"cuda": "nvvm", "xpu": "xegpu"}
-
 
 def register(target: Target) -> Target:
+    if TARGET_DEVICES.get(target.name) != target.device_type:
+        raise ValueError(f"target {target.name!r} for {target.device_type} tensors is not in spec.TARGET_DEVICES")
     _REGISTRY[target.name] = target
     return target
 
@@ -77,19 +95,19 @@ def get_target(name: str) -> Target:
     try:
         return _REGISTRY[name]
     except KeyError:
-        planned = [device for device, target in PLANNED.items() if target == name]
-        why = f"is not implemented yet ({planned[0]} tensors)" if planned else "does not exist"
+        if name in TARGET_DEVICES:
+            why = f"is not implemented yet ({TARGET_DEVICES[name]} tensors)"
+        else:
+            why = "does not exist"
         raise NotImplementedError(f"the {name!r} target {why}; available: {sorted(_REGISTRY)}") from None
 
 
 def target_for_device(device_type: str) -> str:
-    """Name of the target that serves tensors of `device_type`."""
-    for target in _REGISTRY.values():
-        if target.device_type == device_type:
-            return target.name
-    if device_type in PLANNED:
-        return PLANNED[device_type]
-    served = sorted({t.device_type for t in _REGISTRY.values()} | set(PLANNED))
+    """Name of the target that serves tensors of `device_type` (implemented or planned)."""
+    for name, device in TARGET_DEVICES.items():
+        if device == device_type:
+            return name
+    served = sorted(TARGET_DEVICES.values())
     raise NotImplementedError(f"xegpu::attention has no target for {device_type} tensors (devices: {served})")
 
 

@@ -19,13 +19,16 @@ from mlir.dialects import memref, scf
 
 from ...mlir_utils import CompileError, const_index, ops_named
 from ...schedule.options import ScheduleOptions
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, ProblemSize
 from ..base import KernelArtifact, Stage, Target, register
 from . import exp, grid, microkernel, toolchain
 
 #: rows per work-group; with 64-column chunks the micro-kernel keeps
 #: ROW_TILE * 64 / 16 = 16 accumulator registers (AVX-512 has 32).
 ROW_TILE = 4
+#: how key tails are handled: "mask" measured as fast as "peel" on every
+#: benchmark row and faster on tails (see the README), and it has no one-key loop.
+TAIL = "mask"
 #: keys per flash step, and the column chunk of the micro-kernel.
 KV_TILE = 64
 N_BLOCK = 64
@@ -68,7 +71,9 @@ def _copy_loops(source, target, shape, indices) -> None:
     if len(indices) == len(shape):
         memref.store(memref.load(source, indices), target, indices)
         return
-    loop = scf.ForOp(const_index(0), const_index(shape[len(indices)]), const_index(1))
+    d = len(indices)
+    size = memref.dim(source, const_index(d)) if shape[d] == ir.ShapedType.get_dynamic_size() else const_index(shape[d])
+    loop = scf.ForOp(const_index(0), size, const_index(1))
     with ir.InsertionPoint(loop.body):
         _copy_loops(source, target, shape, indices + [loop.induction_variable])
         scf.YieldOp([])
@@ -93,7 +98,7 @@ def lower_to_llvm(module: ir.Module, spec: AttentionSpec, options: ScheduleOptio
     """Stage cpu-llvm: the standard conversions down to the LLVM dialect."""
     left = ops_named(module, "memref.alloc")
     if left:
-        raise CompileError(f"cpu-llvm: {len(left)} heap allocation(s) left inside work-groups")
+        raise CompileError(f"cpu-llvm: {len(left)} heap allocation(s) left inside grids")
     copies_to_loops(module)
     passmanager.PassManager.parse(f"builtin.module({LLVM_PIPELINE})").run(module.operation)
     return module
@@ -104,13 +109,23 @@ class CpuTarget(Target):
     device_type = "cpu"
     binary_suffix = ".so"
 
+    def length_class(self, size: ProblemSize, group: int) -> str:
+        """"decode" (one query row: rows are the packed query heads of a key/value head),
+        "short" (at most READ_K_IN_PLACE_ROWS query rows per key/value head: K read in place)
+        or "long" (K^T materialized once per key/value head)."""
+        if size.q_len == 1:
+            return "decode"
+        return "short" if size.q_len * group <= READ_K_IN_PLACE_ROWS else "long"
+
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
-        return ScheduleOptions(
-            row_tile=ROW_TILE,
-            kv_tile=KV_TILE,
-            fuse_k_transpose=spec.q_len * spec.group <= READ_K_IN_PLACE_ROWS,
-            transpose_tile=(_largest_divisor(spec.head_dim, 16), _largest_divisor(spec.kv_len, 16)),
-        )
+        if spec.length_class == "decode":
+            return ScheduleOptions(row_tile=1, kv_tile=KV_TILE, pack_gqa=True, tail=TAIL)
+        if spec.length_class == "short":
+            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, tail=TAIL)
+        if spec.length_class == "long":
+            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized",
+                                   transpose_tile=(_largest_divisor(spec.head_dim, 16), 16), tail=TAIL)
+        raise ValueError(f"the cpu target has no length class {spec.length_class!r}")
 
     def stages(self) -> Sequence[Stage]:
         return (("cpu-grid", grid.outline_grids),
@@ -120,8 +135,8 @@ class CpuTarget(Target):
     def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions,
              keep_dir: str = "") -> KernelArtifact:
         metadata = grid.kernel_metadata(module)
-        metadata["operands"] = [{"name": name, "shape": list(shape), "dtype": dtype}
-                                for name, shape, dtype in spec.operands()]
+        metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
+                                for name, dims, dtype in spec.operands()]
         binary = toolchain.llvm_dialect_to_shared_library(str(module), keep_dir=keep_dir)
         return KernelArtifact(binary=binary, metadata=metadata)
 

@@ -60,10 +60,16 @@ def _matmul_form(contract) -> Optional[_Form]:
     return _Form(has_m=bool(m), has_n=bool(n), b_rows_along_k=bool(n) and rhs == n + [k])
 
 
-def _memory_source(value: ir.Value) -> Optional[Tuple[ir.Value, List[ir.Value]]]:
-    """(memref, indices of the first element) when `value` is an in-bounds read of memory.
+def _memory_source(value: ir.Value, allow_short_rows: bool = False
+                   ) -> Optional[Tuple[ir.Value, List[ir.Value], Optional[ir.Value]]]:
+    """(memref, indices of the first element, valid rows) when `value` is a read of memory.
 
-    An arith.extf on top is looked through: the micro-kernel extends per element.
+    The read must be in bounds, except, with `allow_short_rows`, along its
+    first (outermost) vector dim: a tile that may run past the end of the keys.
+    Then `valid rows` is how many of its rows lie inside the memref (the loop
+    over those rows stops there; the rest of the vector would be padding),
+    else None.  An arith.extf on top is looked through: the micro-kernel
+    extends per element.
     """
     op = defining_op(value)
     if op is not None and op.name == "arith.extf":
@@ -73,12 +79,20 @@ def _memory_source(value: ir.Value) -> Optional[Tuple[ir.Value, List[ir.Value]]]
         return None
     read = op.opview
     rank = ir.MemRefType(read.base.type).rank
-    minor_identity = ir.AffineMap.get_minor_identity(rank, ir.VectorType(value.type).rank)
+    vector_shape = ir.VectorType(value.type).shape
+    minor_identity = ir.AffineMap.get_minor_identity(rank, len(vector_shape))
     if ir.AffineMapAttr(read.permutation_map).value != minor_identity or read.mask is not None:
         return None
-    if not all(ir.BoolAttr(b).value for b in ir.ArrayAttr(read.in_bounds)):
+    in_bounds = [ir.BoolAttr(b).value for b in ir.ArrayAttr(read.in_bounds)]
+    if not all(in_bounds[1:]) or not (in_bounds[0] or allow_short_rows):
         return None
-    return read.base, list(read.indices)
+    indices = list(read.indices)
+    rows = None
+    if not in_bounds[0]:
+        d = rank - len(vector_shape)
+        left = arith.subi(memref.dim(read.base, const_index(d)), indices[d])
+        rows = arith.minsi(left, const_index(vector_shape[0]))
+    return read.base, indices, rows
 
 
 def _function_entry(op: ir.Operation) -> ir.Block:
@@ -87,17 +101,30 @@ def _function_entry(op: ir.Operation) -> ir.Block:
     return op.parent.regions[0].blocks[0]
 
 
-def _spill_to_stack(value: ir.Value, anchor: ir.Operation):
-    """Store a 1-D or 2-D vector (row by row) into a stack buffer allocated at function entry."""
+def _spill_to_stack(value: ir.Value, anchor: ir.Operation, at_definition: bool = True):
+    """Store a 1-D or 2-D vector (row by row) into a stack buffer allocated at function entry.
+
+    With `at_definition` the stores follow the value's definition, so a
+    loop-invariant operand (the Q tile) is stored once, before the loop, not at
+    every use; else (a buffer the caller then updates) right before `anchor`.
+    """
     vt = ir.VectorType(value.type)
     with ir.InsertionPoint.at_block_begin(_function_entry(anchor)):
         buffer = memref.alloca(ir.MemRefType.get(vt.shape, vt.element_type), [], [], alignment=64)
-    if vt.rank == 1:
-        vector.store(value, buffer, [const_index(0)])
+    producer = defining_op(value)
+    if not at_definition:
+        where = ir.InsertionPoint(anchor)
+    elif producer is not None:
+        where = ir.InsertionPoint.after(producer)
     else:
-        for r in range(vt.shape[0]):
-            vector.store(vector.extract(value, [], [r]), buffer, [const_index(r), const_index(0)])
-    return buffer, [const_index(0)] * vt.rank
+        where = ir.InsertionPoint.at_block_begin(value.owner)
+    with where:
+        if vt.rank == 1:
+            vector.store(value, buffer, [const_index(0)])
+        else:
+            for r in range(vt.shape[0]):
+                vector.store(vector.extract(value, [], [r]), buffer, [const_index(r), const_index(0)])
+    return buffer, [const_index(0)] * vt.rank, None
 
 
 def _at(indices: List[ir.Value], offsets) -> List[ir.Value]:
@@ -128,8 +155,11 @@ def lower_contraction(contract, n_block: int) -> bool:
     n_size = ir.VectorType(rhs.type).shape[-1] if form.has_n else 1
     acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
     with ir.InsertionPoint(contract), contract.location:
-        a_mem, a_idx = _memory_source(lhs) or _spill_to_stack(lhs, contract)
-        b_mem, b_idx = _memory_source(rhs) or _spill_to_stack(rhs, contract)
+        a_mem, a_idx, _ = _memory_source(lhs) or _spill_to_stack(lhs, contract)
+        # B's rows run along k: a tile past the end of the keys stops the k loop early
+        # (the missing keys would contribute zeros).
+        b_mem, b_idx, b_rows = _memory_source(rhs, allow_short_rows=True) or _spill_to_stack(rhs, contract)
+        k_end = b_rows if b_rows is not None else const_index(k_size)
         rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
         for n0 in range(0, n_size, n_block):
@@ -138,7 +168,7 @@ def lower_contraction(contract, n_block: int) -> bool:
             whole = width == n_size
             chunk = [rows[m] if whole else vector.extract_strided_slice(chunk_type, rows[m], [n0], [width], [1])
                      for m in range(m_size)]
-            loop = scf.ForOp(const_index(0), const_index(k_size), const_index(1), chunk)
+            loop = scf.ForOp(const_index(0), k_end, const_index(1), chunk)
             with ir.InsertionPoint(loop.body):
                 k = loop.induction_variable
                 if form.has_n:
@@ -184,13 +214,16 @@ def _lower_dot_products(contract, form: _Form) -> bool:
     acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
     chunks = [(c, min(_LANES, k_size - c)) for c in range(0, k_size, _LANES)]
     with ir.InsertionPoint(contract), contract.location:
-        a_mem, a_idx = _memory_source(lhs) or _spill_to_stack(lhs, contract)
-        b_mem, b_idx = _memory_source(rhs) or _spill_to_stack(rhs, contract)
-        sums, sums_idx = _spill_to_stack(acc if form.has_m else vector.shape_cast(
-            ir.VectorType.get([1, n_size], acc_type), acc), contract)
+        a_mem, a_idx, _ = _memory_source(lhs) or _spill_to_stack(lhs, contract)
+        # A K tile past the end of the keys: its scores past S keep the accumulator's value
+        # (the schedule masks those keys to -inf).
+        b_mem, b_idx, b_rows = _memory_source(rhs, allow_short_rows=True) or _spill_to_stack(rhs, contract)
+        n_end = b_rows if b_rows is not None else const_index(n_size)
+        sums, sums_idx, _ = _spill_to_stack(acc if form.has_m else vector.shape_cast(
+            ir.VectorType.get([1, n_size], acc_type), acc), contract, at_definition=False)
         a_type = ir.MemRefType(a_mem.type).element_type
         b_type = ir.MemRefType(b_mem.type).element_type
-        loop = scf.ForOp(const_index(0), const_index(n_size), const_index(1))
+        loop = scf.ForOp(const_index(0), n_end, const_index(1))
         with ir.InsertionPoint(loop.body):
             n = loop.induction_variable
             b = [_extended(vector.load(ir.VectorType.get([w], b_type), b_mem, _at(b_idx, [n, const_index(c)])),
