@@ -65,7 +65,8 @@ def describe(ir_text: str) -> WorkGroupIR:
         for op in walk(module, lambda op: op.name == "vector.contract"):
             report.contractions.append(tuple(_shape(v) for v in op.operands[:3]))
         for op in walk(module, lambda op: op.name == "vector.transfer_read"):
-            if _base_argument(op.operands[0]) == q_arg:
+            base = _base_argument(op.operands[0])
+            if base is not None and base == q_arg:
                 if any(is_inside(op, loop) for loop in fors):
                     report.q_reads_inside_loops += 1
                 else:

@@ -444,11 +444,11 @@ class _WorkGroup:
         loop = rebuild_forall(self.loop, forall_upper_bounds(self.loop), [0, 1, 2, 3, 4],
                               [out_init] + workspaces, block_mapping(5))
         ivs = dict(zip("bhgpr", loop.induction_variables))
-        row0 = self.row0  # moved with the body
         terminator = loop.body.operations[len(loop.body.operations) - 1].operation
         writes = []
         with ir.InsertionPoint(terminator), loop.location:
             g0 = const_index(0) if self.packed else ivs["g"]
+            row0 = arith.muli(ivs["r"], const_index(R))  # (values of the old loop may be its ivs)
             for value, arg, has_ev in ((m, loop.inner_iter_args[1], False), (l, loop.inner_iter_args[2], False),
                                        (acc, loop.inner_iter_args[3], True)):
                 offsets = [ivs["p"], ivs["b"], ivs["h"], g0, row0] + ([0] if has_ev else [])

@@ -1,0 +1,222 @@
+"""The shared stages driven with GPU-like ScheduleOptions, checked on the IR and through the cpu target.
+
+The cpu target's own options (row tile 4, kv tile 64, ...) are only one point
+of the space the shared stages must serve; a GPU target picks row tiles of
+64 or 128, explicit or folded K transposes, P.V on rounded probabilities,
+packed query heads, split keys.  For each option set of OPTION_SETS:
+
+  * structure (IR after "bufferized", see ir_structure.py): one work-group
+    loop, five dims, normalized, mapped as documented; the flash loops carry
+    exactly m, l (vector<rows>) and acc (vector<rows x Ev>); no contraction
+    has a shape other than the tile's (no odd-size tail tile in mask mode);
+    Q is read once, before the key loop; no allocation inside a work-group;
+  * numerics: the op, with XEGPU_ATTN_SCHEDULE set to the option set, runs
+    the kernel compiled with those options on the cpu target, against the
+    float64 reference (2x SDPA's error plus floor, outputs poisoned), on
+    problems with row and key tails, causal, masks and GQA.
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import check
+from ir_structure import describe
+from torch_xegpu_attn.compiler import CompilationStopped, compile_spec
+from torch_xegpu_attn.schedule.options import ScheduleOptions
+from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
+
+#: named option sets (fields of ScheduleOptions); the first few are what GPU targets pick.
+OPTION_SETS = {
+    "gpu-64x64-folded-lowp": dict(row_tile=64, kv_tile=64, k_layout="folded", pv_in_f32=False),
+    "gpu-128x64-explicit-lowp": dict(row_tile=128, kv_tile=64, k_layout="explicit", pv_in_f32=False),
+    "gpu-64x32-explicit-packed": dict(row_tile=16, kv_tile=32, k_layout="explicit", pack_gqa=True,
+                                      pv_in_f32=False),
+    "gpu-decode-split4-packed": dict(row_tile=1, kv_tile=32, pack_gqa=True, kv_splits=4, pv_in_f32=False),
+    "16x16-peel": dict(row_tile=16, kv_tile=16, tail="peel"),
+    "32x16-explicit-peel": dict(row_tile=32, kv_tile=16, k_layout="explicit", tail="peel"),
+    "8x16-materialized-peel": dict(row_tile=8, kv_tile=16, k_layout="materialized", transpose_tile=(8, 16),
+                                   tail="peel"),
+    "16x32-materialized": dict(row_tile=16, kv_tile=32, k_layout="materialized", transpose_tile=(16, 16)),
+    "8x16-split3": dict(row_tile=8, kv_tile=16, kv_splits=3),
+    "16x16-split2-explicit-packed": dict(row_tile=16, kv_tile=16, k_layout="explicit", kv_splits=2,
+                                         pack_gqa=True),
+}
+
+#: specs the structure is checked on (lengths are run-time: one kernel serves every shape).
+SPECS = {
+    "plain": AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16"),
+    "causal-gqa": AttentionSpec(group=4, head_dim=64, v_head_dim=32, dtype="bfloat16", causal=True),
+    "mask-gqa": AttentionSpec(group=2, head_dim=32, v_head_dim=32, dtype="float32",
+                              mask=MaskSpec("additive", ("b", "g", "l", "s"), "float32")),
+}
+
+
+def options(name: str) -> ScheduleOptions:
+    return ScheduleOptions(**OPTION_SETS[name])
+
+
+def bufferized_ir(spec: AttentionSpec, opts: ScheduleOptions) -> str:
+    with pytest.raises(CompilationStopped) as stopped:
+        compile_spec(spec, stop_after="bufferized", dump_dir="", options=opts)
+    return stopped.value.ir
+
+
+MAPPING = [f"#gpu.block<linear_dim_{i}>" for i in (4, 3, 2, 1, 0)]
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_structure(option_set, spec_name):
+    spec, opts = SPECS[spec_name], options(option_set)
+    ir = describe(bufferized_ir(spec, opts))
+    work_groups = [loop for loop in ir.loops if "attn.work_groups" in loop["attrs"]]
+    assert len(work_groups) == 1, ir.loops
+    (loop,) = work_groups
+    assert loop["rank"] == 5 and loop["normalized"] and loop["mapping"] == MAPPING
+    others = [loop for loop in ir.loops if "attn.work_groups" not in loop["attrs"]]
+    expected_others = (["attn.k_transpose"] if opts.k_layout == "materialized" else []) + \
+                      (["attn.combine"] if opts.kv_splits > 1 else [])
+    assert sorted(a for loop in others for a in loop["attrs"]) == sorted(expected_others)
+    assert all(loop["normalized"] and loop["mapping"] is not None for loop in others)
+
+    rows = opts.row_tile * (spec.group if opts.pack_gqa else 1)
+    ev, e = spec.v_head_dim, spec.head_dim
+    carried = [f"vector<{rows}xf32>", f"vector<{rows}xf32>", f"vector<{rows}x{ev}xf32>"]
+    assert ir.flash_loops == [carried] * (2 if opts.tail == "peel" else 1)
+
+    # QK^T: (rows x E) . K tile -> rows x tile; P.V: (rows x tile) . (tile x Ev).
+    tiles = {opts.kv_tile} | ({1} if opts.tail == "peel" else set())
+    allowed = set()
+    for t in tiles:
+        k = (e, t) if opts.k_layout in ("explicit", "materialized") else (t, e)
+        allowed |= {((rows, e), k, (rows, t)), ((rows, t), (t, ev), (rows, ev))}
+    assert ir.contractions and set(ir.contractions) <= allowed, ir.contractions
+    assert ir.q_reads_outside_loops == 1 and ir.q_reads_inside_loops == 0
+    assert ir.allocations_in_loops == 0
+    assert (ir.transposes_in_flash_loops > 0) == (opts.k_layout == "explicit")
+
+
+def test_mask_mode_has_no_odd_tile():
+    # The shapes the review found: L=S=100 at row tile 64 gave 64x36 and 36x36 tiles.
+    # With run-time lengths no shape is compiled in: mask mode has only full tiles.
+    ir = describe(bufferized_ir(SPECS["plain"], options("gpu-64x64-folded-lowp")))
+    assert set(ir.contractions) == {((64, 64), (64, 64), (64, 64))}
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="k_layout"):
+        ScheduleOptions(row_tile=4, kv_tile=16, k_layout="sideways")
+    with pytest.raises(ValueError, match="tail"):
+        ScheduleOptions(row_tile=4, kv_tile=16, tail="ignore")
+    with pytest.raises(ValueError, match="transpose_tile"):
+        ScheduleOptions(row_tile=4, kv_tile=16, transpose_tile=(8, 12))
+    with pytest.raises(Exception, match="split keys need tail='mask'"):
+        compile_spec(SPECS["plain"], stop_after="flash", dump_dir="",
+                     options=ScheduleOptions(row_tile=4, kv_tile=16, tail="peel", kv_splits=2))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+#: problems with row tails (L not a multiple of any row tile), key tails, L != S.
+def case_plain(dt):
+    return (rand(2, 3, 37, 64, dtype=dt), rand(2, 3, 100, 64, dtype=dt), rand(2, 3, 100, 64, dtype=dt)), {}
+
+
+def case_causal_gqa(dt):
+    return ((rand(1, 8, 70, 64, dtype=dt), rand(1, 2, 70, 64, dtype=dt), rand(1, 2, 70, 32, dtype=dt)),
+            dict(is_causal=True, enable_gqa=True))
+
+
+def case_mask_gqa(dt):
+    mask = torch.randn(2, 4, 19, 45).masked_fill(torch.rand(2, 4, 19, 45) > 0.7, float("-inf"))
+    mask[1, :, 3] = float("-inf")  # a fully masked row gives 0
+    return ((rand(2, 4, 19, 32, dtype=dt), rand(2, 2, 45, 32, dtype=dt), rand(2, 2, 45, 32, dtype=dt)),
+            dict(attn_mask=mask.to(dt), enable_gqa=True))
+
+
+def case_decode_gqa(dt):
+    return (rand(3, 8, 1, 64, dtype=dt), rand(3, 2, 77, 64, dtype=dt), rand(3, 2, 77, 64, dtype=dt)), \
+        dict(enable_gqa=True)
+
+
+CASES = {"plain": case_plain, "causal-gqa": case_causal_gqa, "mask-gqa": case_mask_gqa,
+         "decode-gqa": case_decode_gqa}
+
+#: (option set, case, dtype) run numerically: every option set meets tails; each feature
+#: meets the option sets that change how it is built.
+NUMERICS = [
+    ("gpu-64x64-folded-lowp", "plain", torch.float16),
+    ("gpu-64x64-folded-lowp", "causal-gqa", torch.bfloat16),
+    ("gpu-128x64-explicit-lowp", "causal-gqa", torch.float16),
+    ("gpu-64x32-explicit-packed", "mask-gqa", torch.float16),
+    ("gpu-64x32-explicit-packed", "causal-gqa", torch.float32),
+    ("gpu-decode-split4-packed", "decode-gqa", torch.bfloat16),
+    ("gpu-decode-split4-packed", "causal-gqa", torch.float32),
+    ("16x16-peel", "plain", torch.float32),
+    ("16x16-peel", "causal-gqa", torch.float32),
+    ("32x16-explicit-peel", "mask-gqa", torch.float32),
+    ("8x16-materialized-peel", "causal-gqa", torch.float16),
+    ("16x32-materialized", "plain", torch.bfloat16),
+    ("16x32-materialized", "mask-gqa", torch.float32),
+    ("8x16-split3", "plain", torch.float32),
+    ("8x16-split3", "causal-gqa", torch.float32),
+    ("16x16-split2-explicit-packed", "mask-gqa", torch.float32),
+    ("16x16-split2-explicit-packed", "decode-gqa", torch.float16),
+]
+
+
+@pytest.mark.parametrize("option_set,case,dtype", NUMERICS,
+                         ids=[f"{o}-{c}-{str(d)[6:]}" for o, c, d in NUMERICS])
+def test_numerics(option_set, case, dtype, monkeypatch, fresh_seed):
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(OPTION_SETS[option_set]))
+    (q, k, v), kw = CASES[case](dtype)
+    check(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 4, 7])
+@pytest.mark.parametrize("kv_len", [20, 100, 129])
+def test_split_keys_merge_exactly(splits, kv_len, monkeypatch, fresh_seed):
+    # P that does not divide the number of key tiles (7 at S=100, kv tile 16), and more
+    # splits than tiles (S=20: 2 tiles, some splits empty); causal makes shares uneven.
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16, kv_splits=splits)))
+    check(rand(1, 2, 9, 32), rand(1, 2, kv_len, 32), rand(1, 2, kv_len, 32))
+    check(rand(1, 2, kv_len, 32), rand(1, 2, kv_len, 32), rand(1, 2, kv_len, 32), is_causal=True)
+
+
+def test_options_change_the_kernel(monkeypatch, fresh_seed):
+    # Same spec, other options: a new compilation, never the binary built with the first.
+    from torch_xegpu_attn import COUNTERS
+    q, k, v = rand(1, 2, 21, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16)
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16)))
+    check(q, k, v)
+    before = COUNTERS["compilations"]
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16, tail="peel")))
+    check(q, k, v)
+    assert COUNTERS["compilations"] == before + 1
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16)))
+    check(q, k, v)
+    assert COUNTERS["compilations"] == before + 1  # back to the first: its kernel again
+
+
+def test_bad_schedule_override(monkeypatch):
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tiles=8)))
+    with pytest.raises(ValueError, match="unknown ScheduleOptions fields"):
+        check(rand(1, 1, 5, 16), rand(1, 1, 5, 16), rand(1, 1, 5, 16))
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", "row_tile=8")
+    with pytest.raises(ValueError, match="JSON object"):
+        check(rand(1, 1, 5, 16), rand(1, 1, 5, 16), rand(1, 1, 5, 16))
+
+
+def test_spec_holds_no_lengths():
+    fields = set(AttentionSpec.__dataclass_fields__)
+    assert not fields & {"batch", "kv_heads", "q_len", "kv_len"}
+    spec = replace(SPECS["plain"], length_class="long")
+    assert spec.operand_dims()["q"] == ("B", "H", 1, "L", 64)
