@@ -4,17 +4,27 @@ Reports, in one run:
   * compile time of a new spec (disk cache off, fresh spec), per stage;
   * cost of a cache hit: the op's host overhead on a tiny problem, and a disk
     hit in this process (memory cache cleared);
-  * time of both on the problems of issue 2 (and a bf16 and two decode-like
-    ones), interleaved, median of N runs.
+  * loops over lengths from a cold cache: a decode loop of 200 steps
+    (B=1, H=8, L=1, S = 100..299, E=64) and 50 random prompt lengths
+    (L = S in [1, 2048], causal, H=8, E=64): kernels compiled, compile seconds,
+    wall time of the loop;
+  * time of both on fixed problems (those of issue 2, a bf16 and two
+    decode-like ones, then problems with key and row tails), interleaved,
+    median of N runs.
 
-    python benchmarks/bench_cpu.py [--repeats 11] [--threads N] [--csv out.csv]
+    python benchmarks/bench_cpu.py [--repeats 11] [--threads N] [--csv out.csv] [--schedule JSON]
+
+--schedule overrides the cpu target's ScheduleOptions (XEGPU_ATTN_SCHEDULE),
+e.g. '{"tail": "peel"}' to time the other tail mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -38,6 +48,12 @@ PROBLEMS = [  # (B, Hq, Hkv, L, S, E), dtype, causal: the problems of issue 2, t
     ((2, 8, 8, 1024, 1024, 64), torch.bfloat16, True),
     ((1, 32, 32, 1, 4096, 128), torch.float32, False),
     ((1, 32, 8, 1, 4096, 128), torch.float32, False),
+]
+TAIL_PROBLEMS = [  # lengths that are not multiples of the tiles
+    ((2, 8, 8, 1000, 1000, 64), torch.float32, False),
+    ((2, 8, 8, 1000, 1000, 64), torch.float32, True),
+    ((1, 8, 8, 100, 100, 64), torch.float32, True),
+    ((1, 32, 8, 1, 4000, 128), torch.float32, False),
 ]
 
 
@@ -70,10 +86,54 @@ def bench_hits(repeats: int) -> None:
     print(f"disk cache hit (memory cleared, same process): {took:.2f} ms")
 
 
+class _CompileTimes(logging.Handler):
+    """Collects the compile seconds the package logs."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds = []
+
+    def emit(self, record):
+        self.seconds.append(record.args[3])
+
+
+def _length_loop(name: str, calls) -> None:
+    times = _CompileTimes()
+    logger = logging.getLogger("torch_xegpu_attn")
+    logger.addHandler(times)
+    logger.setLevel(logging.INFO)
+    CACHE.clear_memory()
+    with tempfile.TemporaryDirectory(prefix="xegpu_attn_bench_loop_") as folder:
+        os.environ["XEGPU_ATTN_CACHE_DIR"] = folder
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        wall = time.perf_counter() - start
+    logger.removeHandler(times)
+    print(f"{name}: {len(calls)} calls, {len(times.seconds)} kernels compiled "
+          f"({', '.join(f'{t:.2f}' for t in times.seconds)} s), loop {wall:.2f} s")
+
+
+def bench_length_loops() -> None:
+    cache_dir = os.environ["XEGPU_ATTN_CACHE_DIR"]
+    k_cache, v_cache = torch.randn(1, 8, 299, 64), torch.randn(1, 8, 299, 64)
+    q = torch.randn(1, 8, 1, 64)
+    decode = [lambda s=s: torch_xegpu_attn.attention(q, k_cache[:, :, :s], v_cache[:, :, :s])
+              for s in range(100, 300)]
+    _length_loop("decode loop B=1 H=8 L=1 S=100..299 E=64", decode)
+    lengths = random.Random(0).choices(range(1, 2049), k=50)
+    prompts = []
+    for n in lengths:
+        x = torch.randn(1, 8, n, 64)
+        prompts.append(lambda x=x: torch_xegpu_attn.attention(x, x, x, is_causal=True))
+    _length_loop("50 prompts L=S random in [1, 2048] B=1 H=8 E=64 causal", prompts)
+    os.environ["XEGPU_ATTN_CACHE_DIR"] = cache_dir
+
+
 def bench_problems(repeats: int, rows: list) -> None:
     print(f"threads: {torch.get_num_threads()}, median of {repeats}")
     print(f"{'problem':<44} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>9} {'GFLOP/s':>8} {'max err vs SDPA':>15}")
-    for (b, hq, hkv, l, s, e), dtype, causal in PROBLEMS:
+    for (b, hq, hkv, l, s, e), dtype, causal in PROBLEMS + TAIL_PROBLEMS:
         q = torch.randn(b, hq, l, e, dtype=dtype)
         k, v = (torch.randn(b, hkv, s, e, dtype=dtype) for _ in range(2))
         gqa = hq != hkv
@@ -100,11 +160,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--csv", default="")
+    parser.add_argument("--schedule", default="", help="JSON: ScheduleOptions fields to override")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.schedule:
+        os.environ["XEGPU_ATTN_SCHEDULE"] = args.schedule
+        print(f"schedule overrides: {args.schedule}")
     bench_compile()
     bench_hits(args.repeats)
+    bench_length_loops()
     rows: list = []
     bench_problems(args.repeats, rows)
     if args.csv:

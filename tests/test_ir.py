@@ -358,3 +358,14 @@ def test_stop_after_unknown_stage():
     for name in stage_names("cpu"):
         assert name in str(raised.value)
     assert compiler.COUNTERS == before, "an invalid stop_after must fail before compiling"
+
+
+def test_only_documented_markers_reach_the_shared_ir():
+    # After the flash stage no op tag or fusion marker is left: only the loop markers
+    # targets rely on (attn.work_groups, attn.flash_loop, attn.k_transpose, attn.combine);
+    # the final IR has only the kernel's launch metadata.
+    import re
+    for spec in (SPEC, CAUSAL, MASKED, LONG, DECODE):
+        shared = set(re.findall(r"attn\.[a-z_]+", stage_ir(spec, "bufferized")))
+        assert shared <= {"attn.work_groups", "attn.flash_loop", "attn.k_transpose", "attn.combine"}, shared
+        assert set(re.findall(r"attn\.[a-z_]+", stage_ir(spec, "cpu-llvm"))) == {"attn.kernel"}

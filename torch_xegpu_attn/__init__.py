@@ -10,16 +10,24 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 
-from . import frontend, ops  # noqa: F401  (ops registers the op)
+from . import frontend, knobs, ops  # noqa: F401  (ops registers the op)
 from .cache import CACHE
 from .compiler import COUNTERS, CompilationStopped, CompileReport, compile_spec, stage_names
 from .spec import AttentionSpec, MaskSpec
 
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+if knobs.log_compilations():
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger(__name__).addHandler(_handler)
+    logging.getLogger(__name__).setLevel(logging.INFO)
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -10,6 +10,7 @@ the command line.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,10 @@ from .payload import build_attention_payload
 from .schedule import SHARED_STAGES, ScheduleOptions
 from .spec import AttentionSpec
 from .targets import KernelArtifact, get_target
+
+#: every compilation is logged here (INFO: spec, target, options, seconds per stage);
+#: silent unless the application configures logging or XEGPU_ATTN_LOG=1.
+LOGGER = logging.getLogger("torch_xegpu_attn")
 
 #: counts of expensive work, for tests and tools (a cache hit must not move them).
 COUNTERS: Dict[str, int] = {"compilations": 0, "payloads_built": 0}
@@ -100,6 +105,8 @@ def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after
         start = time.perf_counter()
         artifact = target.emit(module, spec, options, keep_dir=dump_dir or "")
         report.stage_seconds["binary"] = time.perf_counter() - start
+    LOGGER.info("compiled %s for %s (%s) in %.3f s: %s", spec.short_name(), spec.target, options.short_name(),
+                report.total, ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in report.stage_seconds.items()))
     return artifact
 
 

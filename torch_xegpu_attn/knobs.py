@@ -7,6 +7,8 @@ XEGPU_ATTN_DUMP_IR      directory: write the IR after every compiler stage there
 XEGPU_ATTN_STOP_AFTER   stage name: stop compiling after it (raises CompilationStopped)
 XEGPU_ATTN_POISON       "1": fill each output with NaN before the kernel runs, so that an
                         element the kernel fails to write shows (for tests; default "0")
+XEGPU_ATTN_LOG          "1": log every compilation (spec, options, seconds per stage) to stderr
+                        through the "torch_xegpu_attn" logger (default: silent)
 XEGPU_ATTN_SCHEDULE     JSON object: fields of ScheduleOptions that override the target's
                         choice for every spec, e.g. '{"row_tile": 16, "tail": "peel"}'
                         (tuning and tests; the options are part of the cache key)
@@ -66,3 +68,7 @@ def schedule_overrides() -> Dict:
     if isinstance(overrides.get("transpose_tile"), list):
         overrides["transpose_tile"] = tuple(overrides["transpose_tile"])
     return overrides
+
+
+def log_compilations() -> bool:
+    return os.environ.get("XEGPU_ATTN_LOG", "0").strip() in ("1", "true", "on", "yes")
