@@ -87,23 +87,23 @@ def test_structure(option_set, spec_name):
     carried = [f"vector<{rows}xf32>", f"vector<{rows}xf32>", f"vector<{rows}x{ev}xf32>"]
     assert ir.flash_loops == [carried] * (2 if opts.tail == "peel" else 1)
 
-    # QK^T: (rows x E) . K tile -> rows x tile; P.V: (rows x tile) . (tile x Ev).
-    tiles = {opts.kv_tile} | ({1} if opts.tail == "peel" else set())
-    allowed = set()
-    for t in tiles:
-        k = (e, t) if opts.k_layout in ("explicit", "materialized") else (t, e)
-        allowed |= {((rows, e), k, (rows, t)), ((rows, t), (t, ev), (rows, ev))}
-    assert ir.contractions and set(ir.contractions) <= allowed, ir.contractions
+    # QK^T: (rows x E) . K tile -> rows x tile; P.V: (rows x tile) . (tile x Ev).  Full tiles
+    # only, in both tail modes: no odd-size tail contraction.
+    t = opts.kv_tile
+    k = (e, t) if opts.k_layout in ("explicit", "materialized") else (t, e)
+    assert set(ir.contractions) == {((rows, e), k, (rows, t)), ((rows, t), (t, ev), (rows, ev))}, ir.contractions
     assert ir.q_reads_outside_loops == 1 and ir.q_reads_inside_loops == 0
     assert ir.allocations_in_loops == 0
     assert (ir.transposes_in_flash_loops > 0) == (opts.k_layout == "explicit")
 
 
-def test_mask_mode_has_no_odd_tile():
+def test_no_odd_tile():
     # The shapes the review found: L=S=100 at row tile 64 gave 64x36 and 36x36 tiles.
-    # With run-time lengths no shape is compiled in: mask mode has only full tiles.
-    ir = describe(bufferized_ir(SPECS["plain"], options("gpu-64x64-folded-lowp")))
-    assert set(ir.contractions) == {((64, 64), (64, 64), (64, 64))}
+    # With run-time lengths no shape is compiled in: only full tiles, in both tail modes.
+    for name in ("gpu-64x64-folded-lowp", "16x16-peel"):
+        ir = describe(bufferized_ir(SPECS["plain"], options(name)))
+        t = OPTION_SETS[name]["row_tile"]
+        assert {shape for c in ir.contractions for shape in c} <= {(t, 64), (t, t), (64, 64)}
 
 
 def test_options_are_validated():

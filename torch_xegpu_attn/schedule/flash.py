@@ -28,8 +28,9 @@ kv_tile keys per step:
     out rows < L written (transfer_write, rows past L not written)
 
 Tail modes (ScheduleOptions.tail): "mask" visits ceil(S / T) full tiles as
-above; "peel" visits the full tiles below the last multiple of T without any
-key check, then the remaining keys one at a time.  Causal problems stop at
+above; "peel" visits the tiles wholly below S in one loop whose reads are in
+bounds and that has no key check, then the tile holding key S - 1 (if S is
+not a multiple of T) in a second loop of at most one step, masked.  Causal problems stop at
 the last tile that holds a key visible to the work-group's last valid row, so
 tiles wholly above the diagonal are never visited; tiles wholly below it take
 the else branch.  Top-left alignment (row l sees keys <= l), as SDPA.
@@ -304,17 +305,15 @@ class _WorkGroup:
         if self.spec.causal:
             # Valid rows [row0, row0 + rows_valid) see keys [0, row0 + rows_valid).
             visible = arith.minui(arith.addi(self.row0, self.rows_valid), S)
-        if self.options.tail == "peel":
-            full_end = arith.muli(arith.divui(S, const_index(T)), const_index(T))
-            main_end, rest_end = full_end, S
-            if visible is not None:
-                whole = arith.muli(arith.ceildivui(visible, const_index(T)), const_index(T))
-                main_end, rest_end = arith.minui(whole, full_end), visible
-            return [_KeyRange(const_index(0), main_end, T, True, False),
-                    _KeyRange(full_end, rest_end, 1, True, False)]
         if visible is not None:
             tiles = arith.ceildivui(visible, const_index(T))
             end = arith.muli(tiles, const_index(T))
+        if self.options.tail == "peel":
+            # Tiles wholly below S (reads in bounds, no key check), then the tile holding
+            # S - 1 if S is not a multiple of T (a loop of at most one step).
+            full_end = arith.muli(arith.divui(S, const_index(T)), const_index(T))
+            return [_KeyRange(const_index(0), arith.minui(end, full_end), T, True, False),
+                    _KeyRange(full_end, end, T, False, True)]
         start = const_index(0)
         if self.options.kv_splits > 1:
             share = arith.muli(arith.ceildivui(tiles, const_index(self.options.kv_splits)), const_index(T))

@@ -40,9 +40,11 @@ class ScheduleOptions:
                     f16/bf16 matrix engines take).  Accumulation is f32 either way.
     tail            "mask": one loop over ceil(S / kv_tile) full tiles; the
                     last reads past S as zeros and masks keys >= S to -inf.
-                    "peel": full tiles up to the last multiple of kv_tile, then
-                    the remaining keys one at a time (no masking code, but a
-                    one-key contraction).  Query rows are full tiles in both.
+                    "peel": the tiles wholly below S in a loop with in-bounds
+                    reads and no key check, then the last, partial tile (if
+                    any) peeled into a second loop of at most one step, masked
+                    as in "mask".  Full tiles only in both; query rows are
+                    full tiles (rows past L padded) in both.
     pack_gqa        the G query heads of one key/value head are one work-group's
                     rows (K and V tiles are read once per group).
     kv_splits       P > 1: the key range of each row tile is split over P
