@@ -26,8 +26,8 @@ from . import exp, grid, microkernel, toolchain
 #: rows per work-group; with 64-column chunks the micro-kernel keeps
 #: ROW_TILE * 64 / 16 = 16 accumulator registers (AVX-512 has 32).
 ROW_TILE = 4
-#: how key tails are handled: "mask" measured as fast as "peel" on every
-#: benchmark row and faster on tails (see the README), and it has no one-key loop.
+#: how key tails are handled: "mask" and "peel" measured within noise of each
+#: other on every benchmark row, tails included (README); "mask" is one loop.
 TAIL = "mask"
 #: keys per flash step, and the column chunk of the micro-kernel.
 KV_TILE = 64
