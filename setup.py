@@ -13,7 +13,7 @@ setup(
     ext_modules=[
         CppExtension(
             name="torch_xegpu_attn._C",
-            sources=["csrc/cpu_launcher.cpp"],
+            sources=["csrc/cpu_launcher.cpp", "csrc/op.cpp"],
             # at::parallel_for is header code: without OpenMP here it runs serially.
             # The soname libgomp.so.1 resolves to the copy torch already loaded.
             extra_compile_args=["-O2", "-fopenmp"],

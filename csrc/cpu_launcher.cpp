@@ -1,45 +1,29 @@
-// Launch fast path of the cpu target.
+// Launch path of the cpu target: a loaded kernel library and its launches.
 //
-// A compiled kernel is a plan function and a list of grid functions (MLIR's C
-// interface: every memref is passed as a pointer to its descriptor
-// {allocated, aligned, offset, sizes[R], strides[R]}):
-//     void _mlir_ciface_attention_plan(Memref* q, ..., Memref* out, Memref* plan)
-//         writes plan = [task count of each grid..., dynamic sizes of each workspace...]
-//     void _mlir_ciface_attention_grid<i>(int64_t begin, int64_t end, Memref* q, ..., Memref* ws...)
-//         runs work-group tasks [begin, end)
-// `launch` checks and describes the tensors, calls the plan, carves the
+// `Kernel::run` checks and describes the tensors, calls the plan, carves the
 // workspaces out of the calling thread's arena, then runs the grids in order,
-// each split over torch's intra-op thread pool with at::parallel_for.  The GIL
-// is released while the kernel runs.
+// each split over torch's intra-op thread pool with at::parallel_for.  A
+// recorded call (op.cpp) keeps the descriptors and the plan of its sizes and
+// goes straight to `Kernel::execute`.
 
-#include <torch/extension.h>
+#include "kernel.h"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 
-#include <cstdint>
 #include <cstdlib>
 #include <memory>
-#include <vector>
+#include <optional>
+
+namespace xattn {
+
+std::atomic<int64_t> launches{0};
 
 namespace {
 
-using Word = void*;
+std::atomic<uint64_t> use_clock{0};
 
-// MLIR memref descriptor words of a strided view (sizes and strides in elements).
-std::vector<int64_t> describe(void* base, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
-  const size_t rank = sizes.size();
-  std::vector<int64_t> words(3 + 2 * rank);
-  words[0] = reinterpret_cast<int64_t>(base);  // allocated pointer (unused by the kernels)
-  words[1] = reinterpret_cast<int64_t>(base);  // aligned pointer: the first element
-  words[2] = 0;                                // offset, in elements
-  for (size_t d = 0; d < rank; ++d) {
-    words[3 + d] = sizes[d];
-    words[3 + rank + d] = strides[d];
-  }
-  return words;
-}
-
-std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& sizes) {
+std::vector<int64_t> row_major_strides(c10::IntArrayRef sizes) {
   std::vector<int64_t> strides(sizes.size(), 1);
   for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) strides[d] = strides[d + 1] * sizes[d + 1];
   return strides;
@@ -86,14 +70,14 @@ struct Arena {
   std::unique_ptr<void, Free> data;
   size_t bytes = 0;
 
-  void* reserve(size_t wanted) {
+  char* reserve(size_t wanted) {
     if (wanted > bytes) {
       const size_t rounded = (wanted + 63) / 64 * 64;
       data.reset(std::aligned_alloc(64, rounded));
       TORCH_CHECK(data, "torch_xegpu_attn: cannot allocate ", rounded, " bytes of workspace");
       bytes = rounded;
     }
-    return data.get();
+    return static_cast<char*>(data.get());
   }
 };
 thread_local Arena arena;
@@ -102,95 +86,162 @@ thread_local Arena arena;
 // the pool costs more than it saves on tiny problems).
 constexpr double kMinParallelFlops = 2e6;
 
-// Run one kernel on `tensors` (q, k, v, [mask], out in canonical shapes).
-//   fns              addresses of the grid functions, in launch order
-//   plan_fn, plan_length   the plan function and how many int64 it writes
-//   dims[j]          operand j's dims: >= 0 compiled in, < 0 a run-time extent
-//                    (-1 B, -2 H, -3 L, -4 S) that must agree across operands
-//   item_sizes[j]    operand j's element size
-//   ws_shapes[w]     workspace w's dims, -1 where the plan gives the size
-//   ws_item_sizes[w] its element size
-void launch(const std::vector<int64_t>& fns, int64_t plan_fn, int64_t plan_length,
-            const std::vector<at::Tensor>& tensors, const std::vector<std::vector<int64_t>>& dims,
-            const std::vector<int64_t>& item_sizes, const std::vector<std::vector<int64_t>>& ws_shapes,
-            const std::vector<int64_t>& ws_item_sizes) {
-  TORCH_CHECK(tensors.size() == dims.size() && tensors.size() == item_sizes.size(),
-              "torch_xegpu_attn: expected ", dims.size(), " operands, got ", tensors.size());
+uintptr_t symbol(void* handle, const std::string& name, const std::string& path) {
+  const std::string full = "_mlir_ciface_" + name;
+  void* address = dlsym(handle, full.c_str());
+  TORCH_CHECK(address != nullptr, "torch_xegpu_attn: ", path, " has no symbol ", full);
+  return reinterpret_cast<uintptr_t>(address);
+}
+
+}  // namespace
+
+void Descriptors::add(const void* base, c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  const size_t rank = sizes.size();
+  starts.push_back(words.size());
+  words.push_back(reinterpret_cast<int64_t>(base));  // allocated pointer (unused by the kernels)
+  words.push_back(reinterpret_cast<int64_t>(base));  // aligned pointer: the first element
+  words.push_back(0);                                // offset, in elements
+  words.insert(words.end(), sizes.begin(), sizes.end());
+  words.insert(words.end(), strides.begin(), strides.begin() + rank);
+}
+
+void Descriptors::add_contiguous(const void* base, c10::IntArrayRef sizes) {
+  add(base, sizes, row_major_strides(sizes));
+}
+
+std::vector<Word> Descriptors::arguments() {
+  std::vector<Word> args(starts.size());
+  for (size_t i = 0; i < starts.size(); ++i) args[i] = words.data() + starts[i];
+  return args;
+}
+
+Kernel::Kernel(const std::string& path, const std::vector<std::string>& grids, const std::string& plan,
+               int64_t plan_length, std::vector<std::vector<int64_t>> dims, std::vector<int64_t> item_sizes,
+               std::vector<std::vector<int64_t>> ws_shapes, std::vector<int64_t> ws_item_sizes)
+    : plan_length_(plan_length), dims_(std::move(dims)), item_sizes_(std::move(item_sizes)),
+      ws_shapes_(std::move(ws_shapes)), ws_item_sizes_(std::move(ws_item_sizes)) {
+  TORCH_CHECK(dims_.size() == item_sizes_.size() && ws_shapes_.size() == ws_item_sizes_.size(),
+              "torch_xegpu_attn: inconsistent kernel metadata");
+  handle_ = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  TORCH_CHECK(handle_ != nullptr, "torch_xegpu_attn: cannot load ", path, ": ", dlerror());
+  try {
+    for (const auto& name : grids) grids_.push_back(symbol(handle_, name, path));
+    plan_fn_ = symbol(handle_, plan, path);
+  } catch (...) {
+    dlclose(handle_);
+    throw;
+  }
+  touch();
+}
+
+Kernel::~Kernel() {
+  if (handle_ != nullptr) dlclose(handle_);
+}
+
+void Kernel::touch() { last_use_.store(++use_clock, std::memory_order_relaxed); }
+
+Descriptors Kernel::describe(const std::vector<at::Tensor>& tensors) const {
+  TORCH_CHECK(tensors.size() == dims_.size(), "torch_xegpu_attn: expected ", dims_.size(), " operands, got ",
+              tensors.size());
   int64_t symbols[4] = {-1, -1, -1, -1};
-  std::vector<std::vector<int64_t>> words;
-  words.reserve(tensors.size() + ws_shapes.size() + 1);
+  Descriptors d;
   for (size_t j = 0; j < tensors.size(); ++j) {
     const at::Tensor& t = tensors[j];
-    TORCH_CHECK(t.device().is_cpu(), "torch_xegpu_attn: operand ", j, " is not on the CPU");
-    TORCH_CHECK(t.dim() == static_cast<int64_t>(dims[j].size()), "torch_xegpu_attn: operand ", j, " has rank ",
-                t.dim(), ", the kernel takes ", dims[j].size());
-    for (size_t d = 0; d < dims[j].size(); ++d) {
-      const int64_t want = dims[j][d], have = t.size(d);
+    const auto& dims = dims_[j];
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == c10::kStrided, "torch_xegpu_attn: operand ", j,
+                " is not a dense CPU tensor");
+    TORCH_CHECK(t.dim() == static_cast<int64_t>(dims.size()), "torch_xegpu_attn: operand ", j, " has rank ",
+                t.dim(), ", the kernel takes ", dims.size());
+    for (size_t i = 0; i < dims.size(); ++i) {
+      const int64_t want = dims[i], have = t.size(i);
       if (want >= 0) {
-        TORCH_CHECK(have == want, "torch_xegpu_attn: operand ", j, " has size ", have, " at dim ", d,
+        TORCH_CHECK(have == want, "torch_xegpu_attn: operand ", j, " has size ", have, " at dim ", i,
                     ", the kernel was compiled for ", want);
       } else {
         int64_t& bound = symbols[-want - 1];
-        TORCH_CHECK(bound < 0 || bound == have, "torch_xegpu_attn: operand ", j, " has size ", have,
-                    " at dim ", d, ", other operands give ", bound);
+        TORCH_CHECK(bound < 0 || bound == have, "torch_xegpu_attn: operand ", j, " has size ", have, " at dim ",
+                    i, ", other operands give ", bound);
         bound = have;
       }
     }
-    TORCH_CHECK(t.element_size() == item_sizes[j], "torch_xegpu_attn: operand ", j, " has ",
-                t.element_size(), "-byte elements, the kernel was compiled for ", item_sizes[j]);
+    TORCH_CHECK(t.element_size() == item_sizes_[j], "torch_xegpu_attn: operand ", j, " has ", t.element_size(),
+                "-byte elements, the kernel was compiled for ", item_sizes_[j]);
     TORCH_CHECK(!t.is_neg() && !t.is_conj(), "torch_xegpu_attn: operand ", j, " is a lazily negated view");
-    TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1,
-                "torch_xegpu_attn: operand ", j, " must have a unit innermost stride");
-    words.push_back(describe(t.data_ptr(), t.sizes().vec(), t.strides().vec()));
+    TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1, "torch_xegpu_attn: operand ", j,
+                " must have a unit innermost stride");
+    d.add(t.data_ptr(), t.sizes(), t.strides());
   }
   for (int64_t s : symbols) TORCH_CHECK(s > 0, "torch_xegpu_attn: every run-time extent must be positive");
+  return d;
+}
 
-  std::vector<Word> args;
-  for (auto& w : words) args.push_back(w.data());
-  std::vector<int64_t> plan(plan_length);
-  auto plan_words = describe(plan.data(), {plan_length}, {1});
-  std::vector<Word> plan_args = args;
-  plan_args.push_back(plan_words.data());
-  call(static_cast<uintptr_t>(plan_fn), plan_args);
+LaunchPlan Kernel::plan(Descriptors& operands) const {
+  std::vector<int64_t> counts(plan_length_);
+  std::vector<Word> args = operands.arguments();
+  Descriptors plan_memref;
+  plan_memref.add_contiguous(counts.data(), {plan_length_});
+  args.push_back(plan_memref.words.data());
+  call(plan_fn_, args);
 
-  // Workspaces, back to back in the arena, 64-byte aligned.
-  size_t next = fns.size();
-  std::vector<std::vector<int64_t>> ws_sizes;
-  std::vector<size_t> ws_offsets;
-  size_t total = 0;
-  for (size_t w = 0; w < ws_shapes.size(); ++w) {
-    std::vector<int64_t> sizes = ws_shapes[w];
+  LaunchPlan p;
+  p.tasks.assign(counts.begin(), counts.begin() + grids_.size());
+  size_t next = grids_.size();
+  for (size_t w = 0; w < ws_shapes_.size(); ++w) {
+    std::vector<int64_t> sizes = ws_shapes_[w];
     int64_t elements = 1;
     for (auto& s : sizes) {
-      if (s < 0) s = plan.at(next++);
+      if (s < 0) s = counts.at(next++);
       elements *= s;
     }
-    ws_offsets.push_back(total);
-    total += (static_cast<size_t>(elements) * ws_item_sizes[w] + 63) / 64 * 64;
-    ws_sizes.push_back(std::move(sizes));
+    p.ws_offsets.push_back(p.ws_bytes);
+    p.ws_bytes += (static_cast<size_t>(elements) * ws_item_sizes_[w] + 63) / 64 * 64;
+    p.ws_sizes.push_back(std::move(sizes));
   }
-  TORCH_CHECK(next == static_cast<size_t>(plan_length), "torch_xegpu_attn: plan length mismatch");
-  char* base = static_cast<char*>(arena.reserve(total));
-  for (size_t w = 0; w < ws_shapes.size(); ++w) {
-    words.push_back(describe(base + ws_offsets[w], ws_sizes[w], contiguous_strides(ws_sizes[w])));
+  TORCH_CHECK(next == static_cast<size_t>(plan_length_), "torch_xegpu_attn: plan length mismatch");
+
+  // q (B, H, G, L, E) and v (B, H, S, Ev): the flops of both contractions decide the threading.
+  const int64_t* q = operands.words.data() + operands.starts[0] + 3;
+  const int64_t* k = operands.words.data() + operands.starts[1] + 3;
+  const int64_t* v = operands.words.data() + operands.starts[2] + 3;
+  const double flops = 2.0 * q[0] * q[1] * q[2] * q[3] * k[2] * (q[4] + v[3]);
+  p.parallel = flops / std::max(1, at::get_num_threads()) >= kMinParallelFlops;
+  return p;
+}
+
+void Kernel::add_workspaces(Descriptors& descriptors, const LaunchPlan& plan) const {
+  for (size_t w = 0; w < plan.ws_sizes.size(); ++w) {
+    descriptors.add_contiguous(nullptr, plan.ws_sizes[w]);
   }
-  args.clear();
-  for (auto& w : words) args.push_back(w.data());
+}
 
-  const at::Tensor& q = tensors[0];
-  const double flops = 2.0 * q.size(0) * q.size(1) * q.size(2) * q.size(3) * tensors[1].size(2) *
-                       (q.size(4) + tensors[2].size(3));
-  const bool parallel = flops / std::max(1, at::get_num_threads()) >= kMinParallelFlops;
-
-  py::gil_scoped_release no_gil;
-  for (size_t g = 0; g < fns.size(); ++g) {
-    const uintptr_t fn = static_cast<uintptr_t>(fns[g]);
-    const int64_t tasks = plan[g];
+void Kernel::execute(Descriptors& descriptors, size_t n_operands, const LaunchPlan& plan) const {
+  if (!plan.ws_sizes.empty()) {
+    char* base = arena.reserve(plan.ws_bytes);
+    for (size_t w = 0; w < plan.ws_sizes.size(); ++w) descriptors.set_base(n_operands + w, base + plan.ws_offsets[w]);
+  }
+  std::vector<Word> args = descriptors.arguments();
+  launches.fetch_add(1, std::memory_order_relaxed);
+  // Release the GIL (when this thread holds it) only for work worth other Python threads' while.
+  std::optional<py::gil_scoped_release> no_gil;
+  if (plan.parallel && PyGILState_Check()) no_gil.emplace();
+  for (size_t g = 0; g < grids_.size(); ++g) {
+    const uintptr_t fn = grids_[g];
+    const int64_t tasks = plan.tasks[g];
     if (tasks <= 0) continue;
-    at::parallel_for(0, tasks, parallel ? 1 : tasks, [&](int64_t begin, int64_t end) {
-      call(fn, args, begin, end);
-    });
+    if (!plan.parallel) {
+      call(fn, args, int64_t{0}, tasks);
+      continue;
+    }
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { call(fn, args, begin, end); });
   }
+}
+
+void Kernel::run(const std::vector<at::Tensor>& tensors) {
+  touch();
+  Descriptors d = describe(tensors);
+  LaunchPlan p = plan(d);
+  add_workspaces(d, p);
+  execute(d, tensors.size(), p);
 }
 
 void release_workspaces() {
@@ -198,12 +249,4 @@ void release_workspaces() {
   arena.bytes = 0;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "torch-xegpu-attn launch fast paths";
-  m.def("launch_cpu", &launch, "Run a cpu kernel's grids over torch's intra-op thread pool",
-        py::arg("fns"), py::arg("plan_fn"), py::arg("plan_length"), py::arg("tensors"), py::arg("dims"),
-        py::arg("item_sizes"), py::arg("ws_shapes"), py::arg("ws_item_sizes"));
-  m.def("release_workspaces", &release_workspaces, "Free the calling thread's workspace arena");
-}
+}  // namespace xattn

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_xegpu_attn
-from torch_xegpu_attn.cache import STATS
+from torch_xegpu_attn.cache import stats
 
 
 def rand(*shape, dtype=torch.float32, device="cpu"):
@@ -29,7 +29,7 @@ def rand(*shape, dtype=torch.float32, device="cpu"):
 def activity():
     """Everything that moves when the op compiles a kernel or fetches one from the cache."""
     return (torch_xegpu_attn.COUNTERS["compilations"], torch_xegpu_attn.COUNTERS["payloads_built"],
-            STATS["memory_hits"], STATS["disk_hits"])
+            stats()["memory_hits"], stats()["disk_hits"])
 
 
 def sdpa_error(*args, **kwargs):
@@ -191,7 +191,7 @@ def test_head_dim_zero():
 def test_a_valid_call_does_count():
     """Control for the `activity() == before` checks: a fresh valid problem moves the counters."""
     def lookups():  # exactly one of these moves per kernel fetch
-        return torch_xegpu_attn.COUNTERS["compilations"] + STATS["disk_hits"] + STATS["memory_hits"]
+        return torch_xegpu_attn.COUNTERS["compilations"] + stats()["disk_hits"] + stats()["memory_hits"]
 
     before, before_activity = lookups(), activity()
     q, k, v = rand(1, 1, 3, 8), rand(1, 1, 11, 8), rand(1, 1, 11, 8)

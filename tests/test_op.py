@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_xegpu_attn
-from torch_xegpu_attn.cache import STATS
+from torch_xegpu_attn.cache import stats
 
 OP = torch.ops.xegpu.attention
 
@@ -34,7 +34,7 @@ def rand(*shape, dtype=torch.float32, device="cpu"):
 
 def activity():
     return (torch_xegpu_attn.COUNTERS["compilations"], torch_xegpu_attn.COUNTERS["payloads_built"],
-            STATS["memory_hits"], STATS["disk_hits"])
+            stats()["memory_hits"], stats()["disk_hits"])
 
 
 # --------------------------------------------------------------------------------------------- opcheck

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import frontend, knobs, ops  # noqa: F401  (ops registers the op)
+from . import _C, frontend, knobs, ops  # noqa: F401  (_C defines the op, ops registers the rest)
 from .cache import CACHE
 from .compiler import COUNTERS, CompilationStopped, CompileReport, compile_spec, stage_names
 from .spec import AttentionSpec, MaskSpec
@@ -34,15 +34,20 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               enable_gqa=False):
     """Same signature and results as torch.nn.functional.scaled_dot_product_attention.
 
-    Calls torch.ops.xegpu.attention.  In plain eager inference (no input needs
-    a gradient, not tracing) it calls the op's kernel directly, skipping the
-    dispatcher's round trip through Python (the same kernel either way).
+    Calls torch.ops.xegpu.attention.  A call whose signature (shapes, strides,
+    dtypes, flags) was checked before is replayed in C++ straight away; in plain
+    eager inference (no input needs a gradient, not tracing) other calls run the
+    op's checked path directly, skipping the dispatcher's round trip (the same
+    kernel either way).
     """
+    if not torch.compiler.is_compiling():
+        out = _C.replay(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     if isinstance(scale, torch.Tensor) and scale.dim() == 0:
         scale = scale.item()  # SDPA's argument parser takes a 0-d tensor as a float too
     if _plain_eager(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        return ops.run_kernel(query, key, value, attn_mask, dropout_p, is_causal,
-                              scale=scale, enable_gqa=enable_gqa)
+        return ops.checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return torch.ops.xegpu.attention(query, key, value, attn_mask, dropout_p, is_causal,
                                      scale=scale, enable_gqa=enable_gqa)
 

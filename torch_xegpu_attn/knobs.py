@@ -3,6 +3,10 @@
 XEGPU_ATTN_CACHE_DIR    disk cache directory
                         (default: $XDG_CACHE_HOME/torch_xegpu_attn, else ~/.cache/torch_xegpu_attn)
 XEGPU_ATTN_DISK_CACHE   "0" to neither read nor write the disk cache (default "1")
+XEGPU_ATTN_CACHE_MAX_MB the disk cache's size bound in megabytes (default 512): after each write
+                        the least recently used entries are removed until it fits
+XEGPU_ATTN_MEMORY_CACHE the number of loaded kernels a process keeps (default 256; least recently
+                        used evicted)
 XEGPU_ATTN_DUMP_IR      directory: write the IR after every compiler stage there
 XEGPU_ATTN_STOP_AFTER   stage name: stop compiling after it (raises CompilationStopped)
 XEGPU_ATTN_POISON       "1": fill each output with NaN before the kernel runs, so that an
@@ -36,6 +40,34 @@ def disk_cache_enabled() -> bool:
     if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
         raise ValueError(f"XEGPU_ATTN_DISK_CACHE must be 0 or 1, got {value!r}")
     return value in ("1", "true", "on", "yes")
+
+
+#: defaults of the cache bounds: a cpu kernel is about 30-60 kB on disk, so 512 MB holds
+#: thousands of specs; 256 loaded kernels are a few MB of mapped code.
+DEFAULT_CACHE_MAX_MB = 512
+DEFAULT_MEMORY_CACHE = 256
+
+
+def _positive(name: str, default: float, kind=float) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if not number > 0:
+        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+    return number
+
+
+def cache_max_bytes() -> int:
+    """XEGPU_ATTN_CACHE_MAX_MB in bytes."""
+    return int(_positive("XEGPU_ATTN_CACHE_MAX_MB", DEFAULT_CACHE_MAX_MB) * 1024 * 1024)
+
+
+def memory_cache_entries() -> int:
+    return int(_positive("XEGPU_ATTN_MEMORY_CACHE", DEFAULT_MEMORY_CACHE, kind=int))
 
 
 def dump_ir_dir() -> Optional[str]:

@@ -3,37 +3,51 @@
     torch.ops.xegpu.attention(query, key, value, attn_mask=None, dropout_p=0.0,
                               is_causal=False, *, scale=None, enable_gqa=False)
 
-Kernels: one implementation for every device dispatch key, which checks the
-arguments, fetches (or compiles) the kernel of the problem's spec for the
-device's target and launches it; a fake (meta) kernel that runs the same
-checks and returns an empty output of the right shape, so torch.compile traces
-the op without a graph break; an autograd registration whose backward raises
-(the backward pass is not implemented).
+The schema, the CPU kernel and the autograd kernel are C++ (csrc/op.cpp,
+loaded with `_C`): the CPU kernel replays a call whose signature it has
+recorded, and otherwise calls `checked_call` here, which runs the frontend's
+checks, fetches (or compiles) the kernel of the problem's spec, launches it and
+records the call.  The autograd kernel lets calls that need no gradient through
+and gives the others a backward that raises (the backward pass is not
+implemented).  Registered here: a fake (meta) kernel that runs the same checks
+and returns an empty output of the right shape, so torch.compile traces the
+op without a graph break, and kernels for CUDA and XPU tensors, which raise
+NotImplementedError (their targets are planned).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import frontend
+from . import _C, frontend
 from .cache import CACHE
 
-SCHEMA = ("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
-          "float dropout_p=0.0, bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor")
-
-_LIBRARY = torch.library.Library("xegpu", "DEF")
-_LIBRARY.define(SCHEMA)
+_LIBRARY = torch.library.Library("xegpu", "FRAGMENT")
 
 
-def run_kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """One call through the frontend: checks, kernel from the cache, launch, and the
+    call recorded for replay when its operands are plain views of the inputs."""
     plan = frontend.plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if plan.result is not None:
+        _C.count_empty_result()
         return plan.result
-    CACHE.get(plan.spec)(plan.operands)
+    kernel = CACHE.get(plan.spec)
+    native = getattr(kernel, "native", None)  # the cpu target's C++ kernel
+    if native is not None:
+        _C.record(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, native,
+                  plan.operands, list(plan.out_shape))
+    kernel(plan.operands)
     return plan.output
 
 
-for _key in ("CPU", "CUDA", "XPU"):
+def run_kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    """The op's kernel with its schema's keyword arguments (devices without a C++ kernel)."""
+    return checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+_C.set_slow_path(checked_call)
+for _key in ("CUDA", "XPU"):
     _LIBRARY.impl("attention", run_kernel, _key)
 
 
@@ -46,15 +60,3 @@ def _fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
         batch, h, g = layout
         frontend.check_mask_shape(attn_mask, (*batch, h * g, query.size(-2), key.size(-2)))
     return query.new_empty(frontend.output_shape(query, key, value, enable_gqa, layout))
-
-
-def _setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
-    pass
-
-
-def _backward(ctx, grad):
-    raise NotImplementedError("xegpu::attention has no backward pass yet; use it for inference "
-                              "(torch.no_grad / torch.inference_mode) or detach its inputs")
-
-
-torch.library.register_autograd("xegpu::attention", _backward, setup_context=_setup_context)

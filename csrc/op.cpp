@@ -1,0 +1,348 @@
+// The op xegpu::attention in C++: its schema, its CPU and autograd kernels,
+// and the replay of recorded calls.
+//
+// A model calls attention with the same shapes, strides and flags over and
+// over.  The Python frontend checks the first call of such a signature (SDPA's
+// checks, the mapping to canonical views, the kernel from the cache) and,
+// when every canonical operand is a view of its input starting at the input's
+// first element, records it here: the kernel, the operands' descriptors
+// (sizes and strides), the plan's task counts and workspaces, the output's
+// shape.  A later call with the identical signature is replayed without
+// Python: a hash lookup, one output allocation, the input pointers patched
+// into the recorded descriptors, the grids.  This is sound because every check
+// and the whole mapping depend only on the signature (shapes, strides, dtypes,
+// devices and flags), and a descriptor needs only the first element's address
+// besides sizes and strides.  Calls that are not recorded go to the Python
+// frontend (`set_slow_path`), which runs every check: there is one
+// implementation of the checks.
+//
+// Two entry points replay: the op's CPU kernel (torch.ops.xegpu.attention,
+// through the dispatcher) and `replay` (torch_xegpu_attn.attention, straight
+// from Python, which returns None when the call is not recorded).  The
+// autograd kernel lets calls that need no gradient through and gives the rest
+// a backward that raises.
+
+#include "kernel.h"
+
+#include <ATen/core/grad_mode.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+
+namespace xattn {
+namespace {
+
+constexpr const char* kSchema =
+    "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
+    "bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor";
+
+// ----------------------------------------------------------------------------- signatures
+
+struct KeyHash {
+  size_t operator()(const std::vector<int64_t>& words) const {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the words
+    for (int64_t w : words) h = (h ^ static_cast<uint64_t>(w)) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+int64_t bits(double x) {
+  int64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+// Appends what the checks and the mapping read of `t`; false when `t` is not a
+// plain dense CPU tensor (such calls always take the checked path).
+bool encode(const at::Tensor& t, std::vector<int64_t>& key) {
+  if (!t.defined() || t.layout() != c10::kStrided || !t.device().is_cpu() || t.is_neg() || t.is_conj() ||
+      t.is_nested() || !t.has_storage()) {
+    return false;
+  }
+  const int64_t rank = t.dim();
+  key.push_back(static_cast<int64_t>(t.scalar_type()) | (rank << 8));
+  key.insert(key.end(), t.sizes().begin(), t.sizes().end());
+  key.insert(key.end(), t.strides().begin(), t.strides().end());
+  return true;
+}
+
+bool make_key(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
+              double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+              std::vector<int64_t>& key) {
+  key.reserve(64);
+  if (!encode(q, key) || !encode(k, key) || !encode(v, key)) return false;
+  key.push_back(mask != nullptr);
+  if (mask != nullptr && !encode(*mask, key)) return false;
+  key.push_back(bits(dropout_p));
+  key.push_back(int64_t{is_causal} | int64_t{enable_gqa} << 1 | int64_t{scale.has_value()} << 2);
+  key.push_back(scale ? bits(*scale) : 0);
+  return true;
+}
+
+// ----------------------------------------------------------------------------- knobs
+
+// The knobs a replay must honour (knobs.py reads the same variables; they may
+// change at run time, so they are read at each call: a getenv each).
+std::string env(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? std::string() : std::string(value);
+}
+
+bool poison_outputs() {
+  std::string value = env("XEGPU_ATTN_POISON");
+  value.erase(0, value.find_first_not_of(" \t\n"));
+  value.erase(value.find_last_not_of(" \t\n") + 1);
+  return value == "1" || value == "true" || value == "on" || value == "yes";
+}
+
+// ----------------------------------------------------------------------------- recipes
+
+struct Recipe {
+  std::shared_ptr<Kernel> kernel;
+  Descriptors descriptors;  // q, k, v, [mask], out, then workspaces: bases patched per call
+  LaunchPlan plan;
+  std::vector<int64_t> out_shape;  // the user-facing output, contiguous
+  std::string schedule;            // XEGPU_ATTN_SCHEDULE when recorded (it keys the memory cache)
+};
+
+constexpr size_t kMaxRecipes = 4096;
+std::mutex recipes_mutex;
+std::unordered_map<std::vector<int64_t>, std::shared_ptr<Recipe>, KeyHash> recipes;
+std::atomic<int64_t> replays{0};
+std::atomic<int64_t> empty_results{0};
+py::object* slow_path = nullptr;  // the Python frontend; never freed (lives until exit)
+
+std::optional<at::Tensor> replay(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor* mask, double dropout_p, bool is_causal,
+                                 std::optional<double> scale, bool enable_gqa) {
+  std::vector<int64_t> key;
+  if (!make_key(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, key)) return std::nullopt;
+  std::shared_ptr<Recipe> recipe;
+  {
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    auto found = recipes.find(key);
+    if (found == recipes.end()) return std::nullopt;
+    recipe = found->second;
+  }
+  // XEGPU_ATTN_DUMP_IR is honoured on cache hits by the Python path; a changed
+  // XEGPU_ATTN_SCHEDULE selects another kernel.
+  const char* dump = std::getenv("XEGPU_ATTN_DUMP_IR");
+  if ((dump != nullptr && *dump != '\0') || env("XEGPU_ATTN_SCHEDULE") != recipe->schedule) return std::nullopt;
+
+  at::Tensor out = at::detail::empty_cpu(recipe->out_shape, q.scalar_type());
+  if (poison_outputs()) out.fill_(std::nan(""));
+  Descriptors d = recipe->descriptors;
+  const at::Tensor* inputs[4] = {&q, &k, &v, mask};
+  const size_t n_operands = recipe->kernel->n_operands();
+  for (size_t i = 0; i + 1 < n_operands; ++i) d.set_base(i, inputs[i]->data_ptr());
+  d.set_base(n_operands - 1, out.data_ptr());
+  recipe->kernel->touch();
+  recipe->kernel->execute(d, n_operands, recipe->plan);
+  replays.fetch_add(1, std::memory_order_relaxed);
+  return out;
+}
+
+// Record a call the Python frontend checked and mapped: `operands` are its
+// canonical q, k, v, [mask], out.  Nothing is recorded unless each input
+// operand starts at its input's first element.
+bool record(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+            double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+            const std::shared_ptr<Kernel>& kernel, const std::vector<at::Tensor>& operands,
+            const std::vector<int64_t>& out_shape) {
+  const at::Tensor* mask_ptr = mask ? &*mask : nullptr;
+  std::vector<int64_t> key;
+  if (!make_key(q, k, v, mask_ptr, dropout_p, is_causal, scale, enable_gqa, key)) return false;
+  const at::Tensor* inputs[4] = {&q, &k, &v, mask_ptr};
+  const size_t n_inputs = mask ? 4 : 3;
+  TORCH_CHECK(operands.size() == n_inputs + 1 && kernel->n_operands() == operands.size(),
+              "torch_xegpu_attn: record() takes the canonical operands of the call");
+  for (size_t i = 0; i < n_inputs; ++i) {
+    if (operands[i].data_ptr() != inputs[i]->data_ptr()) return false;
+  }
+  const at::Tensor& out = operands.back();
+  int64_t elements = 1;
+  for (int64_t s : out_shape) elements *= s;
+  TORCH_CHECK(out.is_contiguous() && out.numel() == elements, "torch_xegpu_attn: the output must be contiguous");
+
+  auto recipe = std::make_shared<Recipe>();
+  recipe->kernel = kernel;
+  recipe->descriptors = kernel->describe(operands);
+  recipe->plan = kernel->plan(recipe->descriptors);
+  kernel->add_workspaces(recipe->descriptors, recipe->plan);
+  recipe->out_shape = out_shape;
+  recipe->schedule = env("XEGPU_ATTN_SCHEDULE");
+  std::lock_guard<std::mutex> lock(recipes_mutex);
+  if (recipes.size() >= kMaxRecipes) recipes.clear();  // bounded; recording again costs one checked call
+  recipes[std::move(key)] = std::move(recipe);
+  return true;
+}
+
+void forget_kernel(const std::shared_ptr<Kernel>& kernel) {
+  std::lock_guard<std::mutex> lock(recipes_mutex);
+  for (auto it = recipes.begin(); it != recipes.end();) {
+    it = it->second->kernel == kernel ? recipes.erase(it) : std::next(it);
+  }
+}
+
+void clear_recipes() {
+  std::lock_guard<std::mutex> lock(recipes_mutex);
+  recipes.clear();
+}
+
+// ----------------------------------------------------------------------------- the op's kernels
+
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const std::optional<at::Tensor>&, double, bool, std::optional<double>, bool)>
+attention_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("xegpu::attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, double, bool, std::optional<double>,
+                                         bool)>();
+  return op;
+}
+
+py::object none_or(const std::optional<at::Tensor>& t) { return t ? py::cast(*t) : py::none(); }
+py::object none_or(std::optional<double> x) { return x ? py::cast(*x) : py::none(); }
+
+// The CPU kernel: a replay, or the Python frontend (checks, cache, launch, record).
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                         std::optional<double> scale, bool enable_gqa) {
+  if (auto out = replay(q, k, v, mask ? &*mask : nullptr, dropout_p, is_causal, scale, enable_gqa)) return *out;
+  py::gil_scoped_acquire gil;
+  TORCH_CHECK(slow_path != nullptr, "torch_xegpu_attn: import torch_xegpu_attn to use xegpu::attention");
+  py::object out = (*slow_path)(q, k, v, none_or(mask), dropout_p, is_causal, none_or(scale), enable_gqa);
+  return out.cast<at::Tensor>();
+}
+
+class NoBackward : public torch::autograd::Function<NoBackward> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const std::optional<at::Tensor>& mask, double dropout_p,
+                            bool is_causal, std::optional<double> scale, bool enable_gqa) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attention_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "xegpu::attention has no backward pass yet; use it for inference "
+                                       "(torch.no_grad / torch.inference_mode) or detach its inputs");
+  }
+};
+
+// The autograd kernel: calls that need no gradient go straight below autograd.
+at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                              std::optional<double> scale, bool enable_gqa) {
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
+                           (mask && mask->defined() && mask->requires_grad()));
+  if (needs_grad) return NoBackward::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return attention_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
+}
+
+// ----------------------------------------------------------------------------- replay from Python
+
+// A Python number as a double (int or float, not bool); false otherwise.
+bool as_double(PyObject* x, double& out) {
+  if (PyFloat_CheckExact(x)) {
+    out = PyFloat_AS_DOUBLE(x);
+    return true;
+  }
+  if (PyLong_CheckExact(x)) {
+    out = PyLong_AsDouble(x);
+    if (out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+// The plain tensor behind `x` when it is exactly a torch.Tensor (or Parameter).
+const at::Tensor* plain_tensor(PyObject* x) { return THPVariable_CheckExact(x) ? &THPVariable_Unpack(x) : nullptr; }
+
+// torch_xegpu_attn.attention's fast path: the output of a recorded call, or
+// None (then the caller takes the checked path).  Plain tensors only, no
+// gradient to record, no dispatch mode active.
+py::object replay_py(py::handle q, py::handle k, py::handle v, py::handle mask, py::handle dropout_p,
+                     py::handle is_causal, py::handle scale, py::handle enable_gqa) {
+  const at::Tensor* tq = plain_tensor(q.ptr());
+  const at::Tensor* tk = plain_tensor(k.ptr());
+  const at::Tensor* tv = plain_tensor(v.ptr());
+  const at::Tensor* tm = mask.is_none() ? nullptr : plain_tensor(mask.ptr());
+  if (tq == nullptr || tk == nullptr || tv == nullptr || (tm == nullptr && !mask.is_none())) return py::none();
+  if (!PyBool_Check(is_causal.ptr()) || !PyBool_Check(enable_gqa.ptr())) return py::none();
+  double p = 0.0, s = 0.0;
+  if (!as_double(dropout_p.ptr(), p)) return py::none();
+  std::optional<double> scale_value;
+  if (!scale.is_none()) {
+    if (!as_double(scale.ptr(), s)) return py::none();
+    scale_value = s;
+  }
+  if (at::GradMode::is_enabled() &&
+      (tq->requires_grad() || tk->requires_grad() || tv->requires_grad() || (tm && tm->requires_grad()))) {
+    return py::none();
+  }
+  // A dispatch mode (or functionalization, vmap...) adds keys to the thread's defaults.
+  if (!(c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty()) return py::none();
+  auto out = replay(*tq, *tk, *tv, tm, p, is_causal.ptr() == Py_True, scale_value, enable_gqa.ptr() == Py_True);
+  if (!out) return py::none();
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(*out)));
+}
+
+}  // namespace
+}  // namespace xattn
+
+TORCH_LIBRARY(xegpu, m) {
+  m.set_python_module("torch_xegpu_attn.ops");
+  m.def(xattn::kSchema);
+}
+
+TORCH_LIBRARY_IMPL(xegpu, CPU, m) { m.impl("attention", &xattn::attention_cpu); }
+
+TORCH_LIBRARY_IMPL(xegpu, Autograd, m) { m.impl("attention", &xattn::attention_autograd); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace xattn;
+  m.doc() = "torch-xegpu-attn: the op's C++ kernels, the cpu launcher and the replay of recorded calls";
+  py::class_<Kernel, std::shared_ptr<Kernel>>(m, "Kernel")
+      .def(py::init<const std::string&, const std::vector<std::string>&, const std::string&, int64_t,
+                    std::vector<std::vector<int64_t>>, std::vector<int64_t>, std::vector<std::vector<int64_t>>,
+                    std::vector<int64_t>>(),
+           py::arg("path"), py::arg("grids"), py::arg("plan"), py::arg("plan_length"), py::arg("dims"),
+           py::arg("item_sizes"), py::arg("ws_shapes"), py::arg("ws_item_sizes"))
+      .def("run", &Kernel::run, "Run on q, k, v, [mask], out (canonical shapes; out is written)")
+      .def("last_use", &Kernel::last_use);
+  m.def("replay", &replay_py, "The output of a recorded call, or None");
+  m.def("record", &record, "Record a checked call for replay", py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("enable_gqa"),
+        py::arg("kernel"), py::arg("operands"), py::arg("out_shape"));
+  m.def("set_slow_path", [](py::object fn) { slow_path = new py::object(std::move(fn)); },
+        "The Python function the CPU kernel calls for calls it has not recorded");
+  m.def("forget_kernel", &forget_kernel, "Drop the recorded calls of a kernel");
+  m.def("clear_recipes", &clear_recipes, "Drop every recorded call");
+  m.def("count_empty_result", [] { empty_results.fetch_add(1, std::memory_order_relaxed); });
+  m.def("counters", [] {
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    py::dict d;
+    d["launches"] = launches.load();
+    d["replays"] = replays.load();
+    d["empty_results"] = empty_results.load();
+    d["recipes"] = recipes.size();
+    return d;
+  }, "Kernel launches (all paths), replays, calls answered without a kernel, recorded signatures");
+  m.def("release_workspaces", &release_workspaces, "Free the calling thread's workspace arena");
+}
