@@ -42,7 +42,7 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
     return torch.where(dead, torch.zeros_like(out), out)
 
 
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-12}
 
 
 def check(q, k, v, **kw):

@@ -5,8 +5,8 @@ what is wrong, must raise before anything is compiled or even looked up in the
 kernel cache, and, where torch.nn.functional.scaled_dot_product_attention
 (SDPA) also rejects the input, must raise an exception of SDPA's type (so a
 caller's `except` clause written for SDPA still works).  Inputs SDPA accepts
-but this package does not support (float64, dropout, head dim 0, attn_mask
-together with is_causal) raise TypeError / NotImplementedError / RuntimeError
+but this package does not support (dropout, head dim 0, attn_mask together
+with is_causal) raise TypeError / NotImplementedError / RuntimeError
 as documented in torch_xegpu_attn/frontend.py.
 
 Empty problems (batch 0, L = 0, Ev = 0, S = 0) are not errors: they return what
@@ -77,10 +77,12 @@ def test_dtype_mismatch(dtypes):
     check_rejected(RuntimeError, r"same dtype", q, k, v)
 
 
-def test_float64_unsupported():
-    # SDPA computes in float64; this package supports float32, float16 and bfloat16 only.
-    q, k, v = rand(*Q, dtype=torch.float64), rand(*KV, dtype=torch.float64), rand(*KV, dtype=torch.float64)
-    check_rejected(TypeError, r"float32, float16 and bfloat16.*float64", q, k, v)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.uint8])
+def test_other_dtypes_unsupported(dtype):
+    # SDPA's CPU backend takes float32, float64, float16 and bfloat16, and so does the op.
+    q, k, v = (torch.ones(s).to(dtype) for s in (Q, KV, KV))
+    check_rejected(Exception, r"float32, float16, bfloat16 and float64.*" + str(dtype)[6:], q, k, v,
+                   same_as_sdpa=False)
 
 
 def test_int32_unsupported():

@@ -3,7 +3,8 @@
 For every case: fresh random inputs, the kernel's max abs error against the
 float64 reference must be at most 2x the error of
 torch.nn.functional.scaled_dot_product_attention on the same inputs, plus a
-small absolute floor.  Outputs start as NaN (XEGPU_ATTN_POISON, see conftest),
+small absolute floor (1e-12 for float64, where every stage computes in f64).
+Outputs start as NaN (XEGPU_ATTN_POISON, see conftest),
 so an element the kernel does not write fails.
 """
 
@@ -14,7 +15,7 @@ import torch
 import torch_xegpu_attn
 from conftest import check
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
 
 
 def rand(*shape, dtype=torch.float32):
@@ -171,3 +172,26 @@ def test_inner_stride_not_one(fresh_seed):
 
 def test_broadcast_batch(fresh_seed):
     check(rand(2, 4, 20, 16), rand(1, 4, 30, 16), rand(1, 4, 30, 16))
+
+
+@pytest.mark.parametrize("mask", ["bool", "additive_f64", "additive_f32"])
+def test_float64_masks(mask, fresh_seed):
+    # float64 takes bool, float32 and float64 masks (as SDPA); scores stay in f64 throughout.
+    shape = (B, 1, L, S)
+    if mask == "bool":
+        m = torch.rand(shape) > 0.4
+    else:
+        m = torch.randn(shape, dtype=torch.float64 if mask == "additive_f64" else torch.float32)
+        m = m.masked_fill(torch.rand(shape) > 0.8, float("-inf"))
+    f64 = torch.float64
+    err, _ = check(rand(B, H, L, 64, dtype=f64), rand(B, H, S, 64, dtype=f64), rand(B, H, S, 64, dtype=f64),
+                   attn_mask=m)
+    # Absolute too: SDPA's own error is large with a float32 mask on float64 inputs (see the report).
+    assert err <= 1e-12
+
+
+@pytest.mark.parametrize("L,S,causal", [(1, 1000, False), (1, 77, False), (257, 257, True), (7, 300, False)])
+def test_float64_gqa_and_lengths(L, S, causal, fresh_seed):
+    f64 = torch.float64
+    check(rand(2, 8, L, 32, dtype=f64), rand(2, 2, S, 32, dtype=f64), rand(2, 2, S, 32, dtype=f64),
+          is_causal=causal, enable_gqa=True)

@@ -10,24 +10,29 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
+import warnings
 from contextlib import contextmanager
+from typing import List, Optional
 
 import torch
 
 from . import _C, frontend, knobs, ops  # noqa: F401  (_C defines the op, ops registers the rest)
-from .cache import CACHE
+from .cache import CACHE, stats
 from .compiler import COUNTERS, CompilationStopped, CompileReport, compile_spec, stage_names
 from .spec import AttentionSpec, MaskSpec
 
 __version__ = "0.1.0"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+_LOGGER = logging.getLogger(__name__)
+_LOGGER.addHandler(logging.NullHandler())
 if knobs.log_compilations():
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-    logging.getLogger(__name__).addHandler(_handler)
-    logging.getLogger(__name__).setLevel(logging.INFO)
+    _LOGGER.addHandler(_handler)
+    _LOGGER.setLevel(logging.INFO)
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -67,17 +72,94 @@ def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
     return True
 
 
+class SdpaSwap:
+    """What `replace_sdpa()` yields: how many calls the op served while the block ran (`calls`)
+    and how many MultiheadAttention calls it could not reach (`unreachable`, need_weights=True)."""
+
+    def __init__(self) -> None:
+        self._start = _calls_served()
+        self._end: Optional[int] = None
+        self.unreachable = 0
+
+    @property
+    def calls(self) -> int:
+        return (self._end if self._end is not None else _calls_served()) - self._start
+
+
+def _calls_served() -> int:
+    """Every call the op answered in this process (kernel launches, replays included, and
+    empty results)."""
+    counters = _C.counters()
+    return counters["launches"] + counters["empty_results"]
+
+
+def _direct_references(original) -> List[str]:
+    """Module globals bound to `original` (a name imported with `from torch.nn.functional import
+    scaled_dot_product_attention` before the block), which the swap cannot reach."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or name.startswith("torch._C") or name == "torch.nn.functional":
+            continue
+        found.extend(f"{name}.{attr}" for attr, value in list(namespace.items()) if value is original)
+    return found
+
+
+_UNREACHABLE = ("replace_sdpa() cannot reach: MultiheadAttention with need_weights=True (the default; it "
+                "computes the weights itself), a name bound by `from torch.nn.functional import "
+                "scaled_dot_product_attention` before the block, torch.ops.aten calls, and torch.compile'd "
+                "graphs traced before the block")
+
+
 @contextmanager
-def replace_sdpa():
-    """Within the block, torch.nn.functional.scaled_dot_product_attention is `attention`."""
+def replace_sdpa(warn_if_unused: bool = True):
+    """Within the block, torch.nn.functional.scaled_dot_product_attention is `attention`.
+
+    PyTorch's fast path of nn.MultiheadAttention and nn.TransformerEncoder(Layer)
+    (native kernels that never call SDPA, taken in eval mode under no_grad) is
+    disabled inside the block and restored after it, so those modules call the
+    op.  Yields an `SdpaSwap` whose `calls` counts the calls the op served.
+    What the swap cannot reach (_UNREACHABLE) is reported: a warning per block
+    for MultiheadAttention calls with need_weights=True, and, with
+    `warn_if_unused`, a warning at the end of a block in which the op served no
+    call, naming the modules that hold the original function.  The swap is
+    process-wide (not per thread).
+    """
     functional = torch.nn.functional
     original = functional.scaled_dot_product_attention
+    original_mha = functional.multi_head_attention_forward
+    mha_signature = inspect.signature(original_mha)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    swap = SdpaSwap()
+
+    def multi_head_attention_forward(*args, **kwargs):
+        if mha_signature.bind(*args, **kwargs).arguments.get("need_weights", True):
+            swap.unreachable += 1
+            if swap.unreachable == 1:
+                warnings.warn("replace_sdpa(): nn.MultiheadAttention was called with need_weights=True, which "
+                              "computes attention itself and never calls scaled_dot_product_attention; pass "
+                              "need_weights=False for xegpu::attention to serve it", stacklevel=2)
+        return original_mha(*args, **kwargs)
+
     functional.scaled_dot_product_attention = attention
+    functional.multi_head_attention_forward = multi_head_attention_forward
+    torch.backends.mha.set_fastpath_enabled(False)
+    completed = False
     try:
-        yield
+        yield swap
+        completed = True
     finally:
         functional.scaled_dot_product_attention = original
+        functional.multi_head_attention_forward = original_mha
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        swap._end = _calls_served()
+        _LOGGER.info("replace_sdpa(): xegpu::attention served %d calls in the block", swap.calls)
+        if completed and warn_if_unused and swap.calls == 0:
+            held = _direct_references(original)
+            where = f"; modules holding the original function: {', '.join(held)}" if held else ""
+            warnings.warn(f"replace_sdpa(): no call reached xegpu::attention in the block. {_UNREACHABLE}{where}",
+                          stacklevel=3)
 
 
-__all__ = ["attention", "replace_sdpa", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
-           "CompilationStopped", "CompileReport", "CACHE", "COUNTERS"]
+__all__ = ["attention", "replace_sdpa", "SdpaSwap", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
+           "CompilationStopped", "CompileReport", "CACHE", "COUNTERS", "stats"]

@@ -30,7 +30,8 @@ from . import knobs
 from .spec import DTYPES, AttentionSpec, MaskSpec, ProblemSize
 from .targets import get_target, target_for_device
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
 
 
 class UnsupportedDtypeError(TypeError, RuntimeError):
@@ -80,8 +81,8 @@ def check_tensors(query, key, value, attn_mask, is_causal) -> None:
         raise RuntimeError("Expected query, key, and value to have the same dtype, but got "
                            f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
     if query.dtype not in _DTYPE_NAMES:
-        raise UnsupportedDtypeError(f"xegpu::attention supports float32, float16 and bfloat16 tensors, "
-                                    f"got {query.dtype}")
+        raise UnsupportedDtypeError(f"xegpu::attention supports float32, float16, bfloat16 and float64 "
+                                    f"tensors, got {query.dtype}")
     if not (query.device == key.device == value.device):
         raise RuntimeError("Expected query, key, and value to have the same device type, but got "
                            f"query.device: {query.device} key.device: {key.device} and value.device: {value.device} instead.")

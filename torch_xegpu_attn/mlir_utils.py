@@ -26,6 +26,7 @@ class CompileError(RuntimeError):
 def element_type(name: str) -> ir.Type:
     """MLIR element type for a dtype name used in specs."""
     table = {
+        "float64": ir.F64Type.get,
         "float32": ir.F32Type.get,
         "float16": ir.F16Type.get,
         "bfloat16": ir.BF16Type.get,
@@ -36,6 +37,12 @@ def element_type(name: str) -> ir.Type:
 
 def f32() -> ir.Type:
     return ir.F32Type.get()
+
+
+def accumulator_type(dtype: str) -> ir.Type:
+    """The type scores, softmax statistics and accumulators are computed in: f64 for
+    float64 inputs (SDPA computes float64 in float64), f32 for every other dtype."""
+    return ir.F64Type.get() if dtype == "float64" else f32()
 
 
 def index() -> ir.Type:

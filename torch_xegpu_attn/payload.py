@@ -1,10 +1,13 @@
 """The payload: standard (unfused) attention for one spec, as linalg on tensors.
 
-    scores = Q . K^T                      linalg.transpose + linalg.contract, f32 accumulate
+    scores = Q . K^T                      linalg.transpose + linalg.contract, accumulated in A
     scores = scores * scale               linalg.generic
     scores = scores + mask  | causal      linalg.generic (bool mask: select -inf where False)
     P      = softmax(scores, dim = s)     linalg.softmax
-    out    = P . V                        linalg.contract, f32 accumulate (then truncf)
+    out    = P . V                        linalg.contract, accumulated in A (then truncf)
+
+A, the accumulator type, is f64 for float64 inputs and f32 for the others
+(mlir_utils.accumulator_type).
 
 Every op carries an ``attn.tag``; the op that produces the result also carries
 ``attn.root``.  The function takes the caller's buffers directly:
@@ -26,8 +29,8 @@ from typing import Dict
 from mlir import ir
 from mlir.dialects import arith, bufferization, func, linalg, tensor
 
-from .mlir_utils import (affine_map, contiguous_memref, element_type, f32, linalg_generic, set_tag,
-                         strided_memref)
+from .mlir_utils import (accumulator_type, affine_map, contiguous_memref, element_type, linalg_generic,
+                         set_tag, strided_memref)
 from .spec import MASK_DIMS, AttentionSpec
 
 FUNC_NAME = "attention"
@@ -85,17 +88,18 @@ def _empty(shape, symbols: Dict[str, ir.Value], et: ir.Type) -> ir.Value:
 
 def _attention(spec, q, k, v, mask, out):
     et = element_type(spec.dtype)
+    acc = accumulator_type(spec.dtype)
     g, e = spec.group, spec.head_dim
     sym = extents(q, k)
     score_shape = ["B", "H", g, "L", "S"]
-    zero = arith.constant(f32(), 0.0)
+    zero = arith.constant(acc, 0.0)
 
     # K^T: (b, h, s, e) -> (b, h, e, s)
     kt = linalg.transpose(k, outs=[_empty(["B", "H", e, "S"], sym, et)], permutation=[0, 1, 3, 2])
     set_tag(kt, "k_transpose")
 
-    # scores[b,h,g,l,s] = sum_e q[b,h,g,l,e] * kt[b,h,e,s], accumulated in f32
-    qk_init = linalg.fill(zero, outs=[_empty(score_shape, sym, f32())])
+    # scores[b,h,g,l,s] = sum_e q[b,h,g,l,e] * kt[b,h,e,s], accumulated in acc
+    qk_init = linalg.fill(zero, outs=[_empty(score_shape, sym, acc)])
     set_tag(qk_init.owner, "qk_init")
     scores = linalg.contract(q, kt.result, outs=[qk_init], indexing_maps=[
         affine_map(6, [_B, _H, _G, _L, _E]), affine_map(6, [_B, _H, _E, _S]),
@@ -103,19 +107,19 @@ def _attention(spec, q, k, v, mask, out):
     set_tag(scores.owner, "qk")
 
     scores = _elementwise(scores, [], score_shape, sym, "scale",
-                          lambda x: arith.mulf(x, arith.constant(f32(), spec.scale)))
+                          lambda x: arith.mulf(x, arith.constant(acc, spec.scale)))
     if spec.mask is not None:
         scores = _apply_mask(spec, scores, mask, score_shape, sym)
     if spec.causal:
         scores = _elementwise(scores, [], score_shape, sym, "causal", _causal_body)
 
-    probs = linalg.softmax([scores.type], scores, _empty(score_shape, sym, f32()), 4)
+    probs = linalg.softmax([scores.type], scores, _empty(score_shape, sym, acc), 4)
     set_tag(probs.owner, "softmax")
 
-    # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in f32
-    accumulate_in_out = et == f32()
+    # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in acc
+    accumulate_in_out = et == acc
     out_shape = ["B", "H", g, "L", spec.v_head_dim]
-    pv_init = linalg.fill(zero, outs=[out if accumulate_in_out else _empty(out_shape, sym, f32())])
+    pv_init = linalg.fill(zero, outs=[out if accumulate_in_out else _empty(out_shape, sym, acc)])
     set_tag(pv_init.owner, "pv_init")
     result = linalg.contract(probs, v, outs=[pv_init], indexing_maps=[
         affine_map(6, [_B, _H, _G, _L, _S]), affine_map(6, [_B, _H, _S, _E]),
@@ -130,9 +134,9 @@ def _attention(spec, q, k, v, mask, out):
 
 
 def _elementwise(x, extra_inputs, shape, sym, tag, fn, extra_maps=()):
-    """scores-shaped elementwise op: fn(score, *extra scalars) -> score."""
+    """scores-shaped elementwise op: fn(score, *extra scalars) -> score (in the scores' type)."""
     ident = affine_map(5, range(5))
-    return linalg_generic([x, *extra_inputs], [_empty(shape, sym, f32())],
+    return linalg_generic([x, *extra_inputs], [_empty(shape, sym, ir.RankedTensorType(x.type).element_type)],
                           [ident, *extra_maps, ident], ["parallel"] * 5,
                           lambda *a: fn(*a[:-1]), tag)
 
@@ -144,7 +148,7 @@ def _causal_body(x):
     row = arith.index_cast(i32, linalg.IndexOp(_L).result)
     key = arith.index_cast(i32, linalg.IndexOp(_S).result)
     visible = arith.cmpi(arith.CmpIPredicate.sle, key, row)
-    return arith.select(visible, x, arith.constant(f32(), float("-inf")))
+    return arith.select(visible, x, arith.constant(x.type, float("-inf")))
 
 
 def _apply_mask(spec, scores, mask, shape, sym):
@@ -153,8 +157,8 @@ def _apply_mask(spec, scores, mask, shape, sym):
     if spec.mask.kind == "bool":
         def body(x, m):
             keep = arith.cmpi(arith.CmpIPredicate.ne, m, arith.constant(m.type, 0))
-            return arith.select(keep, x, arith.constant(f32(), float("-inf")))
+            return arith.select(keep, x, arith.constant(x.type, float("-inf")))
     else:
         def body(x, m):
-            return arith.addf(x, m if m.type == f32() else arith.extf(f32(), m))
+            return arith.addf(x, m if m.type == x.type else arith.extf(x.type, m))
     return _elementwise(scores, [mask], shape, sym, "mask", body, extra_maps=[mask_map])

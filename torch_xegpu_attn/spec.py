@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 #: dtypes the kernels accept, by their torch name.
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 #: the loop dimensions of the canonical problem, in order.
 MASK_DIMS = ("b", "h", "g", "l", "s")

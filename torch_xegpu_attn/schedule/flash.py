@@ -23,6 +23,9 @@ kv_tile keys per step:
         l'    = l * alpha + sum_s p
         acc'  = acc * alpha + p . V[j : j + T]       (P.V in f32, or p rounded to V's
                                                      type: ScheduleOptions.pv_in_f32)
+
+Scores, m, l and acc are f32 vectors (f64 for float64 inputs: everything then
+stays in f64, and pv_in_f32 has no effect).
     out = acc * (l == 0 ? 0 : 1 / l)                 one reciprocal per row; rows
                                                      with no visible key give 0
     out rows < L written (transfer_write, rows past L not written)
@@ -56,7 +59,7 @@ from typing import Dict, List, Optional, Tuple
 from mlir import ir
 from mlir.dialects import arith, bufferization, math as mmath, scf, tensor, vector
 
-from ..mlir_utils import (CompileError, body_op_names, cleanup, const_index, defining_op, f32,
+from ..mlir_utils import (CompileError, accumulator_type, body_op_names, cleanup, const_index, defining_op,
                           insert_in_parallel, slice_of, tag_of, walk)
 from ..spec import AttentionSpec
 from .options import ScheduleOptions
@@ -198,6 +201,7 @@ class _WorkGroup:
         self.T = options.kv_tile
         self.e, self.ev = spec.head_dim, spec.v_head_dim
         self.et = ir.RankedTensorType(self.q.type).element_type
+        self.acc = accumulator_type(spec.dtype)  # scores, m, l and acc: f64 for float64, else f32
         for op in self.score_ops:
             if tag_of(op) in INDEX_MASK_TAGS and any(tag_of(o) not in INDEX_MASK_TAGS
                                                      for o in self.score_ops[self.score_ops.index(op):]):
@@ -323,8 +327,8 @@ class _WorkGroup:
 
     def _online_softmax(self):
         rows = self.rows
-        carried = [splat([rows], f32(), _NEG_INF), splat([rows], f32(), 0.0),
-                   splat([rows, self.ev], f32(), 0.0)]
+        carried = [splat([rows], self.acc, _NEG_INF), splat([rows], self.acc, 0.0),
+                   splat([rows, self.ev], self.acc, 0.0)]
         for r in self._key_ranges():
             loop = scf.ForOp(r.start, r.end, const_index(r.tile), carried)
             loop.operation.attributes["attn.flash_loop"] = ir.UnitAttr.get()
@@ -338,7 +342,7 @@ class _WorkGroup:
         k, k_rows = self._k_operand(j, r)
         maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
                 for dims in ([0, 2], [1, 2] if k_rows else [2, 1], [0, 1])]
-        s = _contract(self.q_tile, k, splat([self.rows, r.tile], f32(), 0.0), maps)
+        s = _contract(self.q_tile, k, splat([self.rows, r.tile], self.acc, 0.0), maps)
         translator = BodyTranslator([self.rows, r.tile], self._index_vectors(j, r.tile))
         fold_after = "mask" if self.spec.mask is not None and self.spec.mask.kind == "additive" else "scale"
         plain = [op for op in self.score_ops if tag_of(op) not in INDEX_MASK_TAGS]
@@ -375,7 +379,7 @@ class _WorkGroup:
                 keys = translator._index_vector(_S)
                 inside = arith.cmpi(arith.CmpIPredicate.slt, keys,
                                     vector.broadcast(vector_type([self.rows, r.tile], i32()), to_i32(self.S)))
-                masked = arith.select(inside, masked, splat([self.rows, r.tile], f32(), _NEG_INF))
+                masked = arith.select(inside, masked, splat([self.rows, r.tile], self.acc, _NEG_INF))
             scf.YieldOp([masked])
         with ir.InsertionPoint(branch.else_block):
             scf.YieldOp([s])
@@ -386,18 +390,18 @@ class _WorkGroup:
         rows, tile = self.rows, r.tile
         s = self._scores(j, r)
         tile_max = vector.multi_reduction(ir.Attribute.parse("#vector.kind<maximumf>"), s,
-                                          splat([rows], f32(), _NEG_INF), [1])
+                                          splat([rows], self.acc, _NEG_INF), [1])
         new_max = arith.maximumf(m, tile_max)
         base = _exp_base(new_max)
         alpha = mmath.exp2(arith.subf(m, base))
         p = mmath.exp2(arith.subf(s, broadcast_rows(base, tile)))
         tile_sum = vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), p,
-                                          splat([rows], f32(), 0.0), [1])
+                                          splat([rows], self.acc, 0.0), [1])
         new_sum = arith.addf(arith.mulf(l, alpha), tile_sum)
         v = read_tile(self.v, [(2, tile, r.in_bounds), (3, self.ev, True)], {2: j},
                       arith.constant(self.et, 0.0))
-        if self.options.pv_in_f32 or self.et == f32():
-            v = _convert(v, f32())
+        if self.options.pv_in_f32 or self.et == self.acc:
+            v = _convert(v, self.acc)
         else:
             p = _convert(p, self.et)
         scaled = arith.mulf(acc, broadcast_rows(alpha, self.ev))
@@ -438,7 +442,8 @@ class _WorkGroup:
             padded_rows = arith.muli(_value(r_ub), const_index(R))
             shape = [P, batch, heads, spec.group, padded_rows]
             # alloc_tensor, not tensor.empty: three distinct buffers (CSE would merge empties)
-            workspaces = [_new_tensor(shape, f32()), _new_tensor(shape, f32()), _new_tensor(shape + [ev], f32())]
+            workspaces = [_new_tensor(shape, self.acc), _new_tensor(shape, self.acc),
+                          _new_tensor(shape + [ev], self.acc)]
         self.insert.erase()
         loop = rebuild_forall(self.loop, forall_upper_bounds(self.loop), [0, 1, 2, 3, 4],
                               [out_init] + workspaces, block_mapping(5))
@@ -479,11 +484,12 @@ class _WorkGroup:
             length = tensor.dim(out_arg, const_index(3))
             valid = arith.minui(const_index(R), arith.subi(length, row0))
             rows = self.rows
-            carried = [splat([rows], f32(), _NEG_INF), splat([rows], f32(), 0.0), splat([rows, ev], f32(), 0.0)]
+            carried = [splat([rows], self.acc, _NEG_INF), splat([rows], self.acc, 0.0),
+                       splat([rows, ev], self.acc, 0.0)]
             merge = scf.ForOp(const_index(0), const_index(P), const_index(1), carried)
             with ir.InsertionPoint(merge.body):
                 p = merge.induction_variable
-                zero = arith.constant(f32(), 0.0)
+                zero = arith.constant(self.acc, 0.0)
 
                 def part(ws, has_ev):
                     dims = [(3, self.groups, True)] if self.packed else []
@@ -581,16 +587,18 @@ def _convert(value: ir.Value, element: ir.Type) -> ir.Value:
 def _exp_base(row_max: ir.Value) -> ir.Value:
     """Rows with no visible key so far keep max -inf; shift them by 0 so that
     exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN."""
-    rows = ir.VectorType(row_max.type).shape
-    empty = arith.cmpf(arith.CmpFPredicate.OEQ, row_max, splat(rows, f32(), _NEG_INF))
-    return arith.select(empty, splat(rows, f32(), 0.0), row_max)
+    vt = ir.VectorType(row_max.type)
+    rows, element = vt.shape, vt.element_type
+    empty = arith.cmpf(arith.CmpFPredicate.OEQ, row_max, splat(rows, element, _NEG_INF))
+    return arith.select(empty, splat(rows, element, 0.0), row_max)
 
 
 def _normalize(acc: ir.Value, total: ir.Value, ev: int, element: ir.Type) -> ir.Value:
-    rows = ir.VectorType(total.type).shape
-    zero = splat(rows, f32(), 0.0)
+    vt = ir.VectorType(total.type)
+    rows, kind = vt.shape, vt.element_type
+    zero = splat(rows, kind, 0.0)
     inverse = arith.select(arith.cmpf(arith.CmpFPredicate.OEQ, total, zero), zero,
-                           arith.divf(splat(rows, f32(), 1.0), total))
+                           arith.divf(splat(rows, kind, 1.0), total))
     return _convert(arith.mulf(acc, broadcast_rows(inverse, ev)), element)
 
 

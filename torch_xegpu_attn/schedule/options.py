@@ -37,7 +37,8 @@ class ScheduleOptions:
     transpose_tile  (e, s) tile of the "materialized" transpose's inner loop.
     pv_in_f32       True: P.V multiplies in f32 (V tiles of f16/bf16 inputs are
                     extended); False: P is rounded to the input type first (what
-                    f16/bf16 matrix engines take).  Accumulation is f32 either way.
+                    f16/bf16 matrix engines take).  Accumulation is f32 either way
+                    (f64 for float64 inputs, for which the flag has no effect).
     tail            "mask": one loop over ceil(S / kv_tile) full tiles; the
                     last reads past S as zeros and masks keys >= S to -inf.
                     "peel": the tiles wholly below S in a loop with in-bounds

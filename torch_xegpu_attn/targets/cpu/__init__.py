@@ -29,9 +29,11 @@ ROW_TILE = 4
 #: how key tails are handled: "mask" and "peel" measured within noise of each
 #: other on every benchmark row, tails included (README); "mask" is one loop.
 TAIL = "mask"
-#: keys per flash step, and the column chunk of the micro-kernel.
+#: keys per flash step, and the column chunk of the micro-kernel (f64 lanes are twice as
+#: wide: half the columns keep the same 16 accumulator registers).
 KV_TILE = 64
 N_BLOCK = 64
+N_BLOCK_F64 = 32
 
 LLVM_PIPELINE = ",".join([
     "canonicalize", "cse",
@@ -62,7 +64,7 @@ def _largest_divisor(n: int, cap: int) -> int:
 
 def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
     """Stage cpu-vector: register-blocked contractions and a vectorizable exp."""
-    microkernel.lower_contractions(module, N_BLOCK)
+    microkernel.lower_contractions(module, N_BLOCK_F64 if spec.dtype == "float64" else N_BLOCK)
     exp.expand_exp(module)
     return module
 

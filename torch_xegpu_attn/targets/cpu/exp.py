@@ -1,4 +1,4 @@
-"""CPU: math.exp and math.exp2 on f32 as polynomials that vectorize.
+"""CPU: math.exp and math.exp2 on f32 and f64 as polynomials that vectorize.
 
 LLVM 22 lowers a vector math.exp to one libm call per lane; the flash loop
 calls exp for every score, so that alone costs more than both matmuls.  This
@@ -6,20 +6,30 @@ rewrite emits the classic range reduction instead:
 
     n    = round(x / ln 2)
     r    = x - n ln 2                 (ln 2 split in two for precision: Cody-Waite)
-    e^r  = 1 + r + r^2 P(r)           (degree-5 minimax P on |r| <= ln2/2,
-                                       coefficients of Cephes' expf)
+    e^r  = 1 + r + r^2 P(r)           (polynomial P on |r| <= ln2/2)
     e^x  = e^r * 2^n                  (2^n assembled in the exponent bits)
 
-Relative error about 1 ulp.  Inputs are clamped to [-88, 88.7] first, so that
-the exponent bits saturate: x <= -88 (including -inf, i.e. a masked score)
-gives exactly 0, NaN stays NaN.
+f32: P of degree 5, minimax (coefficients of Cephes' expf), relative error
+about 1 ulp.  f64: P the Taylor polynomial of (e^r - 1 - r) / r^2 up to r^11
+(terms up to r^13 / 13!): the first term left out, r^14 / 14!, is below
+5e-18 on |r| <= ln2/2, far under f64's half ulp (1.1e-16), so the error is
+that of the Horner evaluation, about 1 ulp; ln 2 is split as in Cephes' exp.
+
+Inputs are clamped first, so that the exponent bits saturate: x at or below
+the lower bound (including -inf, i.e. a masked score) gives exactly 0 (results
+that would be denormal flush to 0), NaN stays NaN.  f32: [-88, 88.7]; f64:
+[-745, 709.78].
 
 2^x (the flash loop works in base 2) reduces exactly instead: n = round(x),
-r = x - n (exact), 2^r = e^(r ln 2) with the same polynomial (|r ln 2| <=
-ln2/2); inputs clamped to [-127, 128].
+r = x - n (exact), 2^r = e^(r ln2) with the same polynomial (|r ln 2| <=
+ln2/2); inputs clamped to [-127, 128] (f32), [-1075, 1024] (f64).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
 
 from mlir import ir
 from mlir.dialects import arith, math as mmath
@@ -28,9 +38,43 @@ from ...mlir_utils import walk
 
 _LOG2E = 1.44269504088896341
 _LN2 = 0.693147180559945309
-_LN2_HI = 0.693359375
-_LN2_LO = -2.12194440e-4
-_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+@dataclass(frozen=True)
+class _Format:
+    """What the expansion needs to know of a float format."""
+
+    int_bits: int          # width of the same-size integer
+    bias: int              # exponent bias
+    mantissa_bits: int     # the exponent field starts here
+    ln2_hi: float          # ln 2 = ln2_hi + ln2_lo, ln2_hi with trailing zero bits (n * ln2_hi is exact)
+    ln2_lo: float
+    p: Tuple[float, ...]   # P's coefficients, highest degree first
+    exp_range: Tuple[float, float]
+    exp2_range: Tuple[float, float]
+
+
+_F32 = _Format(int_bits=32, bias=127, mantissa_bits=23, ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,
+               p=(1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                  5.0000001201e-1),
+               exp_range=(-88.0, 88.7), exp2_range=(-127.0, 128.0))
+_F64 = _Format(int_bits=64, bias=1023, mantissa_bits=52, ln2_hi=6.93145751953125e-1,
+               ln2_lo=1.42860682030941723212e-6,
+               p=tuple(1.0 / math.factorial(k) for k in range(13, 1, -1)),
+               exp_range=(-745.0, 709.78), exp2_range=(-1075.0, 1024.0))
+
+
+def _element(ty: ir.Type) -> ir.Type:
+    return ty.element_type if isinstance(ty, ir.VectorType) else ty
+
+
+def _format(ty: ir.Type) -> _Format:
+    et = _element(ty)
+    if isinstance(et, ir.F32Type):
+        return _F32
+    if isinstance(et, ir.F64Type):
+        return _F64
+    raise ValueError(f"exp expansion: no polynomial for {et}")
 
 
 def _splat(ty: ir.Type, value) -> ir.Value:
@@ -42,15 +86,16 @@ def _splat(ty: ir.Type, value) -> ir.Value:
 
 
 def _int_type(ty: ir.Type) -> ir.Type:
-    i32 = ir.IntegerType.get_signless(32)
-    return ir.VectorType.get(ty.shape, i32) if isinstance(ty, ir.VectorType) else i32
+    it = ir.IntegerType.get_signless(_format(ty).int_bits)
+    return ir.VectorType.get(ty.shape, it) if isinstance(ty, ir.VectorType) else it
 
 
 def _exp_of_reduced(r: ir.Value) -> ir.Value:
     """e^r for |r| <= ln2 / 2: 1 + r + r^2 P(r)."""
     c = lambda v: _splat(r.type, v)
-    p = c(_P[0])
-    for coefficient in _P[1:]:
+    coefficients = _format(r.type).p
+    p = c(coefficients[0])
+    for coefficient in coefficients[1:]:
         p = mmath.fma(p, r, c(coefficient))
     return mmath.fma(p, arith.mulf(r, r), arith.addf(r, c(1.0)))
 
@@ -58,47 +103,52 @@ def _exp_of_reduced(r: ir.Value) -> ir.Value:
 def _times_two_to(er: ir.Value, n: ir.Value) -> ir.Value:
     """er * 2^n for an integral float n, assembled in the exponent bits."""
     ty = er.type
+    fmt = _format(ty)
     ity = _int_type(ty)
     c = lambda v: _splat(ty, v)
     ci = lambda v: _splat(ity, v)
     # fptosi of NaN is poison in LLVM: convert 0 instead (er is NaN already, so is the result).
     n = arith.select(arith.cmpf(arith.CmpFPredicate.UNO, n, n), c(0.0), n)
-    biased = arith.addi(arith.fptosi(ity, n), ci(127))
-    biased = arith.minsi(arith.maxsi(biased, ci(0)), ci(255))  # 0 -> +0.0, 255 -> inf
-    two_n = arith.bitcast(ty, arith.shli(biased, ci(23)))
+    biased = arith.addi(arith.fptosi(ity, n), ci(fmt.bias))
+    top = 2 * fmt.bias + 1
+    biased = arith.minsi(arith.maxsi(biased, ci(0)), ci(top))  # 0 -> +0.0, all ones -> inf
+    two_n = arith.bitcast(ty, arith.shli(biased, ci(fmt.mantissa_bits)))
     return arith.mulf(er, two_n)
 
 
 def emit_exp(x: ir.Value) -> ir.Value:
-    """e^x for an f32 scalar or vector `x`, at the current insertion point."""
+    """e^x for an f32 or f64 scalar or vector `x`, at the current insertion point."""
+    fmt = _format(x.type)
     c = lambda v: _splat(x.type, v)
-    x = arith.minimumf(arith.maximumf(x, c(-88.0)), c(88.7))
+    low, high = fmt.exp_range
+    x = arith.minimumf(arith.maximumf(x, c(low)), c(high))
     n = mmath.floor(mmath.fma(x, c(_LOG2E), c(0.5)))
-    r = mmath.fma(n, c(-_LN2_HI), x)
-    r = mmath.fma(n, c(-_LN2_LO), r)
+    r = mmath.fma(n, c(-fmt.ln2_hi), x)
+    r = mmath.fma(n, c(-fmt.ln2_lo), r)
     return _times_two_to(_exp_of_reduced(r), n)
 
 
 def emit_exp2(x: ir.Value) -> ir.Value:
-    """2^x for an f32 scalar or vector `x`, at the current insertion point."""
+    """2^x for an f32 or f64 scalar or vector `x`, at the current insertion point."""
+    fmt = _format(x.type)
     c = lambda v: _splat(x.type, v)
-    x = arith.minimumf(arith.maximumf(x, c(-127.0)), c(128.0))
+    low, high = fmt.exp2_range
+    x = arith.minimumf(arith.maximumf(x, c(low)), c(high))
     n = mmath.floor(arith.addf(x, c(0.5)))
     r = arith.subf(x, n)  # exact
     return _times_two_to(_exp_of_reduced(arith.mulf(r, c(_LN2))), n)
 
 
-def _is_f32(ty: ir.Type) -> bool:
-    et = ty.element_type if isinstance(ty, ir.VectorType) else ty
-    return isinstance(et, ir.F32Type)
+def _expandable(ty: ir.Type) -> bool:
+    return isinstance(_element(ty), (ir.F32Type, ir.F64Type))
 
 
 _EXPANSIONS = {"math.exp": emit_exp, "math.exp2": emit_exp2}
 
 
 def expand_exp(module: ir.Module) -> int:
-    """Replace every f32 math.exp and math.exp2 in `module`; returns how many."""
-    targets = walk(module, lambda op: op.name in _EXPANSIONS and _is_f32(op.results[0].type))
+    """Replace every f32 and f64 math.exp and math.exp2 in `module`; returns how many."""
+    targets = walk(module, lambda op: op.name in _EXPANSIONS and _expandable(op.results[0].type))
     for op in targets:
         with ir.InsertionPoint(op), op.location:
             value = _EXPANSIONS[op.name](op.operands[0])

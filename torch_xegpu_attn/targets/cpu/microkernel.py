@@ -15,8 +15,9 @@ spills.  An operand that is not already in memory (the probabilities, computed
 in registers) is first stored to a stack buffer; an operand read from memory
 is re-read in place (the transfer_read it came from is left to DCE).
 
-N is processed in chunks of `n_block` columns so that M * n_block / 16 stays
-within the register file; the target picks M (the row tile) and n_block.
+N is processed in chunks of `n_block` columns so that M * n_block / 16 (f32;
+/ 8 for f64) stays within the register file; the target picks M (the row tile)
+and n_block.
 
 Unit dims were folded away before vectorization, so a one-row work-group
 gives C[N] += A[K] . B[K, N] (M absent), a one-key tail C[M] += A[M, K] . B[K]
@@ -191,8 +192,13 @@ def lower_contraction(contract, n_block: int) -> bool:
     return True
 
 
-#: lanes of the partial sums of a dot product (one zmm of f32).
-_LANES = 16
+#: bits of one vector register (AVX-512's zmm): the partial sums of a dot product fill one,
+#: 16 lanes of f32 or 8 of f64.
+_REGISTER_BITS = 512
+
+
+def _lanes(element: ir.Type) -> int:
+    return _REGISTER_BITS // ir.FloatType(element).width
 
 
 def _lower_dot_products(contract, form: _Form) -> bool:
@@ -212,7 +218,8 @@ def _lower_dot_products(contract, form: _Form) -> bool:
     m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
     n_size = ir.VectorType(rhs.type).shape[0]
     acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
-    chunks = [(c, min(_LANES, k_size - c)) for c in range(0, k_size, _LANES)]
+    lanes = _lanes(acc_type)
+    chunks = [(c, min(lanes, k_size - c)) for c in range(0, k_size, lanes)]
     with ir.InsertionPoint(contract), contract.location:
         a_mem, a_idx, _ = _memory_source(lhs) or _spill_to_stack(lhs, contract)
         # A K tile past the end of the keys: its scores past S keep the accumulator's value
@@ -233,8 +240,8 @@ def _lower_dot_products(contract, form: _Form) -> bool:
                 for (c, w), b_chunk in zip(chunks, b):
                     at = [const_index(m), const_index(c)] if form.has_m else [const_index(c)]
                     a = _extended(vector.load(ir.VectorType.get([w], a_type), a_mem, _at(a_idx, at)), acc_type)
-                    if w < _LANES:  # pad a short last chunk with zeros to a full one
-                        full = ir.VectorType.get([_LANES], acc_type)
+                    if w < lanes:  # pad a short last chunk with zeros to a full one
+                        full = ir.VectorType.get([lanes], acc_type)
                         zeros = arith.constant(full, ir.DenseElementsAttr.get_splat(full, ir.FloatAttr.get(acc_type, 0.0)))
                         a = vector.insert_strided_slice(a, zeros, [0], [1])
                         b_chunk = vector.insert_strided_slice(b_chunk, zeros, [0], [1])
