@@ -72,6 +72,14 @@ def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
     return True
 
 
+def register_transformers() -> str:
+    """Register the op with Hugging Face transformers as attn_implementation="xegpu" (its
+    attention and attention-mask registries); returns the name.  Imports transformers (an
+    optional dependency: the package's `transformers` extra), which nothing else here does."""
+    from . import hf
+    return hf.register()
+
+
 class SdpaSwap:
     """What `replace_sdpa()` yields: how many calls the op served while the block ran (`calls`)
     and how many MultiheadAttention calls it could not reach (`unreachable`, need_weights=True)."""
@@ -161,5 +169,5 @@ def replace_sdpa(warn_if_unused: bool = True):
                           stacklevel=3)
 
 
-__all__ = ["attention", "replace_sdpa", "SdpaSwap", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
+__all__ = ["attention", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
            "CompilationStopped", "CompileReport", "CACHE", "COUNTERS", "stats"]
