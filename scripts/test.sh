@@ -2,5 +2,5 @@
 # Set up (if needed) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 exec .venv/bin/python -m pytest -n 2 -q tests "$@"
