@@ -21,10 +21,12 @@ e.g. '{"tail": "peel"}' to time the other tail mode.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import logging
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,7 +35,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("XEGPU_ATTN_CACHE_DIR", tempfile.mkdtemp(prefix="xegpu_attn_bench_"))
+if not os.environ.get("XEGPU_ATTN_CACHE_DIR"):  # a private disk cache, removed at exit
+    os.environ["XEGPU_ATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="xegpu_attn_bench_")
+    atexit.register(shutil.rmtree, os.environ["XEGPU_ATTN_CACHE_DIR"], ignore_errors=True)
 import torch_xegpu_attn  # noqa: E402
 from torch_xegpu_attn import AttentionSpec, CompileReport  # noqa: E402
 from torch_xegpu_attn.cache import CACHE, STATS  # noqa: E402

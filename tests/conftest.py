@@ -1,14 +1,20 @@
 """Shared test setup: a private disk cache per test session, and reference attention."""
 
+import atexit
 import os
+import shutil
 import tempfile
 import zlib
 
 import pytest
 import torch
 
-# Every test session starts with an empty, private disk cache (set before the package is used).
-os.environ.setdefault("XEGPU_ATTN_CACHE_DIR", tempfile.mkdtemp(prefix="xegpu_attn_test_cache_"))
+# Every test session starts with an empty, private disk cache (set before the package is used),
+# removed when the session's process exits (xdist workers inherit the variable and leave it alone).
+if not os.environ.get("XEGPU_ATTN_CACHE_DIR"):
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="xegpu_attn_test_cache_")
+    os.environ["XEGPU_ATTN_CACHE_DIR"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 # Outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ["XEGPU_ATTN_POISON"] = "1"
 

@@ -1,50 +1,107 @@
 """Command line: compile one problem and look at its IR, list stages, inspect the cache.
 
-    python -m torch_xegpu_attn stages
+    python -m torch_xegpu_attn stages [--target cpu]
     python -m torch_xegpu_attn compile --shape 2,8,1024,1024,64 --causal --dump-ir ir/ [--stop-after flash] [--print]
+    python -m torch_xegpu_attn compile --shape 1,8,1,300,64 --fill-cache
     python -m torch_xegpu_attn cache [--clear]
 
 --shape is B,H,L,S,E[,Ev] (H = key/value heads); --group G gives H*G query heads
 (GQA); --mask KIND:DIMS gives a mask, e.g. bool:bls (varies along batch, query
 rows and keys) or additive:ls.  A kernel serves every B, H, L and S of its
-length class; the shape picks the class.
+length class; the shape picks the class.  --print prints the IR of the
+--stop-after stage (of the last IR stage without --stop-after).  `compile`
+compiles afresh and neither reads nor writes the disk cache, unless
+--fill-cache: then the kernel comes from the cache, or is compiled into it.
+
+Mistakes in the arguments are reported in one line, with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
 from . import knobs
 from .compiler import CompilationStopped, CompileReport, compile_spec, dump_folder_name, stage_names
-from .spec import DTYPES, AttentionSpec, MaskSpec, ProblemSize
+from .spec import DTYPES, MASK_DIMS, AttentionSpec, MaskSpec, ProblemSize
 from .targets import get_target
+
+PROG = "python -m torch_xegpu_attn"
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported in one line, exit status 2."""
+
+
+def _target(name: str):
+    try:
+        return get_target(name)
+    except NotImplementedError as error:
+        raise UsageError(str(error)) from None
+
+
+def _shape(text: str):
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--shape takes B,H,L,S,E or B,H,L,S,E,Ev (integers), got {text!r}") from None
+    if len(dims) not in (5, 6) or min(dims) < 1:
+        raise UsageError(f"--shape takes B,H,L,S,E or B,H,L,S,E,Ev (positive), got {text!r}")
+    b, h, l, s, e = dims[:5]
+    return ProblemSize(b, h, l, s), e, dims[5] if len(dims) == 6 else e
+
+
+def _mask(text: str, dtype: str):
+    kind, sep, dims = text.partition(":")
+    if not sep or kind not in ("bool", "additive") or not dims:
+        raise UsageError(f"--mask takes KIND:DIMS with KIND bool or additive and DIMS from "
+                         f"{''.join(MASK_DIMS)} in that order (e.g. bool:bls), got {text!r}")
+    try:
+        return MaskSpec(kind, tuple(dims), "bool" if kind == "bool" else dtype)
+    except ValueError as error:
+        raise UsageError(f"--mask {text}: {error}") from None
 
 
 def _spec(args) -> AttentionSpec:
-    dims = [int(x) for x in args.shape.split(",")]
-    if len(dims) not in (5, 6):
-        raise SystemExit("--shape takes B,H,L,S,E or B,H,L,S,E,Ev")
-    b, h, l, s, e = dims[:5]
-    ev = dims[5] if len(dims) == 6 else e
-    mask = None
-    if args.mask:
-        kind, _, where = args.mask.partition(":")
-        mask = MaskSpec(kind, tuple(where), "bool" if kind == "bool" else args.dtype)
-    length_class = get_target(args.target).length_class(ProblemSize(b, h, l, s), args.group)
+    target = _target(args.target)
+    size, e, ev = _shape(args.shape)
+    if args.group < 1:
+        raise UsageError(f"--group must be positive, got {args.group}")
+    if args.mask and args.causal:
+        raise UsageError("--mask and --causal exclude each other (as attn_mask and is_causal do)")
+    mask = _mask(args.mask, args.dtype) if args.mask else None
+    length_class = target.length_class(size, args.group)
     return AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
                          scale=args.scale, mask=mask, target=args.target, length_class=length_class)
 
 
+def _stop_after(args) -> str:
+    """The stage to stop after: --stop-after, or with --print alone the last IR stage."""
+    names = stage_names(args.target)
+    ir_stages = names[:-1]  # "binary" is no IR
+    if args.stop_after is not None and args.stop_after not in names:
+        raise UsageError(f"unknown stage {args.stop_after!r}; stages are: {', '.join(names)}")
+    if args.print and args.stop_after == "binary":
+        raise UsageError(f"--print shows an IR stage ({', '.join(ir_stages)}); the binary is not IR "
+                         f"(--dump-ir writes its LLVM IR and assembly)")
+    if args.print and args.stop_after is None:
+        return ir_stages[-1]
+    return args.stop_after
+
+
 def _compile(args) -> int:
     spec = _spec(args)
+    stop_after = _stop_after(args)
+    if args.fill_cache:
+        if stop_after is not None or args.dump_ir:
+            raise UsageError("--fill-cache builds the whole kernel: it takes no --stop-after, --print or --dump-ir")
+        return _fill_cache(spec)
     report = CompileReport()
     start = time.perf_counter()
     try:
-        artifact = compile_spec(spec, dump_dir=args.dump_ir, stop_after=args.stop_after, report=report)
+        artifact = compile_spec(spec, dump_dir=args.dump_ir or "", stop_after=stop_after, report=report)
     except CompilationStopped as stopped:
         if args.print:
             print(stopped.ir)
@@ -57,34 +114,86 @@ def _compile(args) -> int:
     if args.dump_ir:
         options = get_target(spec.target).options_for(spec)
         print(f"IR per stage in {os.path.join(args.dump_ir, dump_folder_name(spec, options))}")
+    print("compiled afresh: the disk cache was neither read nor written (--fill-cache uses it)")
     return 0
 
 
-#: the files of a cache entry (64 hex digits of its key) and temporaries of writes in flight.
-_ENTRY_FILE = re.compile(r"^([0-9a-f]{64}\.[A-Za-z0-9]+|\.tmp-.*)$")
+def _fill_cache(spec: AttentionSpec) -> int:
+    from .cache import CACHE, STATS, entry_key
+    before = dict(STATS)
+    start = time.perf_counter()
+    CACHE.get(spec)
+    took = time.perf_counter() - start
+    key = entry_key(spec)[:12]
+    if STATS["disk_hits"] > before["disk_hits"]:
+        print(f"{spec.short_name()}: already in the disk cache ({key}, {knobs.cache_dir()})")
+    elif STATS["disk_writes"] > before["disk_writes"]:
+        print(f"{spec.short_name()}: compiled in {took:.2f} s and written to the disk cache ({key}, "
+              f"{knobs.cache_dir()})")
+    else:
+        print(f"{spec.short_name()}: compiled in {took:.2f} s; the disk cache is off or not writable "
+              f"(XEGPU_ATTN_DISK_CACHE, {knobs.cache_dir()})")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} kB"
+
+
+def _describe(record) -> tuple:
+    """(spec name, target) of an entry's record, or what is wrong with it."""
+    if record is None:
+        return "(unreadable record: rebuilt on next use)", "?"
+    try:
+        spec = AttentionSpec.from_json(record["spec"])
+    except (KeyError, TypeError, ValueError):
+        return "(damaged record: rebuilt on next use)", "?"
+    return spec.short_name(), spec.target
 
 
 def _cache(args) -> int:
+    from .cache import TEMP_FILE, _locked, disk_entries, read_record, remove_entry
     folder = knobs.cache_dir()
-    files = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if _ENTRY_FILE.match(f)]
-    entries = [f for f in files if f.endswith(".json") and not f.startswith(".tmp-")]
-    print(f"cache directory: {folder} ({len(entries)} entries)")
+    entries = disk_entries(folder)
+    total = sum(e["bytes"] for e in entries)
+    print(f"cache directory: {folder} ({len(entries)} entries, {_size(total)}; "
+          f"bound {_size(knobs.cache_max_bytes())}, XEGPU_ATTN_CACHE_MAX_MB)")
     if args.clear:
-        for name in files:  # only this package's files: the directory may be shared
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                os.unlink(path)
-        print(f"removed {len(files)} files")
+        files = 0
+        with _locked(folder, exclusive=True):
+            for entry in entries:  # only this package's files: the directory may be shared
+                remove_entry(folder, entry)
+                files += len(entry["files"])
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if TEMP_FILE.match(name):
+                    os.unlink(os.path.join(folder, name))
+                    files += 1
+        print(f"removed {len(entries)} entries ({files} files)")
+        return 0
+    if entries:
+        now = time.time()
+        print(f"{'key':<13} {'spec':<44} {'target':<7} {'size':>8}  last used")
+        for entry in reversed(entries):  # most recently used first
+            name, target = _describe(read_record(folder, entry["key"]))
+            used = _age(now - entry["last_use"]) if entry["last_use"] else "?"
+            print(f"{entry['key'][:12]:<13} {name:<44} {target:<7} {_size(entry['bytes']):>8}  {used}")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torch_xegpu_attn", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     stages = commands.add_parser("stages", help="list the compiler stages of a target")
     stages.add_argument("--target", default="cpu")
-    comp = commands.add_parser("compile", help="compile one problem")
+    comp = commands.add_parser("compile", help="compile one problem (afresh, unless --fill-cache)")
     comp.add_argument("--shape", required=True, help="B,H,L,S,E[,Ev]")
     comp.add_argument("--group", type=int, default=1, help="query heads per key/value head")
     comp.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -94,16 +203,24 @@ def main(argv=None) -> int:
     comp.add_argument("--target", default="cpu")
     comp.add_argument("--dump-ir", default=None, help="write the IR after every stage to this directory")
     comp.add_argument("--stop-after", default=None, help="stop after this stage")
-    comp.add_argument("--print", action="store_true", help="print the IR of the stop-after stage")
-    cache = commands.add_parser("cache", help="show (or clear) the disk cache")
+    comp.add_argument("--print", action="store_true",
+                      help="print the IR of the --stop-after stage (default: the last IR stage)")
+    comp.add_argument("--fill-cache", action="store_true",
+                      help="take the kernel from the disk cache, or compile it into the cache")
+    cache = commands.add_parser("cache", help="list (or clear) the disk cache's entries")
     cache.add_argument("--clear", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "stages":
-        print("\n".join(stage_names(args.target)))
-        return 0
-    if args.command == "compile":
-        return _compile(args)
-    return _cache(args)
+    try:
+        if args.command == "stages":
+            _target(args.target)
+            print("\n".join(stage_names(args.target)))
+            return 0
+        if args.command == "compile":
+            return _compile(args)
+        return _cache(args)
+    except (UsageError, knobs.KnobError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

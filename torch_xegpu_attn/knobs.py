@@ -27,6 +27,10 @@ import os
 from typing import Dict, Optional
 
 
+class KnobError(ValueError):
+    """An environment variable of this package has a value it cannot take."""
+
+
 def cache_dir() -> str:
     explicit = os.environ.get("XEGPU_ATTN_CACHE_DIR")
     if explicit:
@@ -38,7 +42,7 @@ def cache_dir() -> str:
 def disk_cache_enabled() -> bool:
     value = os.environ.get("XEGPU_ATTN_DISK_CACHE", "1").strip().lower()
     if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
-        raise ValueError(f"XEGPU_ATTN_DISK_CACHE must be 0 or 1, got {value!r}")
+        raise KnobError(f"XEGPU_ATTN_DISK_CACHE must be 0 or 1, got {value!r}")
     return value in ("1", "true", "on", "yes")
 
 
@@ -57,7 +61,7 @@ def _positive(name: str, default: float, kind=float) -> float:
     except ValueError:
         number = 0
     if not number > 0:
-        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+        raise KnobError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
     return number
 
 
@@ -94,9 +98,9 @@ def schedule_overrides() -> Dict:
     try:
         overrides = json.loads(value)
     except json.JSONDecodeError as error:
-        raise ValueError(f"XEGPU_ATTN_SCHEDULE must be a JSON object, got {value!r} ({error})") from None
+        raise KnobError(f"XEGPU_ATTN_SCHEDULE must be a JSON object, got {value!r} ({error})") from None
     if not isinstance(overrides, dict):
-        raise ValueError(f"XEGPU_ATTN_SCHEDULE must be a JSON object, got {value!r}")
+        raise KnobError(f"XEGPU_ATTN_SCHEDULE must be a JSON object, got {value!r}")
     if isinstance(overrides.get("transpose_tile"), list):
         overrides["transpose_tile"] = tuple(overrides["transpose_tile"])
     return overrides

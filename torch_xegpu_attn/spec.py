@@ -172,6 +172,16 @@ class AttentionSpec:
         data["scale"] = float(self.scale).hex()
         return json.dumps(data, sort_keys=True)
 
+    @staticmethod
+    def from_json(data: Dict) -> "AttentionSpec":
+        """The spec of `to_json`'s text, parsed (json.loads) into a dict (cache listings)."""
+        fields = dict(data)
+        fields["scale"] = float.fromhex(fields["scale"])
+        if fields.get("mask") is not None:
+            mask = fields["mask"]
+            fields["mask"] = MaskSpec(mask["kind"], tuple(mask["dims"]), mask["dtype"])
+        return AttentionSpec(**fields)
+
     def short_name(self) -> str:
         """A readable name for logs, dumps and kernel symbols."""
         m = "" if self.mask is None else f"_{self.mask.kind}{''.join(self.mask.dims)}"

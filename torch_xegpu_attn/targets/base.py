@@ -52,8 +52,11 @@ class Target(abc.ABC):
         if overrides:
             unknown = set(overrides) - {f.name for f in dataclasses.fields(ScheduleOptions)}
             if unknown:
-                raise ValueError(f"XEGPU_ATTN_SCHEDULE: unknown ScheduleOptions fields {sorted(unknown)}")
-            options = dataclasses.replace(options, **overrides)
+                raise knobs.KnobError(f"XEGPU_ATTN_SCHEDULE: unknown ScheduleOptions fields {sorted(unknown)}")
+            try:
+                options = dataclasses.replace(options, **overrides)
+            except (TypeError, ValueError) as error:
+                raise knobs.KnobError(f"XEGPU_ATTN_SCHEDULE: {error}") from None
         return options
 
     @abc.abstractmethod
