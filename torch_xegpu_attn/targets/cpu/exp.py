@@ -18,7 +18,10 @@ that of the Horner evaluation, about 1 ulp; ln 2 is split as in Cephes' exp.
 Inputs are clamped first, so that the exponent bits saturate: x at or below
 the lower bound (including -inf, i.e. a masked score) gives exactly 0 (results
 that would be denormal flush to 0), NaN stays NaN.  f32: [-88, 88.7]; f64:
-[-745, 709.78].
+[-745, 709.78].  At the top, 2^n is assembled only for n <= bias: a result
+above 2^(bias + 0.5) (x above 127.5 in base 2 for f32, 1023.5 for f64) is inf,
+although the format reaches a little further; the flash loop only
+exponentiates scores minus their running maximum (<= 0).
 
 2^x (the flash loop works in base 2) reduces exactly instead: n = round(x),
 r = x - n (exact), 2^r = e^(r ln2) with the same polynomial (|r ln 2| <=
