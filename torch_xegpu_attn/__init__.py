@@ -6,6 +6,8 @@
 
     with torch_xegpu_attn.replace_sdpa():        # drop-in for F.scaled_dot_product_attention
         y = model(x)
+
+    torch_xegpu_attn.register_transformers()     # Hugging Face: attn_implementation="xegpu"
 """
 
 from __future__ import annotations
