@@ -86,6 +86,28 @@ def test_decoder_generate_matches_sdpa(empty_cache, fresh_seed, record_property)
     assert compilations == 2
 
 
+@pytest.mark.parametrize("lengths", [[9, 9], [4, 11, 7]], ids=["unpadded", "padded"])
+def test_decoder_generate_with_static_cache(lengths, empty_cache, fresh_seed):
+    # A static cache hands every layer the whole cache buffer (kv_len = the cache's length,
+    # more than the prompt at prefill) and a mask of one shape per step: the decode steps
+    # are replays of one recorded signature.
+    model = llama(fresh_seed)
+    ids, mask = left_padded(lengths, model.config.vocab_size, fresh_seed)
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=PAD,
+                  cache_implementation="static")
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model.generate(input_ids=ids, **kwargs)
+        model.set_attn_implementation("xegpu")
+        before = torch_xegpu_attn.stats()
+        got = model.generate(input_ids=ids, **kwargs)
+        after = torch_xegpu_attn.stats()
+    assert torch.equal(got, expected), "greedy tokens differ from the sdpa implementation"
+    calls = after["calls"] - before["calls"]
+    assert calls == 16 * model.config.num_hidden_layers
+    assert after["replays"] - before["replays"] >= calls - 3  # all but the first call of each shape
+
+
 def test_decoder_logits_within_bound(empty_cache, fresh_seed):
     model = llama(fresh_seed)
     ids, mask = left_padded([7, 16, 3], model.config.vocab_size, fresh_seed)
