@@ -50,6 +50,7 @@ PROBLEMS = [  # (B, Hq, Hkv, L, S, E), dtype, causal: the problems of issue 2, t
     ((1, 8, 8, 2048, 2048, 128), torch.float32, False),
     ((1, 8, 8, 2048, 2048, 128), torch.float32, True),
     ((2, 8, 8, 1024, 1024, 64), torch.bfloat16, True),
+    ((2, 8, 8, 1024, 1024, 64), torch.float64, True),
     ((1, 32, 32, 1, 4096, 128), torch.float32, False),
     ((1, 32, 8, 1, 4096, 128), torch.float32, False),
 ]
