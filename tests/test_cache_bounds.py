@@ -116,10 +116,14 @@ def test_concurrent_writers_with_a_tiny_bound(tmp_path):
     assert record is not None and record["key"] == left[0]["key"]
 
 
-def test_bad_bound_is_rejected(cache_dir, monkeypatch):
-    monkeypatch.setenv("XEGPU_ATTN_CACHE_MAX_MB", "-1")
-    with pytest.raises(ValueError, match="XEGPU_ATTN_CACHE_MAX_MB"):
-        run(16)
+@pytest.mark.parametrize("knob,value", [("XEGPU_ATTN_CACHE_MAX_MB", "-1"), ("XEGPU_ATTN_CACHE_MAX_MB", "lots"),
+                                        ("XEGPU_ATTN_MEMORY_CACHE", "0")])
+def test_bad_bound_is_rejected_before_compiling(knob, value, cache_dir, monkeypatch):
+    monkeypatch.setenv(knob, value)
+    compiled = COUNTERS["compilations"]
+    with pytest.raises(ValueError, match=knob):
+        run(56)
+    assert COUNTERS["compilations"] == compiled
 
 
 # ----------------------------------------------------------------------------- memory bound

@@ -140,7 +140,10 @@ def _locked(folder: str, exclusive: bool):
         yield  # no directory yet: nothing to protect
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:  # a file system without locks: entries stay checked before they are trusted
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -242,9 +245,10 @@ class KernelCache:
         with self._lock:  # one compilation at a time per process
             kernel = self._memory.get(key)
             if kernel is None:
+                limit = knobs.memory_cache_entries()  # a bad bound fails before any work
                 kernel, compiled = self._load_or_build(spec)
                 self._memory[key] = kernel
-                self._bound_memory()
+                self._bound_memory(limit)
                 if compiled:
                     return kernel
             else:
@@ -261,9 +265,8 @@ class KernelCache:
     def memory_entries(self) -> int:
         return len(self._memory)
 
-    def _bound_memory(self) -> None:
-        """Evict least recently used kernels beyond XEGPU_ATTN_MEMORY_CACHE (lock held)."""
-        limit = knobs.memory_cache_entries()
+    def _bound_memory(self, limit: int) -> None:
+        """Evict least recently used kernels beyond `limit` (XEGPU_ATTN_MEMORY_CACHE; lock held)."""
         while len(self._memory) > limit:
             # Replays bypass this dict: the kernels' own use ticks order them.
             victim = min(self._memory, key=lambda k: getattr(self._memory[k], "last_use", lambda: 0)())
@@ -298,6 +301,7 @@ class KernelCache:
         key = entry_key(spec)
         use_disk = knobs.disk_cache_enabled()
         folder = knobs.cache_dir()
+        max_bytes = knobs.cache_max_bytes() if use_disk else 0  # a bad bound fails before any work
         if use_disk:
             with _locked(folder, exclusive=False):
                 kernel = self._try_load(target, key, *self._paths(folder, key, target))
@@ -324,7 +328,7 @@ class KernelCache:
                     binary_path = self._write_entry(folder, key, target, artifact.binary, record)
                     kernel = target.load(binary_path, artifact.metadata)
                 STATS["disk_writes"] += 1
-                STATS["disk_evictions"] += evict(folder, knobs.cache_max_bytes(), keep=key)
+                STATS["disk_evictions"] += evict(folder, max_bytes, keep=key)
                 return kernel, True
             except OSError as error:  # an unwritable cache must not fail the op
                 warnings.warn(f"torch_xegpu_attn: cannot write the disk cache in {folder} "
