@@ -166,16 +166,17 @@ CHECK:   %[[END:.*]] = arith.muli %[[TILES]], %c64
 CHECK:   scf.for %[[J:arg[0-9]+]] = %c0 to %[[END]] step %c64 iter_args(%[[M:.*]] = %{{.*}}, %[[L:.*]] = %{{.*}}, %[[ACC:.*]] = %{{.*}}) -> (vector<4xf32>, vector<4xf32>, vector<4x8xf32>)
 CHECK:     %[[K:.*]] = vector.transfer_read {{.*}}[%c0, %c0, %[[J]], %c0]{{.*}} {in_bounds = [false, true]} : tensor<1x1x?x16xf32>, vector<64x16xf32>
 CHECK:     %[[QK:.*]] = vector.contract {{.*}} %[[Q]], %[[K]], %{{.*}} : vector<4x16xf32>, vector<64x16xf32> into vector<4x64xf32>
-CHECK:     arith.mulf %[[QK]]
 CHECK:     %[[LAST:.*]] = arith.cmpi ugt, %{{.*}}, %[[S]] : index
-CHECK:     scf.if %[[LAST]] -> (vector<4x64xf32>)
+CHECK:     %[[SC:.*]] = scf.if %[[LAST]] -> (vector<4x64xf32>)
 CHECK:       arith.cmpi slt, %{{.*}}, %{{.*}} : vector<4x64xi32>
-CHECK:     vector.multi_reduction <maximumf>, %{{.*}}, %{{.*}} [1] : vector<4x64xf32> to vector<4xf32>
+CHECK:     vector.multi_reduction <maximumf>, %[[SC]], %{{.*}} [1] : vector<4x64xf32> to vector<4xf32>
 CHECK:     arith.maximumf %[[M]]
 CHECK:     math.exp2 {{.*}} : vector<4xf32>
 CHECK:     vector.shape_cast {{.*}} : vector<4xf32> to vector<4x1xf32>
-CHECK:     vector.broadcast {{.*}} : vector<4x1xf32> to vector<4x64xf32>
-CHECK:     math.exp2 {{.*}} : vector<4x64xf32>
+CHECK:     %[[BASE:.*]] = vector.broadcast {{.*}} : vector<4x1xf32> to vector<4x64xf32>
+CHECK:     %[[X:.*]] = arith.mulf %[[SC]], %{{.*}} fastmath<contract> : vector<4x64xf32>
+CHECK:     %[[ARG:.*]] = arith.subf %[[X]], %[[BASE]] fastmath<contract> : vector<4x64xf32>
+CHECK:     math.exp2 %[[ARG]] : vector<4x64xf32>
 CHECK:     vector.multi_reduction <add>
 CHECK:     vector.transfer_read {{.*}}[%c0, %c0, %[[J]], %c0]{{.*}} : tensor<1x1x?x8xf32>, vector<64x8xf32>
 CHECK:     vector.contract {{.*}} : vector<4x64xf32>, vector<64x8xf32> into vector<4x8xf32>
@@ -188,11 +189,12 @@ CHECK:   scf.forall.in_parallel
 
 
 def test_flash_scores_in_base_two():
-    # log2(e) folds into the scale constant (0.25 * 1.4427 = 0.3607), exp2 replaces exp,
-    # and the normalization is one reciprocal per row times the accumulator.
+    # The scale times log2(e) (0.25 * 1.4427 = 0.3607) multiplies in the exponent, which is
+    # exp2(s * c - m * c) (one FMA per score); the normalization is one reciprocal per row.
     ir = stage_ir(SPEC, "flash")
     filecheck(ir, r"""
 CHECK-DAG: arith.constant dense<0.360673755> : vector<4x64xf32>
+CHECK-DAG: arith.constant dense<0.360673755> : vector<4xf32>
 CHECK-DAG: arith.constant dense<1.000000e+00> : vector<4xf32>
 """)
     filecheck(ir, r"""

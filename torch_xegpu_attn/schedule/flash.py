@@ -337,26 +337,42 @@ class _WorkGroup:
             carried = list(loop.results)
         return carried
 
-    def _scores(self, j: ir.Value, r: _KeyRange) -> ir.Value:
-        """QK^T of the tile and the score chain on it, in base-2 units."""
+    def _scores(self, j: ir.Value, r: _KeyRange):
+        """QK^T of the tile and the score chain on it: (scores, factor).
+
+        The softmax runs in base 2.  Where nothing additive follows the scale
+        (no additive mask) and the scale is positive, the scores stay unscaled
+        and `factor` = scale * log2(e) folds into the exponent, exp2(s * factor -
+        base): one FMA per score (the row max of unscaled scores is the same
+        key's).  Else the factor multiplies the scores here (folded into the
+        scale's constant when nothing follows it) and `factor` is None.
+        """
         k, k_rows = self._k_operand(j, r)
         maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
                 for dims in ([0, 2], [1, 2] if k_rows else [2, 1], [0, 1])]
         s = _contract(self.q_tile, k, splat([self.rows, r.tile], self.acc, 0.0), maps)
         translator = BodyTranslator([self.rows, r.tile], self._index_vectors(j, r.tile))
-        fold_after = "mask" if self.spec.mask is not None and self.spec.mask.kind == "additive" else "scale"
+        additive = self.spec.mask is not None and self.spec.mask.kind == "additive"
+        fold_after = "mask" if additive else "scale"
         plain = [op for op in self.score_ops if tag_of(op) not in INDEX_MASK_TAGS]
         guarded = [op for op in self.score_ops if tag_of(op) in INDEX_MASK_TAGS]
+        factor = None
         for op in plain:
+            if tag_of(op) == "scale" and not additive:
+                constant = _scale_constant(op)
+                if constant is not None and constant > 0:
+                    factor = constant * _LOG2E
+                    continue  # applied in the exponent
             extra = [self._operand_tile(op, i, j, r) for i in range(1, len(op.operands) - 1)]
             s = translator.translate(op, [s, *extra, None])
             if tag_of(op) == fold_after:
                 s = _scaled(s, _LOG2E)
-        if not any(tag_of(op) == fold_after for op in plain):
+        if factor is None and not any(tag_of(op) == fold_after for op in plain):
             raise CompileError(f"flash: no score op tagged {fold_after!r} to fold log2(e) into")
         if guarded or r.key_bound:
             s = self._guarded_masks(s, j, r, guarded, translator)
-        return s
+        self.exponent_factor = factor
+        return s, factor
 
     def _guarded_masks(self, s, j, r: _KeyRange, guarded, translator) -> ir.Value:
         """Index masks (keys >= S; causal) only on the tiles that need them."""
@@ -388,16 +404,21 @@ class _WorkGroup:
     def _step(self, j, r: _KeyRange, m, l, acc):
         """One online-softmax step over the key tile [j, j + r.tile)."""
         rows, tile = self.rows, r.tile
-        s = self._scores(j, r)
+        s, factor = self._scores(j, r)
         tile_max = vector.multi_reduction(ir.Attribute.parse("#vector.kind<maximumf>"), s,
                                           splat([rows], self.acc, _NEG_INF), [1])
         new_max = arith.maximumf(m, tile_max)
         base = _exp_base(new_max)
-        alpha = mmath.exp2(arith.subf(m, base))
-        p = mmath.exp2(arith.subf(s, broadcast_rows(base, tile)))
+        if factor is None:  # scores in base-2 units already
+            alpha = mmath.exp2(arith.subf(m, base))
+            p = mmath.exp2(arith.subf(s, broadcast_rows(base, tile)))
+        else:               # m, s unscaled: exp2(x * factor - base * factor), FMAs
+            base = arith.mulf(base, splat([rows], self.acc, factor))
+            alpha = mmath.exp2(_fms(m, splat([rows], self.acc, factor), base))
+            p = mmath.exp2(_fms(s, splat([rows, tile], self.acc, factor), broadcast_rows(base, tile)))
         tile_sum = vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), p,
                                           splat([rows], self.acc, 0.0), [1])
-        new_sum = arith.addf(arith.mulf(l, alpha), tile_sum)
+        new_sum = arith.addf(arith.mulf(l, alpha, fastmath=_contract_flag()), tile_sum, fastmath=_contract_flag())
         v = read_tile(self.v, [(2, tile, r.in_bounds), (3, self.ev, True)], {2: j},
                       arith.constant(self.et, 0.0))
         if self.options.pv_in_f32 or self.et == self.acc:
@@ -453,6 +474,8 @@ class _WorkGroup:
         with ir.InsertionPoint(terminator), loop.location:
             g0 = const_index(0) if self.packed else ivs["g"]
             row0 = arith.muli(ivs["r"], const_index(R))  # (values of the old loop may be its ivs)
+            if self.exponent_factor is not None:  # partial maxima in base-2 units for the combine
+                m = arith.mulf(m, splat([self.rows], self.acc, self.exponent_factor))
             for value, arg, has_ev in ((m, loop.inner_iter_args[1], False), (l, loop.inner_iter_args[2], False),
                                        (acc, loop.inner_iter_args[3], True)):
                 offsets = [ivs["p"], ivs["b"], ivs["h"], g0, row0] + ([0] if has_ev else [])
@@ -600,6 +623,30 @@ def _normalize(acc: ir.Value, total: ir.Value, ev: int, element: ir.Type) -> ir.
     inverse = arith.select(arith.cmpf(arith.CmpFPredicate.OEQ, total, zero), zero,
                            arith.divf(splat(rows, kind, 1.0), total))
     return _convert(arith.mulf(acc, broadcast_rows(inverse, ev)), element)
+
+
+def _contract_flag() -> ir.Attribute:
+    """fastmath<contract>: a product feeding a sum may fuse into one FMA."""
+    return ir.Attribute.parse("#arith.fastmath<contract>")
+
+
+def _fms(x: ir.Value, factor: ir.Value, base: ir.Value) -> ir.Value:
+    """x * factor - base, contractible into one FMA."""
+    return arith.subf(arith.mulf(x, factor, fastmath=_contract_flag()), base, fastmath=_contract_flag())
+
+
+def _scale_constant(op: ir.Operation) -> Optional[float]:
+    """c of a score op whose body is `mulf(score, c)` with c a float constant, else None."""
+    body = [o.operation for o in op.regions[0].blocks[0].operations]
+    if len(body) != 2 or body[0].name != "arith.mulf":
+        return None
+    operands = list(body[0].operands)
+    if operands[0] != op.regions[0].blocks[0].arguments[0]:
+        return None
+    constant = defining_op(operands[1])
+    if constant is None or constant.name != "arith.constant":
+        return None
+    return ir.FloatAttr(constant.attributes["value"]).value
 
 
 def _scaled(scores: ir.Value, factor: float) -> ir.Value:
