@@ -9,7 +9,8 @@
 # Idempotent: each step leaves a stamp in .venv (the SHA-256 of what it was made
 # from), and a second run with nothing changed only checks that the package
 # imports (seconds).  A changed requirements file reinstalls it; a changed
-# csrc/, setup.py, pyproject.toml or requirements.txt rebuilds the extension.
+# csrc/ (but the CUDA launcher, built at first CUDA use), setup.py, pyproject.toml
+# or requirements.txt rebuilds the extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,7 +30,7 @@ stamp_ok() {  # stamp_ok NAME DIGEST
 }
 build_inputs() {
     echo setup.py pyproject.toml requirements.txt
-    find csrc -type f | LC_ALL=C sort
+    find csrc -type f ! -name 'cuda_*' | LC_ALL=C sort
 }
 
 requirements="requirements.txt"

@@ -18,7 +18,7 @@ from mlir.execution_engine import ExecutionEngine
 from mlir.runtime import get_ranked_memref_descriptor
 
 from torch_xegpu_attn.mlir_utils import mlir_context
-from torch_xegpu_attn.targets.cpu import LLVM_PIPELINE
+from torch_xegpu_attn.targets.cpu.lowering import LLVM_PIPELINE
 from torch_xegpu_attn.targets.cpu.exp import expand_exp
 
 N = 512

@@ -8,6 +8,10 @@
         y = model(x)
 
     torch_xegpu_attn.register_transformers()     # Hugging Face: attn_implementation="xegpu"
+
+    # On a machine with the compiler, for a GPU node without it (carry XEGPU_ATTN_CACHE_DIR):
+    q = torch.empty(1, 16, 4096, 128, dtype=torch.float16, device="meta")
+    torch_xegpu_attn.precompile(q, q, q, is_causal=True, target="nvvm", arch="sm_90a")
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import List, Optional
 
 import torch
 
-from . import _C, frontend, knobs, ops  # noqa: F401  (_C defines the op, ops registers the rest)
+from . import _native
+
+_C = _native.load()  # the op's schema and CPU kernel (built from csrc/ here if not installed)
+from . import frontend, knobs, ops  # noqa: E402,F401  (ops registers the other devices' kernels)
 from .cache import CACHE, stats
 from .compiler import COUNTERS, CompilationStopped, CompileReport, compile_spec, stage_names
 from .spec import AttentionSpec, MaskSpec
@@ -72,6 +79,30 @@ def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
         if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
             return False
     return True
+
+
+def precompile(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+               target: str, arch: Optional[str] = None) -> Optional[str]:
+    """Compile the kernel that `attention(query, key, value, ...)` needs on `target` into the
+    disk cache (knobs: XEGPU_ATTN_CACHE_DIR) without loading it; returns the entry's key, or
+    None when the call needs no kernel (an empty result).
+
+    The tensors may live anywhere (`meta` tensors cost nothing): only their shapes, strides
+    and dtypes count, and the kernel takes any run-time batch, head count and lengths of the
+    same length class.  `arch` names the GPU a GPU target compiles for (default: the GPU of
+    this machine, or the target's default architecture when there is none)."""
+    from .cache import CACHE as _cache
+    from .targets import get_target
+    spec = frontend.spec_for_target(query, key, value, attn_mask, is_causal, scale, enable_gqa, target=target)
+    if spec is None:
+        return None
+    backend = get_target(target)
+    if arch is None:
+        return _cache.precompile(spec)
+    if not hasattr(backend, "compiling_for"):
+        raise ValueError(f"arch= is for GPU targets; the {target} target compiles for this machine")
+    with backend.compiling_for(arch):
+        return _cache.precompile(spec)
 
 
 def register_transformers() -> str:
@@ -171,5 +202,5 @@ def replace_sdpa(warn_if_unused: bool = True):
                           stacklevel=3)
 
 
-__all__ = ["attention", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
+__all__ = ["attention", "precompile", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
            "CompilationStopped", "CompileReport", "CACHE", "COUNTERS", "stats"]

@@ -4,6 +4,8 @@
     python -m torch_xegpu_attn compile --shape 2,8,1024,1024,64 --causal --dump-ir ir/ [--stop-after flash] [--print]
     python -m torch_xegpu_attn compile --shape 1,8,1,300,64 --fill-cache
     python -m torch_xegpu_attn cache [--clear]
+    python -m torch_xegpu_attn precompile --target nvvm --arch sm_90a --shape 4,16,4096,4096,128 --dtype float16 --causal
+    python -m torch_xegpu_attn precompile --target nvvm --head-dim 128 --length-class decode --group 4 --dtype bfloat16
 
 --shape is B,H,L,S,E[,Ev] (H = key/value heads); --group G gives H*G query heads
 (GQA); --mask KIND:DIMS gives a mask, e.g. bool:bls (varies along batch, query
@@ -12,6 +14,11 @@ length class; the shape picks the class.  --print prints the IR of the
 --stop-after stage (of the last IR stage without --stop-after).  `compile`
 compiles afresh and neither reads nor writes the disk cache, unless
 --fill-cache: then the kernel comes from the cache, or is compiled into it.
+
+`precompile` puts the kernel into the disk cache without loading it: for a
+machine that will run it without the compiler (a GPU node: carry the cache
+directory there, XEGPU_ATTN_CACHE_DIR).  A length class (--length-class) can
+stand for --shape; --scale takes a float or its hex form (float.hex).
 
 Mistakes in the arguments are reported in one line, with exit status 2.
 """
@@ -64,17 +71,57 @@ def _mask(text: str, dtype: str):
         raise UsageError(f"--mask {text}: {error}") from None
 
 
+def _scale(text):
+    if text is None:
+        return None
+    try:
+        return float.fromhex(text) if "0x" in text.lower() else float(text)
+    except ValueError:
+        raise UsageError(f"--scale takes a float (or its hex form), got {text!r}") from None
+
+
 def _spec(args) -> AttentionSpec:
     target = _target(args.target)
-    size, e, ev = _shape(args.shape)
+    length_class = getattr(args, "length_class", None)
+    if args.shape:
+        size, e, ev = _shape(args.shape)
+    elif length_class and getattr(args, "head_dim", None):
+        size, e = None, args.head_dim
+        ev = args.v_head_dim or e
+    else:
+        raise UsageError("give --shape B,H,L,S,E[,Ev], or --head-dim with --length-class")
     if args.group < 1:
         raise UsageError(f"--group must be positive, got {args.group}")
     if args.mask and args.causal:
         raise UsageError("--mask and --causal exclude each other (as attn_mask and is_causal do)")
     mask = _mask(args.mask, args.dtype) if args.mask else None
-    length_class = target.length_class(size, args.group)
-    return AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
-                         scale=args.scale, mask=mask, target=args.target, length_class=length_class)
+    if size is not None:
+        length_class = target.length_class(size, args.group)
+    try:
+        spec = AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
+                             scale=_scale(args.scale), mask=mask, target=args.target, length_class=length_class)
+        target.check(spec)
+    except (ValueError, NotImplementedError) as error:
+        raise UsageError(str(error)) from None
+    return spec
+
+
+def _precompile(args) -> int:
+    from .cache import CACHE
+    spec = _spec(args)
+    target = get_target(spec.target)
+    if args.arch and not hasattr(target, "compiling_for"):
+        raise UsageError(f"--arch is for GPU targets; the {spec.target} target compiles for this machine")
+    start = time.perf_counter()
+    if args.arch:
+        with target.compiling_for(args.arch):
+            key = CACHE.precompile(spec)
+    else:
+        key = CACHE.precompile(spec)
+    arch = f" for {args.arch}" if args.arch else ""
+    print(f"{spec.short_name()}{arch}: in the disk cache ({key[:12]}, {knobs.cache_dir()}), "
+          f"{time.perf_counter() - start:.2f} s")
+    return 0
 
 
 def _stop_after(args) -> str:
@@ -199,7 +246,7 @@ def main(argv=None) -> int:
     comp.add_argument("--dtype", default="float32", choices=DTYPES)
     comp.add_argument("--causal", action="store_true")
     comp.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
-    comp.add_argument("--scale", type=float, default=None)
+    comp.add_argument("--scale", default=None, help="a float, or its hex form")
     comp.add_argument("--target", default="cpu")
     comp.add_argument("--dump-ir", default=None, help="write the IR after every stage to this directory")
     comp.add_argument("--stop-after", default=None, help="stop after this stage")
@@ -207,6 +254,18 @@ def main(argv=None) -> int:
                       help="print the IR of the --stop-after stage (default: the last IR stage)")
     comp.add_argument("--fill-cache", action="store_true",
                       help="take the kernel from the disk cache, or compile it into the cache")
+    pre = commands.add_parser("precompile", help="compile a kernel into the disk cache (for another machine)")
+    pre.add_argument("--shape", default="", help="B,H,L,S,E[,Ev] (or --head-dim and --length-class)")
+    pre.add_argument("--head-dim", type=int, default=0)
+    pre.add_argument("--v-head-dim", type=int, default=0)
+    pre.add_argument("--length-class", default="")
+    pre.add_argument("--group", type=int, default=1, help="query heads per key/value head")
+    pre.add_argument("--dtype", default="float16", choices=DTYPES)
+    pre.add_argument("--causal", action="store_true")
+    pre.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
+    pre.add_argument("--scale", default=None, help="a float, or its hex form")
+    pre.add_argument("--target", default="nvvm")
+    pre.add_argument("--arch", default="", help="GPU architecture, e.g. sm_90a (default: the target's)")
     cache = commands.add_parser("cache", help="list (or clear) the disk cache's entries")
     cache.add_argument("--clear", action="store_true")
     args = parser.parse_args(argv)
@@ -217,6 +276,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "compile":
             return _compile(args)
+        if args.command == "precompile":
+            return _precompile(args)
         return _cache(args)
     except (UsageError, knobs.KnobError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

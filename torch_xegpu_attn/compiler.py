@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import knobs
-from .mlir_utils import mlir_context
-from .payload import build_attention_payload
-from .schedule import SHARED_STAGES, ScheduleOptions
+from .errors import KernelNotAvailable
+from .schedule import SHARED_STAGE_NAMES, ScheduleOptions
 from .spec import AttentionSpec
 from .targets import KernelArtifact, get_target
 
@@ -55,7 +54,25 @@ class CompileReport:
 
 def stage_names(target_name: str = "cpu") -> List[str]:
     target = get_target(target_name)
-    return ["payload", *(n for n, _ in SHARED_STAGES), *(n for n, _ in target.stages()), "binary"]
+    return ["payload", *SHARED_STAGE_NAMES, *target.stage_names(), "binary"]
+
+
+def compiler_available():
+    """(True, "") when the pinned MLIR bindings import here, else (False, why)."""
+    try:
+        import mlir.ir  # noqa: F401
+    except ImportError as error:
+        return False, f"the MLIR Python bindings are not installed: {error}"
+    return True, ""
+
+
+def precompile_hint(spec: AttentionSpec) -> str:
+    """The command that puts the kernel of `spec` into the disk cache (on a machine with MLIR)."""
+    mask = f" --mask {spec.mask.kind}:{''.join(spec.mask.dims)}" if spec.mask is not None else ""
+    return (f"python -m torch_xegpu_attn precompile --target {spec.target} --group {spec.group} "
+            f"--head-dim {spec.head_dim} --v-head-dim {spec.v_head_dim} --dtype {spec.dtype} "
+            f"--length-class {spec.length_class} --scale {float(spec.scale).hex()}"
+            f"{' --causal' if spec.causal else ''}{mask}, or torch_xegpu_attn.precompile(query, key, value, ...)")
 
 
 def dump_folder_name(spec: AttentionSpec, options: ScheduleOptions) -> str:
@@ -77,9 +94,13 @@ def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after
     shared stages with other targets' options through the cpu target).
     """
     target = get_target(spec.target)
-    ok, why = target.available()
+    ok, why = compiler_available()
+    if ok:
+        ok, why = target.available()
     if not ok:
-        raise NotImplementedError(f"target {spec.target!r} cannot compile here: {why}")
+        raise KernelNotAvailable(f"the {spec.target} target cannot compile here ({why}); the kernel of "
+                                 f"{spec.short_name()} must come from the disk cache: precompile it on a "
+                                 f"machine with the toolchain ({precompile_hint(spec)})")
     dump_dir = dump_dir if dump_dir is not None else knobs.dump_ir_dir()
     stop_after = stop_after if stop_after is not None else knobs.stop_after()
     names = stage_names(spec.target)
@@ -92,12 +113,15 @@ def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after
         os.makedirs(dump_dir, exist_ok=True)
     _bump("compilations")
 
+    from .mlir_utils import mlir_context
+    from .payload import build_attention_payload
+    from .schedule import shared_stages
     with mlir_context():
         start = time.perf_counter()
         module = build_attention_payload(spec)
         _bump("payloads_built")
         _finish_stage(0, "payload", module, start, dump_dir, stop_after, report)
-        stages = list(SHARED_STAGES) + list(target.stages())
+        stages = list(shared_stages()) + list(target.stages())
         for i, (name, run) in enumerate(stages, start=1):
             start = time.perf_counter()
             module = run(module, spec, options)

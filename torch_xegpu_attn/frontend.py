@@ -203,8 +203,12 @@ def output_shape(query, key, value, enable_gqa, layout_=None) -> Tuple[int, ...]
     return (*batch, *heads, query.size(-2), value.size(-1))
 
 
-def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Plan:
-    """Check everything, then build the spec and the canonical operands (output allocated)."""
+def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+               target: Optional[str] = None) -> Plan:
+    """Check everything, then build the spec and the canonical operands (output allocated).
+
+    `target` overrides the target of the tensors' device (precompiling for another device,
+    from meta tensors for instance)."""
     check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     check_tensors(query, key, value, attn_mask, is_causal)
     batch, h, g = layout(query, key, value, enable_gqa)
@@ -222,7 +226,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     query, key, value = query.resolve_neg(), key.resolve_neg(), value.resolve_neg()
     if attn_mask is not None:
         attn_mask = attn_mask.resolve_neg()
-    target = target_for_device(query.device.type)
+    target = target or target_for_device(query.device.type)
 
     mask_spec, operands = None, []
     q = _canonical(query, batch, h * g, split=(h, g))
@@ -239,7 +243,15 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     operands.append(out.view(math.prod(batch), h, g, l, ev))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
                          scale=scale, mask=mask_spec, target=target, length_class=length_class)
+    get_target(target).check(spec)  # what the target does not take raises before any work
     return Plan(out_shape, spec=spec, operands=operands, output=out)
+
+
+def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+                    target: str) -> Optional[AttentionSpec]:
+    """The spec a call with these arguments needs on `target` (the tensors may be on any device,
+    `meta` included); None when the call needs no kernel (an empty result)."""
+    return _full_plan(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, target=target).spec
 
 
 def _new_output(shape, like: torch.Tensor) -> torch.Tensor:

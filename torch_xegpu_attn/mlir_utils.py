@@ -16,8 +16,7 @@ from mlir.dialects.transform import interpreter, structured
 TAG = "attn.tag"
 
 
-class CompileError(RuntimeError):
-    """The compiler met IR it does not know how to handle (a bug, or an unsupported case)."""
+from .errors import CompileError  # noqa: E402,F401  (re-exported: the stages raise it)
 
 
 # --------------------------------------------------------------------------- types

@@ -1,20 +1,23 @@
-"""The interface every target implements.  Targets are peers; the compiler only sees this."""
+"""The interface every target implements.  Targets are peers; the compiler only sees this.
+
+A target module imports MLIR only inside its stages and `emit`: the registry,
+length classes, options, fingerprints and loaders serve a machine that runs
+precompiled kernels without the compiler.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
-
-from mlir import ir
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from .. import knobs
 from ..schedule.options import ScheduleOptions
 from ..spec import TARGET_DEVICES, AttentionSpec, ProblemSize
 
-#: A stage maps IR to IR: fn(module, spec, options) -> module (usually the same object).
-Stage = Tuple[str, Callable[[ir.Module, AttentionSpec, ScheduleOptions], ir.Module]]
+#: A stage maps IR to IR: fn(module, spec, options) -> module (an mlir.ir.Module, usually the same object).
+Stage = Tuple[str, Callable[[Any, AttentionSpec, ScheduleOptions], Any]]
 
 
 @dataclass
@@ -59,12 +62,20 @@ class Target(abc.ABC):
                 raise knobs.KnobError(f"XEGPU_ATTN_SCHEDULE: {error}") from None
         return options
 
-    @abc.abstractmethod
-    def stages(self) -> Sequence[Stage]:
-        """The target's IR stages, run after the shared ones."""
+    def check(self, spec: AttentionSpec) -> None:
+        """Raise NotImplementedError (saying what to change) for a spec the target does not take;
+        the frontend calls it before any compile."""
 
     @abc.abstractmethod
-    def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions,
+    def stage_names(self) -> Sequence[str]:
+        """The names of the target's IR stages (without importing them)."""
+
+    @abc.abstractmethod
+    def stages(self) -> Sequence[Stage]:
+        """The target's IR stages, run after the shared ones (imports the compiler)."""
+
+    @abc.abstractmethod
+    def emit(self, module, spec: AttentionSpec, options: ScheduleOptions,
              keep_dir: str = "") -> KernelArtifact:
         """Turn the last stage's IR into a binary plus launch metadata.
 
@@ -78,6 +89,9 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def fingerprint(self) -> Dict[str, str]:
         """What about the machine and toolchain changes this target's binaries (for the cache key)."""
+
+    def prepare(self) -> None:
+        """Make the launcher usable (called before the first kernel of the target is loaded)."""
 
     def available(self) -> Tuple[bool, str]:
         """Whether this target can compile here, and why not."""

@@ -1,27 +1,24 @@
 """The cpu target: the shared work-group IR lowered to a host shared library.
 
-Stages after the shared schedule:
+Stages after the shared schedule (targets/cpu/lowering.py):
 
     cpu-grid     grid.outline_grids           each scf.forall -> attention_grid<i>(begin, end, ...)
     cpu-vector   microkernel + exp            contractions -> broadcast-FMA loops, exp -> polynomial
     cpu-llvm     LLVM_PIPELINE                everything -> LLVM dialect
 
 then `emit` runs mlir-translate / opt / llc / cc.  Work-groups run on torch's
-intra-op thread pool (see runtime/cpu.py and csrc/cpu_launcher.cpp).
+intra-op thread pool (see runtime/cpu.py and csrc/cpu_launcher.cpp).  This
+module imports no MLIR: the stages do, when they run.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Sequence
 
-from mlir import ir, passmanager
-from mlir.dialects import memref, scf
-
-from ...mlir_utils import CompileError, const_index, ops_named
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import KernelArtifact, Stage, Target, register
-from . import exp, grid, microkernel, toolchain
+from . import toolchain
 
 #: rows per work-group; with 64-column chunks the micro-kernel keeps
 #: ROW_TILE * 64 / 16 = 16 accumulator registers (AVX-512 has 32).
@@ -35,23 +32,6 @@ KV_TILE = 64
 N_BLOCK = 64
 N_BLOCK_F64 = 32
 
-LLVM_PIPELINE = ",".join([
-    "canonicalize", "cse",
-    "lower-affine",
-    "func.func(lower-vector-multi-reduction{lowering-strategy=inner-reduction})",
-    "func.func(convert-vector-to-scf{full-unroll=true})",
-    "convert-vector-to-llvm{vector-contract-lowering=outerproduct "
-    "vector-transpose-lowering=shuffle1d reassociate-fp-reductions=true}",
-    "lower-affine",
-    "func.func(arith-expand{include-bf16=true})",
-    "convert-math-to-llvm",
-    "expand-strided-metadata", "lower-affine",
-    "finalize-memref-to-llvm",
-    "convert-scf-to-cf", "convert-arith-to-llvm", "convert-ub-to-llvm", "convert-func-to-llvm",
-    "convert-cf-to-llvm", "convert-index-to-llvm", "reconcile-unrealized-casts",
-])
-
-
 #: query rows per key/value head (L * G) up to which K is read in place by
 #: dot products instead of being transposed once into a workspace: with so few
 #: rows the transpose pass costs more than it saves.
@@ -62,48 +42,9 @@ def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
-    """Stage cpu-vector: register-blocked contractions and a vectorizable exp."""
-    microkernel.lower_contractions(module, N_BLOCK_F64 if spec.dtype == "float64" else N_BLOCK)
-    exp.expand_exp(module)
-    return module
 
-
-def _copy_loops(source, target, shape, indices) -> None:
-    if len(indices) == len(shape):
-        memref.store(memref.load(source, indices), target, indices)
-        return
-    d = len(indices)
-    size = memref.dim(source, const_index(d)) if shape[d] == ir.ShapedType.get_dynamic_size() else const_index(shape[d])
-    loop = scf.ForOp(const_index(0), size, const_index(1))
-    with ir.InsertionPoint(loop.body):
-        _copy_loops(source, target, shape, indices + [loop.induction_variable])
-        scf.YieldOp([])
-
-
-def copies_to_loops(module: ir.Module) -> int:
-    """memref.copy -> scf loops of loads and stores.
-
-    A strided copy (the transpose of a one-key-wide tile when no tile width
-    divides S) would otherwise become a call into MLIR's runtime library; the
-    kernel libraries stay self-contained.
-    """
-    copies = ops_named(module, "memref.copy")
-    for copy in copies:
-        with ir.InsertionPoint(copy), copy.location:
-            _copy_loops(copy.operands[0], copy.operands[1], ir.MemRefType(copy.operands[0].type).shape, [])
-        copy.erase()
-    return len(copies)
-
-
-def lower_to_llvm(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
-    """Stage cpu-llvm: the standard conversions down to the LLVM dialect."""
-    left = ops_named(module, "memref.alloc")
-    if left:
-        raise CompileError(f"cpu-llvm: {len(left)} heap allocation(s) left inside grids")
-    copies_to_loops(module)
-    passmanager.PassManager.parse(f"builtin.module({LLVM_PIPELINE})").run(module.operation)
-    return module
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 class CpuTarget(Target):
@@ -129,13 +70,18 @@ class CpuTarget(Target):
                                    transpose_tile=(_largest_divisor(spec.head_dim, 16), 16), tail=TAIL)
         raise ValueError(f"the cpu target has no length class {spec.length_class!r}")
 
-    def stages(self) -> Sequence[Stage]:
-        return (("cpu-grid", grid.outline_grids),
-                ("cpu-vector", lower_vector_ops),
-                ("cpu-llvm", lower_to_llvm))
+    def stage_names(self) -> Sequence[str]:
+        return ("cpu-grid", "cpu-vector", "cpu-llvm")
 
-    def emit(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions,
+    def stages(self) -> Sequence[Stage]:
+        from . import grid, lowering
+        return (("cpu-grid", grid.outline_grids),
+                ("cpu-vector", lowering.lower_vector_ops),
+                ("cpu-llvm", lowering.lower_to_llvm))
+
+    def emit(self, module, spec: AttentionSpec, options: ScheduleOptions,
              keep_dir: str = "") -> KernelArtifact:
+        from . import grid
         metadata = grid.kernel_metadata(module)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]

@@ -1,0 +1,142 @@
+"""CUDA benchmark: torch.ops.xegpu.attention (nvvm target) next to SDPA's backends, in one run.
+
+For each row, fresh random inputs, the same tensors for every implementation,
+triton.testing.do_bench medians; TFLOPS = 4 * B * H * L * S * D / t (halved
+when causal).  Rows: f16 and bf16, head dims 64 and 128, N = L = S from 1024
+to 16384 with B * N = 16k and H * D = 2048, causal and not; then decode rows
+(L = 1, S from 1k to 32k, GQA 32/8, D = 128, bf16).  Also the host cost of a
+cache-hit call on a tiny problem next to SDPA's (interleaved medians).
+
+    python benchmarks/bench_cuda.py [--csv out.csv] [--quick]
+
+Writes the CSV; `python benchmarks/plot_bench.py out.csv out.png` draws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import torch_xegpu_attn
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _time(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _sdpa_times(q, k, v, causal: bool, gqa: bool):
+    times = {}
+    for name, backend in BACKENDS.items():
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                times[name] = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                           enable_gqa=gqa))
+        except RuntimeError:
+            times[name] = None  # the backend refuses this problem
+    return times
+
+
+def prefill_rows(quick: bool):
+    lengths = (2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            for n in lengths:
+                for causal in (False, True):
+                    yield dtype, d, n, causal
+
+
+def bench_prefill(rows: list, quick: bool) -> None:
+    print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>7} {'flash':>7} {'cudnn':>7} {'effic.':>7} "
+          f"{'/flash':>7}  (TFLOPS)")
+    for dtype, d, n, causal in prefill_rows(quick):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+        flops = 4.0 * b * h * n * n * d / (2 if causal else 1)
+        torch_xegpu_attn.attention(q, k, v, is_causal=causal)  # compile or load
+        ours = _time(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal))
+        sdpa = _sdpa_times(q, k, v, causal, False)
+        tf = {name: (flops / t / 1e9 if t else None) for name, t in {"ours": ours, **sdpa}.items()}
+        ratio = tf["ours"] / tf["flash"] if tf["flash"] else float("nan")
+        fmt = lambda x: f"{x:7.0f}" if x else "      -"  # noqa: E731
+        print(f"{str(dtype)[6:]:9} {d:4d} {n:6d} {str(causal):>6} {fmt(tf['ours'])} {fmt(tf['flash'])} "
+              f"{fmt(tf['cudnn'])} {fmt(tf['efficient'])} {ratio:7.2f}", flush=True)
+        rows.append({"kind": "prefill", "dtype": str(dtype)[6:], "D": d, "B": b, "H": h, "L": n, "S": n,
+                     "causal": causal, **{f"{k}_tflops": (round(x, 1) if x else "") for k, x in tf.items()},
+                     **{f"{k}_ms": (round(t, 4) if t else "") for k, t in {"ours": ours, **sdpa}.items()}})
+
+
+def bench_decode(rows: list, quick: bool) -> None:
+    print(f"\ndecode (bf16, D=128, L=1, GQA 32/8; us):")
+    print(f"{'B':>3} {'S':>6} {'ours':>8} {'flash':>8} {'cudnn':>8} {'effic.':>8} {'floor':>8}")
+    cases = [(1, 4096), (1, 32768)] if quick else [(1, 1024), (1, 4096), (1, 32768), (8, 32768), (8, 4096)]
+    for b, s in cases:
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        torch_xegpu_attn.attention(q, k, v, enable_gqa=True)
+        ours = _time(lambda: torch_xegpu_attn.attention(q, k, v, enable_gqa=True))
+        sdpa = _sdpa_times(q, k, v, False, True)
+        floor = 2 * k.numel() * 2 / 4.24e12 * 1e3  # K and V read once at the measured copy bandwidth
+        fmt = lambda t: f"{t * 1e3:8.1f}" if t else "       -"  # noqa: E731
+        print(f"{b:3d} {s:6d} {fmt(ours)} {fmt(sdpa['flash'])} {fmt(sdpa['cudnn'])} {fmt(sdpa['efficient'])} "
+              f"{fmt(floor)}", flush=True)
+        rows.append({"kind": "decode", "dtype": "bfloat16", "D": 128, "B": b, "H": 32, "L": 1, "S": s,
+                     "causal": False, **{f"{k}_ms": (round(t, 5) if t else "") for k, t in
+                                         {"ours": ours, **sdpa, "floor": floor}.items()}})
+
+
+def bench_host(rows: list) -> None:
+    """CPU time of a cache-hit call on a tiny problem (launches are asynchronous)."""
+    q, k, v = (torch.randn(1, 1, 16, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    calls = {"attention()": lambda: torch_xegpu_attn.attention(q, k, v),
+             "torch.ops.xegpu.attention": lambda: torch.ops.xegpu.attention(q, k, v),
+             "SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
+    for fn in calls.values():
+        fn()
+    torch.cuda.synchronize()
+    samples = {name: [] for name in calls}
+    for _ in range(21):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            for _ in range(200):
+                fn()
+            samples[name].append((time.perf_counter() - start) / 200 * 1e6)
+        torch.cuda.synchronize()
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    print("\ncache-hit host cost, tiny problem (1x1x16x64 f16): " +
+          ", ".join(f"{name} {t:.1f} us" for name, t in medians.items()))
+    rows.append({"kind": "host", **{f"{n}_us": round(t, 2) for n, t in medians.items()}})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", default="")
+    parser.add_argument("--quick", action="store_true", help="fewer rows")
+    args = parser.parse_args(argv)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows: list = []
+    bench_host(rows)
+    bench_prefill(rows, args.quick)
+    bench_decode(rows, args.quick)
+    if args.csv:
+        keys = sorted({k for r in rows for k in r})
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

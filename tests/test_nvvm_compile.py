@@ -1,0 +1,89 @@
+"""The nvvm stages without a GPU: the distributed kernels, their PTX and what ptxas makes of them.
+
+For a set of specs (prefill and decode classes, head dims, causal, masks, GQA,
+Ev != E), compile for sm_90a and check: every work-group loop became one
+kernel; the PTX has the tensor-core path (mma.sync m16n8k16, ldmatrix,
+.trans for V, cp.async copies into shared memory, ex2.approx, shuffles); the
+staged tiles fit the 227 KB of shared memory; ptxas' registers and spills stay
+within bounds (spills are what the reported speed was measured with).
+"""
+
+import re
+from dataclasses import replace
+
+import pytest
+
+from torch_xegpu_attn.compiler import compile_spec
+from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
+from torch_xegpu_attn.targets import get_target
+
+nvvm = get_target("nvvm")
+pytestmark = pytest.mark.skipif(not nvvm.available()[0], reason=f"no ptxas: {nvvm.available()[1]}")
+
+PREFILL = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", target="nvvm", length_class="prefill")
+SPECS = {
+    "prefill-e64": PREFILL,
+    "prefill-e64-causal": replace(PREFILL, causal=True),
+    "prefill-e128-bf16": replace(PREFILL, head_dim=128, v_head_dim=128, dtype="bfloat16"),
+    "prefill-e128-causal": replace(PREFILL, head_dim=128, v_head_dim=128, causal=True),
+    "prefill-e256": replace(PREFILL, head_dim=256, v_head_dim=256),
+    "prefill-e32-ev64": replace(PREFILL, head_dim=32, v_head_dim=64),
+    "prefill-bool-mask": replace(PREFILL, mask=MaskSpec("bool", ("b", "l", "s"), "bool")),
+    "prefill-additive-mask": replace(PREFILL, mask=MaskSpec("additive", ("s",), "float16")),
+    "prefill-gqa": replace(PREFILL, group=4, causal=True),
+    "decode-gqa": replace(PREFILL, group=4, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="decode"),
+    "decode-mha": replace(PREFILL, length_class="decode"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    found = {}
+    for name, spec in SPECS.items():
+        folder = tmp_path_factory.mktemp(name)
+        artifact = compile_spec(spec, dump_dir=str(folder))
+        ptx = next(folder.rglob("kernel.ptx")).read_text()
+        found[name] = (spec, artifact, ptx)
+    return found
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_kernels_and_ptx(compiled, name):
+    spec, artifact, ptx = compiled[name]
+    options = nvvm.options_for(spec)
+    kernels = artifact.metadata["kernels"]
+    assert len(kernels) == (2 if options.kv_splits > 1 else 1)  # work-group loop (+ combine)
+    main = kernels[0]
+    entries = re.findall(r"\.visible \.entry (\w+)\(", ptx)
+    assert entries == [k["name"] for k in kernels]
+    assert main["threads"] % 32 == 0 and main["shared_bytes"] <= 227 * 1024
+    body = ptx.split(".entry " + main["name"])[1].split(".entry")[0]
+    for needle in ("mma.sync.aligned.m16n8k16.row.col.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                   "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global",
+                   "cp.async.wait_group", "ex2.approx.ftz.f32", "shfl.sync.bfly.b32", "bar.sync"):
+        assert needle in body, f"{needle} missing from {main['name']}"
+    kind = "bf16" if spec.dtype == "bfloat16" else "f16"
+    assert f".f32.{kind}.{kind}.f32" in body
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_registers_and_spills(compiled, name):
+    spec, artifact, _ = compiled[name]
+    for kernel, report in artifact.metadata["resources"].items():
+        assert report["registers"] <= 255
+        # The measured kernels spill at most a few words (README); much more is a regression.
+        assert report["spill_stores"] <= 128, f"{kernel}: {report}"
+
+
+def test_decode_packs_heads_and_splits_keys(compiled):
+    spec, artifact, _ = compiled["decode-gqa"]
+    options = nvvm.options_for(spec)
+    assert options.pack_gqa and options.kv_splits > 1 and options.row_tile * spec.group == 16
+    assert len(artifact.metadata["workspaces"]) == 3  # partial max, sum, accumulator
+
+
+def test_unsupported_specs_raise_before_compiling():
+    with pytest.raises(NotImplementedError, match="float16 and bfloat16"):
+        nvvm.check(replace(PREFILL, dtype="float32"))
+    with pytest.raises(NotImplementedError, match="multiples of 16"):
+        nvvm.check(replace(PREFILL, head_dim=72, v_head_dim=72))

@@ -1,0 +1,168 @@
+"""The nvvm target on a CUDA GPU: numerics against a float64 reference, bounded by SDPA's error.
+
+Skipped without a CUDA device (CI has none); run on the lent H200 (see the
+README).  Every case: fresh random inputs, outputs poisoned with NaN
+(XEGPU_ATTN_POISON, conftest), the op's max abs error against the float64
+reference at most 2x SDPA's on the same inputs plus a floor.  Also: a CUDA
+graph captures the op, torch.compile(fullgraph=True) traces it, misaligned
+inputs are copied rather than read wrongly, float32 and odd head dims raise.
+
+A GPU machine without MLIR runs these from precompiled kernels.  With
+XEGPU_ATTN_TEST_PRECOMPILE=<arch> (e.g. sm_90a) the same tests run here, on
+`meta` tensors, and put every kernel they call into the disk cache instead of
+running it (XEGPU_ATTN_CACHE_DIR names the cache to carry to the GPU machine):
+
+    XEGPU_ATTN_TEST_PRECOMPILE=sm_90a XEGPU_ATTN_CACHE_DIR=gpu-cache pytest tests/test_nvvm_gpu.py
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_xegpu_attn
+from conftest import reference_attention
+
+PRECOMPILE_ARCH = os.environ.get("XEGPU_ATTN_TEST_PRECOMPILE", "")
+DEVICE = "meta" if PRECOMPILE_ARCH else "cuda"
+pytestmark = pytest.mark.skipif(not (PRECOMPILE_ARCH or torch.cuda.is_available()), reason="needs a CUDA GPU")
+only_on_gpu = pytest.mark.skipif(bool(PRECOMPILE_ARCH), reason="precompiling: the kernels only")
+
+FLOOR = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def check(q, k, v, **kw):
+    if PRECOMPILE_ARCH:
+        torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH)
+        return
+    ours = torch_xegpu_attn.attention(q, k, v, **kw)
+    sdpa = F.scaled_dot_product_attention(q, k, v, **kw)
+    ref = reference_attention(q, k, v, **kw)
+    assert ours.shape == sdpa.shape and ours.dtype == q.dtype and ours.device == q.device
+    assert not ours.isnan().any(), "unwritten or NaN output elements"
+    err = (ours.double() - ref).abs().max().item()
+    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    bound = 2 * sdpa_err + FLOOR[q.dtype]
+    assert err <= bound, f"error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e})"
+
+
+def rand(*shape, dtype=torch.float16):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(dtype, head_dim, causal, fresh_seed):
+    check(rand(2, 3, 300, head_dim, dtype=dtype), rand(2, 3, 300, head_dim, dtype=dtype),
+          rand(2, 3, 300, head_dim, dtype=dtype), is_causal=causal)
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (7, 7), (64, 64), (100, 257), (257, 100), (1000, 1000), (1, 4097),
+                                 (129, 3000), (3000, 129)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(L, S, causal, fresh_seed):
+    check(rand(1, 2, L, 64), rand(1, 2, S, 64), rand(1, 2, S, 64), is_causal=causal)
+
+
+B, H, L, S = 2, 3, 37, 70
+MASK_SHAPES = {"full": (B, H, L, S), "per_batch": (B, 1, L, S), "per_head": (1, H, L, S),
+               "per_query_row": (L, 1), "rows_and_keys": (L, S), "key_padding": (B, 1, 1, S)}
+
+
+@pytest.mark.parametrize("pattern", list(MASK_SHAPES))
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_masks(pattern, kind, fresh_seed):
+    shape = MASK_SHAPES[pattern]
+    if kind == "bool":
+        mask = torch.rand(shape, device=DEVICE) > 0.4
+    else:
+        mask = torch.randn(shape, device=DEVICE, dtype=torch.float16)
+        mask = mask.masked_fill(torch.rand(shape, device=DEVICE) > 0.8, float("-inf"))
+    check(rand(B, H, L, 64), rand(B, H, S, 64), rand(B, H, S, 64), attn_mask=mask)
+
+
+def test_fully_masked_rows_give_zero(fresh_seed):
+    mask = torch.rand(2, 1, 9, 70, device=DEVICE) > 0.5
+    mask[:, :, 3] = False
+    check(rand(2, 2, 9, 64), rand(2, 2, 70, 64), rand(2, 2, 70, 64), attn_mask=mask)
+    if PRECOMPILE_ARCH:
+        return
+    out = torch_xegpu_attn.attention(rand(2, 2, 9, 64), rand(2, 2, 70, 64), rand(2, 2, 70, 64), attn_mask=mask)
+    assert (out[:, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("hq,hk,L,causal", [(8, 2, 50, False), (8, 2, 200, True), (32, 8, 1, False),
+                                             (32, 8, 2, False), (6, 3, 1, False), (4, 1, 33, True)])
+def test_gqa(hq, hk, L, causal, fresh_seed):
+    check(rand(2, hq, L, 128, dtype=torch.bfloat16), rand(2, hk, 777, 128, dtype=torch.bfloat16),
+          rand(2, hk, 777, 128, dtype=torch.bfloat16), is_causal=causal, enable_gqa=True)
+
+
+@pytest.mark.parametrize("S", [1, 63, 64, 1000, 8191])
+def test_decode_split_keys(S, fresh_seed):
+    check(rand(3, 32, 1, 128, dtype=torch.bfloat16), rand(3, 8, S, 128, dtype=torch.bfloat16),
+          rand(3, 8, S, 128, dtype=torch.bfloat16), enable_gqa=True)
+
+
+@pytest.mark.parametrize("e,ev", [(64, 32), (32, 128), (128, 64)])
+def test_value_head_dim_differs(e, ev, fresh_seed):
+    check(rand(2, 2, 133, e), rand(2, 2, 65, e), rand(2, 2, 65, ev), is_causal=e == 32)
+
+
+def test_leading_dims_and_strided_inputs(fresh_seed):
+    check(rand(2, 3, 4, 20, 64), rand(2, 3, 4, 40, 64), rand(2, 3, 4, 40, 64))
+    q = rand(2, 40, 4, 64).transpose(1, 2)  # (B, L, H, E) memory as (B, H, L, E)
+    k = rand(2, 60, 4, 64).transpose(1, 2)
+    v = rand(2, 60, 4, 64).transpose(1, 2)
+    check(q, k, v, is_causal=True)
+
+
+def test_misaligned_inputs_are_copied(fresh_seed):
+    # A view starting one element in: its rows are not on the 16-byte grid the copies use.
+    base = rand(2 * 3 * 100 * 64 + 1)
+    q = base[1:].view(2, 3, 100, 64)
+    check(q, rand(2, 3, 100, 64), rand(2, 3, 100, 64))
+
+
+@only_on_gpu
+def test_cuda_graph_capture(fresh_seed):
+    q, k, v = rand(2, 4, 256, 64), rand(2, 4, 256, 64), rand(2, 4, 256, 64)
+    expected = torch_xegpu_attn.attention(q, k, v, is_causal=True)  # compiles and warms up
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch_xegpu_attn.attention(q, k, v, is_causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.xegpu.attention(q, k, v, is_causal=True)
+    q.copy_(rand(2, 4, 256, 64))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-3, rtol=2e-3)
+    assert not torch.equal(out, expected)
+
+
+@only_on_gpu
+def test_torch_compile_fullgraph(fresh_seed):
+    def block(q, k, v):
+        return torch.ops.xegpu.attention(q, k, v, is_causal=True) * 2
+    compiled = torch.compile(block, fullgraph=True)
+    q, k, v = rand(1, 2, 128, 64), rand(1, 2, 128, 64), rand(1, 2, 128, 64)
+    torch.testing.assert_close(compiled(q, k, v), 2 * F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               atol=4e-3, rtol=4e-3)
+
+
+@only_on_gpu
+def test_float32_raises_clearly():
+    with pytest.raises(NotImplementedError, match="float16 and bfloat16"):
+        torch_xegpu_attn.attention(rand(1, 1, 8, 64, dtype=torch.float32), rand(1, 1, 8, 64, dtype=torch.float32),
+                                   rand(1, 1, 8, 64, dtype=torch.float32))
+
+
+@only_on_gpu
+def test_odd_head_dim_raises_clearly():
+    with pytest.raises(NotImplementedError, match="multiples of 16"):
+        torch_xegpu_attn.attention(rand(1, 1, 8, 72), rand(1, 1, 8, 72), rand(1, 1, 8, 72))

@@ -1,0 +1,61 @@
+"""The package's C++ extension `_C` (the op's schema, its CPU and autograd kernels, the replay
+fast path): the one `pip install` / setup.sh built, or else one built now from csrc/.
+
+A wheel or editable install builds `_C` against the torch of its environment.  A machine that
+runs the package from a copied source tree (a GPU node that gets the package and a cache of
+precompiled kernels, without MLIR or a build step) has no `_C` for its own Python and torch, or
+one built for another: there it is compiled once with torch.utils.cpp_extension into the cache
+directory (keyed by the sources and the torch version) and reused by later processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+
+from . import knobs
+
+_SOURCES = ("cpu_launcher.cpp", "op.cpp")
+_HEADERS = ("kernel.h",)
+
+
+def _csrc() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def _build_from_source(reason: Exception):
+    """Compile csrc/ into an extension for this Python and torch (once per machine)."""
+    import torch
+    from torch.utils import cpp_extension
+    folder = _csrc()
+    sources = [os.path.join(folder, name) for name in _SOURCES]
+    missing = [p for p in sources + [os.path.join(folder, h) for h in _HEADERS] if not os.path.exists(p)]
+    if missing:
+        raise ImportError(f"torch_xegpu_attn: the C++ extension _C does not load ({reason}) and its sources "
+                          f"are not here to build it ({', '.join(missing)}); reinstall the package "
+                          f"(bash setup.sh)") from reason
+    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
+    for path in sources + [os.path.join(folder, h) for h in _HEADERS]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    tag = digest.hexdigest()[:16]
+    build = os.path.join(knobs.cache_dir(), f"native_{tag}")
+    os.makedirs(build, exist_ok=True)
+    return cpp_extension.load(name=f"torch_xegpu_attn_C_{tag}", sources=sources, build_directory=build,
+                              extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                              verbose=knobs.log_compilations())
+
+
+def load():
+    """`torch_xegpu_attn._C`, installed as that module name whichever way it was obtained."""
+    name = __package__ + "._C"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:  # absent, or built for another Python / torch (undefined symbols)
+        module = _build_from_source(error)
+        sys.modules[name] = module
+    return module

@@ -1,0 +1,86 @@
+"""Host side of the nvvm target: cubins launched on torch's current CUDA stream.
+
+The launcher is C++ (csrc/cuda_launcher.cpp, the CUDA driver API): a call
+passes only the operand tensors; checks, descriptors, grids, workspaces and
+the launches happen in C++ with the GIL released.  It is built against the
+torch of the machine that runs it, at the first CUDA call, with
+torch.utils.cpp_extension (into the package's cache directory, reused by
+later processes): a CPU-only install never needs CUDA headers, and a GPU
+machine needs only torch and the CUDA toolkit, not MLIR.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from typing import Dict, List, Sequence
+
+from .. import knobs
+
+_SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
+_ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "float64": 8}
+_WORKSPACE_DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "i8": 3, "f64": 4}
+_OPCODES = {"add": 2, "sub": 3, "mul": 4, "ceildiv": 5, "div": 6, "min": 7, "max": 8}
+_LOCK = threading.Lock()
+
+
+def postfix(expression) -> List[int]:
+    """A size expression of the kernel's metadata as the launcher's postfix program."""
+    kind = expression[0]
+    if kind == "const":
+        return [0, expression[1]]
+    if kind == "dim":
+        return [1, expression[1], expression[2]]
+    return postfix(expression[1]) + postfix(expression[2]) + [_OPCODES[kind]]
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The C++ launcher, built (once per machine and torch) at first use."""
+    import torch
+    from torch.utils import cpp_extension
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "csrc", "cuda_launcher.cpp")
+    if not os.path.exists(source):
+        raise RuntimeError(f"torch_xegpu_attn: the CUDA launcher's source is missing ({source})")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read() + torch.__version__.encode()).hexdigest()[:16]
+    build = os.path.join(knobs.cache_dir(), f"cuda_launcher_{digest}")
+    os.makedirs(build, exist_ok=True)
+    with _LOCK:
+        return cpp_extension.load(name=f"torch_xegpu_attn_cuda_{digest}", sources=[source],
+                                  extra_ldflags=["-lcuda"], build_directory=build, with_cuda=True,
+                                  verbose=knobs.log_compilations())
+
+
+class CudaKernel:
+    """A loaded nvvm kernel: call it with the canonical operand tensors (on one CUDA device)."""
+
+    def __init__(self, binary_path: str, metadata: Dict):
+        with open(binary_path, "rb") as f:
+            cubin = f.read()
+        self.metadata = metadata
+        kernels = metadata["kernels"]
+        operands = metadata["operands"]
+        names = [o["name"] for o in operands]
+        aligned = [names.index(n) for n in ("q", "k", "v")]  # staged with 16-byte copies
+        self._kernel = extension().CudaKernel(
+            cubin, [k["name"] for k in kernels], [int(k["threads"]) for k in kernels],
+            [int(k["shared_bytes"]) for k in kernels], [postfix(k["grid"]) for k in kernels],
+            [[d if isinstance(d, int) else _SYMBOL_CODES[d] for d in o["dims"]] for o in operands],
+            [_ITEM_SIZES[o["dtype"]] for o in operands], aligned,
+            [[postfix(d) for d in w["dims"]] for w in metadata["workspaces"]],
+            [_WORKSPACE_DTYPES[w["dtype"]] for w in metadata["workspaces"]])
+
+    def __call__(self, operands: Sequence) -> None:
+        self._kernel(list(operands))
+
+    def attributes(self, device_index: int = 0) -> List[Dict[str, int]]:
+        """Registers, local memory and static shared memory of each kernel, from the driver."""
+        found = []
+        for k in range(len(self.metadata["kernels"])):
+            registers, local, shared = self._kernel.attributes(device_index, k)
+            found.append({"registers": registers, "local_bytes": local, "static_shared_bytes": shared})
+        return found

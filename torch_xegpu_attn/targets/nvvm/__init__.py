@@ -1,0 +1,176 @@
+"""The nvvm target: the shared work-group IR on NVIDIA GPUs (tensor cores through mma.sync).
+
+Stages after the shared schedule:
+
+    nvvm-kernels   kernel.build_kernels     each work-group loop -> a gpu.func; every vector op
+                                            distributed to warps and lanes by its layout
+                                            (layout.py, analysis.py, distribute.py)
+    nvvm-ptx       toolchain.pipeline       gpu-lower-to-nvvm-pipeline: NVVM, LLVM IR, PTX
+
+then `emit` runs ptxas for the cubin.  Kernels launch on torch's current CUDA
+stream through csrc/cuda_launcher.cpp (runtime/cuda.py).
+
+How a work-group is distributed: rows = row_tile (x G when query heads are
+packed) are split over warps, 16 * m_tiles rows per warp; each lane holds its
+elements of the mma.sync m16n8k16 accumulator layout.  The schedule's
+options come from measurements on an H200 (see the README): 128-row
+work-groups with 32 rows per warp for prefill (64-key tiles; Q kept in
+registers for head dims up to 64, read from shared memory at each step
+above), and for decode one 16-row work-group of packed query heads per
+key/value head with the key range split over 16 work-groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Sequence
+
+from ...schedule.options import ScheduleOptions
+from ...spec import AttentionSpec, ProblemSize
+from ..base import KernelArtifact, Stage, Target, register
+
+#: the compiled-for architecture unless a precompile names another.
+DEFAULT_ARCH = "sm_90a"
+#: query rows of packed heads up to which a problem is decode-like: one 16-row m-tile.
+DECODE_ROWS = 16
+#: key splits of decode-like problems (B * H work-groups alone leave most of the chip idle).
+DECODE_SPLITS = 16
+SUPPORTED_DTYPES = ("float16", "bfloat16")
+MAX_HEAD_DIM = 256
+
+
+def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
+    """Warps and m-tiles of one work-group of `spec` built with `options`."""
+    from .layout import Geometry
+    rows = options.row_tile * (spec.group if options.pack_gqa else 1)
+    if rows % 16:
+        raise ValueError(f"nvvm: work-group rows ({rows}) must be a multiple of 16")
+    m_tiles = 2 if rows >= 128 and rows % 32 == 0 and max(spec.head_dim, spec.v_head_dim) <= 128 else 1
+    warps = rows // (16 * m_tiles)
+    if warps > 16:
+        raise ValueError(f"nvvm: {rows} rows need more than 16 warps")
+    return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=spec.head_dim <= 64)
+
+
+class NvvmTarget(Target):
+    name = "nvvm"
+    device_type = "cuda"
+    binary_suffix = ".cubin"
+
+    def __init__(self, arch: str = DEFAULT_ARCH):
+        self.arch = arch
+
+    @contextlib.contextmanager
+    def compiling_for(self, arch: str) -> Iterator[None]:
+        """Compile (and name cache entries) for `arch` inside the block: precompiling on a
+        machine without the GPU."""
+        previous, self.arch = self.arch, arch
+        try:
+            yield
+        finally:
+            self.arch = previous
+
+    def runtime_arch(self) -> str:
+        """The architecture of the current CUDA device (sm_90 -> sm_90a: the kernels are built for
+        the full Hopper target), or the default one when there is no device."""
+        import torch
+        if not torch.cuda.is_available():
+            return self.arch
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+    def check(self, spec: AttentionSpec) -> None:
+        """What the target does not take raises here, before any compile, saying so."""
+        if spec.dtype not in SUPPORTED_DTYPES:
+            raise NotImplementedError(
+                f"the nvvm target computes on tensor cores with float16 and bfloat16 inputs; {spec.dtype} would "
+                f"need tf32 (less accurate than float32) or non-tensor-core math, neither is implemented: "
+                f"cast the inputs to float16 or bfloat16")
+        for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
+            if dim % 16 or dim > MAX_HEAD_DIM:
+                raise NotImplementedError(
+                    f"the nvvm target supports {name} head dims that are multiples of 16 up to {MAX_HEAD_DIM} "
+                    f"(16, 32, 48, 64, 80, 96, 112, 128, ... 256); got {dim}")
+
+    def length_class(self, size: ProblemSize, group: int) -> str:
+        """"decode" (the packed query rows of a key/value head fit one 16-row m-tile) or "prefill"."""
+        return "decode" if size.q_len * group <= DECODE_ROWS else "prefill"
+
+    def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
+        self.check(spec)
+        widest = max(spec.head_dim, spec.v_head_dim)
+        if spec.length_class == "decode":
+            g = spec.group
+            row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
+            return ScheduleOptions(row_tile=row_tile, kv_tile=64, pack_gqa=True, kv_splits=DECODE_SPLITS,
+                                   pv_in_f32=False)
+        if spec.length_class != "prefill":
+            raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")
+        if widest <= 64:
+            # 128-key tiles only without masks: a mask tile (or the causal bounds) in registers spills.
+            return ScheduleOptions(row_tile=128, kv_tile=64 if spec.causal or spec.mask else 128, pv_in_f32=False)
+        if widest <= 128:
+            return ScheduleOptions(row_tile=128, kv_tile=64, pv_in_f32=False)
+        return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False)
+
+    def stage_names(self) -> Sequence[str]:
+        return ("nvvm-kernels", "nvvm-ptx")
+
+    def stages(self) -> Sequence[Stage]:
+        return (("nvvm-kernels", _build_kernels), ("nvvm-ptx", _lower_to_ptx))
+
+    def emit(self, module, spec: AttentionSpec, options: ScheduleOptions, keep_dir: str = "") -> KernelArtifact:
+        import json
+        from mlir import ir
+        from . import toolchain
+        assembled = toolchain.assemble(toolchain.ptx_of(str(module)), self.arch, keep_dir=keep_dir)
+        metadata = json.loads(ir.StringAttr(module.operation.attributes["attn.nvvm"]).value)
+        metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
+                                for name, dims, dtype in spec.operands()]
+        metadata["resources"] = assembled["resources"]
+        metadata["arch"] = self.arch
+        metadata["ptxas"] = toolchain.ptxas_version()
+        return KernelArtifact(binary=assembled["cubin"], metadata=metadata)
+
+    def prepare(self) -> None:
+        """The C++ launcher (built for this machine's torch at first use), and the architecture of
+        the device, which names the cache entries."""
+        from ...runtime.cuda import extension
+        extension()
+        self.arch = self.runtime_arch()
+
+    def load(self, binary_path: str, metadata: Dict):
+        from ...runtime.cuda import CudaKernel
+        return CudaKernel(binary_path, metadata)
+
+    def fingerprint(self) -> Dict[str, str]:
+        return {"arch": self.arch}
+
+    def available(self):
+        try:
+            from . import toolchain
+            toolchain.ptxas()
+        except Exception as error:  # noqa: BLE001 (the reason is the message)
+            return False, str(error)
+        return True, ""
+
+
+def _build_kernels(module, spec: AttentionSpec, options: ScheduleOptions):
+    """Stage nvvm-kernels: the work-group loops become distributed gpu.funcs; the launch metadata
+    (grids, threads, shared memory, workspaces) is kept on the module."""
+    import json
+    from mlir import ir
+    from .kernel import build_kernels
+    metadata = build_kernels(module, geometry_for(spec, options), spec.causal)
+    module.operation.attributes["attn.nvvm"] = ir.StringAttr.get(json.dumps(metadata))
+    return module
+
+
+def _lower_to_ptx(module, spec: AttentionSpec, options: ScheduleOptions):
+    from mlir import passmanager
+    from . import toolchain
+    passmanager.PassManager.parse(toolchain.pipeline(NVVM.arch)).run(module.operation)
+    return module
+
+
+NVVM = register(NvvmTarget())

@@ -1,0 +1,773 @@
+"""Distribution of one work-group loop to a CUDA thread block: every vector op by its layout.
+
+A work-group (one iteration of an scf.forall of the shared IR) becomes one
+thread block of `Geometry.warps` warps.  Each vector value is distributed
+by the Layout(s) `analysis.LayoutAnalysis` assigned it (one scalar per slot,
+see layout.py); each op is re-emitted per slot by its rule:
+
+    elementwise arith/math     one scalar op per slot (exp2 -> ex2.approx)
+    broadcast / shape_cast     no code: a slot reads the slot it projects to
+    vector.step                the slot's coordinate along the dim
+    multi_reduction (rows)     per-lane reduction over the row's slots, then
+                               shuffle-xor 1 and 2 across the lanes of a quad
+    transfer_read / _write     per-slot loads and stores at the slot's
+                               coordinates; out-of-bounds dims are predicated
+                               (reads give the padding value, stores are skipped)
+    scf.for / scf.if           the same op on the flattened slot scalars
+    contract                   tensor cores: mma.sync m16n8k16, operands from
+                               registers (a tile packed into 16-bit pairs) or
+                               from a tile staged in shared memory (ldmatrix,
+                               .trans when the tile's rows are the reduced dim)
+
+Reads whose value only feeds contractions (the Q, K and V tiles) are staged
+in shared memory with cp.async, rows past the memref's extent zero-filled by
+the copy's source size; a staged read of a loop body is double-buffered: its
+first tile is copied before the loop and each iteration copies the next one
+as soon as the current one is consumed.  A staged tile consumed as the left
+operand of a contraction outside its loop (Q) is loaded into registers once.
+Scalar ops (indices, bounds) are uniform across the block and cloned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from mlir import ir
+from mlir.dialects import arith, gpu, memref, nvgpu, nvvm, scf, vector
+
+from ...mlir_utils import CompileError, const_index, defining_op, index
+
+from .analysis import ELEMENTWISE_PREFIXES, LayoutAnalysis, is_uniform, vector_shape
+from .layout import (COL, ROW, ROW_DIV, ROW_MOD, Axis, Geometry, Layout, broadcast_source_layout,
+                     project_slot, shape_cast_layout)
+
+#: float ops whose products and sums may contract into FMAs (fastmath contract).
+_CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
+#: elements added to each shared-memory row: the 8 rows an ldmatrix reads fall in distinct banks.
+PITCH_PAD = 8
+_WORKGROUP = "#gpu.address_space<workgroup>"
+
+
+def i32_type() -> ir.Type:
+    return ir.IntegerType.get_signless(32)
+
+
+def _i32(value: int) -> ir.Value:
+    return arith.constant(i32_type(), value)
+
+
+def _element(value: ir.Value) -> ir.Type:
+    t = value.type
+    return ir.VectorType(t).element_type if isinstance(t, ir.VectorType) else t
+
+
+def _scalar_type(element: ir.Type) -> ir.Type:
+    return i32_type() if isinstance(element, ir.IndexType) else element
+
+
+def _bytes(element: ir.Type) -> int:
+    return ir.FloatType(element).width // 8 if isinstance(element, ir.FloatType) else 4
+
+
+def _users(value: ir.Value) -> List[ir.Operation]:
+    return [u.owner.operation if hasattr(u.owner, "operation") else u.owner for u in value.uses]
+
+
+def _permutation_dims(op: ir.Operation) -> List[int]:
+    """The memref dim of each vector dim of a transfer op (a projected permutation map)."""
+    amap = ir.AffineMapAttr(op.attributes["permutation_map"]).value
+    dims = []
+    for expr in amap.results:
+        expr = expr.maybe_downcast()
+        if not isinstance(expr, ir.AffineDimExpr):
+            raise CompileError("nvvm: transfer ops with broadcast dims are not distributed")
+        dims.append(expr.position)
+    return dims
+
+
+def _in_bounds(op: ir.Operation) -> List[bool]:
+    return [ir.BoolAttr(b).value for b in ir.ArrayAttr(op.attributes["in_bounds"])] \
+        if "in_bounds" in op.attributes else [False] * len(vector_shape(op.results[0] if op.results
+                                                                       else op.operands[0]))
+
+
+# --------------------------------------------------------------------------- PTX pieces
+
+
+def _ptx(results: Sequence[ir.Type], operands: Sequence[ir.Value], code: str):
+    return nvvm.inline_ptx(list(results), list(operands), [], code)
+
+
+def ex2(x: ir.Value) -> ir.Value:
+    """2^x with one ex2.approx (inputs are scores in base-2 units; -inf gives 0)."""
+    return _ptx([x.type], [x], "ex2.approx.ftz.f32 $0, $1;")
+
+
+def shuffle_xor(value: ir.Value, offset: int) -> ir.Value:
+    return gpu.shuffle(value, _i32(offset), _i32(32), gpu.ShuffleMode.XOR)[0]
+
+
+def pack_pair(low: ir.Value, high: ir.Value, element: ir.Type) -> ir.Value:
+    """Two f32 -> one i32 holding them as 16-bit floats (low half: the lower column)."""
+    kind = "bf16x2" if isinstance(element, ir.BF16Type) else "f16x2"
+    return _ptx([i32_type()], [high, low], f"cvt.rn.{kind}.f32 $0, $1, $2;")
+
+
+def mma(a: Sequence[ir.Value], b: Sequence[ir.Value], c: Sequence[ir.Value], element: ir.Type) -> List[ir.Value]:
+    """D = A . B + C, mma.sync m16n8k16 (A row-major, B column-major, f32 accumulate)."""
+    t = "bf16" if isinstance(element, ir.BF16Type) else "f16"
+    code = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 "
+            "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+    f32 = ir.F32Type.get()
+    return list(_ptx([f32] * 4, [*a, *b, *c], code))
+
+
+def _as_words(fragment: ir.Value, count: int) -> List[ir.Value]:
+    """vector<count x 2 x f16|bf16> (an ldmatrix result) -> count i32 words."""
+    element = ir.VectorType(fragment.type).element_type
+    words = []
+    for r in range(count):
+        pair = vector.extract(fragment, [], [r])
+        word = vector.bitcast(ir.VectorType.get([1], i32_type()), pair)
+        words.append(vector.extract(word, [], [0]))
+    del element
+    return words
+
+
+@dataclass
+class SharedTile:
+    """A tile staged in shared memory: buffer[stage?][row][col], rows padded by PITCH_PAD."""
+
+    buffer: Optional[ir.Value]
+    rows: int
+    cols: int
+    stages: int = 1
+    stage: Optional[ir.Value] = None
+
+    def at(self, stage: Optional[ir.Value]) -> "SharedTile":
+        return SharedTile(self.buffer, self.rows, self.cols, self.stages, stage)
+
+    def indices(self, row: ir.Value, col: ir.Value) -> List[ir.Value]:
+        return ([self.stage] if self.stages > 1 else []) + [row, col]
+
+
+class WorkGroupKernel:
+    """The distributed body of one work-group loop, emitted inside a gpu.func."""
+
+    def __init__(self, loop: ir.Operation, geometry: Geometry, outer: Callable[[ir.Value], ir.Value],
+                 entry: ir.InsertionPoint):
+        self.loop = loop
+        self.entry = entry  # the kernel's entry: loop-invariant constants go there
+        self.geometry = geometry
+        self.outer = outer  # a value of the old function -> the same value in the kernel
+        self.body = loop.regions[0].blocks[0]
+        self.analysis = LayoutAnalysis(self.body, geometry.rows)
+        self.scalars: Dict[ir.Value, ir.Value] = {}
+        self.dists: Dict[Tuple[ir.Value, Layout], Dict[tuple, ir.Value]] = {}
+        self.uniforms: Dict[ir.Value, ir.Value] = {}
+        self.tiles: Dict[ir.Value, SharedTile] = {}                 # staged value -> its tile
+        self.a_fragments: Dict[ir.Value, Dict[Tuple[int, int], List[ir.Value]]] = {}
+        self._buffers: Dict[ir.Operation, SharedTile] = {}          # staged read -> its buffer(s)
+        self._after: Dict[ir.Operation, Callable[[], None]] = {}    # hooks run after an op
+        self._before: Dict[ir.Operation, Callable[[], None]] = {}   # hooks run before an op
+        self._coords: Dict[tuple, ir.Value] = {}
+        self.shared_bytes = 0
+
+    # ------------------------------------------------------------------ entry
+
+    def emit(self, ivs: Sequence[ir.Value]) -> None:
+        """Emit the distributed body at the current insertion point; `ivs` replace the loop's ivs."""
+        tid = gpu.thread_id(gpu.Dimension.x)
+        self.tid = tid
+        self.lane = arith.remui(tid, const_index(32))
+        self.warp = arith.divui(tid, const_index(32))
+        self.quad = arith.divui(self.lane, const_index(4))                     # row within 8
+        self.pair = arith.muli(arith.remui(self.lane, const_index(4)), const_index(2))  # first column
+        self.row_base = arith.muli(self.warp, const_index(16 * self.geometry.m_tiles))
+        self._allocate_shared_memory()
+        for old, new in zip(list(self.body.arguments)[:len(ivs)], ivs):
+            self.scalars[old] = new
+        self._block(self.body)
+
+    def _block(self, block: ir.Block) -> None:
+        for op in block.operations:
+            op = op.operation
+            if op.name in ("scf.forall.in_parallel", "scf.yield"):
+                continue
+            if op in self._before:
+                self._before.pop(op)()
+            self.translate(op)
+            if op in self._after:
+                self._after.pop(op)()
+
+    def _allocate_shared_memory(self) -> None:
+        """One buffer per staged read (two stages inside a loop), views of the dynamic shared memory."""
+        # Reads outside loops (Q) get their own buffers; the reads of each loop come after them, and
+        # sibling loops (a peeled tail loop after the main one) run one after the other: they share.
+        layout, offset = [], 0
+        ordered = self._in_order(self.analysis.staged)
+        outside = [op for op in ordered if op.parent.name != "scf.for"]
+        by_loop: Dict[ir.Operation, List[ir.Operation]] = {}
+        for op in ordered:
+            if op.parent.name == "scf.for":
+                by_loop.setdefault(op.parent.operation if hasattr(op.parent, "operation") else op.parent,
+                                   []).append(op)
+
+        def place(op, at, stages):
+            rows, cols = self._staged_shape(op)
+            element = _element(op.results[0])
+            shape = ([stages] if stages > 1 else []) + [rows, cols + PITCH_PAD]
+            size = _bytes(element)
+            for d in shape:
+                size *= d
+            at = -(-at // 128) * 128
+            layout.append((op, shape, element, at, stages, rows, cols))
+            return at + size
+        for op in outside:
+            offset = place(op, offset, 1)
+        loops_start, end = offset, offset
+        for reads in by_loop.values():
+            at = loops_start
+            for op in reads:
+                at = place(op, at, 2)
+            end = max(end, at)
+        offset = end
+        self.shared_bytes = offset
+        if not layout:
+            return
+        base = gpu.dynamic_shared_memory(ir.MemRefType.get(
+            [ir.ShapedType.get_dynamic_size()], ir.IntegerType.get_signless(8),
+            memory_space=ir.Attribute.parse(_WORKGROUP)))
+        for op, shape, element, at, stages, rows, cols in layout:
+            view = memref.view(ir.MemRefType.get(shape, element, memory_space=ir.Attribute.parse(_WORKGROUP)),
+                               base, const_index(at), [])
+            self._buffers[op] = SharedTile(view, rows, cols, stages)
+
+    def _in_order(self, ops) -> List[ir.Operation]:
+        order = []
+
+        def visit(block):
+            for op in block.operations:
+                op = op.operation
+                if op in ops:
+                    order.append(op)
+                for region in op.regions:
+                    for inner in region.blocks:
+                        visit(inner)
+        visit(self.body)
+        return order
+
+    # ------------------------------------------------------------------ values
+
+    def scalar(self, value: ir.Value) -> ir.Value:
+        return self.scalars[value] if value in self.scalars else self.outer(value)
+
+    @staticmethod
+    def _as_i32(value: ir.Value) -> ir.Value:
+        return arith.index_cast(i32_type(), value) if isinstance(value.type, ir.IndexType) else value
+
+    def uniform(self, value: ir.Value) -> ir.Value:
+        """The scalar of a uniform vector: a splat constant (created once, at the kernel's entry)
+        or a broadcast scalar (created where it is used: it may be defined inside a loop)."""
+        op = defining_op(value)
+        if op.name == "arith.constant":
+            if value not in self.uniforms:
+                element = _scalar_type(_element(value))
+                splat = op.attributes["value"].get_splat_value()
+                with self.entry:
+                    if isinstance(element, ir.FloatType):
+                        self.uniforms[value] = arith.constant(element, ir.FloatAttr(splat).value)
+                    else:
+                        self.uniforms[value] = arith.constant(element, ir.IntegerAttr(splat).value)
+            return self.uniforms[value]
+        source = op.operands[0]  # vector.broadcast of a scalar or of a uniform vector
+        return self.uniform(source) if vector_shape(source) is not None else self._as_i32(self.scalar(source))
+
+    def dist(self, value: ir.Value, layout: Layout) -> Dict[tuple, ir.Value]:
+        if is_uniform(value):
+            scalar = self.uniform(value)
+            return {slot: scalar for slot in self.geometry.slots(layout)}
+        try:
+            return self.dists[(value, layout)]
+        except KeyError:
+            owner = value.owner.name if hasattr(value.owner, "name") else "a block argument"
+            raise CompileError(f"nvvm: a value of {owner} has no distributed form in {layout}") from None
+
+    def slot_value(self, value: ir.Value, layout: Layout, slot: tuple) -> ir.Value:
+        if vector_shape(value) is None:
+            return self._as_i32(self.scalar(value))
+        return self.dist(value, layout)[slot]
+
+    def layouts_of(self, value: ir.Value) -> List[Layout]:
+        return sorted(self.analysis.of(value), key=str)
+
+    # ------------------------------------------------------------------ coordinates
+
+    def row_of(self, slot: tuple, space: str) -> ir.Value:
+        """The work-group row (i32) of a tile or rows slot."""
+        m, h = (slot[0], slot[2] // 2) if space == "tile" else slot
+        row = arith.addi(self.row_base, arith.addi(self.quad, const_index(16 * m + 8 * h)))
+        return arith.index_cast(i32_type(), row)
+
+    def col_of(self, slot: tuple, space: str) -> ir.Value:
+        """The column (i32) of a tile or cols slot."""
+        j, c = (slot[1], slot[2] % 2) if space == "tile" else slot
+        col = arith.addi(self.pair, const_index(8 * j + c))
+        return arith.index_cast(i32_type(), col)
+
+    def coordinate(self, axis: Axis, slot: tuple, space: str) -> ir.Value:
+        if axis.kind == ROW:
+            return self.row_of(slot, space)
+        if axis.kind == COL:
+            return self.col_of(slot, space)
+        if axis.kind == ROW_DIV:
+            return arith.divui(self.row_of(slot, space), _i32(axis.arg))
+        if axis.kind == ROW_MOD:
+            return arith.remui(self.row_of(slot, space), _i32(axis.arg))
+        return _i32(0)
+
+    # ------------------------------------------------------------------ op rules
+
+    def translate(self, op: ir.Operation) -> None:
+        name = op.name
+        rules = {"scf.for": self._for, "scf.if": self._if, "vector.transfer_read": self._read,
+                 "vector.transfer_write": self._write, "vector.contract": self._contract,
+                 "vector.multi_reduction": self._reduction, "vector.step": self._step,
+                 "vector.broadcast": self._broadcast, "vector.shape_cast": self._shape_cast}
+        if name in rules:
+            return rules[name](op)
+        if any(vector_shape(r) is not None for r in op.results):
+            if name == "arith.constant":
+                return  # uniform: materialized where used
+            if name.startswith(ELEMENTWISE_PREFIXES):
+                return self._elementwise(op)
+            raise CompileError(f"nvvm: no distribution rule for {name}")
+        if any(vector_shape(v) is not None for v in op.operands):
+            raise CompileError(f"nvvm: no distribution rule for {name} on vectors")
+        copy = op.clone()
+        for i, operand in enumerate(op.operands):
+            copy.operands[i] = self.scalar(operand)
+        for old, new in zip(op.results, copy.results):
+            self.scalars[old] = new
+
+    def _elementwise(self, op: ir.Operation) -> None:
+        result = op.results[0]
+        if op.name == "arith.index_cast":  # index vectors hold i32 slots already
+            for layout in self.layouts_of(result):
+                self.dists[(result, layout)] = self.dist(op.operands[0], layout)
+            return
+        element = _scalar_type(_element(result))
+        attributes = {name: op.attributes[name] for name in op.attributes}
+        if op.name in _CONTRACTIBLE:  # products and sums may fuse into FMAs
+            attributes["fastmath"] = ir.Attribute.parse("#arith.fastmath<contract>")
+        for layout in self.layouts_of(result):
+            slots = {}
+            for slot in self.geometry.slots(layout):
+                operands = [self.slot_value(v, layout, slot) for v in op.operands]
+                if op.name == "math.exp2":
+                    slots[slot] = ex2(operands[0])
+                else:
+                    slots[slot] = ir.Operation.create(op.name, results=[element], operands=operands,
+                                                      attributes=attributes).results[0]
+            self.dists[(result, layout)] = slots
+
+    def _broadcast(self, op: ir.Operation) -> None:
+        result, source = op.results[0], op.operands[0]
+        if is_uniform(result):
+            return
+        for layout in self.layouts_of(result):
+            source_layout = broadcast_source_layout(layout, vector_shape(result), vector_shape(source))
+            source_slots = self.dist(source, source_layout)
+            self.dists[(result, layout)] = {
+                slot: source_slots[project_slot(slot, layout.space, source_layout.space)]
+                for slot in self.geometry.slots(layout)}
+
+    def _shape_cast(self, op: ir.Operation) -> None:
+        result, source = op.results[0], op.operands[0]
+        if is_uniform(result):
+            return
+        if source in self.tiles:  # a staged tile viewed with its leading dims merged
+            self.tiles[result] = self.tiles[source]
+            if source in self.a_fragments:
+                self.a_fragments[result] = self.a_fragments[source]
+            return
+        for layout in self.layouts_of(result):
+            source_layout = shape_cast_layout(layout, vector_shape(result), vector_shape(source))
+            self.dists[(result, layout)] = self.dist(source, source_layout)
+
+    def _step(self, op: ir.Operation) -> None:
+        result = op.results[0]
+        for layout in self.layouts_of(result):
+            (axis,) = layout.axes
+            self.dists[(result, layout)] = {slot: self.coordinate(axis, slot, layout.space)
+                                            for slot in self.geometry.slots(layout)}
+
+    def _reduction(self, op: ir.Operation) -> None:
+        kind = str(op.attributes["kind"])
+        combine = {"#vector.kind<maximumf>": arith.maximumf, "#vector.kind<add>": arith.addf,
+                   "#vector.kind<maxnumf>": arith.maxnumf}.get(kind)
+        if combine is None or list(ir.DenseI64ArrayAttr(op.attributes["reduction_dims"])) != [1]:
+            raise CompileError(f"nvvm: only row reductions (over dim 1; max or add) are distributed, got {kind}")
+        source, acc = op.operands
+        (tile_layout,) = self.layouts_of(source)
+        tile = self.dist(source, tile_layout)
+        result = op.results[0]
+        for layout in self.layouts_of(result):
+            acc_slots = self.dist(acc, layout)
+            slots = {}
+            for m, h in self.geometry.slots(layout):
+                parts = [tile[(m, j, i)] for j in range(tile_layout.columns // 8) for i in (2 * h, 2 * h + 1)]
+                while len(parts) > 1:  # a tree: short dependence chains
+                    parts = [combine(parts[k], parts[k + 1]) if k + 1 < len(parts) else parts[k]
+                             for k in range(0, len(parts), 2)]
+                value = parts[0]
+                for offset in (1, 2):  # the other 3 lanes of the quad hold the row's other columns
+                    value = combine(value, shuffle_xor(value, offset))
+                slots[(m, h)] = combine(value, acc_slots[(m, h)])
+            self.dists[(result, layout)] = slots
+
+    # ------------------------------------------------------------------ memory
+
+    def _element_address(self, base, indices, dims, in_bounds, layout: Layout, slot: tuple):
+        """Indices of a slot's element, clamped into the memref along dims that may run out of
+        bounds, and the i1 'inside' predicate (None when every dim is in bounds)."""
+        at = list(indices)
+        inside = None
+        for vdim, (mdim, axis) in enumerate(zip(dims, layout.axes)):
+            offset = arith.index_cast(index(), self.coordinate(axis, slot, layout.space))
+            position = arith.addi(indices[mdim], offset)
+            if not in_bounds[vdim]:
+                extent = memref.dim(base, const_index(mdim))
+                ok = arith.cmpi(arith.CmpIPredicate.ult, position, extent)
+                inside = ok if inside is None else arith.andi(inside, ok)
+                position = arith.minui(position, arith.subi(extent, const_index(1)))
+            at[mdim] = position
+        return at, inside
+
+    def _read(self, op: ir.Operation) -> None:
+        if op in self.analysis.staged:
+            return self._stage(op)
+        base = self.scalar(op.operands[0])
+        indices = [self.scalar(i) for i in op.opview.indices]
+        padding = self.scalar(op.opview.padding)
+        dims, in_bounds = _permutation_dims(op), _in_bounds(op)
+        result = op.results[0]
+        for layout in self.layouts_of(result):
+            slots = {}
+            for slot in self.geometry.slots(layout):
+                at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
+                loaded = memref.load(base, at)
+                slots[slot] = loaded if inside is None else arith.select(inside, loaded, padding)
+            self.dists[(result, layout)] = slots
+
+    def _write(self, op: ir.Operation) -> None:
+        value = op.operands[0]
+        base = self.scalar(op.operands[1])
+        indices = [self.scalar(i) for i in op.opview.indices]
+        dims = _permutation_dims(op)
+        in_bounds = [ir.BoolAttr(b).value for b in ir.ArrayAttr(op.attributes["in_bounds"])] \
+            if "in_bounds" in op.attributes else [False] * len(dims)
+        layouts = self.layouts_of(value)
+        if len(layouts) != 1:
+            raise CompileError(f"nvvm: a written vector must have exactly one layout, has {layouts}")
+        (layout,) = layouts
+        slots = self.dist(value, layout)
+        one_writer = None
+        if layout.space == "rows":  # the 4 lanes of a quad hold the same row: one of them writes
+            one_writer = arith.cmpi(arith.CmpIPredicate.eq, arith.remui(self.lane, const_index(4)),
+                                    const_index(0))
+        pairs = (layout.space == "tile" and layout.axes[-1].kind == COL and in_bounds[-1]
+                 and dims[-1] == ir.MemRefType(base.type).rank - 1)
+        for slot in self.geometry.slots(layout):
+            if pairs and slot[2] % 2:
+                continue  # stored with its left neighbour
+            at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
+            guard = one_writer if inside is None else inside if one_writer is None \
+                else arith.andi(inside, one_writer)
+            with ir.InsertionPoint.current:
+                branch = scf.IfOp(guard) if guard is not None else None
+            with ir.InsertionPoint(branch.then_block) if branch else ir.InsertionPoint.current:
+                if pairs:  # two adjacent columns: one 2-element store
+                    neighbour = (slot[0], slot[1], slot[2] + 1)
+                    element = _element(value)
+                    both = vector.from_elements(ir.VectorType.get([2], element), [slots[slot], slots[neighbour]])
+                    vector.store(both, base, at, alignment=2 * _bytes(element))
+                else:
+                    memref.store(slots[slot], base, at)
+                if branch:
+                    scf.YieldOp([])
+
+    # ------------------------------------------------------------------ staging in shared memory
+
+    @staticmethod
+    def _staged_shape(op: ir.Operation) -> Tuple[int, int]:
+        shape = vector_shape(op.results[0])
+        rows = 1
+        for s in shape[:-1]:
+            rows *= s
+        return rows, shape[-1]
+
+    def _issue_copy(self, op: ir.Operation, tile: SharedTile, replace: Dict[ir.Value, ir.Value]) -> None:
+        """cp.async of a staged read into `tile`, 16 bytes per copy over all threads; along a dim
+        that may run out of bounds, rows past the memref's end are zero-filled (source size 0,
+        address clamped into the memref)."""
+        base = self.scalar(op.operands[0])
+        indices = [replace[i] if i in replace else self.scalar(i) for i in op.opview.indices]
+        self._copies(op, tile, base, indices, checked=True)
+
+    def _copies(self, op: ir.Operation, tile: SharedTile, base, indices, checked: bool) -> None:
+        shape = vector_shape(op.results[0])
+        element = _element(op.results[0])
+        chunk = 16 // _bytes(element)
+        if shape[-1] % chunk:
+            raise CompileError(f"nvvm: staged tiles need rows of a multiple of {chunk} elements, got {shape[-1]}")
+        dims, in_bounds = _permutation_dims(op), _in_bounds(op)
+        if not in_bounds[-1]:
+            raise CompileError("nvvm: a staged tile must be in bounds along its rows")
+        per_row = shape[-1] // chunk
+        rows, _ = self._staged_shape(op)
+        total, threads = rows * per_row, self.geometry.threads
+        for it in range(-(-total // threads)):
+            c = arith.addi(self.tid, const_index(it * threads))
+            row = arith.divui(c, const_index(per_row))
+            col = arith.muli(arith.remui(c, const_index(per_row)), const_index(chunk))
+            at, valid, rest = list(indices), None, row
+            for vdim in reversed(range(len(shape) - 1)):  # the flat tile row -> the read's leading dims
+                coordinate = arith.remui(rest, const_index(shape[vdim])) if vdim else rest
+                rest = arith.divui(rest, const_index(shape[vdim])) if vdim else rest
+                mdim = dims[vdim]
+                position = arith.addi(indices[mdim], coordinate)
+                if checked and not in_bounds[vdim]:
+                    extent = memref.dim(base, const_index(mdim))
+                    ok = arith.cmpi(arith.CmpIPredicate.ult, position, extent)
+                    valid = ok if valid is None else arith.andi(valid, ok)
+                    position = arith.minui(position, arith.subi(extent, const_index(1)))
+                at[mdim] = position
+            at[dims[-1]] = arith.addi(indices[dims[-1]], col)
+            source_size = None if valid is None else arith.select(valid, const_index(chunk), const_index(0))
+
+            def copy(at=at, row=row, col=col, source_size=source_size):
+                nvgpu.device_async_copy(tile.buffer, tile.indices(row, col), base, at,
+                                        ir.IntegerAttr.get(index(), chunk), src_elements=source_size,
+                                        bypass_l1=True)
+            if total % threads and it == total // threads:
+                branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, c, const_index(total)))
+                with ir.InsertionPoint(branch.then_block):
+                    copy()
+                    scf.YieldOp([])
+            else:
+                copy()
+
+    def _stage(self, op: ir.Operation) -> None:
+        result = op.results[0]
+        if op.parent.name == "scf.for":  # pipelined by the loop (see _for): this iteration's stage
+            self.tiles[result] = self._current[op]
+            return
+        tile = self._buffers[op]
+        self._issue_copy(op, tile, {})
+        nvvm.cp_async_commit_group()
+        nvvm.cp_async_wait_group(0)
+        gpu.barrier()
+        self.tiles[result] = tile
+        if self._feeds_lhs(result) and self.geometry.q_in_registers:
+            self.a_fragments[result] = self._load_a_fragments(tile, vector_shape(result)[-1],
+                                                              _element(result))
+
+    def _feeds_lhs(self, value: ir.Value) -> bool:
+        for user in _users(value):
+            if user.name == "vector.shape_cast" and self._feeds_lhs(user.results[0]):
+                return True
+            if user.name == "vector.contract" and user.operands[0] == value:
+                return True
+        return False
+
+    def _load_a_fragment(self, tile: SharedTile, m: int, kk: int, element: ir.Type) -> List[ir.Value]:
+        """The A fragment (m, kk) of the warp's rows from a staged (rows x k) tile: ldmatrix x4
+        (lane l gives the address of row l % 16, column 8 (l / 16) of the 16 x 16 block)."""
+        row = arith.addi(self.row_base, arith.addi(arith.remui(self.lane, const_index(16)),
+                                                   const_index(16 * m)))
+        col = arith.addi(arith.muli(arith.divui(self.lane, const_index(16)), const_index(8)),
+                         const_index(16 * kk))
+        loaded = nvgpu.ldmatrix(ir.VectorType.get([4, 2], element), tile.buffer, tile.indices(row, col), False, 4)
+        return _as_words(loaded, 4)
+
+    def _load_a_fragments(self, tile: SharedTile, k: int, element: ir.Type):
+        return {(m, kk): self._load_a_fragment(tile, m, kk, element)
+                for m in range(self.geometry.m_tiles) for kk in range(k // 16)}
+
+    # ------------------------------------------------------------------ tensor cores
+
+    def _contract(self, op: ir.Operation) -> None:
+        maps = [ir.AffineMapAttr(a).value for a in ir.ArrayAttr(op.attributes["indexing_maps"])]
+        dims = [[e.maybe_downcast().position for e in m.results] for m in maps]
+        if dims[0] != [0, 2] or dims[2] != [0, 1] or dims[1] not in ([1, 2], [2, 1]):
+            raise CompileError(f"nvvm: contraction maps {dims} are not (m,k) x (n,k | k,n) -> (m,n)")
+        lhs, rhs, acc = op.operands
+        result = op.results[0]
+        (layout,) = self.layouts_of(result)
+        k = vector_shape(lhs)[1]
+        n = vector_shape(result)[1]
+        if k % 16 or n % 16:
+            raise CompileError(f"nvvm: contraction extents must be multiples of 16, got k={k} n={n}")
+        element = _element(rhs)
+        if not isinstance(element, (ir.F16Type, ir.BF16Type)) or _element(lhs) != element:
+            raise CompileError(f"nvvm: tensor-core contractions take f16 or bf16 operands, got "
+                               f"{_element(lhs)} x {element} (P.V in f32 has no tensor-core path: "
+                               f"use pv_in_f32=False)")
+        if rhs not in self.tiles:
+            raise CompileError("nvvm: the right operand of a contraction must be a tile read from memory")
+        b_rows_are_n = dims[1] == [1, 2]
+        a_operand = self._a_operand(lhs, k)
+        acc_slots = self.dist(acc, layout)
+        c = {(m, j): [acc_slots[(m, j, i)] for i in range(4)]
+             for m in range(self.geometry.m_tiles) for j in range(n // 8)}
+        # kk outermost, then pairs of n-tiles: an A fragment and two B fragments are live at a time.
+        for kk in range(k // 16):
+            a = [a_operand(m, kk) for m in range(self.geometry.m_tiles)]
+            for j in range(0, n // 8, 2):
+                b_pair = self._b_fragments(self.tiles[rhs], kk, j, b_rows_are_n, element)
+                for m in range(self.geometry.m_tiles):
+                    for jj in (0, 1):
+                        c[(m, j + jj)] = mma(a[m], b_pair[jj], c[(m, j + jj)], element)
+        out = {}
+        for (m, j), values in c.items():
+            for i in range(4):
+                out[(m, j, i)] = values[i]
+        self.dists[(result, layout)] = out
+
+    def _a_operand(self, lhs: ir.Value, k: int) -> Callable[[int, int], List[ir.Value]]:
+        """A fragment (m, kk) of a contraction's left operand, produced where it is asked for."""
+        if lhs in self.a_fragments:
+            frags = self.a_fragments[lhs]
+            return lambda m, kk: frags[(m, kk)]
+        element = _element(lhs)
+        if lhs in self.tiles:  # a staged tile read at each use (Geometry.q_in_registers=False)
+            tile = self.tiles[lhs]
+            return lambda m, kk: self._load_a_fragment(tile, m, kk, element)
+        producer = defining_op(lhs)
+        if producer is not None and producer.name == "arith.truncf":  # P: pack the f32 tile in pairs
+            source = producer.operands[0]
+            (layout,) = self.layouts_of(source)
+            tile = self.dist(source, layout)
+
+            def packed(m, kk):
+                return [pack_pair(tile[(m, j, i)], tile[(m, j, i + 1)], element)
+                        for j, i in ((2 * kk, 0), (2 * kk, 2), (2 * kk + 1, 0), (2 * kk + 1, 2))]
+            return packed
+        raise CompileError("nvvm: the left operand of a contraction must be a staged tile or a "
+                           "rounded register tile")
+
+    def _b_fragments(self, tile: SharedTile, kk: int, j: int, rows_are_n: bool, element: ir.Type):
+        """B fragments of n-tiles j and j + 1 for k-tile kk: one ldmatrix x4 (.trans when the
+        tile's rows are the reduced dim)."""
+        lane = self.lane
+        within = arith.remui(lane, const_index(8))
+        half = arith.muli(arith.remui(arith.divui(lane, const_index(8)), const_index(2)), const_index(8))
+        second = arith.divui(lane, const_index(16))
+        if rows_are_n:  # K tile (keys x E): rows n, contiguous along k
+            row = arith.addi(arith.muli(arith.addi(second, const_index(j)), const_index(8)), within)
+            col = arith.addi(half, const_index(16 * kk))
+        else:           # V tile (keys x Ev): rows k, contiguous along n
+            row = arith.addi(arith.addi(half, within), const_index(16 * kk))
+            col = arith.muli(arith.addi(second, const_index(j)), const_index(8))
+        loaded = nvgpu.ldmatrix(ir.VectorType.get([4, 2], element), tile.buffer, tile.indices(row, col),
+                                not rows_are_n, 4)
+        words = _as_words(loaded, 4)
+        return words[0:2], words[2:4]
+
+    # ------------------------------------------------------------------ control flow
+
+    def _flatten(self, values: Sequence[ir.Value], layouts: Sequence[Optional[Layout]]) -> List[ir.Value]:
+        flat = []
+        for value, layout in zip(values, layouts):
+            if layout is None:
+                flat.append(self.scalar(value))
+            else:
+                slots = self.dist(value, layout)
+                flat.extend(slots[s] for s in self.geometry.slots(layout))
+        return flat
+
+    def _unflatten(self, olds: Sequence[ir.Value], layouts, news: Sequence[ir.Value]) -> None:
+        it = iter(news)
+        for old, layout in zip(olds, layouts):
+            if layout is None:
+                self.scalars[old] = next(it)
+            else:
+                self.dists[(old, layout)] = {s: next(it) for s in self.geometry.slots(layout)}
+
+    def _carried_layout(self, value: ir.Value) -> Optional[Layout]:
+        if vector_shape(value) is None:
+            return None
+        layouts = self.layouts_of(value)
+        if len(layouts) != 1:
+            raise CompileError(f"nvvm: a loop-carried or yielded vector needs one layout, has {layouts}: "
+                               f"{value.get_name() if hasattr(value, 'get_name') else value}")
+        return layouts[0]
+
+    def _for(self, op: ir.Operation) -> None:
+        view = op.opview
+        body = view.body
+        layouts = [self._carried_layout(a) for a in view.inner_iter_args]
+        staged = [o.operation for o in body.operations if o.operation in self.analysis.staged]
+        lower, upper, step = (self.scalar(v) for v in (view.lowerBound, view.upperBound, view.step))
+        iv_old = view.induction_variable
+        if staged:  # first stage of the pipeline: the first staged read of the first iteration
+            self._issue_copy(staged[0], self._buffers[staged[0]].at(const_index(0)), {iv_old: lower})
+            nvvm.cp_async_commit_group()
+        loop = scf.ForOp(lower, upper, step, self._flatten(view.initArgs, layouts))
+        with ir.InsertionPoint(loop.body):
+            self.scalars[iv_old] = loop.induction_variable
+            self._unflatten(view.inner_iter_args, layouts, list(loop.inner_iter_args))
+            if staged:
+                self._pipeline(staged, loop.induction_variable, lower, upper, step, iv_old)
+            self._block(body)
+            yields = list(body.operations)[-1].operation.operands
+            scf.YieldOp(self._flatten(yields, layouts))
+        self._unflatten(op.results, layouts, list(loop.results))
+
+    def _pipeline(self, staged, j, lower, upper, step, iv_old) -> None:
+        """Double buffering of the loop's staged reads (see the module docstring)."""
+        stage = arith.remui(arith.divui(arith.subi(j, lower), step), const_index(2))
+        other = arith.subi(const_index(1), stage)
+        nvvm.cp_async_wait_group(0)
+        gpu.barrier()  # this iteration's first tile has landed; last iteration's reads are done
+        self._current = {read: self._buffers[read].at(stage) for read in staged}
+        for read in staged[1:]:  # this iteration's other tiles (V)
+            self._issue_copy(read, self._current[read], {})
+        nvvm.cp_async_commit_group()
+        first = staged[0]
+        consumer = next(u for u in _users(first.results[0]) if u.name == "vector.contract")
+
+        def prefetch():  # the next iteration's first tile (K), once this one is consumed
+            following = arith.addi(j, step)
+            branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.slt, following, upper))
+            with ir.InsertionPoint(branch.then_block):
+                self._issue_copy(first, self._buffers[first].at(other), {iv_old: following})
+                scf.YieldOp([])
+            nvvm.cp_async_commit_group()  # (an empty group in the last iteration keeps the count)
+        self._after[consumer] = prefetch
+        for read in staged[1:]:
+            def wait():
+                nvvm.cp_async_wait_group(1)  # all but the newest group (the next K): V is here
+                gpu.barrier()
+            self._before[read] = wait
+
+    def _if(self, op: ir.Operation) -> None:
+        layouts = [self._carried_layout(r) for r in op.results]
+        types = []
+        for result, layout in zip(op.results, layouts):
+            if layout is None:
+                types.append(result.type)
+            else:
+                types.extend([_scalar_type(_element(result))] * len(self.geometry.slots(layout)))
+        branch = scf.IfOp(self.scalar(op.operands[0]), types, has_else=len(op.regions[1].blocks) > 0)
+        for old_region, new_block in ((op.regions[0], branch.then_block),
+                                      (op.regions[1], branch.else_block if len(op.regions[1].blocks) else None)):
+            if new_block is None:
+                continue
+            with ir.InsertionPoint(new_block):
+                block = old_region.blocks[0]
+                self._block(block)
+                scf.YieldOp(self._flatten(list(block.operations)[-1].operation.operands, layouts))
+        self._unflatten(op.results, layouts, list(branch.results))
