@@ -78,7 +78,7 @@ def bench_prefill(rows: list, quick: bool) -> None:
 
 
 def bench_decode(rows: list, quick: bool) -> None:
-    print(f"\ndecode (bf16, D=128, L=1, GQA 32/8; us):")
+    print("\ndecode (bf16, D=128, L=1, GQA 32/8; us):")
     print(f"{'B':>3} {'S':>6} {'ours':>8} {'flash':>8} {'cudnn':>8} {'effic.':>8} {'floor':>8}")
     cases = [(1, 4096), (1, 32768)] if quick else [(1, 1024), (1, 4096), (1, 32768), (8, 32768), (8, 4096)]
     for b, s in cases:

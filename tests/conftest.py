@@ -34,7 +34,7 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
     scores = (q @ k.transpose(-1, -2)) * scale
     L, S = scores.shape[-2:]
     if is_causal:
-        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=scores.device).tril(), float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))

@@ -48,11 +48,11 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               enable_gqa=False):
     """Same signature and results as torch.nn.functional.scaled_dot_product_attention.
 
-    Calls torch.ops.xegpu.attention.  A call whose signature (shapes, strides,
+    Calls torch.ops.xegpu.attention.  A CPU call whose signature (shapes, strides,
     dtypes, flags) was checked before is replayed in C++ straight away; in plain
-    eager inference (no input needs a gradient, not tracing) other calls run the
-    op's checked path directly, skipping the dispatcher's round trip (the same
-    kernel either way).
+    eager inference (CPU or CUDA tensors, no input needs a gradient, not tracing)
+    other calls run the op's checked path directly, skipping the dispatcher's
+    round trip (the same kernel either way).
     """
     if not torch.compiler.is_compiling():
         out = _C.replay(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -66,8 +66,13 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=scale, enable_gqa=enable_gqa)
 
 
+_DIRECT_DEVICES = ("cpu", "cuda")
+
+
 def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
-    """Plain CPU tensors, nothing to differentiate, not tracing: the kernel can be called directly."""
+    """Plain CPU or CUDA tensors, nothing to differentiate, not tracing: the kernel can be called
+    directly (on CUDA the dispatcher's round trip into the op's Python kernel is most of a
+    call's host cost)."""
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
@@ -76,7 +81,7 @@ def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
             continue
         if not isinstance(t, torch.Tensor):
             frontend.check_arguments(query, key, value, attn_mask, *flags)  # raises SDPA's TypeError
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+        if type(t) is not torch.Tensor or t.device.type not in _DIRECT_DEVICES or (grad and t.requires_grad):
             return False
     return True
 

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import os
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -50,21 +49,22 @@ def _run(cmd) -> str:
 
 @functools.lru_cache(maxsize=None)
 def host_cpu() -> Dict[str, str]:
-    """The CPU the binaries are tuned for: LLVM's host CPU name and a hash of the CPU flags."""
+    """The CPU the binaries are tuned for (llc -mcpu=native): its model name and a hash of its
+    flags, both from /proc/cpuinfo, so that a machine without the compiler (running kernels
+    precompiled for it) names the CPU as the compiling machine did."""
     if platform.machine() not in ("x86_64", "AMD64"):
         raise NotImplementedError(f"the cpu target supports x86-64 hosts, not {platform.machine()}")
-    try:
-        match = re.search(r"Host CPU:\s*(\S+)", _run([tool("llc"), "--version"]))
-    except (CompileError, ImportError):  # no toolchain here: nothing is compiled for this CPU
-        match = None
-    flags = ""
+    model, flags = "unknown", ""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
     except OSError:
         pass
-    return {"cpu": match.group(1) if match else "unknown",
-            "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+    return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 
 def llvm_dialect_to_shared_library(llvm_dialect_text: str, keep_dir: str = "") -> bytes:

@@ -152,6 +152,25 @@ class SharedTile:
         return ([self.stage] if self.stages > 1 else []) + [row, col]
 
 
+#: iterations per emitted iteration of a loop of constant bounds without staged reads
+UNROLL = 4
+
+
+def _constant_int(value: ir.Value) -> Optional[int]:
+    op = defining_op(value)
+    if op is None or op.name != "arith.constant":
+        return None
+    return ir.IntegerAttr(op.attributes["value"]).value
+
+
+def _static_trip_count(view) -> Optional[int]:
+    bounds = [_constant_int(v) for v in (view.lowerBound, view.upperBound, view.step)]
+    if None in bounds or bounds[2] <= 0:
+        return None
+    lower, upper, step = bounds
+    return max(0, -(-(upper - lower) // step))
+
+
 class WorkGroupKernel:
     """The distributed body of one work-group loop, emitted inside a gpu.func."""
 
@@ -453,12 +472,26 @@ class WorkGroupKernel:
         padding = self.scalar(op.opview.padding)
         dims, in_bounds = _permutation_dims(op), _in_bounds(op)
         result = op.results[0]
+        element = _element(result)
         for layout in self.layouts_of(result):
+            # Two adjacent columns in one load where the memref is one of ours (a workspace or
+            # the output: identity layout, aligned); a user's tensor may start at any element.
+            pairs = (layout.space == "tile" and layout.axes[-1].kind == COL and in_bounds[-1]
+                     and dims[-1] == ir.MemRefType(base.type).rank - 1
+                     and "strided" not in str(base.type))
             slots = {}
             for slot in self.geometry.slots(layout):
+                if pairs and slot[2] % 2:
+                    continue  # loaded with its left neighbour
                 at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
-                loaded = memref.load(base, at)
-                slots[slot] = loaded if inside is None else arith.select(inside, loaded, padding)
+                if pairs:
+                    both = vector.load(ir.VectorType.get([2], element), base, at, alignment=2 * _bytes(element))
+                    loaded = [vector.extract(both, [], [i]) for i in (0, 1)]
+                    targets = [slot, (slot[0], slot[1], slot[2] + 1)]
+                else:
+                    loaded, targets = [memref.load(base, at)], [slot]
+                for target, value in zip(targets, loaded):
+                    slots[target] = value if inside is None else arith.select(inside, value, padding)
             self.dists[(result, layout)] = slots
 
     def _write(self, op: ir.Operation) -> None:
@@ -710,8 +743,11 @@ class WorkGroupKernel:
         body = view.body
         layouts = [self._carried_layout(a) for a in view.inner_iter_args]
         staged = [o.operation for o in body.operations if o.operation in self.analysis.staged]
-        lower, upper, step = (self.scalar(v) for v in (view.lowerBound, view.upperBound, view.step))
         iv_old = view.induction_variable
+        trips = _static_trip_count(view)
+        if not staged and trips is not None and trips > UNROLL and trips % UNROLL == 0:
+            return self._unrolled_for(op, layouts, UNROLL)
+        lower, upper, step = (self.scalar(v) for v in (view.lowerBound, view.upperBound, view.step))
         if staged:  # first stage of the pipeline: the first staged read of the first iteration
             self._issue_copy(staged[0], self._buffers[staged[0]].at(const_index(0)), {iv_old: lower})
             nvvm.cp_async_commit_group()
@@ -724,6 +760,26 @@ class WorkGroupKernel:
             self._block(body)
             yields = list(body.operations)[-1].operation.operands
             scf.YieldOp(self._flatten(yields, layouts))
+        self._unflatten(op.results, layouts, list(loop.results))
+
+    def _unrolled_for(self, op: ir.Operation, layouts, factor: int) -> None:
+        """A loop of constant bounds without staged reads (the split-key combine: one iteration
+        per split) with `factor` iterations per emitted iteration: their loads do not depend
+        on the carried values and can be in flight together, where the plain loop waits for
+        each iteration's loads in turn (a full unroll keeps too many loads live: spills)."""
+        view = op.opview
+        lower, step = _constant_int(view.lowerBound), _constant_int(view.step)
+        body = view.body
+        loop = scf.ForOp(const_index(lower), self.scalar(view.upperBound), const_index(step * factor),
+                         self._flatten(view.initArgs, layouts))
+        with ir.InsertionPoint(loop.body):
+            carried = list(loop.inner_iter_args)
+            for k in range(factor):
+                self.scalars[view.induction_variable] = arith.addi(loop.induction_variable, const_index(k * step))
+                self._unflatten(view.inner_iter_args, layouts, carried)
+                self._block(body)
+                carried = self._flatten(list(body.operations)[-1].operation.operands, layouts)
+            scf.YieldOp(carried)
         self._unflatten(op.results, layouts, list(loop.results))
 
     def _pipeline(self, staged, j, lower, upper, step, iv_old) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 from mlir import ir
-from mlir.dialects import arith, func, gpu
+from mlir.dialects import arith, gpu
 
-from ...mlir_utils import CompileError, const_index, defining_op, index, walk
+from ...mlir_utils import CompileError, const_index, defining_op
 from ...payload import FUNC_NAME
 from ...schedule.tiling import WORK_GROUPS, forall_upper_bounds
 

@@ -23,7 +23,7 @@ moving data: a tile slot reads the rows slot (m, i / 2) or the cols slot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 ROW, COL, ROW_DIV, ROW_MOD, UNIT = "row", "col", "row_div", "row_mod", "unit"
 

@@ -28,7 +28,9 @@ def pipeline(arch: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def ptxas() -> str:
-    """Path of the CUDA toolkit's ptxas (PATH, then CUDA_HOME / the usual install folders)."""
+    """Path of the CUDA toolkit's ptxas: PATH, then CUDA_HOME and the usual install folders,
+    then the `nvidia-cuda-nvcc` wheel (requirements-test.txt pins it, so that CI checks the
+    nvvm kernels' machine code)."""
     found = shutil.which("ptxas")
     if found:
         return found
@@ -36,7 +38,22 @@ def ptxas() -> str:
         path = os.path.join(root, "bin", "ptxas")
         if root and os.path.exists(path):
             return path
-    raise CompileError("the nvvm target needs the CUDA toolkit's ptxas (on PATH or under CUDA_HOME)")
+    wheel = _wheel_ptxas()
+    if wheel:
+        return wheel
+    raise CompileError("the nvvm target needs the CUDA toolkit's ptxas (on PATH, under CUDA_HOME, or from "
+                       "the nvidia-cuda-nvcc wheel)")
+
+
+def _wheel_ptxas() -> str:
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for cuda in ("cu13", "cuda_nvcc"):
+            path = os.path.join(folder, cuda, "bin", "ptxas")
+            if os.path.exists(path):
+                return path
+    return ""
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On the machine with MLIR (and ptxas): compile every kernel the GPU tests, the sanitizer script
+# and the benchmarks call into one cache directory, to carry to the GPU machine.
+#     bash benchmarks/cuda/precompile.sh [cache-dir] [arch]      (default .nvproto/cache sm_90a)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cache=$(realpath -m "${1:-.nvproto/cache}")
+arch=${2:-sm_90a}
+export XEGPU_ATTN_CACHE_DIR=$cache
+# The GPU tests run on meta tensors and precompile what they would call (bench_cuda.py,
+# sanitize.py and host_breakdown.py call kernels of the same specs).
+XEGPU_ATTN_TEST_PRECOMPILE=$arch .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_nvvm_gpu.py
+# decode_variants.py's other split counts
+for splits in 32 64; do
+  XEGPU_ATTN_SCHEDULE="{\"kv_splits\": $splits}" .venv/bin/python -m torch_xegpu_attn precompile --target nvvm \
+    --arch "$arch" --head-dim 128 --length-class decode --group 4 --dtype bfloat16
+done
+du -sh "$cache"
