@@ -76,3 +76,15 @@ def fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode()) % (2**31)
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private, empty disk cache (the folder, not created yet) and an empty memory cache."""
+    from torch_xegpu_attn.cache import CACHE
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("XEGPU_ATTN_CACHE_DIR", str(folder))
+    monkeypatch.delenv("XEGPU_ATTN_DISK_CACHE", raising=False)
+    CACHE.clear_memory()
+    yield folder
+    CACHE.clear_memory()

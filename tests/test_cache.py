@@ -31,17 +31,6 @@ SPEC = AttentionSpec(group=1, head_dim=32, v_head_dim=32, dtype="float32", lengt
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """A private, empty disk cache and an empty memory cache."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("XEGPU_ATTN_CACHE_DIR", str(folder))
-    monkeypatch.delenv("XEGPU_ATTN_DISK_CACHE", raising=False)
-    CACHE.clear_memory()
-    yield folder
-    CACHE.clear_memory()
-
-
 def inputs(dtype=torch.float32):
     return [torch.randn(*SHAPE, dtype=dtype) for _ in range(3)]
 

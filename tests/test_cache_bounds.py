@@ -31,16 +31,6 @@ from torch_xegpu_attn.compiler import COUNTERS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("XEGPU_ATTN_CACHE_DIR", str(folder))
-    monkeypatch.delenv("XEGPU_ATTN_DISK_CACHE", raising=False)
-    CACHE.clear_memory()
-    yield folder
-    CACHE.clear_memory()
-
-
 def run(head_dim: int, scale=None):
     """One call of a spec of its own (head dim and scale pick it), checked against SDPA."""
     q, k, v = (torch.randn(1, 2, 16, head_dim) for _ in range(3))

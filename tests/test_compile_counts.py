@@ -8,28 +8,18 @@ counts compilations (compiler.COUNTERS); every output is checked against SDPA.
 
 import random
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import torch_xegpu_attn
-from torch_xegpu_attn.cache import CACHE
 from torch_xegpu_attn.compiler import COUNTERS
-
-
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XEGPU_ATTN_CACHE_DIR", str(tmp_path / "cache"))
-    CACHE.clear_memory()
-    yield
-    CACHE.clear_memory()
 
 
 def close_to_sdpa(out, q, k, v, **kw):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw), atol=2e-5, rtol=2e-5)
 
 
-def test_decode_loop_compiles_at_most_two_kernels(empty_cache, fresh_seed):
+def test_decode_loop_compiles_at_most_two_kernels(cache_dir, fresh_seed):
     # B=1, H=8, L=1, S = 100..299, E=64: the key/value cache grows by one each step.
     k_cache, v_cache = torch.randn(1, 8, 299, 64), torch.randn(1, 8, 299, 64)
     before = COUNTERS["compilations"]
@@ -42,7 +32,7 @@ def test_decode_loop_compiles_at_most_two_kernels(empty_cache, fresh_seed):
     assert COUNTERS["compilations"] - before <= 2
 
 
-def test_gqa_decode_loop_compiles_one_kernel(empty_cache, fresh_seed):
+def test_gqa_decode_loop_compiles_one_kernel(cache_dir, fresh_seed):
     before = COUNTERS["compilations"]
     for s in range(50, 120):
         q, k, v = torch.randn(2, 8, 1, 32), torch.randn(2, 2, s, 32), torch.randn(2, 2, s, 32)
@@ -52,7 +42,7 @@ def test_gqa_decode_loop_compiles_one_kernel(empty_cache, fresh_seed):
     assert COUNTERS["compilations"] - before == 1
 
 
-def test_random_prompt_lengths_compile_at_most_three_kernels(empty_cache, fresh_seed):
+def test_random_prompt_lengths_compile_at_most_three_kernels(cache_dir, fresh_seed):
     # 50 prompts, L = S uniform in [1, 2048], causal (as a prefill), one head to keep it short.
     lengths = random.Random(fresh_seed).choices(range(1, 2049), k=50)
     lengths[:3] = [1, 7, 2048]  # one of each extreme for certain
@@ -65,7 +55,7 @@ def test_random_prompt_lengths_compile_at_most_three_kernels(empty_cache, fresh_
     assert COUNTERS["compilations"] - before <= 3
 
 
-def test_batch_and_heads_are_run_time_too(empty_cache, fresh_seed):
+def test_batch_and_heads_are_run_time_too(cache_dir, fresh_seed):
     before = COUNTERS["compilations"]
     for b, h in [(1, 1), (3, 2), (2, 5), (4, 1)]:
         q, k, v = torch.randn(b, h, 40, 16), torch.randn(b, h, 70, 16), torch.randn(b, h, 70, 16)

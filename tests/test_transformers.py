@@ -21,20 +21,11 @@ import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 import torch_xegpu_attn
-from torch_xegpu_attn.cache import CACHE
 from torch_xegpu_attn.compiler import COUNTERS
 
 assert torch_xegpu_attn.register_transformers() == "xegpu"
 
 PAD = 0
-
-
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XEGPU_ATTN_CACHE_DIR", str(tmp_path / "cache"))
-    CACHE.clear_memory()
-    yield
-    CACHE.clear_memory()
 
 
 def llama(seed: int) -> LlamaForCausalLM:
@@ -62,7 +53,7 @@ def calls_served() -> int:
     return torch_xegpu_attn.stats()["calls"]
 
 
-def test_decoder_generate_matches_sdpa(empty_cache, fresh_seed, record_property):
+def test_decoder_generate_matches_sdpa(cache_dir, fresh_seed, record_property):
     model = llama(fresh_seed)
     ids, mask = left_padded([5, 12, 9], model.config.vocab_size, fresh_seed)
     with torch.no_grad():
@@ -87,7 +78,7 @@ def test_decoder_generate_matches_sdpa(empty_cache, fresh_seed, record_property)
 
 
 @pytest.mark.parametrize("lengths", [[9, 9], [4, 11, 7]], ids=["unpadded", "padded"])
-def test_decoder_generate_with_static_cache(lengths, empty_cache, fresh_seed):
+def test_decoder_generate_with_static_cache(lengths, cache_dir, fresh_seed):
     # A static cache hands every layer the whole cache buffer (kv_len = the cache's length,
     # more than the prompt at prefill) and a mask of one shape per step: the decode steps
     # are replays of one recorded signature.
@@ -108,7 +99,7 @@ def test_decoder_generate_with_static_cache(lengths, empty_cache, fresh_seed):
     assert after["replays"] - before["replays"] >= calls - 3  # all but the first call of each shape
 
 
-def test_decoder_logits_within_bound(empty_cache, fresh_seed):
+def test_decoder_logits_within_bound(cache_dir, fresh_seed):
     model = llama(fresh_seed)
     ids, mask = left_padded([7, 16, 3], model.config.vocab_size, fresh_seed)
     valid = mask.bool()
@@ -145,7 +136,7 @@ def bert(seed: int) -> BertModel:
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-def test_encoder_with_padding_mask(empty_cache, fresh_seed):
+def test_encoder_with_padding_mask(cache_dir, fresh_seed):
     model = bert(fresh_seed)
     generator = torch.Generator().manual_seed(fresh_seed)
     ids = torch.randint(3, 300, (3, 20), generator=generator)
