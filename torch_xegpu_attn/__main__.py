@@ -234,6 +234,16 @@ def _cache(args) -> int:
     return 0
 
 
+def _add_spec_arguments(parser, dtype: str, target: str) -> None:
+    """The spec's arguments other than the shape, shared by compile and precompile."""
+    parser.add_argument("--group", type=int, default=1, help="query heads per key/value head")
+    parser.add_argument("--dtype", default=dtype, choices=DTYPES)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
+    parser.add_argument("--scale", default=None, help="a float, or its hex form")
+    parser.add_argument("--target", default=target)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,12 +252,7 @@ def main(argv=None) -> int:
     stages.add_argument("--target", default="cpu")
     comp = commands.add_parser("compile", help="compile one problem (afresh, unless --fill-cache)")
     comp.add_argument("--shape", required=True, help="B,H,L,S,E[,Ev]")
-    comp.add_argument("--group", type=int, default=1, help="query heads per key/value head")
-    comp.add_argument("--dtype", default="float32", choices=DTYPES)
-    comp.add_argument("--causal", action="store_true")
-    comp.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
-    comp.add_argument("--scale", default=None, help="a float, or its hex form")
-    comp.add_argument("--target", default="cpu")
+    _add_spec_arguments(comp, dtype="float32", target="cpu")
     comp.add_argument("--dump-ir", default=None, help="write the IR after every stage to this directory")
     comp.add_argument("--stop-after", default=None, help="stop after this stage")
     comp.add_argument("--print", action="store_true",
@@ -259,12 +264,7 @@ def main(argv=None) -> int:
     pre.add_argument("--head-dim", type=int, default=0)
     pre.add_argument("--v-head-dim", type=int, default=0)
     pre.add_argument("--length-class", default="")
-    pre.add_argument("--group", type=int, default=1, help="query heads per key/value head")
-    pre.add_argument("--dtype", default="float16", choices=DTYPES)
-    pre.add_argument("--causal", action="store_true")
-    pre.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
-    pre.add_argument("--scale", default=None, help="a float, or its hex form")
-    pre.add_argument("--target", default="nvvm")
+    _add_spec_arguments(pre, dtype="float16", target="nvvm")
     pre.add_argument("--arch", default="", help="GPU architecture, e.g. sm_90a (default: the target's)")
     cache = commands.add_parser("cache", help="list (or clear) the disk cache's entries")
     cache.add_argument("--clear", action="store_true")
