@@ -262,3 +262,29 @@ def mlir_context():
     """A fresh context with every upstream dialect available; one per compilation."""
     with ir.Context() as ctx, ir.Location.unknown():
         yield ctx
+
+
+_AFFINE_BINARY = ((ir.AffineAddExpr, "add"), (ir.AffineMulExpr, "mul"), (ir.AffineCeilDivExpr, "ceildiv"),
+                  (ir.AffineFloorDivExpr, "div"), (ir.AffineModExpr, "mod"))
+
+
+def fold_affine(expr: ir.AffineExpr, dims: Sequence, symbols: Sequence, constant: Callable,
+                combine: Callable, where: str):
+    """An affine expression rebuilt bottom-up in another form: dims and symbols are the values
+    given, a constant becomes constant(value), a binary node combine(kind, lhs, rhs) with kind
+    one of add, mul, ceildiv, div, mod (combine returns None for a kind it cannot express:
+    CompileError, naming `where`)."""
+    expr = expr.maybe_downcast()
+    if isinstance(expr, ir.AffineDimExpr):
+        return dims[expr.position]
+    if isinstance(expr, ir.AffineSymbolExpr):
+        return symbols[expr.position]
+    if isinstance(expr, ir.AffineConstantExpr):
+        return constant(expr.value)
+    for kind, name in _AFFINE_BINARY:
+        if isinstance(expr, kind):
+            result = combine(name, fold_affine(expr.lhs, dims, symbols, constant, combine, where),
+                             fold_affine(expr.rhs, dims, symbols, constant, combine, where))
+            if result is not None:
+                return result
+    raise CompileError(f"{where}: cannot express the affine expression {expr}")

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mlir import ir
 from mlir.dialects import arith, vector
 
-from ..mlir_utils import CompileError, const_index
+from ..mlir_utils import CompileError, const_index, fold_affine
 
 
 def i32() -> ir.Type:
@@ -214,15 +214,7 @@ class BodyTranslator:
         return self._expr(amap.results[0], dims, symbols)
 
     def _expr(self, expr: ir.AffineExpr, dims, symbols) -> ir.Value:
-        expr = expr.maybe_downcast()
-        if isinstance(expr, ir.AffineDimExpr):
-            return dims[expr.position]
-        if isinstance(expr, ir.AffineSymbolExpr):
-            return symbols[expr.position]
-        if isinstance(expr, ir.AffineConstantExpr):
-            return splat(self.shape, i32(), expr.value)
-        if isinstance(expr, ir.AffineAddExpr):
-            return arith.addi(self._expr(expr.lhs, dims, symbols), self._expr(expr.rhs, dims, symbols))
-        if isinstance(expr, ir.AffineMulExpr):
-            return arith.muli(self._expr(expr.lhs, dims, symbols), self._expr(expr.rhs, dims, symbols))
-        raise CompileError(f"flash: unsupported index expression {expr} in a score op")
+        ops = {"add": arith.addi, "mul": arith.muli}
+        return fold_affine(expr, dims, symbols, lambda value: splat(self.shape, i32(), value),
+                           lambda kind, a, b: ops[kind](a, b) if kind in ops else None,
+                           "flash: an index expression of a score op")

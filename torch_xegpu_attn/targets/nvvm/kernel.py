@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 from mlir import ir
 from mlir.dialects import arith, gpu
 
-from ...mlir_utils import CompileError, const_index, defining_op
+from ...mlir_utils import CompileError, const_index, defining_op, fold_affine
 from ...payload import FUNC_NAME
 from ...schedule.tiling import WORK_GROUPS, forall_upper_bounds
 
@@ -64,18 +64,8 @@ def size_expression(value, args: Sequence[ir.Value]):
 
 
 def _affine(expr, dims, symbols):
-    expr = expr.maybe_downcast()
-    if isinstance(expr, ir.AffineDimExpr):
-        return dims[expr.position]
-    if isinstance(expr, ir.AffineSymbolExpr):
-        return symbols[expr.position]
-    if isinstance(expr, ir.AffineConstantExpr):
-        return ["const", expr.value]
-    for kind, name in ((ir.AffineAddExpr, "add"), (ir.AffineMulExpr, "mul"), (ir.AffineCeilDivExpr, "ceildiv"),
-                       (ir.AffineFloorDivExpr, "div")):
-        if isinstance(expr, kind):
-            return [name, _affine(expr.lhs, dims, symbols), _affine(expr.rhs, dims, symbols)]
-    raise CompileError(f"nvvm: cannot express {expr} as a size for the host")
+    return fold_affine(expr, dims, symbols, lambda value: ["const", value],
+                       lambda kind, a, b: [kind, a, b] if kind != "mod" else None, "nvvm: a size for the host")
 
 
 def evaluate(expression, sizes: Sequence[Sequence[int]]) -> int:
