@@ -36,6 +36,7 @@ from mlir.dialects import arith, func, memref, scf
 from ...mlir_utils import (CompileError, const_index, defining_op, index, is_inside, op_of,
                            redirect_uses_inside, walk)
 from ...payload import FUNC_NAME
+from ...schedule.bufferize import host_function, is_value_op
 from ...schedule.options import ScheduleOptions
 from ...schedule.tiling import WORK_GROUPS, forall_upper_bounds
 from ...spec import AttentionSpec
@@ -44,17 +45,7 @@ PLAN_NAME = f"{FUNC_NAME}_plan"
 
 
 def outline_grids(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
-    attention = _find_func(module, FUNC_NAME)
-    body = attention.regions[0].blocks[0]
-    args = list(body.arguments)
-    top_level = [op.operation for op in body.operations]
-    allocs = [op for op in top_level if op.name == "memref.alloc"]
-    loops = [op for op in top_level if op.name == "scf.forall"]
-    for op in top_level:
-        if op.name not in ("memref.alloc", "scf.forall", "func.return") and not _is_value_op(op):
-            raise CompileError(f"cpu-grid: {op.name} outside the work-group loops")
-    if not loops:
-        raise CompileError("cpu-grid: the kernel has no work-group loop")
+    attention, args, allocs, loops = host_function(module, "cpu-grid")
 
     grids = []
     for loop in loops:
@@ -90,14 +81,6 @@ def kernel_metadata(module: ir.Module) -> Dict:
                   for w in ir.ArrayAttr(info["workspaces"])]
     return {"grids": grids, "workspaces": workspaces, "plan": ir.StringAttr(info["plan"]).value,
             "plan_length": ir.IntegerAttr(info["plan_length"]).value}
-
-
-def _find_func(module: ir.Module, name: str):
-    for op in module.body.operations:
-        op = op.operation
-        if op.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name:
-            return op
-    raise CompileError(f"cpu-grid: no function @{name}")
 
 
 def _bound_values(loop) -> List[ir.Value]:
@@ -203,16 +186,6 @@ def _interleave(i, n):
 
 
 #: top-level ops that change memory: never cloned.
-_WRITES = ("vector.transfer_write", "vector.store", "memref.store", "memref.copy", "vector.maskedstore")
-
-
-def _is_value_op(op: ir.Operation) -> bool:
-    """A top-level op that only computes or reads a value (constants, sizes of the arguments,
-    loop bounds).  Grids that use it get their own copy."""
-    return (len(op.results) > 0 and not op.regions and op.name not in _WRITES
-            and op.name != "memref.alloc")
-
-
 def _clone_outer_values(grid, attention, anchor) -> None:
     """Value ops of the old function used in the grid: clone them (operands first) before `anchor`."""
     clones = {}
@@ -222,7 +195,7 @@ def _clone_outer_values(grid, attention, anchor) -> None:
         if (producer is None or producer.name == "memref.alloc" or not is_inside(producer, attention)
                 or is_inside(producer, grid)):
             return value  # block arguments and workspaces are remapped by the caller
-        if not _is_value_op(producer):
+        if not is_value_op(producer):
             raise CompileError(f"cpu-grid: work-group uses {producer.name} defined outside it")
         if producer not in clones:
             operands = [local(operand) for operand in producer.operands]

@@ -20,20 +20,13 @@ from mlir.dialects import arith, gpu
 
 from ...mlir_utils import CompileError, const_index, defining_op, fold_affine
 from ...payload import FUNC_NAME
+from ...schedule.bufferize import host_function
 from ...schedule.tiling import WORK_GROUPS, forall_upper_bounds
 
 from .distribute import WorkGroupKernel
 from .layout import Geometry
 
 KERNEL_MODULE = "attention_kernels"
-
-
-def _find_func(module: ir.Module, name: str) -> ir.Operation:
-    for op in module.body.operations:
-        op = op.operation
-        if op.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name:
-            return op
-    raise CompileError(f"nvvm: no function @{name}")
 
 
 def size_expression(value, args: Sequence[ir.Value]):
@@ -107,14 +100,7 @@ class _Outer:
 def build_kernels(module: ir.Module, geometry: Geometry, causal: bool) -> Dict:
     """Replace the host function by a gpu.module of one kernel per work-group loop; return the
     launch metadata (kernel names, grids, threads, shared memory, workspaces)."""
-    host = _find_func(module, FUNC_NAME)
-    body = host.regions[0].blocks[0]
-    args = list(body.arguments)
-    top = [op.operation for op in body.operations]
-    allocs = [op for op in top if op.name == "memref.alloc"]
-    loops = [op for op in top if op.name == "scf.forall"]
-    if not loops:
-        raise CompileError("nvvm: the kernel has no work-group loop")
+    host, args, allocs, loops = host_function(module, "nvvm")
     module.operation.attributes["gpu.container_module"] = ir.UnitAttr.get()
     with ir.InsertionPoint(module.body), host.location:
         kernels_module = gpu.GPUModuleOp(KERNEL_MODULE)
