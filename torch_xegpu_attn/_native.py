@@ -21,31 +21,39 @@ _SOURCES = ("cpu_launcher.cpp", "op.cpp")
 _HEADERS = ("kernel.h",)
 
 
-def _csrc() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+def csrc_paths(names) -> list:
+    """Paths of files in the source tree's csrc/ (present where the package runs from its sources)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    return [os.path.join(folder, name) for name in names]
+
+
+def build_extension(prefix: str, sources, headers=(), **load_options):
+    """Compile `sources` with torch.utils.cpp_extension for this Python and torch, once per
+    machine: the build folder in the cache directory is named by a hash of the sources, the
+    headers, Python's and torch's versions, so a later process (or a changed source) finds
+    or rebuilds it."""
+    import torch
+    from torch.utils import cpp_extension
+    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
+    for path in list(sources) + list(headers):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    tag = digest.hexdigest()[:16]
+    build = os.path.join(knobs.cache_dir(), f"{prefix}_{tag}")
+    os.makedirs(build, exist_ok=True)
+    return cpp_extension.load(name=f"torch_xegpu_attn_{prefix}_{tag}", sources=list(sources),
+                              build_directory=build, verbose=knobs.log_compilations(), **load_options)
 
 
 def _build_from_source(reason: Exception):
     """Compile csrc/ into an extension for this Python and torch (once per machine)."""
-    import torch
-    from torch.utils import cpp_extension
-    folder = _csrc()
-    sources = [os.path.join(folder, name) for name in _SOURCES]
-    missing = [p for p in sources + [os.path.join(folder, h) for h in _HEADERS] if not os.path.exists(p)]
+    sources, headers = csrc_paths(_SOURCES), csrc_paths(_HEADERS)
+    missing = [p for p in sources + headers if not os.path.exists(p)]
     if missing:
         raise ImportError(f"torch_xegpu_attn: the C++ extension _C does not load ({reason}) and its sources "
                           f"are not here to build it ({', '.join(missing)}); reinstall the package "
                           f"(bash setup.sh)") from reason
-    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
-    for path in sources + [os.path.join(folder, h) for h in _HEADERS]:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    tag = digest.hexdigest()[:16]
-    build = os.path.join(knobs.cache_dir(), f"native_{tag}")
-    os.makedirs(build, exist_ok=True)
-    return cpp_extension.load(name=f"torch_xegpu_attn_C_{tag}", sources=sources, build_directory=build,
-                              extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                              verbose=knobs.log_compilations())
+    return build_extension("C", sources, headers, extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
 def load():

@@ -354,7 +354,7 @@ class KernelCache:
         key = entry_key(spec)
         folder = knobs.cache_dir()
         binary_path, meta_path = self._paths(folder, key, target)
-        if self._intact(key, binary_path, meta_path):
+        if self._intact(key, binary_path, meta_path) is not None:
             return key
         artifact = compile_spec(spec)
         os.makedirs(folder, exist_ok=True)
@@ -365,19 +365,20 @@ class KernelCache:
         return key
 
     @staticmethod
-    def _intact(key: str, binary_path: str, meta_path: str) -> bool:
-        """Whether a disk entry exists and passes every integrity check."""
+    def _intact(key: str, binary_path: str, meta_path: str) -> Optional[Dict]:
+        """The record of a disk entry that exists and passes every integrity check, else None."""
         if not (os.path.exists(binary_path) and os.path.exists(meta_path)):
-            return False
+            return None
         try:
             with open(meta_path, "rb") as f:
                 record = json.loads(f.read())
             with open(binary_path, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
         except (OSError, ValueError):
-            return False
-        return (record.get("key") == key and record.get("binary_sha256") == digest
-                and record.get("metadata_sha256") == _metadata_digest(record.get("metadata")))
+            return None
+        intact = (isinstance(record, dict) and record.get("key") == key and record.get("binary_sha256") == digest
+                  and record.get("metadata_sha256") == _metadata_digest(record.get("metadata")))
+        return record if intact else None
 
     @staticmethod
     def _paths(folder: str, key: str, target):
@@ -397,10 +398,9 @@ class KernelCache:
         if not (os.path.exists(binary_path) and os.path.exists(meta_path)):
             return None
         try:
-            if not KernelCache._intact(key, binary_path, meta_path):
+            record = KernelCache._intact(key, binary_path, meta_path)
+            if record is None:
                 raise ValueError("stale or damaged entry")
-            with open(meta_path, "rb") as f:
-                record = json.loads(f.read())
             kernel = target.load(binary_path, record["metadata"])
         except Exception:  # any damage means: rebuild
             STATS["rejected_entries"] += 1

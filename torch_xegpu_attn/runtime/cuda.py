@@ -12,12 +12,11 @@ machine needs only torch and the CUDA toolkit, not MLIR.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import threading
 from typing import Dict, List, Sequence
 
-from .. import knobs
+from .._native import build_extension, csrc_paths
 
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
 _ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "float64": 8}
@@ -39,20 +38,11 @@ def postfix(expression) -> List[int]:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The C++ launcher, built (once per machine and torch) at first use."""
-    import torch
-    from torch.utils import cpp_extension
-    source = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "csrc", "cuda_launcher.cpp")
+    (source,) = csrc_paths(["cuda_launcher.cpp"])
     if not os.path.exists(source):
         raise RuntimeError(f"torch_xegpu_attn: the CUDA launcher's source is missing ({source})")
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read() + torch.__version__.encode()).hexdigest()[:16]
-    build = os.path.join(knobs.cache_dir(), f"cuda_launcher_{digest}")
-    os.makedirs(build, exist_ok=True)
     with _LOCK:
-        return cpp_extension.load(name=f"torch_xegpu_attn_cuda_{digest}", sources=[source],
-                                  extra_ldflags=["-lcuda"], build_directory=build, with_cuda=True,
-                                  verbose=knobs.log_compilations())
+        return build_extension("cuda_launcher", [source], extra_ldflags=["-lcuda"], with_cuda=True)
 
 
 class CudaKernel:
