@@ -3,7 +3,8 @@
 # dependencies, and this package built in it (with its C++ extension).
 #
 #   bash scripts/setup.sh            what the package and the demo need (requirements.txt)
-#   bash scripts/setup.sh --test     also the test dependencies (requirements-test.txt)
+#   bash scripts/setup.sh --test     also the test dependencies (requirements-test.txt) and
+#                                    the xegpu target's system tools (scripts/setup_xegpu.sh)
 #   bash scripts/setup.sh --check    say what a run would do, do nothing (exit 1 if anything)
 #
 # Idempotent: each step leaves a stamp in .venv (the SHA-256 of what it was made
@@ -44,6 +45,7 @@ if [ "${MODE#--check}" != "$MODE" ]; then
     done
     # shellcheck disable=SC2046
     stamp_ok build "$(digest $(build_inputs))" || { echo "setup would rebuild the C++ extension"; todo=1; }
+    if [ "$MODE" = --check-test ]; then bash scripts/setup_xegpu.sh --check >/dev/null || { echo "setup would install the xegpu tools (scripts/setup_xegpu.sh)"; todo=1; }; fi
     [ "$todo" = 0 ] && echo "setup: up to date"
     exit "$todo"
 fi
@@ -66,6 +68,10 @@ for r in $requirements; do
         echo "$want" > ".venv/.setup-$r"
     fi
 done
+if [ "$MODE" = --test ]; then
+    # the xegpu target's system tools (Debian llvm-22, clang-22, spirv-tools, ocloc in a sid chroot)
+    bash scripts/setup_xegpu.sh || echo "setup: without the xegpu tools, the xegpu tests skip" >&2
+fi
 build() {
     echo "setup: building torch-xegpu-attn (C++ extension, about a minute)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e .

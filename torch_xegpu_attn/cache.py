@@ -76,7 +76,7 @@ def source_fingerprint() -> str:
             for folder, dirs, files in sorted(os.walk(root)):
                 dirs.sort()
                 for name in sorted(files):
-                    if name.endswith((".py", ".cpp", ".h")):
+                    if name.endswith((".py", ".cpp", ".h", ".cl")):
                         path = os.path.join(folder, name)
                         digest.update(os.path.relpath(path, root).encode())
                         with open(path, "rb") as f:
@@ -240,8 +240,9 @@ class KernelCache:
         self._dumped: set = set()  # (spec, options, dump dir) whose IR this process wrote
 
     def get(self, spec: AttentionSpec):
-        # The schedule overrides (XEGPU_ATTN_SCHEDULE) may change between calls: they key too.
-        key = (spec, knobs.schedule_overrides_text())
+        # The schedule overrides (XEGPU_ATTN_SCHEDULE) and the emulation (XEGPU_ATTN_EMULATE) may
+        # change between calls: they key too.
+        key = (spec, knobs.schedule_overrides_text(), knobs.emulate())
         kernel = self._memory.get(key)
         if kernel is not None:
             STATS["memory_hits"] += 1

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    device = "cpu"  # the default device; the GPU targets are not implemented yet
+    device = "cpu"  # the default device (the GPU targets have their own benchmarks and tests)
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     print(f"device {device}, q/k/v {shape} {args.dtype}, {torch.get_num_threads()} threads")
     torch.manual_seed(0)

@@ -226,7 +226,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     query, key, value = query.resolve_neg(), key.resolve_neg(), value.resolve_neg()
     if attn_mask is not None:
         attn_mask = attn_mask.resolve_neg()
-    target = target or target_for_device(query.device.type)
+    target = target or _target_for(query.device.type)
 
     mask_spec, operands = None, []
     q = _canonical(query, batch, h * g, split=(h, g))
@@ -245,6 +245,14 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
                          scale=scale, mask=mask_spec, target=target, length_class=length_class)
     get_target(target).check(spec)  # what the target does not take raises before any work
     return Plan(out_shape, spec=spec, operands=operands, output=out)
+
+
+def _target_for(device_type: str) -> str:
+    """The target of a call's tensors: by their device, except that CPU tensors go through the
+    xegpu target under XEGPU_ATTN_EMULATE=xpu (its SPIR-V emulated on the CPU)."""
+    if device_type == "cpu" and knobs.emulate() == "xpu":
+        return "xegpu"
+    return target_for_device(device_type)
 
 
 def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,

@@ -16,6 +16,11 @@ XEGPU_ATTN_LOG          "1": log every compilation (spec, options, seconds per s
 XEGPU_ATTN_SCHEDULE     JSON object: fields of ScheduleOptions that override the target's
                         choice for every spec, e.g. '{"row_tile": 16, "tail": "peel"}'
                         (tuning and tests; the options are part of the cache key)
+XEGPU_ATTN_EMULATE      "xpu": CPU tensors go through the xegpu target, whose SPIR-V runs on the
+                        Intel OpenCL CPU runtime with the Intel-GPU-only builtins emulated
+                        (proof of the Intel GPU kernels without one; default: unset).  Set it
+                        before the process's first call: CPU calls already recorded for replay
+                        keep running on the cpu target
 
 They are read at each use, so tests and tools may set them at run time.
 """
@@ -108,3 +113,17 @@ def schedule_overrides() -> Dict:
 
 def log_compilations() -> bool:
     return os.environ.get("XEGPU_ATTN_LOG", "0").strip() in ("1", "true", "on", "yes")
+
+
+#: the values XEGPU_ATTN_EMULATE takes.
+EMULATED_DEVICES = ("xpu",)
+
+
+def emulate() -> Optional[str]:
+    """The device whose kernels CPU tensors run under emulation (XEGPU_ATTN_EMULATE), or None."""
+    value = os.environ.get("XEGPU_ATTN_EMULATE", "").strip()
+    if not value:
+        return None
+    if value not in EMULATED_DEVICES:
+        raise KnobError(f"XEGPU_ATTN_EMULATE={value!r}: the emulated devices are {EMULATED_DEVICES}")
+    return value

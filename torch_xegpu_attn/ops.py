@@ -11,8 +11,8 @@ records the call.  The autograd kernel lets calls that need no gradient through
 and gives the others a backward that raises (the backward pass is not
 implemented).  Registered here: a fake (meta) kernel that runs the same checks
 and returns an empty output of the right shape, so torch.compile traces the
-op without a graph break, and kernels for CUDA and XPU tensors, which raise
-NotImplementedError (their targets are planned).
+op without a graph break, and the kernels for CUDA and XPU tensors (the nvvm
+and xegpu targets: checks, cache and launch, as on CPU).
 """
 
 from __future__ import annotations

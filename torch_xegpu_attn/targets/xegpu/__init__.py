@@ -1,0 +1,236 @@
+"""The xegpu target: the shared work-group IR on Intel GPUs, through XeGPU to SPIR-V.
+
+Stages after the shared schedule:
+
+    xegpu-kernels  outline.outline_work_groups   each work-group loop -> a gpu.func holding the
+                                                 work-group body unchanged (MLIR 22.1.8)
+    xegpu-wg       layouts.assign_layouts        in torch-mlir's upstream MLIR (LLVM 24git):
+                                                 convert-vector-to-xegpu (2D block loads/stores
+                                                 on run-time shapes, dpas), K/V prefetches,
+                                                 sg_layout / sg_data / inst_data on the anchors
+    xegpu-lowered  upstream's gpu-lower-to-xevm-pipeline{xegpu-op-level=workgroup}, without
+                   its last step: layout propagation, work-group -> sub-group -> lane
+                   distribution, XeVM, the LLVM dialect
+
+then `emit` writes LLVM IR and makes SPIR-V with Debian's llvm-22
+(toolchain.py).  Under XEGPU_ATTN_EMULATE=xpu the same kernel's LLVM IR is
+linked with emulation.cl (the Intel-GPU-only builtins in portable OpenCL C)
+and runs on the Intel OpenCL CPU runtime (runtime/xpu.py).
+
+How a work-group is distributed: 128 query rows (one row tile) over
+sub-groups of 16 lanes; for head dims up to 64, 8 sub-groups of 16 rows and
+64-key steps (the tile sizes of lighthouse's tuned fused attention: Max 1100,
+101.9 TFLOPS); above, 16 sub-groups of 8 rows and 32-key steps (what keeps
+head dim 128 free of spills in the 256-register mode, checked with ocloc).
+Each step reads a K tile (transposed 32-bit block reads) and a V tile
+(VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
+O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
+The kernels are built for the large register file (256 GRF).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Sequence
+
+from ... import knobs
+from ...schedule.options import ScheduleOptions
+from ...spec import AttentionSpec
+from ..base import KernelArtifact, Stage, Target, register
+
+SUPPORTED_DTYPES = ("float16", "bfloat16")
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+ROW_TILE = 128
+KV_TILE = 64
+#: where the pipeline's expanded pass list is cut: its last pass needs a SPIR-V target.
+BINARY_PASS = ",gpu-module-to-binary"
+METADATA = "attn.xegpu"
+CHIP = "pvc"
+#: the devices whose native code an IR dump holds (ocloc names).
+NATIVE_DEVICES = ("pvc", "bmg")
+
+
+class XegpuTarget(Target):
+    name = "xegpu"
+    device_type = "xpu"
+    binary_suffix = ".spv"
+
+    def check(self, spec: AttentionSpec) -> None:
+        """What the target does not take raises here, before any compile, saying so."""
+        if spec.dtype not in SUPPORTED_DTYPES:
+            raise NotImplementedError(
+                f"the xegpu target computes on DPAS with float16 and bfloat16 inputs; {spec.dtype} would need "
+                f"tf32 (less accurate than float32) or non-DPAS math, neither is implemented: cast the inputs "
+                f"to float16 or bfloat16")
+        for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
+            if dim not in SUPPORTED_HEAD_DIMS:
+                raise NotImplementedError(
+                    f"the xegpu target supports {name} head dims {SUPPORTED_HEAD_DIMS}; got {dim}")
+        if spec.head_dim != spec.v_head_dim:
+            raise NotImplementedError("the xegpu target does not support a value head dim different from the "
+                                      f"query/key head dim yet (got {spec.head_dim} and {spec.v_head_dim})")
+        if spec.mask is not None:
+            raise NotImplementedError("the xegpu target does not support attn_mask yet (is_causal is supported)")
+
+    def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
+        self.check(spec)
+        # K read as loaded and transposed explicitly: convert-vector-to-xegpu makes a dpas of the
+        # contraction only in that form (and layouts turn the transpose into a transposed read).
+        kv_tile = KV_TILE if max(spec.head_dim, spec.v_head_dim) <= 64 else KV_TILE // 2
+        return ScheduleOptions(row_tile=ROW_TILE, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
+
+    def stage_names(self) -> Sequence[str]:
+        return ("xegpu-kernels", "xegpu-wg", "xegpu-lowered")
+
+    def stages(self) -> Sequence[Stage]:
+        return (("xegpu-kernels", _outline), ("xegpu-wg", _to_xegpu), ("xegpu-lowered", _lower))
+
+    def emulated(self) -> bool:
+        return knobs.emulate() == "xpu"
+
+    def emit(self, module, spec: AttentionSpec, options: ScheduleOptions, keep_dir: str = "") -> KernelArtifact:
+        import os
+        from . import toolchain
+        metadata = json.loads(_metadata_text(module))
+        llvm_ir = toolchain.bridge_llvm_ir(_llvm_ir_of(module), [k["name"] for k in metadata["kernels"]])
+        hardware = toolchain.spirv_from_llvm_ir(llvm_ir, keep_dir=keep_dir)
+        if keep_dir:
+            with open(os.path.join(keep_dir, "kernel.spv"), "wb") as f:
+                f.write(hardware)
+            _keep_native_code(hardware, keep_dir)
+        metadata["imports"] = toolchain.imported_functions(hardware)
+        metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
+                                for name, dims, dtype in spec.operands()]
+        metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
+        metadata["large_grf"] = True
+        metadata["emulated"] = self.emulated()
+        binary = hardware
+        if metadata["emulated"]:
+            binary = toolchain.without_cache_controls(toolchain.spirv_from_llvm_ir(llvm_ir, emulated=True))
+            if keep_dir:
+                with open(os.path.join(keep_dir, "kernel.emulated.spv"), "wb") as f:
+                    f.write(binary)
+        return KernelArtifact(binary=binary, metadata=metadata)
+
+    def load(self, binary_path: str, metadata: Dict):
+        from ...runtime.xpu import XpuKernel
+        return XpuKernel(binary_path, metadata)
+
+    def fingerprint(self) -> Dict[str, str]:
+        return {"runtime": "opencl-cpu-emulation" if self.emulated() else "sycl-xpu", "chip": CHIP}
+
+    def available(self):
+        try:
+            from . import toolchain
+            toolchain.upstream()
+            toolchain.llvm_tool("llc")
+            if self.emulated():
+                toolchain.clang()
+        except Exception as error:  # noqa: BLE001 (the reason is the message)
+            return False, str(error)
+        return True, ""
+
+
+def _keep_native_code(spirv: bytes, keep_dir: str) -> None:
+    """With an IR dump directory: Intel's native code of the SPIR-V (kernel.<device>.bin and .asm,
+    and a summary in native.json) for pvc and bmg, when ocloc is installed (scripts/setup_xegpu.sh)."""
+    import logging
+    import os
+    from . import toolchain
+    why = toolchain.ocloc_available()
+    if why:
+        logging.getLogger("torch_xegpu_attn").info("xegpu: no native code in the dump (%s)", why)
+        return
+    summary = {}
+    for device in NATIVE_DEVICES:
+        found = toolchain.native(spirv, device, large_grf=True, keep_dir=keep_dir)
+        summary[device] = {k: v for k, v in found.items() if k not in ("binary", "asm", "zeinfo")}
+    with open(os.path.join(keep_dir, "native.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+def _metadata_text(module) -> str:
+    from torch_mlir import ir
+    return ir.StringAttr(module.operation.attributes[METADATA]).value
+
+
+def _outline(module, spec: AttentionSpec, options: ScheduleOptions):
+    """Stage xegpu-kernels: the work-group loops become gpu.funcs with their bodies as they are."""
+    from mlir import ir
+    from ..outline import move_body_into, outline_work_groups
+    geometry = _geometry(spec, options)
+
+    def move(loop, outer, ip, ivs):
+        move_body_into(loop, outer, ivs)
+        return {}
+
+    metadata = outline_work_groups(module, "xegpu", geometry.threads, move, causal=False)
+    module.operation.attributes[METADATA] = ir.StringAttr.get(json.dumps(metadata))
+    return module
+
+
+def _geometry(spec: AttentionSpec, options: ScheduleOptions):
+    from .layouts import Geometry
+    rows = options.row_tile * (spec.group if options.pack_gqa else 1)
+    prefetch = 1 if spec.head_dim == spec.v_head_dim else 0
+    return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
+                    prefetch=prefetch, sg_rows=subgroup_rows(spec))
+
+
+def subgroup_rows(spec: AttentionSpec) -> int:
+    """Query rows per sub-group: 16 for head dims up to 64 (lighthouse's tuned choice), 8 above
+    (16 rows of a 128-wide f32 accumulator, Q and the scores spill out of 256 registers)."""
+    return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 else 8
+
+
+def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
+    """Stage xegpu-wg: into upstream MLIR; XeGPU ops with their anchor layouts."""
+    from . import toolchain
+    from .layouts import assign_layouts
+    upstream = toolchain.upstream()
+    context = upstream.ir.Context()
+    with context, upstream.ir.Location.unknown():
+        moved = upstream.ir.Module.parse(str(module))
+        upstream.passmanager.PassManager.parse(
+            f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={CHIP} O=3}}, "
+            f"gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, canonicalize)))"
+        ).run(moved.operation)
+        assign_layouts(moved, _geometry(spec, options))
+    return moved
+
+
+def lowering_pipeline() -> str:
+    """upstream's gpu-lower-to-xevm-pipeline (work-group level) as its expanded pass list, without
+    gpu-module-to-binary."""
+    from . import toolchain
+    upstream = toolchain.upstream()
+    with upstream.ir.Context():
+        full = str(upstream.passmanager.PassManager.parse(
+            f"builtin.module(gpu-lower-to-xevm-pipeline{{xegpu-op-level=workgroup zebin-chip={CHIP}}})"))
+    if BINARY_PASS not in full:
+        raise RuntimeError(f"xegpu: unexpected XeVM pipeline {full[-200:]}")
+    return full[:full.rindex(BINARY_PASS)] + ")"
+
+
+def _lower(module, spec: AttentionSpec, options: ScheduleOptions):
+    """Stage xegpu-lowered: distribution by layout and lowering to the LLVM dialect."""
+    from . import toolchain
+    upstream = toolchain.upstream()
+    with module.context:
+        upstream.passmanager.PassManager.parse(lowering_pipeline()).run(module.operation)
+    return module
+
+
+def _llvm_ir_of(module) -> str:
+    """The kernels' gpu.module as LLVM IR text (upstream's translation)."""
+    from . import toolchain
+    upstream = toolchain.upstream()
+    from torch_mlir.dialects import llvm as upstream_llvm
+    with module.context:
+        gpu_module = next(op for op in module.body.operations if op.operation.name == "gpu.module")
+        body = "\n".join(str(op) for op in gpu_module.regions[0].blocks[0].operations)
+        llvm_module = upstream.ir.Module.parse("module {\n" + body + "\n}")
+        return str(upstream_llvm.translate_module_to_llvmir(llvm_module.operation))
+
+
+XEGPU = register(XegpuTarget())
