@@ -20,7 +20,7 @@ import torch
 from torch_xegpu_attn import _C
 from torch_xegpu_attn.cache import CACHE
 from torch_xegpu_attn.compiler import compile_spec
-from torch_xegpu_attn.spec import AttentionSpec
+from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
 from torch_xegpu_attn.targets import get_target
 from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
@@ -48,6 +48,12 @@ SPECS = {
     "e128-causal": replace(BASE, head_dim=128, v_head_dim=128, causal=True),
     "e32": replace(BASE, head_dim=32, v_head_dim=32),
     "e64-gqa4": replace(BASE, group=4),
+    "e64-ev128": replace(BASE, v_head_dim=128, causal=True),
+    "bool-mask-ls": replace(BASE, mask=MaskSpec("bool", ("l", "s"), "bool")),
+    "additive-f32-mask-bhls": replace(BASE, mask=MaskSpec("additive", ("b", "h", "l", "s"), "float32")),
+    "bool-mask-bs": replace(BASE, mask=MaskSpec("bool", ("b", "s"), "bool")),
+    "additive-mask-l-e128": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
+                                    mask=MaskSpec("additive", ("l",), "bfloat16")),
 }
 
 
@@ -71,8 +77,12 @@ def _stage(folder, stage):
 def test_xegpu_ops_with_layouts(compiled, name):
     spec, artifact, folder = compiled[name]
     wg = _stage(folder, "xegpu-wg")
-    for op in ("xegpu.create_nd_tdesc", "xegpu.load_nd", "xegpu.dpas", "xegpu.store_nd", "xegpu.prefetch_nd"):
+    for op in ("xegpu.create_nd_tdesc", "xegpu.load_nd", "xegpu.dpas", "xegpu.store_nd"):
         assert op in wg, f"{op} missing after xegpu-wg"
+    if spec.mask is not None and {"l", "s"} <= set(spec.mask.dims):
+        assert re.search(r'load_nd[^\n]*attn.xegpu_role = "mask"', wg)  # the mask tile: a 2D block load
+    elif spec.mask is not None:
+        assert "xegpu.load " in wg  # a 1-D mask: a scattered load, lanes past the end masked off
     assert len(re.findall(r"xegpu\.dpas", wg)) == 2  # Q.K^T and P.V, as work-group ops
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
     n, rows, kv = geometry.subgroups, geometry.sg_rows, geometry.kv_tile
@@ -81,7 +91,8 @@ def test_xegpu_ops_with_layouts(compiled, name):
     assert re.search(rf"xegpu\.store_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {ev}\]", wg)
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, 32\]", wg)
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[1, 1\], sg_data = \[{kv}, {e}\], order = \[0, 1\]", wg)
-    assert re.search(r"xegpu\.prefetch_nd[^\n]*sg_layout = \[4, 2\]", wg)
+    if geometry.prefetch:
+        assert re.search(r"xegpu\.prefetch_nd[^\n]*sg_layout = \[4, 2\]", wg)
     # the 2D descriptors take their shape at run time: tails are bounds, not padding
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
     lowered = _stage(folder, "xegpu-lowered")
@@ -134,7 +145,8 @@ def test_native_code(compiled, name, device):
     assert found["spill_bytes"] == 0 and found["scratch_messages"] == 0
     assert found["dpas"] >= per_step and found["dpas"] % per_step == 0
     assert found["block_loads"] >= 3 and found["block_stores"] >= 1
-    assert found["block_prefetches"] >= 1
+    if xegpu_target._geometry(spec, xegpu.options_for(spec)).prefetch:
+        assert found["block_prefetches"] >= 1
 
 
 # --- the op on CPU tensors, emulated ----------------------------------------------------------
@@ -161,19 +173,61 @@ CASES = [
     (torch.float16, 32, False, (1, 2, 2), 100, 100),
     (torch.float16, 64, False, (1, 8, 2), 150, 180),     # GQA, 4 query heads per key/value head
     (torch.bfloat16, 64, True, (1, 4, 2), 160, 160),     # GQA, causal
+    (torch.float16, (64, 128), True, (1, 2, 2), 150, 170),  # Ev != E
+    (torch.float16, (128, 64), False, (2, 2, 2), 90, 200),
 ]
+
+
+def _ran_on_xegpu(e):
+    """The call ran on an xegpu kernel (emulated), not on the cpu one."""
+    return any(key[0].target == "xegpu" and key[0].head_dim == e and key[2] == "xpu" for key in CACHE._memory)
 
 
 @pytest.mark.parametrize("dtype,e,causal,heads,l,s", CASES)
 def test_emulated_numerics(emulated, fresh_seed, dtype, e, causal, heads, l, s):
     *batch, h, hkv = heads
+    e, ev = e if isinstance(e, tuple) else (e, e)
     q = torch.randn(*batch, h, l, e, dtype=dtype)
     k = torch.randn(*batch, hkv, s, e, dtype=dtype)
-    v = torch.randn(*batch, hkv, s, e, dtype=dtype)
-    kw = {"is_causal": causal, "enable_gqa": h != hkv}
-    check(q, k, v, **kw)
-    # it ran on the xegpu kernel (emulated), not on the cpu one
-    assert any(key[0].target == "xegpu" and key[0].head_dim == e and key[2] == "xpu" for key in CACHE._memory)
+    v = torch.randn(*batch, hkv, s, ev, dtype=dtype)
+    check(q, k, v, is_causal=causal, enable_gqa=h != hkv)
+    assert _ran_on_xegpu(e)
+
+
+MASKS = [
+    # (mask shape for q (B=2, H=2, L, E=64), dtype): every broadcast pattern class
+    ((2, 2, 150, 170), torch.bool),
+    ((150, 170), torch.bool),
+    ((2, 1, 1, 170), torch.bool),      # a padding mask (b, s)
+    ((1, 170), torch.bool),            # (s)
+    ((150, 1), torch.bool),            # (l)
+    ((2, 2, 150, 170), torch.float32),
+    ((1, 2, 150, 170), torch.float16),
+    ((2, 1, 1, 170), torch.float16),
+    ((150, 1), torch.float32),
+]
+
+
+@pytest.mark.parametrize("shape,dtype", MASKS, ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}" for s, d in MASKS])
+def test_emulated_masks(emulated, fresh_seed, shape, dtype):
+    q = torch.randn(2, 2, 150, 64, dtype=torch.float16)
+    k = torch.randn(2, 2, 170, 64, dtype=torch.float16)
+    v = torch.randn(2, 2, 170, 64, dtype=torch.float16)
+    mask = torch.rand(shape) > 0.3 if dtype == torch.bool else torch.randn(shape).to(dtype)
+    check(q, k, v, attn_mask=mask)
+    assert _ran_on_xegpu(64)
+
+
+def test_emulated_fully_masked_rows_give_zero(emulated, fresh_seed):
+    q = torch.randn(1, 2, 140, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 100, 128, dtype=torch.bfloat16)
+    v = torch.randn(1, 2, 100, 128, dtype=torch.bfloat16)
+    mask = torch.rand(1, 2, 140, 100) > 0.5
+    mask[:, :, ::7] = False  # every 7th query row sees no key
+    import torch_xegpu_attn
+    out = torch_xegpu_attn.attention(q, k, v, attn_mask=mask)
+    assert (out[:, :, ::7] == 0).all()
+    check(q, k, v, attn_mask=mask)
 
 
 def test_emulated_scale_and_strided_inputs(emulated, fresh_seed):
@@ -194,18 +248,19 @@ def test_emulated_refuses_what_a_gpu_would_fault_on(emulated):
 
 @pytest.mark.parametrize("what,kwargs,match", [
     ("float32", {"dtype": torch.float32}, "float16 and bfloat16"),
+    ("float64", {"dtype": torch.float64}, "float16 and bfloat16"),
     ("head dim 80", {"e": 80}, "head dims"),
-    ("mask", {"mask": True}, "attn_mask"),
+    ("head dim 256", {"e": 256}, "head dims"),
+    ("head dim 16", {"e": 16}, "head dims"),
 ])
 def test_unsupported_raise_before_any_work(emulated, what, kwargs, match):
     import torch_xegpu_attn
     from torch_xegpu_attn.compiler import COUNTERS
     dtype, e = kwargs.get("dtype", torch.float16), kwargs.get("e", 64)
     q = k = v = torch.randn(1, 2, 10, e, dtype=dtype)
-    mask = torch.ones(10, 10, dtype=torch.bool) if kwargs.get("mask") else None
     before = COUNTERS["compilations"]
     with pytest.raises(NotImplementedError, match=match):
-        torch_xegpu_attn.attention(q, k, v, attn_mask=mask)
+        torch_xegpu_attn.attention(q, k, v)
     assert COUNTERS["compilations"] == before
 
 

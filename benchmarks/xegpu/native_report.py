@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 from torch_xegpu_attn.compiler import CompileReport, compile_spec
-from torch_xegpu_attn.spec import AttentionSpec
+from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
 from torch_xegpu_attn.targets import get_target
 from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
@@ -24,6 +24,12 @@ VARIANTS = {
     "f16 e128": replace(BASE, head_dim=128, v_head_dim=128),
     "bf16 e128": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16"),
     "f16 e128 causal": replace(BASE, head_dim=128, v_head_dim=128, causal=True),
+    "f16 e64 ev128 causal": replace(BASE, v_head_dim=128, causal=True),
+    "f16 e64 bool mask (l, s)": replace(BASE, mask=MaskSpec("bool", ("l", "s"), "bool")),
+    "f16 e64 f32 mask (b, h, l, s)": replace(BASE, mask=MaskSpec("additive", ("b", "h", "l", "s"), "float32")),
+    "f16 e64 bool mask (b, s)": replace(BASE, mask=MaskSpec("bool", ("b", "s"), "bool")),
+    "bf16 e128 bf16 mask (l)": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
+                                       mask=MaskSpec("additive", ("l",), "bfloat16")),
 }
 
 

@@ -35,6 +35,7 @@ from typing import Dict, Sequence
 
 from ... import knobs
 from ...schedule.options import ScheduleOptions
+from ...errors import CompileError
 from ...spec import AttentionSpec
 from ..base import KernelArtifact, Stage, Target, register
 
@@ -66,11 +67,6 @@ class XegpuTarget(Target):
             if dim not in SUPPORTED_HEAD_DIMS:
                 raise NotImplementedError(
                     f"the xegpu target supports {name} head dims {SUPPORTED_HEAD_DIMS}; got {dim}")
-        if spec.head_dim != spec.v_head_dim:
-            raise NotImplementedError("the xegpu target does not support a value head dim different from the "
-                                      f"query/key head dim yet (got {spec.head_dim} and {spec.v_head_dim})")
-        if spec.mask is not None:
-            raise NotImplementedError("the xegpu target does not support attn_mask yet (is_causal is supported)")
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         self.check(spec)
@@ -169,6 +165,45 @@ def _outline(module, spec: AttentionSpec, options: ScheduleOptions):
     return module
 
 
+def _gather_vector_reads(module) -> None:
+    """1-D reads (masks broadcast along rows or keys) as vector.gather: convert-vector-to-xegpu
+    takes a 1-D transfer that may run past the end only in that form (a scattered load whose
+    lanes past the end are masked off); 2D block messages cannot serve them (a mask row of a few
+    bytes breaks their width and alignment minimums).  Runs in upstream MLIR right before the
+    conversion: a canonicalization would fold a gather of contiguous lanes into a maskedload,
+    which the conversion does not take."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith, memref, vector
+    reads = []
+
+    def visit(op):
+        if op.name == "vector.transfer_read" and ir.VectorType(op.results[0].type).rank == 1:
+            reads.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    index = ir.IndexType.get()
+    for read in reads:
+        vtype = ir.VectorType(read.results[0].type)
+        source, pad = read.operands[0], read.operands[-1]
+        indices = list(read.operands[1:-1])
+        mtype = ir.MemRefType(source.type)
+        amap = ir.AffineMapAttr(read.attributes["permutation_map"]).value
+        if len(amap.results) != 1 or str(amap.results[0]) != f"d{mtype.rank - 1}" or len(indices) != mtype.rank:
+            raise CompileError(f"xegpu: a 1-D read along another dim than the innermost ({amap})")
+        n = vtype.shape[0]
+        with ir.InsertionPoint(read), read.location:
+            index_vector = ir.VectorType.get([n], index)
+            last = indices[-1]
+            lanes = arith.addi(vector.step(index_vector), vector.broadcast(index_vector, last))
+            rest = arith.subi(memref.dim(source, arith.constant(index, mtype.rank - 1)), last)
+            mask = vector.create_mask(ir.VectorType.get([n], ir.IntegerType.get_signless(1)), [rest])
+            gathered = vector.gather(vtype, source, indices[:-1] + [arith.constant(index, 0)], lanes, mask,
+                                     vector.broadcast(vtype, pad))
+        read.results[0].replace_all_uses_with(gathered)
+        read.erase()
+
+
 def _geometry(spec: AttentionSpec, options: ScheduleOptions):
     from .layouts import Geometry
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
@@ -178,9 +213,10 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
-    """Query rows per sub-group: 16 for head dims up to 64 (lighthouse's tuned choice), 8 above
-    (16 rows of a 128-wide f32 accumulator, Q and the scores spill out of 256 registers)."""
-    return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 else 8
+    """Query rows per sub-group: 16 for head dims up to 64 without a mask (lighthouse's tuned
+    choice), else 8: 16 rows of a 128-wide f32 accumulator, Q and the scores, or of a 64-wide one
+    plus the mask tile, spill out of 256 registers (ocloc, pvc and bmg)."""
+    return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
 
 
 def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
@@ -192,9 +228,12 @@ def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
     with context, upstream.ir.Location.unknown():
         moved = upstream.ir.Module.parse(str(module))
         upstream.passmanager.PassManager.parse(
-            f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={CHIP} O=3}}, "
-            f"gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, canonicalize)))"
+            f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={CHIP} O=3}})"
         ).run(moved.operation)
+        _gather_vector_reads(moved)
+        upstream.passmanager.PassManager.parse(
+            "builtin.module(gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, "
+            "canonicalize)))").run(moved.operation)
         assign_layouts(moved, _geometry(spec, options))
     return moved
 

@@ -125,6 +125,8 @@ static void store_element(global uchar* base, int width, int height, int pitch, 
 #define PREFETCH_16B_1(R) BLOCK_PREFETCH(2, 16, R, 16, 1)
 #define PREFETCH_16B_2(R) BLOCK_PREFETCH(2, 16, R, 16, 2)
 ROWS_16B(READ_16B_1)
+#define READ_8B_1(R) BLOCK_READ(1, 8, uchar, R, 16, 1)
+ROWS_16B(READ_8B_1)
 ROWS_16B(READ_16B_2)
 ROWS_16B(PREFETCH_16B_1)
 ROWS_16B(PREFETCH_16B_2)

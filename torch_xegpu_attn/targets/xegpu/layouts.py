@@ -105,13 +105,25 @@ def tag_roles(kernel) -> Dict[str, List]:
     if len(roles["o"]) != 1:
         raise CompileError(f"xegpu: expected one output store, found {len(roles['o'])}")
     others = [op for op in _walk(kernel, "xegpu.load_nd") if op not in (q, k, v)]
+    if len(others) > 1:
+        raise CompileError(f"xegpu: {len(others)} other 2D loads in the kernel (expected at most a mask tile)")
     if others:
-        raise CompileError(f"xegpu: {len(others)} other 2D load(s) in the kernel (masks are not supported "
-                           f"by the xegpu target yet)")
+        roles["mask"] = others
     for role, ops in roles.items():
         for op in ops:
             op.attributes[ROLE] = ir.StringAttr.get(role)
     return roles
+
+
+def _mask_slice(load):
+    """For a 1-D mask tile, the score dim it is broadcast along: [0] for a key vector
+    (broadcast over the rows), [1] for a row vector (shape_cast to R x 1, then broadcast over
+    the keys); None for a 2-D tile."""
+    from torch_mlir import ir
+    if ir.VectorType(load.results[0].type).rank != 1:
+        return None
+    users = [use.owner for use in load.results[0].uses]
+    return [1] if any(u.name == "vector.shape_cast" for u in users) else [0]
 
 
 def assign_layouts(module, geometry: Geometry) -> None:
@@ -123,8 +135,11 @@ def assign_layouts(module, geometry: Geometry) -> None:
 
     geometry.check()
     kernels = [op for op in _walk(module.operation, "gpu.func")]
+    masked, mask_slice = False, None
     for kernel in kernels:
-        tag_roles(kernel)
+        roles = tag_roles(kernel)
+        if "mask" in roles:
+            masked, mask_slice = True, _mask_slice(roles["mask"][0])
     n, e, ev, kv = geometry.subgroups, geometry.head_dim, geometry.v_head_dim, geometry.kv_tile
     rows = geometry.sg_rows
     any_op = transform.AnyOpType.get()
@@ -150,6 +165,9 @@ def assign_layouts(module, geometry: Geometry) -> None:
                 # one prefetch message is at most 2 blocks of 16 16-bit columns (ocloc refuses 4)
                 txegpu.set_anchor_layout(prefetches, sg_layout=[4, 2], sg_data=[kv // 4, e // 2],
                                          inst_data=[kv // 4, min(e // 2, 32)])
+            if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
+                txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv],
+                                         slice_dims=mask_slice)
             qk, pv = tagged("qk"), tagged("pv")
             txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, e], index=0)
             txegpu.set_anchor_layout(qk, sg_layout=[1, 1], sg_data=[e, kv], index=1)

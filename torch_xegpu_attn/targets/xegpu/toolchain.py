@@ -109,7 +109,7 @@ BF16_CONVERSION_EMULATED = "xegpu_emu_convert_bfloat16_as_ushort"
 
 def _without_bfloat(text: str, emulated: bool) -> str:
     """bf16 values as i16 (in scalarized IR): the XeGPU lowering leaves `bfloat` only in bit moves (bitcasts, vector
-    element moves) and `fptrunc float -> bfloat`; LLVM 22's SPIR-V backend emits the bfloat type
+    element moves), `fptrunc float -> bfloat` and `fpext bfloat -> float`; LLVM 22's SPIR-V backend emits the bfloat type
     only with SPV_KHR_bfloat16, which Intel's OpenCL CPU runtime lacks.  Every fptrunc becomes a
     call of Intel's conversion builtin (native on the GPU, emulated on the CPU)."""
     if not re.search(r"\bbfloat\b", text):
@@ -117,11 +117,18 @@ def _without_bfloat(text: str, emulated: bool) -> str:
     conversion = BF16_CONVERSION_EMULATED if emulated else BF16_CONVERSION
     text, calls = re.subn(r"fptrunc float ([^,\s]+) to bfloat",
                           rf"call spir_func i16 @{conversion}(float \1)", text)
+    # bf16 -> f32 is exact: the 16 bits on top of a float (a function of our own, inlined by the
+    # GPU driver and the CPU runtime)
+    text, extensions = re.subn(r"fpext bfloat ([^,\s]+) to float", r"call spir_func float @xegpu_bf16_to_f32(i16 \1)", text)
     if re.search(r"\b(fpext|fadd|fmul|fsub|fdiv|fcmp|fneg)\b[^\n]*\bbfloat\b", text):
         raise CompileError("xegpu: bf16 arithmetic left in the LLVM IR (expected only bit moves and truncations)")
     text = re.sub(r"\bbfloat\b", "i16", text)
+    text = re.sub(r"\b0xR([0-9A-Fa-f]{4})\b", lambda m: str(int(m.group(1), 16)), text)  # bf16 literals as bits
     if calls:
         text += f"\ndeclare spir_func i16 @{conversion}(float)\n"
+    if extensions:
+        text += ("\ndefine internal spir_func float @xegpu_bf16_to_f32(i16 %h) {\n  %w = zext i16 %h to i32\n"
+                 "  %s = shl i32 %w, 16\n  %f = bitcast i32 %s to float\n  ret float %f\n}\n")
     return text
 
 
