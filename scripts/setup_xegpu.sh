@@ -2,7 +2,8 @@
 # The xegpu target's system tools (the test setup runs this; root and apt needed):
 #
 #   Debian bookworm   llvm-22 (opt, llc with the SPIR-V backend, llvm-link), clang-22 (the
-#                     emulated builtins, OpenCL C), spirv-tools (spirv-val)
+#                     emulated builtins, OpenCL C), spirv-tools (spirv-val), libze-dev (the Level
+#                     Zero headers the XPU launcher, csrc/xpu_launcher.cpp, is built with)
 #   Debian sid        Intel's offline compiler ocloc 26.x with IGC 2.x and a current spirv-val
 #                     (it knows the SPIR-V extensions the kernels use), in a minimal chroot
 #                     at $XEGPU_ATTN_SID_ROOT (default /opt/xegpu-sid): they need a newer
@@ -13,7 +14,7 @@
 set -euo pipefail
 SID_ROOT=${XEGPU_ATTN_SID_ROOT:-/opt/xegpu-sid}
 MIRROR=${XEGPU_ATTN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-PACKAGES="llvm-22 clang-22 spirv-tools debootstrap"
+PACKAGES="llvm-22 clang-22 spirv-tools libze-dev debootstrap"
 SID_PACKAGES="intel-ocloc libigc2 libigdfcl2 spirv-tools"
 
 missing_packages() {

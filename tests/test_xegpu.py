@@ -135,6 +135,7 @@ def test_native_code(compiled, name, device):
     spec, artifact, folder = compiled[name]
     assert artifact.metadata["large_grf"]
     found = toolchain.native(artifact.binary, device, large_grf=True)
+    assert artifact.metadata["native"][device]  # the entry offers the driver this binary first
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
     # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x kv/16)
     per_step = geometry.sg_rows // 8 * geometry.kv_tile // 16 * (spec.head_dim // 16 + spec.v_head_dim // 16)
@@ -237,13 +238,22 @@ def test_emulated_scale_and_strided_inputs(emulated, fresh_seed):
     check(q, k, v, scale=0.3)
 
 
-def test_emulated_refuses_what_a_gpu_would_fault_on(emulated):
-    import torch_xegpu_attn
+def test_emulated_copies_what_a_gpu_would_fault_on(emulated, fresh_seed):
     base = torch.randn(2 * 100 * 64 + 1, dtype=torch.float16)
     q = base[1:].view(1, 2, 100, 64)  # every head 2 bytes past a 64-byte boundary
-    k = v = torch.randn(1, 2, 100, 64, dtype=torch.float16)
-    with pytest.raises(ValueError, match="2D block-message constraints"):
-        torch_xegpu_attn.attention(q, k, v)
+    k = torch.randn(1, 2, 100, 64, dtype=torch.float16)
+    v = torch.randn(1, 2, 100, 72, dtype=torch.float16)[..., :64]  # rows 144 bytes apart
+    mask = torch.rand(1, 2, 100, 100) > 0.3  # rows of 100 bytes: not a multiple of 16
+    check(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("s", [5, 20, 33])
+def test_emulated_masks_too_narrow_for_block_messages(emulated, fresh_seed, s):
+    """Mask rows of fewer than 32 bytes or not a multiple of 4: widened copies, same results."""
+    q = torch.randn(1, 2, 40, 64, dtype=torch.float16)
+    k = torch.randn(1, 2, s, 64, dtype=torch.float16)
+    v = torch.randn(1, 2, s, 64, dtype=torch.float16)
+    check(q, k, v, attn_mask=torch.rand(40, s) > 0.3)
 
 
 @pytest.mark.parametrize("what,kwargs,match", [
@@ -272,3 +282,21 @@ def test_emulate_knob_rejects_unknown_devices(monkeypatch):
     _C.clear_recipes()
     with pytest.raises(KnobError, match="XEGPU_ATTN_EMULATE"):
         torch_xegpu_attn.attention(q, q, q)
+
+
+def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
+    """Past the launcher's checks (called directly), a misaligned head base reaches the kernel:
+    the emulation records the broken block message, as the GPU would fault on it."""
+    import torch_xegpu_attn
+    from torch_xegpu_attn.runtime.xpu import emulation_queue
+    q = torch.randn(1, 2, 100, 64, dtype=torch.float16)
+    torch_xegpu_attn.attention(q, q, q)
+    kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu" and key[2] == "xpu"
+                  and key[0].head_dim == 64 and key[0].mask is None and not key[0].causal and key[0].group == 1)
+    base = torch.randn(2 * 100 * 64 + 8, dtype=torch.float16)
+    shifted = base[8:].view(1, 2, 1, 100, 64)  # 16 bytes past a 64-byte boundary
+    good = torch.randn(1, 2, 100, 64, dtype=torch.float16)
+    out = torch.empty(1, 2, 1, 100, 64, dtype=torch.float16)
+    status = kernel._native.run(emulation_queue(), [shifted, good, good, out])
+    assert status & 1  # base address not 64-byte aligned
+    assert kernel.properties(emulation_queue())["format"] == "spirv"

@@ -41,7 +41,6 @@ PITCH = 48
 def _program(source: str):
     """SPIR-V of `source` linked with the emulation, as a dpctl program on the CPU device."""
     import dpctl.program as dpp
-    from torch_xegpu_attn.runtime.xpu import emulation_queue
     with tempfile.TemporaryDirectory() as tmp:
         cl, bc, linked, spv = (os.path.join(tmp, n) for n in ("t.cl", "t.bc", "l.bc", "t.spv"))
         with open(cl, "w") as f:
@@ -51,8 +50,17 @@ def _program(source: str):
                     [toolchain.llvm_tool("llc"), "-O1", "-mtriple=spirv64-unknown-unknown", "-filetype=obj", linked,
                      "-o", spv]):
             subprocess.run(cmd, check=True, capture_output=True)
-        queue = emulation_queue()
+        queue = _queue()
         return queue, dpp.create_program_from_spirv(queue, open(spv, "rb").read(), "")
+
+
+def _queue():
+    """A dpctl queue on the OpenCL CPU device (dpctl runs the unit kernels here; the op's
+    launcher is csrc/xpu_launcher.cpp)."""
+    import dpctl
+    from torch_xegpu_attn.runtime.xpu import _intel_opencl_runtime
+    os.environ.setdefault("OCL_ICD_FILENAMES", _intel_opencl_runtime())
+    return dpctl.SyclQueue("opencl:cpu")
 
 
 def _run(source: str, name: str, region: np.ndarray, out_words: int, offset_bytes: int = 0):

@@ -100,6 +100,7 @@ class XegpuTarget(Target):
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
         metadata["large_grf"] = True
         metadata["emulated"] = self.emulated()
+        metadata["native"] = _native_binaries(hardware) if not metadata["emulated"] else {}
         binary = hardware
         if metadata["emulated"]:
             binary = toolchain.without_cache_controls(toolchain.spirv_from_llvm_ir(llvm_ir, emulated=True))
@@ -125,6 +126,18 @@ class XegpuTarget(Target):
         except Exception as error:  # noqa: BLE001 (the reason is the message)
             return False, str(error)
         return True, ""
+
+
+def _native_binaries(spirv: bytes) -> Dict[str, str]:
+    """ocloc's native binaries of the SPIR-V for NATIVE_DEVICES (base64), when ocloc is installed:
+    the launcher offers them to the driver first (it refuses one made for another device) and falls
+    back to the SPIR-V."""
+    import base64
+    from . import toolchain
+    if toolchain.ocloc_available():
+        return {}
+    return {device: base64.b64encode(toolchain.native(spirv, device, large_grf=True)["binary"]).decode()
+            for device in NATIVE_DEVICES}
 
 
 def _keep_native_code(spirv: bytes, keep_dir: str) -> None:
@@ -162,7 +175,33 @@ def _outline(module, spec: AttentionSpec, options: ScheduleOptions):
 
     metadata = outline_work_groups(module, "xegpu", geometry.threads, move, causal=False)
     module.operation.attributes[METADATA] = ir.StringAttr.get(json.dumps(metadata))
+    if spec.mask is not None and tuple(spec.mask.dims[-2:]) == ("l", "s"):
+        _mask_tiles_span_the_mask(module, [name for name, _, _ in spec.operands()].index("mask"))
     return module
+
+
+def _mask_tiles_span_the_mask(module, position: int) -> None:
+    """Mask tiles read from a view as wide as the mask itself, not S keys: the view's extent is
+    the 2D descriptor's width, which block messages need to be at least 32 bytes and a multiple of
+    4, so the launcher may pass a mask widened past S (runtime/xpu.conform).  Keys >= S are
+    masked by the keys' count either way."""
+    from mlir import ir
+    from mlir.dialects import memref
+    from ...mlir_utils import const_index, ops_named
+    for kernel in ops_named(module, "gpu.func"):
+        mask = kernel.regions[0].blocks[0].arguments[position]
+        rank = ir.MemRefType(mask.type).rank
+        for use in list(mask.uses):
+            view = use.owner
+            if view.name != "memref.subview":
+                continue
+            sizes = list(view.opview.sizes)
+            if ir.DenseI64ArrayAttr(view.attributes["static_sizes"])[rank - 1] != ir.ShapedType.get_dynamic_size():
+                continue
+            with ir.InsertionPoint(view), view.location:
+                extent = memref.dim(mask, const_index(rank - 1))
+            slot = 1 + len(list(view.opview.offsets)) + len(sizes) - 1
+            view.operands[slot] = extent
 
 
 def _gather_vector_reads(module) -> None:
@@ -207,9 +246,8 @@ def _gather_vector_reads(module) -> None:
 def _geometry(spec: AttentionSpec, options: ScheduleOptions):
     from .layouts import Geometry
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
-    prefetch = 1 if spec.head_dim == spec.v_head_dim else 0
     return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-                    prefetch=prefetch, sg_rows=subgroup_rows(spec))
+                    prefetch=1, sg_rows=subgroup_rows(spec))
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:

@@ -19,7 +19,7 @@ K and V tiles of a step.
     S = Q K^T, P         [R/16, 1]   [16, kv]
     V load, V operand    [1, 1]      [kv, Ev]           [32, 32]  (loads only)
     O, the store         [R/16, 1]   [16, Ev]
-    K/V prefetches       [4, 2]      [kv/4, E/2]        [kv/4, min(E/2, 32)] (sub-groups share the
+    K/V prefetches       [4, 2]      [kv/4, E/2 or Ev/2] [kv/4, min(E/2 or Ev/2, 32)] (sub-groups share the
                                                          prefetch; a message is at most 32 wide)
 
 Ops are found by their role in the data flow (the dpas whose B operand is a
@@ -126,22 +126,12 @@ def _mask_slice(load):
     return [1] if any(u.name == "vector.shape_cast" for u in users) else [0]
 
 
-def assign_layouts(module, geometry: Geometry) -> None:
-    """Tag the anchors of every kernel, insert the K/V prefetches and set the anchor layouts."""
+def _run_script(module, build) -> None:
+    """Apply a transform script whose body `build(tagged, root)` writes (tagged(role): the ops
+    tagged with that role)."""
     from torch_mlir import ir
     from torch_mlir.dialects import transform
     from torch_mlir.dialects.transform import interpreter, structured
-    from torch_mlir.dialects.transform import xegpu as txegpu
-
-    geometry.check()
-    kernels = [op for op in _walk(module.operation, "gpu.func")]
-    masked, mask_slice = False, None
-    for kernel in kernels:
-        roles = tag_roles(kernel)
-        if "mask" in roles:
-            masked, mask_slice = True, _mask_slice(roles["mask"][0])
-    n, e, ev, kv = geometry.subgroups, geometry.head_dim, geometry.v_head_dim, geometry.kv_tile
-    rows = geometry.sg_rows
     any_op = transform.AnyOpType.get()
     script = ir.Module.create()
     script.operation.attributes["transform.with_named_sequence"] = ir.UnitAttr.get()
@@ -153,27 +143,59 @@ def assign_layouts(module, geometry: Geometry) -> None:
             def tagged(role: str):
                 return structured.MatchOp(any_op, root, op_attrs={ROLE: ir.StringAttr.get(role)}).result
 
-            if geometry.prefetch:
-                for role in ("k", "v"):
-                    txegpu.insert_prefetch(tagged(role), nb_prefetch=geometry.prefetch)
-            txegpu.set_anchor_layout(tagged("o"), sg_layout=[n, 1], sg_data=[rows, ev])
-            txegpu.set_anchor_layout(tagged("q"), sg_layout=[n, 1], sg_data=[rows, e], inst_data=[rows, 32])
-            txegpu.set_anchor_layout(tagged("k"), sg_layout=[1, 1], sg_data=[kv, e], order=[0, 1])
-            txegpu.set_anchor_layout(tagged("v"), sg_layout=[1, 1], sg_data=[kv, ev], inst_data=[32, 32])
-            if geometry.prefetch:
-                prefetches = structured.MatchOp.match_op_names(root, ["xegpu.prefetch_nd"]).result
-                # one prefetch message is at most 2 blocks of 16 16-bit columns (ocloc refuses 4)
-                txegpu.set_anchor_layout(prefetches, sg_layout=[4, 2], sg_data=[kv // 4, e // 2],
-                                         inst_data=[kv // 4, min(e // 2, 32)])
-            if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
-                txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv],
-                                         slice_dims=mask_slice)
-            qk, pv = tagged("qk"), tagged("pv")
-            txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, e], index=0)
-            txegpu.set_anchor_layout(qk, sg_layout=[1, 1], sg_data=[e, kv], index=1)
-            txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, kv], index=2)
-            txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, kv], index=0)
-            txegpu.set_anchor_layout(pv, sg_layout=[1, 1], sg_data=[kv, ev], index=1)
-            txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, ev], index=2)
+            build(tagged, root)
             transform.YieldOp()
     interpreter.apply_named_sequence(module, script.body.operations[0], script)
+
+
+def _tag_prefetches(module, head_dim: int) -> None:
+    """Tag each prefetch by the tile it fetches: a K tile is head_dim wide (when Ev == E the two
+    share one layout anyway)."""
+    from torch_mlir import ir
+    for op in _walk(module.operation, "xegpu.prefetch_nd"):
+        width = ir.ShapedType(op.operands[0].type).shape[-1]
+        op.attributes[ROLE] = ir.StringAttr.get("k_prefetch" if width == head_dim else "v_prefetch")
+
+
+def assign_layouts(module, geometry: Geometry) -> None:
+    """Tag the anchors of every kernel, insert the K/V prefetches and set the anchor layouts."""
+    from torch_mlir.dialects.transform import xegpu as txegpu
+
+    geometry.check()
+    kernels = [op for op in _walk(module.operation, "gpu.func")]
+    masked, mask_slice = False, None
+    for kernel in kernels:
+        roles = tag_roles(kernel)
+        if "mask" in roles:
+            masked, mask_slice = True, _mask_slice(roles["mask"][0])
+    n, e, ev, kv = geometry.subgroups, geometry.head_dim, geometry.v_head_dim, geometry.kv_tile
+    rows = geometry.sg_rows
+
+    if geometry.prefetch:
+        _run_script(module, lambda tagged, root: [txegpu.insert_prefetch(tagged(role), nb_prefetch=geometry.prefetch)
+                                                  for role in ("k", "v")])
+        _tag_prefetches(module, e)
+
+    def layouts(tagged, root):
+        txegpu.set_anchor_layout(tagged("o"), sg_layout=[n, 1], sg_data=[rows, ev])
+        txegpu.set_anchor_layout(tagged("q"), sg_layout=[n, 1], sg_data=[rows, e], inst_data=[rows, 32])
+        txegpu.set_anchor_layout(tagged("k"), sg_layout=[1, 1], sg_data=[kv, e], order=[0, 1])
+        txegpu.set_anchor_layout(tagged("v"), sg_layout=[1, 1], sg_data=[kv, ev], inst_data=[32, 32])
+        if geometry.prefetch:
+            for role, width in (("k_prefetch", e), ("v_prefetch", ev)):
+                if role == "v_prefetch" and ev == e:
+                    continue  # tagged k_prefetch: the same tiles
+                # one prefetch message is at most 2 blocks of 16 16-bit columns (ocloc refuses 4)
+                txegpu.set_anchor_layout(tagged(role), sg_layout=[4, 2], sg_data=[kv // 4, width // 2],
+                                         inst_data=[kv // 4, min(width // 2, 32)])
+        if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
+            txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], slice_dims=mask_slice)
+        qk, pv = tagged("qk"), tagged("pv")
+        txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, e], index=0)
+        txegpu.set_anchor_layout(qk, sg_layout=[1, 1], sg_data=[e, kv], index=1)
+        txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, kv], index=2)
+        txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, kv], index=0)
+        txegpu.set_anchor_layout(pv, sg_layout=[1, 1], sg_data=[kv, ev], index=1)
+        txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, ev], index=2)
+
+    _run_script(module, layouts)
