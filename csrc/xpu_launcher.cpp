@@ -19,6 +19,8 @@
 
 #include <torch/extension.h>
 
+#include "size_program.h"
+
 #define SYCL_DISABLE_FSYCL_SYCLHPP_WARNING 1
 #include <sycl/sycl.hpp>
 #include <sycl/backend/opencl.hpp>
@@ -65,33 +67,8 @@ void check_cl(cl_int result, const char* what, const std::string& log = "") {
               log.empty() ? "" : ": ", log);
 }
 
-// Postfix program over the operands' sizes (see runtime/cuda.py's postfix).
 int64_t evaluate(const std::vector<int64_t>& program, const std::vector<at::Tensor>& operands) {
-  std::vector<int64_t> stack;
-  for (size_t i = 0; i < program.size();) {
-    const int64_t op = program[i++];
-    if (op == 0) { stack.push_back(program[i++]); continue; }
-    if (op == 1) {
-      const int64_t arg = program[i++], dim = program[i++];
-      stack.push_back(operands.at(arg).size(dim));
-      continue;
-    }
-    TORCH_CHECK(stack.size() >= 2, "torch_xegpu_attn (xegpu): malformed size program");
-    const int64_t b = stack.back(); stack.pop_back();
-    const int64_t a = stack.back(); stack.pop_back();
-    switch (op) {
-      case 2: stack.push_back(a + b); break;
-      case 3: stack.push_back(a - b); break;
-      case 4: stack.push_back(a * b); break;
-      case 5: stack.push_back((a + b - 1) / b); break;
-      case 6: stack.push_back(a / b); break;
-      case 7: stack.push_back(std::min(a, b)); break;
-      case 8: stack.push_back(std::max(a, b)); break;
-      default: TORCH_CHECK(false, "torch_xegpu_attn (xegpu): bad size program op ", op);
-    }
-  }
-  TORCH_CHECK(stack.size() == 1, "torch_xegpu_attn (xegpu): malformed size program");
-  return stack[0];
+  return xattn::evaluate_size_program(program, operands, "xegpu");
 }
 
 struct Built {

@@ -38,11 +38,11 @@ def postfix(expression) -> List[int]:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The C++ launcher, built (once per machine and torch) at first use."""
-    (source,) = csrc_paths(["cuda_launcher.cpp"])
+    source, header = csrc_paths(["cuda_launcher.cpp", "size_program.h"])
     if not os.path.exists(source):
         raise RuntimeError(f"torch_xegpu_attn: the CUDA launcher's source is missing ({source})")
     with _LOCK:
-        return build_extension("cuda_launcher", [source], extra_ldflags=["-lcuda"], with_cuda=True)
+        return build_extension("cuda_launcher", [source], [header], extra_ldflags=["-lcuda"], with_cuda=True)
 
 
 class CudaKernel:

@@ -60,7 +60,7 @@ def _sycl_root() -> str:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The C++ launcher, built (once per machine and torch) at first use."""
-    (source,) = csrc_paths(["xpu_launcher.cpp"])
+    source, header = csrc_paths(["xpu_launcher.cpp", "size_program.h"])
     if not os.path.exists(source):
         raise RuntimeError(f"torch_xegpu_attn: the XPU launcher's source is missing ({source})")
     if not os.path.exists(os.path.join(LEVEL_ZERO_INCLUDE, "level_zero", "ze_api.h")):
@@ -69,7 +69,7 @@ def extension():
     root = _sycl_root()
     lib = os.path.join(root, "lib")
     with _LOCK:
-        return build_extension("xpu_launcher", [source],
+        return build_extension("xpu_launcher", [source], [header],
                                extra_include_paths=[os.path.join(root, "include"), LEVEL_ZERO_INCLUDE],
                                extra_cflags=["-O2", "-std=c++17"],
                                extra_ldflags=[f"-L{lib}", "-lsycl", f"-Wl,-rpath,{lib}", "-ldl"])
