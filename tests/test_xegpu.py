@@ -300,3 +300,33 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     status = kernel._native.run(emulation_queue(), [shifted, good, good, out])
     assert status & 1  # base address not 64-byte aligned
     assert kernel.properties(emulation_queue())["format"] == "spirv"
+
+
+def test_cli_dump_holds_the_spirv_native_binaries_and_disassembly(tmp_path):
+    import json
+    import subprocess
+    import sys
+    dump = tmp_path / "ir"
+    done = subprocess.run([sys.executable, "-m", "torch_xegpu_attn", "compile", "--target", "xegpu", "--shape",
+                           "1,8,300,300,64", "--dtype", "float16", "--causal", "--dump-ir", str(dump)],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, XEGPU_ATTN_CACHE_DIR=str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stderr
+    (folder,) = dump.iterdir()
+    names = {p.name for p in folder.iterdir()}
+    assert {"05-xegpu-wg.mlir", "06-xegpu-lowered.mlir", "kernel.ll", "kernel.spv"} <= names
+    toolchain.validate((folder / "kernel.spv").read_bytes())
+    if toolchain.ocloc_available() is None:
+        assert {"kernel.pvc.bin", "kernel.pvc.asm", "kernel.bmg.bin", "kernel.bmg.asm", "native.json"} <= names
+        native = json.loads((folder / "native.json").read_text())
+        assert native["pvc"]["spill_bytes"] == 0 and native["bmg"]["dpas"] > 0
+        assert "dpas" in (folder / "kernel.pvc.asm").read_text()
+
+
+def test_precompile_for_xegpu_on_meta_tensors(cache_dir):
+    import torch_xegpu_attn
+    q = torch.empty(2, 8, 1000, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 2, 1000, 64, device="meta", dtype=torch.bfloat16)
+    key = torch_xegpu_attn.precompile(q, k, k, is_causal=True, enable_gqa=True, target="xegpu")
+    assert (cache_dir / f"{key}.spv").exists()
+    assert torch_xegpu_attn.precompile(q, k, k, is_causal=True, enable_gqa=True, target="xegpu") == key
