@@ -245,6 +245,9 @@ def _gather_vector_reads(module) -> None:
 
 def _geometry(spec: AttentionSpec, options: ScheduleOptions):
     from .layouts import Geometry
+    if options.kv_splits > 1 or options.pack_gqa:
+        raise CompileError("xegpu: split keys (kv_splits > 1) and packed query heads (pack_gqa) are not "
+                           "supported by the xegpu target yet (XEGPU_ATTN_SCHEDULE asked for them)")
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
     return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
                     prefetch=1, sg_rows=subgroup_rows(spec))
