@@ -40,7 +40,7 @@ if os.environ.get("CI") and not _OK:
     raise RuntimeError(f"CI must check the xegpu target, but: {_WHY}")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"no xegpu toolchain: {_WHY}")
 
-BASE = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", target="xegpu")
+BASE = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", target="xegpu", length_class="prefill")
 SPECS = {
     "e64": BASE,
     "e64-causal": replace(BASE, causal=True),
@@ -54,6 +54,9 @@ SPECS = {
     "bool-mask-bs": replace(BASE, mask=MaskSpec("bool", ("b", "s"), "bool")),
     "additive-mask-l-e128": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                     mask=MaskSpec("additive", ("l",), "bfloat16")),
+    "decode-gqa4": replace(BASE, group=4, length_class="decode"),
+    "decode-e128-bf16-padding-mask": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
+                                             length_class="decode", mask=MaskSpec("bool", ("b", "s"), "bool")),
 }
 
 
@@ -92,7 +95,8 @@ def test_xegpu_ops_with_layouts(compiled, name):
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, 32\]", wg)
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[1, 1\], sg_data = \[{kv}, {e}\], order = \[0, 1\]", wg)
     if geometry.prefetch:
-        assert re.search(r"xegpu\.prefetch_nd[^\n]*sg_layout = \[4, 2\]", wg)
+        grid = "4, 2" if n >= 8 else f"{n}, 1"
+        assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid}\]", wg)
     # the 2D descriptors take their shape at run time: tails are bounds, not padding
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
     lowered = _stage(folder, "xegpu-lowered")
@@ -164,6 +168,8 @@ CASES = [
     # (dtype, E, causal, (batch..., H, Hkv), L, S)
     (torch.float16, 64, False, (1, 2, 2), 200, 200),
     (torch.float16, 64, False, (2, 3, 3), 1, 77),        # decode-like, one query row
+    (torch.bfloat16, 128, True, (2, 4, 4), 5, 200),      # decode-like, 5 query rows, causal
+    (torch.float16, 64, False, (1, 8, 2), 1, 300),       # decode, GQA
     (torch.float16, 64, False, (1, 1, 1), 128, 64),      # whole tiles
     (torch.float16, 64, False, (2, 2, 2, 2), 300, 129),  # leading dims, L > S, tails
     (torch.float16, 64, True, (1, 2, 2), 200, 200),

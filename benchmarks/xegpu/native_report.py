@@ -14,7 +14,7 @@ from torch_xegpu_attn.targets import get_target
 from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
 
-BASE = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", target="xegpu")
+BASE = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", target="xegpu", length_class="prefill")
 VARIANTS = {
     "f16 e64": BASE,
     "f16 e64 causal": replace(BASE, causal=True),
@@ -30,6 +30,8 @@ VARIANTS = {
     "f16 e64 bool mask (b, s)": replace(BASE, mask=MaskSpec("bool", ("b", "s"), "bool")),
     "bf16 e128 bf16 mask (l)": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                        mask=MaskSpec("additive", ("l",), "bfloat16")),
+    "f16 e64 decode gqa4": replace(BASE, group=4, length_class="decode"),
+    "bf16 e128 decode": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="decode"),
 }
 
 

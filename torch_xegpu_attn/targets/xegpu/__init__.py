@@ -17,8 +17,9 @@ then `emit` writes LLVM IR and makes SPIR-V with Debian's llvm-22
 linked with emulation.cl (the Intel-GPU-only builtins in portable OpenCL C)
 and runs on the Intel OpenCL CPU runtime (runtime/xpu.py).
 
-How a work-group is distributed: 128 query rows (one row tile) over
-sub-groups of 16 lanes; for head dims up to 64, 8 sub-groups of 16 rows and
+How a work-group is distributed: decode-like problems (at most 8 query rows
+per head) take one sub-group of 8 rows per work-group; otherwise 128 query
+rows (one row tile) over sub-groups of 16 lanes; for head dims up to 64, 8 sub-groups of 16 rows and
 64-key steps (the tile sizes of lighthouse's tuned fused attention: Max 1100,
 101.9 TFLOPS); above, 16 sub-groups of 8 rows and 32-key steps (what keeps
 head dim 128 free of spills in the 256-register mode, checked with ocloc).
@@ -36,13 +37,15 @@ from typing import Dict, Sequence
 from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...errors import CompileError
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, ProblemSize
 from ..base import KernelArtifact, Stage, Target, register
 
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 ROW_TILE = 128
 KV_TILE = 64
+#: query rows per head up to which a problem is decode-like: one 8-row DPAS tile, one sub-group.
+DECODE_ROWS = 8
 #: where the pipeline's expanded pass list is cut: its last pass needs a SPIR-V target.
 BINARY_PASS = ",gpu-module-to-binary"
 METADATA = "attn.xegpu"
@@ -257,6 +260,8 @@ def subgroup_rows(spec: AttentionSpec) -> int:
     """Query rows per sub-group: 16 for head dims up to 64 without a mask (lighthouse's tuned
     choice), else 8: 16 rows of a 128-wide f32 accumulator, Q and the scores, or of a 64-wide one
     plus the mask tile, spill out of 256 registers (ocloc, pvc and bmg)."""
+    if spec.length_class == "decode":
+        return DECODE_ROWS
     return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
 
 

@@ -20,7 +20,8 @@ K and V tiles of a step.
     V load, V operand    [1, 1]      [kv, Ev]           [32, 32]  (loads only)
     O, the store         [R/16, 1]   [16, Ev]
     K/V prefetches       [4, 2]      [kv/4, E/2 or Ev/2] [kv/4, min(E/2 or Ev/2, 32)] (sub-groups share the
-                                                         prefetch; a message is at most 32 wide)
+                                                         prefetch; a message is at most 32 wide); with
+                                                         fewer than 8 sub-groups [n, 1], [kv/n, E]
 
 Ops are found by their role in the data flow (the dpas whose B operand is a
 transpose is Q K^T), tagged with `attn.xegpu_role`, and the transform script
@@ -185,9 +186,13 @@ def assign_layouts(module, geometry: Geometry) -> None:
             for role, width in (("k_prefetch", e), ("v_prefetch", ev)):
                 if role == "v_prefetch" and ev == e:
                     continue  # tagged k_prefetch: the same tiles
-                # one prefetch message is at most 2 blocks of 16 16-bit columns (ocloc refuses 4)
-                txegpu.set_anchor_layout(tagged(role), sg_layout=[4, 2], sg_data=[kv // 4, width // 2],
-                                         inst_data=[kv // 4, min(width // 2, 32)])
+                # the sub-groups share the prefetch of a tile ([4, 2] of them when there are 8 or
+                # more, else one row band each); a message is at most 2 blocks of 16 16-bit
+                # columns (ocloc refuses 4) and 32 rows
+                grid = [4, 2] if n >= 8 else [n, 1]
+                data = [kv // grid[0], width // grid[1]]
+                txegpu.set_anchor_layout(tagged(role), sg_layout=grid, sg_data=data,
+                                         inst_data=[min(data[0], 32), min(data[1], 32)])
         if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
             txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], slice_dims=mask_slice)
         qk, pv = tagged("qk"), tagged("pv")
