@@ -55,6 +55,7 @@ SPECS = {
     "additive-mask-l-e128": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                     mask=MaskSpec("additive", ("l",), "bfloat16")),
     "decode-gqa4": replace(BASE, group=4, length_class="decode"),
+    "e96-bf16-causal": replace(BASE, head_dim=96, v_head_dim=96, dtype="bfloat16", causal=True),
     "decode-e128-bf16-padding-mask": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                              length_class="decode", mask=MaskSpec("bool", ("b", "s"), "bool")),
 }
@@ -182,6 +183,8 @@ CASES = [
     (torch.bfloat16, 64, True, (1, 4, 2), 160, 160),     # GQA, causal
     (torch.float16, (64, 128), True, (1, 2, 2), 150, 170),  # Ev != E
     (torch.float16, (128, 64), False, (2, 2, 2), 90, 200),
+    (torch.bfloat16, 96, True, (1, 2, 2), 140, 150),
+    (torch.float16, (96, 32), False, (1, 2, 2), 70, 100),
 ]
 
 

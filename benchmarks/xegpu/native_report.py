@@ -30,6 +30,7 @@ VARIANTS = {
     "f16 e64 bool mask (b, s)": replace(BASE, mask=MaskSpec("bool", ("b", "s"), "bool")),
     "bf16 e128 bf16 mask (l)": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                        mask=MaskSpec("additive", ("l",), "bfloat16")),
+    "bf16 e96 causal": replace(BASE, head_dim=96, v_head_dim=96, dtype="bfloat16", causal=True),
     "f16 e64 decode gqa4": replace(BASE, group=4, length_class="decode"),
     "bf16 e128 decode": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="decode"),
 }

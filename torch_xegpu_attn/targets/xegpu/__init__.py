@@ -41,7 +41,7 @@ from ...spec import AttentionSpec, ProblemSize
 from ..base import KernelArtifact, Stage, Target, register
 
 SUPPORTED_DTYPES = ("float16", "bfloat16")
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 ROW_TILE = 128
 KV_TILE = 64
 #: query rows per head up to which a problem is decode-like: one 8-row DPAS tile, one sub-group.

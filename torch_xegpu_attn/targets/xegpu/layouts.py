@@ -192,7 +192,7 @@ def assign_layouts(module, geometry: Geometry) -> None:
                 grid = [4, 2] if n >= 8 else [n, 1]
                 data = [kv // grid[0], width // grid[1]]
                 txegpu.set_anchor_layout(tagged(role), sg_layout=grid, sg_data=data,
-                                         inst_data=[min(data[0], 32), min(data[1], 32)])
+                                         inst_data=[min(data[0], 32), 32 if data[1] % 32 == 0 else 16])
         if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
             txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], slice_dims=mask_slice)
         qk, pv = tagged("qk"), tagged("pv")
