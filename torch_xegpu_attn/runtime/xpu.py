@@ -188,7 +188,7 @@ class XpuKernel:
             else:
                 check_block_io(name, operands[i])  # the frontend's own output: always conforms
         queue = emulation_queue() if self.emulated else torch_queue(operands[0].device)
-        status = self._native.run(queue, list(operands))
+        status = self._native.run(queue, operands)
         if status:
             raise RuntimeError(f"xegpu (emulated): a 2D block message broke the hardware's constraints "
                                f"{describe_status(status)}; on an Intel GPU this launch would fault")

@@ -98,6 +98,20 @@ class Target(abc.ABC):
         return True, ""
 
 
+#: the input dtypes of the GPU targets' matrix engines (f32 accumulation).
+MATRIX_ENGINE_DTYPES = ("float16", "bfloat16")
+
+
+def require_matrix_engine_dtype(spec: AttentionSpec, target: str, engine: str) -> None:
+    """Raise NotImplementedError for a spec whose inputs a GPU target's matrix engine (`engine`:
+    tensor cores, DPAS) does not take, saying what to do instead."""
+    if spec.dtype not in MATRIX_ENGINE_DTYPES:
+        raise NotImplementedError(
+            f"the {target} target computes on {engine} with float16 and bfloat16 inputs; {spec.dtype} would need "
+            f"tf32 (less accurate than float32) or math without the {engine}, neither is implemented: cast the "
+            f"inputs to float16 or bfloat16")
+
+
 _REGISTRY: Dict[str, Target] = {}
 
 

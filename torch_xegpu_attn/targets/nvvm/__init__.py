@@ -27,7 +27,7 @@ from typing import Dict, Iterator, Sequence
 
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
-from ..base import KernelArtifact, Stage, Target, register
+from ..base import KernelArtifact, Stage, Target, register, require_matrix_engine_dtype
 
 #: the compiled-for architecture unless a precompile names another.
 DEFAULT_ARCH = "sm_90a"
@@ -35,7 +35,6 @@ DEFAULT_ARCH = "sm_90a"
 DECODE_ROWS = 16
 #: key splits of decode-like problems (B * H work-groups alone leave most of the chip idle).
 DECODE_SPLITS = 16
-SUPPORTED_DTYPES = ("float16", "bfloat16")
 MAX_HEAD_DIM = 256
 
 
@@ -81,11 +80,7 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        if spec.dtype not in SUPPORTED_DTYPES:
-            raise NotImplementedError(
-                f"the nvvm target computes on tensor cores with float16 and bfloat16 inputs; {spec.dtype} would "
-                f"need tf32 (less accurate than float32) or non-tensor-core math, neither is implemented: "
-                f"cast the inputs to float16 or bfloat16")
+        require_matrix_engine_dtype(spec, self.name, "tensor cores")
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:
                 raise NotImplementedError(

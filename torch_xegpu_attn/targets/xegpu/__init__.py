@@ -38,9 +38,8 @@ from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
-from ..base import KernelArtifact, Stage, Target, register
+from ..base import KernelArtifact, Stage, Target, register, require_matrix_engine_dtype
 
-SUPPORTED_DTYPES = ("float16", "bfloat16")
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 ROW_TILE = 128
 KV_TILE = 64
@@ -61,11 +60,7 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        if spec.dtype not in SUPPORTED_DTYPES:
-            raise NotImplementedError(
-                f"the xegpu target computes on DPAS with float16 and bfloat16 inputs; {spec.dtype} would need "
-                f"tf32 (less accurate than float32) or non-DPAS math, neither is implemented: cast the inputs "
-                f"to float16 or bfloat16")
+        require_matrix_engine_dtype(spec, self.name, "DPAS")
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
                 raise NotImplementedError(
@@ -88,6 +83,7 @@ class XegpuTarget(Target):
         return knobs.emulate() == "xpu"
 
     def emit(self, module, spec: AttentionSpec, options: ScheduleOptions, keep_dir: str = "") -> KernelArtifact:
+        import base64
         import os
         from . import toolchain
         metadata = json.loads(_metadata_text(module))
@@ -96,14 +92,15 @@ class XegpuTarget(Target):
         if keep_dir:
             with open(os.path.join(keep_dir, "kernel.spv"), "wb") as f:
                 f.write(hardware)
-            _keep_native_code(hardware, keep_dir)
+        native = _native_code(hardware, keep_dir) if keep_dir or not self.emulated() else {}
         metadata["imports"] = toolchain.imported_functions(hardware)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
         metadata["large_grf"] = True
         metadata["emulated"] = self.emulated()
-        metadata["native"] = _native_binaries(hardware) if not metadata["emulated"] else {}
+        metadata["native"] = {} if metadata["emulated"] else {
+            device: base64.b64encode(code["binary"]).decode() for device, code in native.items()}
         binary = hardware
         if metadata["emulated"]:
             binary = toolchain.without_cache_controls(toolchain.spirv_from_llvm_ir(llvm_ir, emulated=True))
@@ -131,34 +128,26 @@ class XegpuTarget(Target):
         return True, ""
 
 
-def _native_binaries(spirv: bytes) -> Dict[str, str]:
-    """ocloc's native binaries of the SPIR-V for NATIVE_DEVICES (base64), when ocloc is installed:
-    the launcher offers them to the driver first (it refuses one made for another device) and falls
-    back to the SPIR-V."""
-    import base64
-    from . import toolchain
-    if toolchain.ocloc_available():
-        return {}
-    return {device: base64.b64encode(toolchain.native(spirv, device, large_grf=True)["binary"]).decode()
-            for device in NATIVE_DEVICES}
-
-
-def _keep_native_code(spirv: bytes, keep_dir: str) -> None:
-    """With an IR dump directory: Intel's native code of the SPIR-V (kernel.<device>.bin and .asm,
-    and a summary in native.json) for pvc and bmg, when ocloc is installed (scripts/setup_xegpu.sh)."""
+def _native_code(spirv: bytes, keep_dir: str) -> Dict[str, Dict]:
+    """Intel's native code of the SPIR-V for NATIVE_DEVICES, compiled once per device when ocloc is
+    installed (scripts/setup_xegpu.sh); {} otherwise.  The launcher offers the binaries to the
+    driver first (it refuses one made for another device) and falls back to the SPIR-V; with an IR
+    dump directory they are written there too (kernel.<device>.bin and .asm, and a summary in
+    native.json)."""
     import logging
     import os
     from . import toolchain
     why = toolchain.ocloc_available()
     if why:
-        logging.getLogger("torch_xegpu_attn").info("xegpu: no native code in the dump (%s)", why)
-        return
-    summary = {}
-    for device in NATIVE_DEVICES:
-        found = toolchain.native(spirv, device, large_grf=True, keep_dir=keep_dir)
-        summary[device] = {k: v for k, v in found.items() if k not in ("binary", "asm", "zeinfo")}
-    with open(os.path.join(keep_dir, "native.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        logging.getLogger("torch_xegpu_attn").info("xegpu: no native code (%s)", why)
+        return {}
+    found = {device: toolchain.native(spirv, device, large_grf=True, keep_dir=keep_dir) for device in NATIVE_DEVICES}
+    if keep_dir:
+        summary = {device: {k: v for k, v in code.items() if k not in ("binary", "asm", "zeinfo")}
+                   for device, code in found.items()}
+        with open(os.path.join(keep_dir, "native.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return found
 
 
 def _metadata_text(module) -> str:
@@ -253,7 +242,7 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
                            "supported by the xegpu target yet (XEGPU_ATTN_SCHEDULE asked for them)")
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
     return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-                    prefetch=1, sg_rows=subgroup_rows(spec))
+                    sg_rows=subgroup_rows(spec))
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
