@@ -21,10 +21,10 @@ wrong key, wrong hash, library that does not load) is rebuilt, never trusted.
 
 The directory holds at most XEGPU_ATTN_CACHE_MAX_MB megabytes: after each
 write the least recently used entries (the mtime of an entry's .json, touched
-at every disk hit) are removed, the record first, until it fits.  Eviction
-holds an exclusive flock on the directory; reading an entry, and writing one
-then loading it, hold a shared one, so no process loses an entry between
-checking and loading it.
+at every disk hit) are removed, the record first, until it fits.  Reading an
+entry holds a shared flock on the directory; writing one, loading it and
+evicting hold an exclusive one, so no process loses an entry between checking
+and loading it, and concurrent writers evict one after the other.
 """
 
 from __future__ import annotations
@@ -206,27 +206,34 @@ def remove_entry(folder: str, entry: Dict) -> None:
 def evict(folder: str, max_bytes: int, keep: str = "") -> int:
     """Remove least recently used entries until the directory holds at most `max_bytes`
     (never the entry `keep`, just written), and stale temporaries; returns entries removed."""
-    removed = 0
     with _locked(folder, exclusive=True):
-        now = time.time()
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if TEMP_FILE.match(name):
-                path = os.path.join(folder, name)
-                try:
-                    if now - os.stat(path).st_mtime > _STALE_TEMP_SECONDS:
-                        os.unlink(path)
-                except OSError:
-                    pass
-        entries = disk_entries(folder)
-        total = sum(e["bytes"] for e in entries)
-        for entry in entries:
-            if total <= max_bytes:
-                break
-            if entry["key"] == keep:
-                continue
-            remove_entry(folder, entry)
-            total -= entry["bytes"]
-            removed += 1
+        return _evict_locked(folder, max_bytes, keep)
+
+
+def _evict_locked(folder: str, max_bytes: int, keep: str) -> int:
+    """`evict` with the exclusive lock already held (a writer evicts in the same critical
+    section as its write: two writers that each evicted all but their own entry after both
+    had written would otherwise leave none)."""
+    removed = 0
+    now = time.time()
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if TEMP_FILE.match(name):
+            path = os.path.join(folder, name)
+            try:
+                if now - os.stat(path).st_mtime > _STALE_TEMP_SECONDS:
+                    os.unlink(path)
+            except OSError:
+                pass
+    entries = disk_entries(folder)
+    total = sum(e["bytes"] for e in entries)
+    for entry in entries:
+        if total <= max_bytes:
+            break
+        if entry["key"] == keep:
+            continue
+        remove_entry(folder, entry)
+        total -= entry["bytes"]
+        removed += 1
     return removed
 
 
@@ -324,11 +331,13 @@ class KernelCache:
         if use_disk:
             try:
                 os.makedirs(folder, exist_ok=True)
-                with _locked(folder, exclusive=False):  # no eviction between writing and loading
+                # Write, load and evict in one exclusive section: no other writer's eviction
+                # runs between writing and loading, and writers evict one after the other.
+                with _locked(folder, exclusive=True):
                     binary_path = self._write_entry(folder, key, target, artifact.binary, record)
                     kernel = target.load(binary_path, artifact.metadata)
+                    STATS["disk_evictions"] += _evict_locked(folder, max_bytes, keep=key)
                 STATS["disk_writes"] += 1
-                STATS["disk_evictions"] += evict(folder, max_bytes, keep=key)
                 return kernel, True
             except OSError as error:  # an unwritable cache must not fail the op
                 warnings.warn(f"torch_xegpu_attn: cannot write the disk cache in {folder} "
@@ -359,10 +368,10 @@ class KernelCache:
             return key
         artifact = compile_spec(spec)
         os.makedirs(folder, exist_ok=True)
-        with _locked(folder, exclusive=False):
+        with _locked(folder, exclusive=True):
             self._write_entry(folder, key, target, artifact.binary, self._record(spec, key, artifact))
+            STATS["disk_evictions"] += _evict_locked(folder, knobs.cache_max_bytes(), keep=key)
         STATS["disk_writes"] += 1
-        STATS["disk_evictions"] += evict(folder, knobs.cache_max_bytes(), keep=key)
         return key
 
     @staticmethod
