@@ -97,23 +97,11 @@ def bench_decode(rows: list, quick: bool) -> None:
 
 
 def bench_host(rows: list) -> None:
-    """CPU time of a cache-hit call on a tiny problem (launches are asynchronous)."""
+    """Host time of a cache-hit call on a tiny problem (launches are asynchronous), next to
+    SDPA's: bench_host.py's interleaved medians."""
+    from bench_host import measure
     q, k, v = (torch.randn(1, 1, 16, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    calls = {"attention()": lambda: torch_xegpu_attn.attention(q, k, v),
-             "torch.ops.xegpu.attention": lambda: torch.ops.xegpu.attention(q, k, v),
-             "SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
-    for fn in calls.values():
-        fn()
-    torch.cuda.synchronize()
-    samples = {name: [] for name in calls}
-    for _ in range(21):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            for _ in range(200):
-                fn()
-            samples[name].append((time.perf_counter() - start) / 200 * 1e6)
-        torch.cuda.synchronize()
-    medians = {name: statistics.median(s) for name, s in samples.items()}
+    medians = measure(q, k, v, batches=21, calls=200, sync=torch.cuda.synchronize)
     print("\ncache-hit host cost, tiny problem (1x1x16x64 f16): " +
           ", ".join(f"{name} {t:.1f} us" for name, t in medians.items()))
     rows.append({"kind": "host", **{f"{n}_us": round(t, 2) for n, t in medians.items()}})

@@ -8,6 +8,10 @@ the report is the median over batches.  The kernel is compiled and the call
 recorded before timing: every timed call is a cache hit (a replay).
 
     python benchmarks/bench_host.py [--shape 1,1,8,16] [--batches 31] [--calls 500] [--dtype float32]
+                                    [--device cpu|cuda]
+
+On CUDA the launches are asynchronous: the time is the host's alone (the
+device is synchronized between batches).
 
 Prints the three medians in microseconds and the ratio of each entry point to
 SDPA; exits 1 if the outputs disagree with SDPA.
@@ -41,8 +45,8 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(q, k, v, batches: int, calls: int) -> dict:
-    """Medians (us) of the three entry points, interleaved batch by batch."""
+def measure(q, k, v, batches: int, calls: int, sync=lambda: None) -> dict:
+    """Medians (us) of the three entry points, interleaved batch by batch (`sync` after each)."""
     entries = {
         "torch_xegpu_attn.attention": lambda: torch_xegpu_attn.attention(q, k, v),
         "torch.ops.xegpu.attention": lambda: torch.ops.xegpu.attention(q, k, v),
@@ -55,6 +59,7 @@ def measure(q, k, v, batches: int, calls: int) -> dict:
     for _ in range(batches):
         for name, fn in entries.items():
             times[name].append(per_call_us(fn, calls))
+            sync()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -64,20 +69,22 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batches", type=int, default=31)
     parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
-    q, k, v = (torch.randn(*shape, dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(*shape, dtype=dtype, device=args.device) for _ in range(3))
     sdpa = F.scaled_dot_product_attention(q, k, v)
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     for name, out in (("attention", torch_xegpu_attn.attention(q, k, v)), ("op", torch.ops.xegpu.attention(q, k, v))):
         if not torch.allclose(out, sdpa, rtol=tol, atol=tol):
             print(f"{name}: output differs from SDPA", file=sys.stderr)
             return 1
-    medians = measure(q, k, v, args.batches, args.calls)
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    medians = measure(q, k, v, args.batches, args.calls, sync)
     replays = torch_xegpu_attn.stats()["replays"]
     base = medians["F.scaled_dot_product_attention"]
-    print(f"cache-hit host cost, {args.shape} {args.dtype}, {torch.get_num_threads()} threads, "
+    print(f"cache-hit host cost, {args.shape} {args.dtype} on {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.batches} interleaved batches of {args.calls} calls ({replays} replays):")
     for name, us in medians.items():
         print(f"  {name:<32} {us:6.2f} us  ({us / base:.2f} x SDPA)")

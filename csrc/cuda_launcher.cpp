@@ -11,17 +11,31 @@
 // alignment the kernel's cp.async copies need, allocates the workspaces from torch's caching
 // allocator, and launches every kernel in order on the current stream: no host round trip, so a
 // call can be captured into a CUDA graph.
+//
+// Replay (as op.cpp does for CPU calls, see replay.h): the first checked call of a signature is
+// recorded here when its canonical operands start at its inputs' first elements: the functions,
+// grids, the descriptor words with the bases left to patch, the workspaces' sizes.  A later call
+// with the same signature (and 16-byte aligned inputs) is replayed without Python: a hash lookup,
+// one output allocation, the bases patched in, the launches.  op.cpp calls `replay` through the
+// capsule `replay_capsule` hands it, for the op's CUDA kernel and torch_xegpu_attn.attention.
 
 #include <torch/extension.h>
 
+#include "replay.h"
 #include "size_program.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
 
+#include <atomic>
+#include <cmath>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -47,16 +61,42 @@ void append_descriptor(std::vector<int64_t>& words, const at::Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) words.push_back(t.stride(d));
 }
 
+const at::ScalarType kWorkspaceDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kChar, at::kDouble};
+
+bool aligned_base(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 bool aligned_rows(const at::Tensor& t) {
   const int64_t item = t.element_size();
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
+  if (!aligned_base(t.data_ptr())) return false;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) {
     if (t.size(d) > 1 && (t.stride(d) * item) % 16) return false;
   }
   return true;
 }
 
-class CudaKernel {
+class CudaKernel;
+
+// A recorded call (see the header comment).
+struct Recipe {
+  std::shared_ptr<CudaKernel> kernel;
+  int64_t device_index = 0;
+  std::vector<CUfunction> functions;  // those with work-groups, in launch order
+  std::vector<unsigned> grids, threads, shared_bytes;
+  std::vector<int64_t> words;  // descriptors of operands then workspaces; bases patched per call
+  std::vector<size_t> bases;   // where each descriptor's allocated pointer is in `words`
+  size_t n_inputs = 0;         // q, k, v, [mask]; then out, then the workspaces
+  std::vector<size_t> aligned_inputs;
+  std::vector<std::vector<int64_t>> workspace_sizes;
+  std::vector<at::ScalarType> workspace_dtypes;
+  std::vector<int64_t> out_shape;
+  std::string schedule;  // XEGPU_ATTN_SCHEDULE when recorded
+};
+
+constexpr size_t kMaxRecipes = 4096;
+std::mutex recipes_mutex;
+std::unordered_map<std::vector<int64_t>, std::shared_ptr<Recipe>, xattn::KeyHash> recipes;
+
+class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
  public:
   CudaKernel(std::string cubin, std::vector<std::string> names, std::vector<int64_t> threads,
              std::vector<int64_t> shared_bytes, std::vector<std::vector<int64_t>> grids,
@@ -74,6 +114,128 @@ class CudaKernel {
 
   // Run on q, k, v, [mask], out (canonical shapes, on one CUDA device; out is written).
   void call(std::vector<at::Tensor> operands) {
+    validate(operands);
+    touch();
+    const auto device = operands[0].device();
+    // cp.async copies 16-byte chunks of rows: a base or a row stride off that grid is copied.
+    for (int64_t j : aligned_) {
+      if (!aligned_rows(operands[j])) operands[j] = operands[j].clone(at::MemoryFormat::Contiguous);
+    }
+    c10::cuda::CUDAGuard guard(device);
+    const auto& functions = load(device.index());
+    std::vector<int64_t> words;
+    for (const auto& t : operands) append_descriptor(words, t);
+    std::vector<at::Tensor> workspaces;
+    for (size_t w = 0; w < workspaces_.size(); ++w) {
+      std::vector<int64_t> sizes;
+      for (const auto& program : workspaces_[w]) sizes.push_back(evaluate(program, operands));
+      workspaces.push_back(
+          at::empty(sizes, at::TensorOptions().dtype(kWorkspaceDtypes[workspace_dtypes_[w]]).device(device)));
+      append_descriptor(words, workspaces.back());
+    }
+    std::vector<void*> args;
+    args.reserve(words.size());
+    for (auto& w : words) args.push_back(&w);
+    CUstream stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+    for (size_t k = 0; k < functions.size(); ++k) {
+      const int64_t grid = evaluate(grids_[k], operands);
+      if (grid <= 0) continue;
+      TORCH_CHECK(grid < (int64_t{1} << 31), "torch_xegpu_attn (nvvm): ", grid, " work-groups exceed the grid");
+      check(cuLaunchKernel(functions[k], static_cast<unsigned>(grid), 1, 1, static_cast<unsigned>(threads_[k]), 1,
+                           1, static_cast<unsigned>(shared_bytes_[k]), stream, args.data(), nullptr),
+            "cuLaunchKernel");
+    }
+  }
+
+  // Record a checked call for replay: `operands` are its canonical q, k, v, [mask], out.
+  // Nothing is recorded (false) unless each input operand starts at its input's first
+  // element and no operand needs the alignment copy.
+  bool record(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+              double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+              const std::vector<at::Tensor>& operands, const std::vector<int64_t>& out_shape) {
+    const at::Tensor* mask_ptr = mask ? &*mask : nullptr;
+    std::vector<int64_t> key;
+    if (!xattn::make_key(xattn::Call{q, k, v, mask_ptr, dropout_p, is_causal, scale, enable_gqa}, key)) return false;
+    validate(operands);
+    const at::Tensor* inputs[4] = {&q, &k, &v, mask_ptr};
+    const size_t n_inputs = mask ? 4 : 3;
+    TORCH_CHECK(operands.size() == n_inputs + 1, "torch_xegpu_attn (nvvm): record() takes the canonical operands");
+    for (size_t i = 0; i < n_inputs; ++i) {
+      if (operands[i].data_ptr() != inputs[i]->data_ptr()) return false;
+    }
+    for (int64_t j : aligned_) {
+      if (!aligned_rows(operands[j])) return false;
+    }
+    const at::Tensor& out = operands.back();
+    TORCH_CHECK(out.is_contiguous(), "torch_xegpu_attn (nvvm): the output must be contiguous");
+
+    auto recipe = std::make_shared<Recipe>();
+    recipe->kernel = shared_from_this();
+    recipe->device_index = out.device().index();
+    recipe->n_inputs = n_inputs;
+    recipe->out_shape = out_shape;
+    recipe->schedule = xattn::env("XEGPU_ATTN_SCHEDULE");
+    for (int64_t j : aligned_) recipe->aligned_inputs.push_back(static_cast<size_t>(j));
+    for (const auto& t : operands) {
+      recipe->bases.push_back(recipe->words.size());
+      append_descriptor(recipe->words, t);
+    }
+    for (size_t w = 0; w < workspaces_.size(); ++w) {
+      std::vector<int64_t> sizes;
+      for (const auto& program : workspaces_[w]) sizes.push_back(evaluate(program, operands));
+      recipe->bases.push_back(recipe->words.size());
+      // A descriptor of the workspace's shape, contiguous; its base is patched per call.
+      recipe->words.insert(recipe->words.end(), {0, 0, 0});
+      recipe->words.insert(recipe->words.end(), sizes.begin(), sizes.end());
+      std::vector<int64_t> strides(sizes.size(), 1);
+      for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * sizes[d];
+      recipe->words.insert(recipe->words.end(), strides.begin(), strides.end());
+      recipe->workspace_sizes.push_back(std::move(sizes));
+      recipe->workspace_dtypes.push_back(kWorkspaceDtypes[workspace_dtypes_[w]]);
+    }
+    c10::cuda::CUDAGuard guard(out.device());
+    const auto& functions = load(out.device().index());
+    for (size_t k = 0; k < functions.size(); ++k) {
+      const int64_t grid = evaluate(grids_[k], operands);
+      if (grid <= 0) continue;
+      if (grid >= (int64_t{1} << 31)) return false;  // the checked path raises
+      recipe->functions.push_back(functions[k]);
+      recipe->grids.push_back(static_cast<unsigned>(grid));
+      recipe->threads.push_back(static_cast<unsigned>(threads_[k]));
+      recipe->shared_bytes.push_back(static_cast<unsigned>(shared_bytes_[k]));
+    }
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    if (recipes.size() >= kMaxRecipes) recipes.clear();  // bounded; recording again costs one checked call
+    recipes[std::move(key)] = std::move(recipe);
+    return true;
+  }
+
+  // Drop the recorded calls of this kernel (it leaves the memory cache).
+  void forget() {
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    for (auto it = recipes.begin(); it != recipes.end();) {
+      it = it->second->kernel.get() == this ? recipes.erase(it) : std::next(it);
+    }
+  }
+
+  void touch() { last_use_.store(xattn::use_time(), std::memory_order_relaxed); }
+  uint64_t last_use() const { return last_use_.load(std::memory_order_relaxed); }
+
+  // Registers and local memory of kernel k as the driver reports them (for tests and reports).
+  std::vector<int64_t> attributes(int64_t device_index, int64_t k) {
+    c10::cuda::CUDAGuard guard(device_index);
+    CUfunction f = load(device_index).at(k);
+    int registers = 0, local = 0, shared = 0;
+    check(cuFuncGetAttribute(&registers, CU_FUNC_ATTRIBUTE_NUM_REGS, f), "cuFuncGetAttribute");
+    check(cuFuncGetAttribute(&local, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f), "cuFuncGetAttribute");
+    check(cuFuncGetAttribute(&shared, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f), "cuFuncGetAttribute");
+    return {registers, local, shared};
+  }
+
+ private:
+  // The operands against the kernel's dims (compiled-in extents, run-time extents that agree
+  // across operands), element sizes and unit innermost strides.
+  void validate(const std::vector<at::Tensor>& operands) const {
     TORCH_CHECK(operands.size() == dims_.size(), "torch_xegpu_attn (nvvm): expected ", dims_.size(),
                 " operands, got ", operands.size());
     const auto device = operands[0].device();
@@ -101,50 +263,11 @@ class CudaKernel {
       TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "torch_xegpu_attn (nvvm): operand ", j,
                   " must have a unit innermost stride");
     }
-    // cp.async copies 16-byte chunks of rows: a base or a row stride off that grid is copied.
-    for (int64_t j : aligned_) {
-      if (!aligned_rows(operands[j])) operands[j] = operands[j].clone(at::MemoryFormat::Contiguous);
-    }
-    c10::cuda::CUDAGuard guard(device);
-    const auto& functions = load(device.index());
-    std::vector<int64_t> words;
-    for (const auto& t : operands) append_descriptor(words, t);
-    std::vector<at::Tensor> workspaces;
-    static const at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kChar, at::kDouble};
-    for (size_t w = 0; w < workspaces_.size(); ++w) {
-      std::vector<int64_t> sizes;
-      for (const auto& program : workspaces_[w]) sizes.push_back(evaluate(program, operands));
-      workspaces.push_back(at::empty(sizes, at::TensorOptions().dtype(kDtypes[workspace_dtypes_[w]]).device(device)));
-      append_descriptor(words, workspaces.back());
-    }
-    std::vector<void*> args;
-    args.reserve(words.size());
-    for (auto& w : words) args.push_back(&w);
-    CUstream stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
-    for (size_t k = 0; k < functions.size(); ++k) {
-      const int64_t grid = evaluate(grids_[k], operands);
-      if (grid <= 0) continue;
-      TORCH_CHECK(grid < (int64_t{1} << 31), "torch_xegpu_attn (nvvm): ", grid, " work-groups exceed the grid");
-      check(cuLaunchKernel(functions[k], static_cast<unsigned>(grid), 1, 1, static_cast<unsigned>(threads_[k]), 1,
-                           1, static_cast<unsigned>(shared_bytes_[k]), stream, args.data(), nullptr),
-            "cuLaunchKernel");
-    }
   }
 
-  // Registers and local memory of kernel k as the driver reports them (for tests and reports).
-  std::vector<int64_t> attributes(int64_t device_index, int64_t k) {
-    c10::cuda::CUDAGuard guard(device_index);
-    CUfunction f = load(device_index).at(k);
-    int registers = 0, local = 0, shared = 0;
-    check(cuFuncGetAttribute(&registers, CU_FUNC_ATTRIBUTE_NUM_REGS, f), "cuFuncGetAttribute");
-    check(cuFuncGetAttribute(&local, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f), "cuFuncGetAttribute");
-    check(cuFuncGetAttribute(&shared, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f), "cuFuncGetAttribute");
-    return {registers, local, shared};
-  }
-
- private:
   // The module and functions of one device, loaded at its first call.
   const std::vector<CUfunction>& load(int64_t device_index) {
+    std::lock_guard<std::mutex> lock(load_mutex_);  // calls run with the GIL released
     auto found = functions_.find(device_index);
     if (found != functions_.end()) return found->second;
     CUcontext context = nullptr;
@@ -181,16 +304,79 @@ class CudaKernel {
   std::vector<int64_t> workspace_dtypes_;
   std::map<int64_t, CUmodule> modules_;
   std::map<int64_t, std::vector<CUfunction>> functions_;
+  std::mutex load_mutex_;
+  std::atomic<uint64_t> last_use_{0};
 };
+
+// The replay op.cpp calls (xattn::DeviceReplay): a recorded call's launches on the current stream.
+bool replay(const xattn::Call& call, at::Tensor* out) {
+  std::vector<int64_t> key;
+  if (!xattn::make_key(call, key)) return false;
+  std::shared_ptr<Recipe> r;
+  {
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    auto found = recipes.find(key);
+    if (found == recipes.end()) return false;
+    r = found->second;
+  }
+  if (!xattn::knobs_allow_replay(r->schedule)) return false;
+  const at::Tensor* inputs[4] = {&call.q, &call.k, &call.v, call.mask};
+  for (size_t j : r->aligned_inputs) {
+    if (!aligned_base(inputs[j]->data_ptr())) return false;  // the checked path copies it
+  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(r->device_index));
+  const c10::Device device(c10::kCUDA, static_cast<c10::DeviceIndex>(r->device_index));
+  at::Tensor result = at::detail::empty_cuda(r->out_shape, call.q.scalar_type(), device, std::nullopt);
+  if (xattn::poison_outputs()) result.fill_(std::nan(""));
+  std::vector<int64_t> words = r->words;
+  auto patch = [&](size_t i, const void* base) {
+    words[r->bases[i]] = words[r->bases[i] + 1] = reinterpret_cast<int64_t>(base);
+  };
+  for (size_t i = 0; i < r->n_inputs; ++i) patch(i, inputs[i]->data_ptr());
+  patch(r->n_inputs, result.data_ptr());
+  std::vector<at::Tensor> workspaces;
+  for (size_t w = 0; w < r->workspace_sizes.size(); ++w) {
+    workspaces.push_back(at::detail::empty_cuda(r->workspace_sizes[w], r->workspace_dtypes[w], device, std::nullopt));
+    patch(r->n_inputs + 1 + w, workspaces.back().data_ptr());
+  }
+  std::vector<void*> args(words.size());
+  for (size_t i = 0; i < words.size(); ++i) args[i] = &words[i];
+  CUstream stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  for (size_t k = 0; k < r->functions.size(); ++k) {
+    check(cuLaunchKernel(r->functions[k], r->grids[k], 1, 1, r->threads[k], 1, 1, r->shared_bytes[k], stream,
+                         args.data(), nullptr),
+          "cuLaunchKernel");
+  }
+  r->kernel->touch();
+  *out = std::move(result);
+  return true;
+}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torch-xegpu-attn: nvvm kernels on torch's CUDA stream";
-  py::class_<CudaKernel>(m, "CudaKernel")
+  py::class_<CudaKernel, std::shared_ptr<CudaKernel>>(m, "CudaKernel")
       .def(py::init<std::string, std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, std::vector<int64_t>,
                     std::vector<int64_t>, std::vector<std::vector<std::vector<int64_t>>>, std::vector<int64_t>>())
       .def("__call__", &CudaKernel::call, py::call_guard<py::gil_scoped_release>())
-      .def("attributes", &CudaKernel::attributes);
+      .def("attributes", &CudaKernel::attributes)
+      .def("record", &CudaKernel::record, "Record a checked call for replay", py::arg("query"), py::arg("key"),
+           py::arg("value"), py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"),
+           py::arg("enable_gqa"), py::arg("operands"), py::arg("out_shape"))
+      .def("forget", &CudaKernel::forget, "Drop the recorded calls of this kernel")
+      .def("last_use", &CudaKernel::last_use);
+  m.def("replay_capsule", [] {
+    return py::capsule(reinterpret_cast<void*>(static_cast<xattn::DeviceReplay>(&replay)),
+                       xattn::kDeviceReplayCapsule);
+  }, "This launcher's replay, for torch_xegpu_attn._C.set_device_replay");
+  m.def("clear_recipes", [] {
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    recipes.clear();
+  }, "Drop every recorded call");
+  m.def("recipes", [] {
+    std::lock_guard<std::mutex> lock(recipes_mutex);
+    return recipes.size();
+  }, "Recorded signatures");
 }

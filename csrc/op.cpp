@@ -1,4 +1,4 @@
-// The op xegpu::attention in C++: its schema, its CPU and autograd kernels,
+// The op xegpu::attention in C++: its schema, its device and autograd kernels,
 // and the replay of recorded calls.
 //
 // A model calls attention with the same shapes, strides and flags over and
@@ -16,13 +16,18 @@
 // frontend (`set_slow_path`), which runs every check: there is one
 // implementation of the checks.
 //
-// Two entry points replay: the op's CPU kernel (torch.ops.xegpu.attention,
+// Calls on other devices are replayed by their launcher (a separate extension,
+// built where the device is), which hands this file its replay function
+// (`set_device_replay`) and records the calls itself.
+//
+// Two entry points replay: the op's kernel (torch.ops.xegpu.attention,
 // through the dispatcher) and `replay` (torch_xegpu_attn.attention, straight
 // from Python, which returns None when the call is not recorded).  The
 // autograd kernel lets calls that need no gradient through and gives the rest
 // a backward that raises.
 
 #include "kernel.h"
+#include "replay.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/EmptyTensor.h>
@@ -45,65 +50,6 @@ constexpr const char* kSchema =
     "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
     "bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor";
 
-// ----------------------------------------------------------------------------- signatures
-
-struct KeyHash {
-  size_t operator()(const std::vector<int64_t>& words) const {
-    uint64_t h = 1469598103934665603ull;  // FNV-1a over the words
-    for (int64_t w : words) h = (h ^ static_cast<uint64_t>(w)) * 1099511628211ull;
-    return static_cast<size_t>(h);
-  }
-};
-
-int64_t bits(double x) {
-  int64_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return b;
-}
-
-// Appends what the checks and the mapping read of `t`; false when `t` is not a
-// plain dense CPU tensor (such calls always take the checked path).
-bool encode(const at::Tensor& t, std::vector<int64_t>& key) {
-  if (!t.defined() || t.layout() != c10::kStrided || !t.device().is_cpu() || t.is_neg() || t.is_conj() ||
-      t.is_nested() || !t.has_storage()) {
-    return false;
-  }
-  const int64_t rank = t.dim();
-  key.push_back(static_cast<int64_t>(t.scalar_type()) | (rank << 8));
-  key.insert(key.end(), t.sizes().begin(), t.sizes().end());
-  key.insert(key.end(), t.strides().begin(), t.strides().end());
-  return true;
-}
-
-bool make_key(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
-              double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-              std::vector<int64_t>& key) {
-  key.reserve(64);
-  if (!encode(q, key) || !encode(k, key) || !encode(v, key)) return false;
-  key.push_back(mask != nullptr);
-  if (mask != nullptr && !encode(*mask, key)) return false;
-  key.push_back(bits(dropout_p));
-  key.push_back(int64_t{is_causal} | int64_t{enable_gqa} << 1 | int64_t{scale.has_value()} << 2);
-  key.push_back(scale ? bits(*scale) : 0);
-  return true;
-}
-
-// ----------------------------------------------------------------------------- knobs
-
-// The knobs a replay must honour (knobs.py reads the same variables; they may
-// change at run time, so they are read at each call: a getenv each).
-std::string env(const char* name) {
-  const char* value = std::getenv(name);
-  return value == nullptr ? std::string() : std::string(value);
-}
-
-bool poison_outputs() {
-  std::string value = env("XEGPU_ATTN_POISON");
-  value.erase(0, value.find_first_not_of(" \t\n"));
-  value.erase(value.find_last_not_of(" \t\n") + 1);
-  return value == "1" || value == "true" || value == "on" || value == "yes";
-}
-
 // ----------------------------------------------------------------------------- recipes
 
 struct Recipe {
@@ -121,11 +67,23 @@ std::atomic<int64_t> replays{0};
 std::atomic<int64_t> empty_results{0};
 py::object* slow_path = nullptr;  // the Python frontend; never freed (lives until exit)
 
-std::optional<at::Tensor> replay(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor* mask, double dropout_p, bool is_causal,
-                                 std::optional<double> scale, bool enable_gqa) {
+// The device launchers' replays, by device type (set_device_replay).
+std::atomic<DeviceReplay> device_replays[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)];
+
+// A call on a device whose launcher recorded it.
+std::optional<at::Tensor> replay_on_device(const Call& call) {
+  const DeviceReplay fn = device_replays[static_cast<size_t>(call.q.device().type())].load(std::memory_order_acquire);
+  at::Tensor out;
+  if (fn == nullptr || !fn(call, &out)) return std::nullopt;
+  replays.fetch_add(1, std::memory_order_relaxed);
+  launches.fetch_add(1, std::memory_order_relaxed);
+  return out;
+}
+
+std::optional<at::Tensor> replay(const Call& call) {
+  if (!call.q.device().is_cpu()) return replay_on_device(call);
   std::vector<int64_t> key;
-  if (!make_key(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, key)) return std::nullopt;
+  if (!make_key(call, key)) return std::nullopt;
   std::shared_ptr<Recipe> recipe;
   {
     std::lock_guard<std::mutex> lock(recipes_mutex);
@@ -133,15 +91,12 @@ std::optional<at::Tensor> replay(const at::Tensor& q, const at::Tensor& k, const
     if (found == recipes.end()) return std::nullopt;
     recipe = found->second;
   }
-  // XEGPU_ATTN_DUMP_IR is honoured on cache hits by the Python path; a changed
-  // XEGPU_ATTN_SCHEDULE selects another kernel.
-  const char* dump = std::getenv("XEGPU_ATTN_DUMP_IR");
-  if ((dump != nullptr && *dump != '\0') || env("XEGPU_ATTN_SCHEDULE") != recipe->schedule) return std::nullopt;
+  if (!knobs_allow_replay(recipe->schedule)) return std::nullopt;
 
-  at::Tensor out = at::detail::empty_cpu(recipe->out_shape, q.scalar_type());
+  at::Tensor out = at::detail::empty_cpu(recipe->out_shape, call.q.scalar_type());
   if (poison_outputs()) out.fill_(std::nan(""));
   Descriptors d = recipe->descriptors;
-  const at::Tensor* inputs[4] = {&q, &k, &v, mask};
+  const at::Tensor* inputs[4] = {&call.q, &call.k, &call.v, call.mask};
   const size_t n_operands = recipe->kernel->n_operands();
   for (size_t i = 0; i + 1 < n_operands; ++i) d.set_base(i, inputs[i]->data_ptr());
   d.set_base(n_operands - 1, out.data_ptr());
@@ -160,7 +115,9 @@ bool record(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             const std::vector<int64_t>& out_shape) {
   const at::Tensor* mask_ptr = mask ? &*mask : nullptr;
   std::vector<int64_t> key;
-  if (!make_key(q, k, v, mask_ptr, dropout_p, is_causal, scale, enable_gqa, key)) return false;
+  if (!q.device().is_cpu() || !make_key(Call{q, k, v, mask_ptr, dropout_p, is_causal, scale, enable_gqa}, key)) {
+    return false;
+  }
   const at::Tensor* inputs[4] = {&q, &k, &v, mask_ptr};
   const size_t n_inputs = mask ? 4 : 3;
   TORCH_CHECK(operands.size() == n_inputs + 1 && kernel->n_operands() == operands.size(),
@@ -214,11 +171,12 @@ attention_op() {
 py::object none_or(const std::optional<at::Tensor>& t) { return t ? py::cast(*t) : py::none(); }
 py::object none_or(std::optional<double> x) { return x ? py::cast(*x) : py::none(); }
 
-// The CPU kernel: a replay, or the Python frontend (checks, cache, launch, record).
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
-                         std::optional<double> scale, bool enable_gqa) {
-  if (auto out = replay(q, k, v, mask ? &*mask : nullptr, dropout_p, is_causal, scale, enable_gqa)) return *out;
+// The kernel of every device (CPU, CUDA, XPU): a replay, or the Python
+// frontend (checks, cache, launch, record).
+at::Tensor attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                            std::optional<double> scale, bool enable_gqa) {
+  if (auto out = replay(Call{q, k, v, mask ? &*mask : nullptr, dropout_p, is_causal, scale, enable_gqa})) return *out;
   py::gil_scoped_acquire gil;
   TORCH_CHECK(slow_path != nullptr, "torch_xegpu_attn: import torch_xegpu_attn to use xegpu::attention");
   py::object out = (*slow_path)(q, k, v, none_or(mask), dropout_p, is_causal, none_or(scale), enable_gqa);
@@ -298,7 +256,7 @@ py::object replay_py(py::handle q, py::handle k, py::handle v, py::handle mask, 
   }
   // A dispatch mode (or functionalization, vmap...) adds keys to the thread's defaults.
   if (!(c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty()) return py::none();
-  auto out = replay(*tq, *tk, *tv, tm, p, is_causal.ptr() == Py_True, scale_value, enable_gqa.ptr() == Py_True);
+  auto out = replay(Call{*tq, *tk, *tv, tm, p, is_causal.ptr() == Py_True, scale_value, enable_gqa.ptr() == Py_True});
   if (!out) return py::none();
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(*out)));
 }
@@ -311,7 +269,11 @@ TORCH_LIBRARY(xegpu, m) {
   m.def(xattn::kSchema);
 }
 
-TORCH_LIBRARY_IMPL(xegpu, CPU, m) { m.impl("attention", &xattn::attention_cpu); }
+// One C++ kernel for every device: the dispatcher's round trip into a Python
+// kernel would cost more host time than SDPA's whole call.
+TORCH_LIBRARY_IMPL(xegpu, CPU, m) { m.impl("attention", &xattn::attention_kernel); }
+TORCH_LIBRARY_IMPL(xegpu, CUDA, m) { m.impl("attention", &xattn::attention_kernel); }
+TORCH_LIBRARY_IMPL(xegpu, XPU, m) { m.impl("attention", &xattn::attention_kernel); }
 
 TORCH_LIBRARY_IMPL(xegpu, Autograd, m) { m.impl("attention", &xattn::attention_autograd); }
 
@@ -330,6 +292,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("record", &record, "Record a checked call for replay", py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"), py::arg("enable_gqa"),
         py::arg("kernel"), py::arg("operands"), py::arg("out_shape"));
+  m.def("set_device_replay", [](const std::string& device_type, py::capsule replay) {
+    TORCH_CHECK(std::strcmp(replay.name(), kDeviceReplayCapsule) == 0, "torch_xegpu_attn: not a device replay");
+    const c10::DeviceType type = c10::Device(device_type).type();
+    device_replays[static_cast<size_t>(type)].store(reinterpret_cast<DeviceReplay>(replay.get_pointer()),
+                                                    std::memory_order_release);
+  }, "Install a device launcher's replay of the calls it recorded (a capsule of its DeviceReplay)");
+  m.def("count_launch", [] { launches.fetch_add(1, std::memory_order_relaxed); },
+        "Count a launch of a device kernel on the checked path");
   m.def("set_slow_path", [](py::object fn) { slow_path = new py::object(std::move(fn)); },
         "The Python function the CPU kernel calls for calls it has not recorded");
   m.def("forget_kernel", &forget_kernel, "Drop the recorded calls of a kernel");

@@ -18,7 +18,7 @@ import sys
 from . import knobs
 
 _SOURCES = ("cpu_launcher.cpp", "op.cpp")
-_HEADERS = ("kernel.h",)
+_HEADERS = ("kernel.h", "replay.h")
 
 
 def csrc_paths(names) -> list:

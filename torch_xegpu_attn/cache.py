@@ -274,6 +274,8 @@ class KernelCache:
         with self._lock:
             self._memory.clear()
             _C.clear_recipes()
+            from .runtime import cuda
+            cuda.clear_recipes()
 
     def memory_entries(self) -> int:
         return len(self._memory)
@@ -438,7 +440,8 @@ def stats() -> Dict[str, int]:
     merged["replays"] = native["replays"]
     merged["launches"] = native["launches"]
     merged["calls"] = native["launches"] + native["empty_results"]
-    merged["recorded_signatures"] = native["recipes"]
+    from .runtime import cuda
+    merged["recorded_signatures"] = native["recipes"] + cuda.recorded_signatures()
     return merged
 
 

@@ -4,15 +4,15 @@
                               is_causal=False, *, scale=None, enable_gqa=False)
 
 The schema, the CPU kernel and the autograd kernel are C++ (csrc/op.cpp,
-loaded with `_C`): the CPU kernel replays a call whose signature it has
-recorded, and otherwise calls `checked_call` here, which runs the frontend's
+loaded with `_C`): one kernel for CPU, CUDA and XPU tensors replays a call
+whose signature was recorded (CPU calls by _C, CUDA calls by the CUDA
+launcher), and otherwise calls `checked_call` here, which runs the frontend's
 checks, fetches (or compiles) the kernel of the problem's spec, launches it and
 records the call.  The autograd kernel lets calls that need no gradient through
 and gives the others a backward that raises (the backward pass is not
 implemented).  Registered here: a fake (meta) kernel that runs the same checks
 and returns an empty output of the right shape, so torch.compile traces the
-op without a graph break, and the kernels for CUDA and XPU tensors (the nvvm
-and xegpu targets: checks, cache and launch, as on CPU).
+op without a graph break.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import torch
 
 from . import _C, frontend
 from .cache import CACHE
-
-_LIBRARY = torch.library.Library("xegpu", "FRAGMENT")
 
 
 def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -33,22 +31,17 @@ def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         _C.count_empty_result()
         return plan.result
     kernel = CACHE.get(plan.spec)
-    native = getattr(kernel, "native", None)  # the cpu target's C++ kernel
-    if native is not None:
-        _C.record(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, native,
-                  plan.operands, list(plan.out_shape))
+    record = getattr(kernel, "record", None)  # launchers that replay in C++ (cpu, nvvm)
+    if record is not None:
+        record(query, key, value, attn_mask, float(dropout_p), is_causal,
+               None if scale is None else float(scale), enable_gqa, plan.operands, plan.out_shape)
     kernel(plan.operands)
+    if not getattr(kernel, "counts_launches", False):
+        _C.count_launch()
     return plan.output
 
 
-def run_kernel(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
-    """The op's kernel with its schema's keyword arguments (devices without a C++ kernel)."""
-    return checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
 _C.set_slow_path(checked_call)
-for _key in ("CUDA", "XPU"):
-    _LIBRARY.impl("attention", run_kernel, _key)
 
 
 @torch.library.register_fake("xegpu::attention")

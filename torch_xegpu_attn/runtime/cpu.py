@@ -30,6 +30,8 @@ def release_workspaces() -> None:
 class CpuKernel:
     """A loaded kernel library: call it with the canonical operand tensors."""
 
+    counts_launches = True  # the C++ launcher counts every launch (_C.counters)
+
     def __init__(self, library_path: str, metadata: Dict):
         self.metadata = metadata
         operands = metadata["operands"]
@@ -43,6 +45,13 @@ class CpuKernel:
     def __call__(self, operands: Sequence[torch.Tensor]) -> None:
         """Run on q, k, v, [mask], out (canonical shapes; out is written)."""
         self.native.run(list(operands))
+
+    def record(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, operands,
+               out_shape) -> bool:
+        """Record a checked call for replay in C++ (csrc/op.cpp); False when its operands are not
+        plain views of its inputs."""
+        return _C.record(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.native,
+                         list(operands), list(out_shape))
 
     def last_use(self) -> int:
         """A global tick of the kernel's last call (replays included): larger is more recent."""

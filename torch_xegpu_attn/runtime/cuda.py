@@ -16,6 +16,7 @@ import os
 import threading
 from typing import Dict, List, Sequence
 
+from .. import _C
 from .._native import build_extension, csrc_paths
 
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
@@ -37,12 +38,25 @@ def postfix(expression) -> List[int]:
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The C++ launcher, built (once per machine and torch) at first use."""
-    source, header = csrc_paths(["cuda_launcher.cpp", "size_program.h"])
+    """The C++ launcher, built (once per machine and torch) at first use; its replay of
+    recorded calls is handed to the op's C++ kernel (`_C.set_device_replay`)."""
+    source, *headers = csrc_paths(["cuda_launcher.cpp", "size_program.h", "replay.h"])
     if not os.path.exists(source):
         raise RuntimeError(f"torch_xegpu_attn: the CUDA launcher's source is missing ({source})")
     with _LOCK:
-        return build_extension("cuda_launcher", [source], [header], extra_ldflags=["-lcuda"], with_cuda=True)
+        module = build_extension("cuda_launcher", [source], headers, extra_ldflags=["-lcuda"], with_cuda=True)
+    _C.set_device_replay("cuda", module.replay_capsule())
+    return module
+
+
+def clear_recipes() -> None:
+    """Drop the recorded CUDA calls (nothing to do before the launcher was loaded)."""
+    if extension.cache_info().currsize:
+        extension().clear_recipes()
+
+
+def recorded_signatures() -> int:
+    return extension().recipes() if extension.cache_info().currsize else 0
 
 
 class CudaKernel:
@@ -66,6 +80,21 @@ class CudaKernel:
 
     def __call__(self, operands: Sequence) -> None:
         self._kernel(list(operands))
+
+    def record(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, operands,
+               out_shape) -> bool:
+        """Record a checked call for replay in C++ (see csrc/cuda_launcher.cpp); False when its
+        operands are not plain views of its inputs (or need an alignment copy)."""
+        return self._kernel.record(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                   list(operands), list(out_shape))
+
+    def last_use(self) -> int:
+        """When the kernel last ran (replays included), on the clock of every launcher."""
+        return self._kernel.last_use()
+
+    def forget(self) -> None:
+        """Drop the recorded calls that use this kernel (it is leaving the memory cache)."""
+        self._kernel.forget()
 
     def attributes(self, device_index: int = 0) -> List[Dict[str, int]]:
         """Registers, local memory and static shared memory of each kernel, from the driver."""

@@ -1,0 +1,100 @@
+"""Prefill schedule sweep of the nvvm target: XEGPU_ATTN_SCHEDULE variants next to SDPA's flash.
+
+Each variant overrides some of the target's ScheduleOptions (the same JSON the
+XEGPU_ATTN_SCHEDULE knob takes); each row is timed for every variant and for
+SDPA's flash backend on the same tensors (triton.testing.do_bench medians).
+This is how the target's prefill defaults were chosen.
+
+    python benchmarks/cuda/sweep_schedules.py --precompile sm_90a   # here: fill the disk cache
+    python benchmarks/cuda/sweep_schedules.py                       # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import torch_xegpu_attn
+
+VARIANTS = ["", '{"tail": "peel"}', '{"kv_tile": 64}', '{"kv_tile": 128}', '{"row_tile": 64}',
+            '{"tail": "peel", "kv_tile": 128}']
+
+
+def rows(lengths):
+    for d in (64, 128):
+        for causal in (False, True):
+            for n in lengths:
+                yield torch.float16, d, n, causal
+
+
+def tensors(dtype, d, n, device):
+    b, h = 16384 // n, 2048 // d
+    return [torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3)]
+
+
+def with_schedule(variant: str):
+    if variant:
+        os.environ["XEGPU_ATTN_SCHEDULE"] = variant
+    else:
+        os.environ.pop("XEGPU_ATTN_SCHEDULE", None)
+
+
+def precompile(arch: str, variants) -> None:
+    for variant in variants:
+        with_schedule(variant)
+        for dtype, d, n, causal in rows((2048,)):
+            q, k, v = tensors(dtype, d, n, "meta")
+            try:
+                torch_xegpu_attn.precompile(q, k, v, is_causal=causal, target="nvvm", arch=arch)
+                print(f"{variant or 'default':40} d={d} causal={causal}: ok", flush=True)
+            except Exception as error:  # noqa: BLE001 (a variant the target refuses is reported)
+                print(f"{variant or 'default':40} d={d} causal={causal}: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:120]}", flush=True)
+
+
+def sweep(variants, lengths) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+    print(f"{'D':>4} {'N':>6} {'causal':>6} {'flash':>6} " + " ".join(f"{(v or 'default')[:14]:>14}" for v in variants)
+          + "   (TFLOPS; ratio to flash)")
+    for dtype, d, n, causal in rows(lengths):
+        q, k, v = tensors(dtype, d, n, "cuda")
+        flops = 4.0 * q.size(0) * q.size(1) * n * n * d / (2 if causal else 1)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), warmup=25, rep=100,
+                             return_mode="median")
+        cells = []
+        for variant in variants:
+            with_schedule(variant)
+            try:
+                torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+                t = do_bench(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal), warmup=25, rep=100,
+                             return_mode="median")
+                cells.append(f"{flops / t / 1e9:6.0f} {flash / t:6.3f} ")
+            except Exception as error:  # noqa: BLE001
+                cells.append(f"{type(error).__name__[:14]:>14}")
+        print(f"{d:4d} {n:6d} {str(causal):>6} {flops / flash / 1e9:6.0f} " + " ".join(cells), flush=True)
+    with_schedule("")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precompile", metavar="ARCH", default="")
+    parser.add_argument("--variants", default="", help="a JSON list of XEGPU_ATTN_SCHEDULE strings")
+    parser.add_argument("--lengths", default="2048,8192")
+    args = parser.parse_args(argv)
+    variants = json.loads(args.variants) if args.variants else VARIANTS
+    if args.precompile:
+        precompile(args.precompile, variants)
+    else:
+        sweep(variants, [int(x) for x in args.lengths.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
