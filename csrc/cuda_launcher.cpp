@@ -8,8 +8,8 @@
 // functions of the operands' sizes, given as small postfix programs (see `evaluate`).  A call
 // checks the operands against the kernel's dims (compiled-in extents and run-time extents that
 // must agree across operands), copies an operand whose base or row strides break the 16-byte
-// alignment the kernel's cp.async copies need, allocates the workspaces from torch's caching
-// allocator, and launches every kernel in order on the current stream: no host round trip, so a
+// alignment the kernel's cp.async copies need, allocates the workspaces (one arena) from torch's
+// caching allocator, and launches every kernel in order on the current stream: no host round trip, so a
 // call can be captured into a CUDA graph.
 //
 // Replay (as op.cpp does for CPU calls, see replay.h): the first checked call of a signature is
@@ -61,7 +61,43 @@ void append_descriptor(std::vector<int64_t>& words, const at::Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) words.push_back(t.stride(d));
 }
 
-const at::ScalarType kWorkspaceDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kChar, at::kDouble};
+const int64_t kWorkspaceItemSizes[] = {4, 2, 2, 1, 8};  // f32, f16, bf16, i8, f64 (runtime/cuda.py's codes)
+constexpr int64_t kWorkspaceAlignment = 256;
+
+// The workspaces of one call carved out of one allocation (an allocation costs more host time
+// than a launch): their descriptors (contiguous, bases relative to the arena) and the arena's size.
+struct WorkspaceLayout {
+  std::vector<int64_t> words;
+  std::vector<size_t> bases;     // where each descriptor's allocated pointer is in `words`
+  std::vector<int64_t> offsets;  // bytes into the arena
+  int64_t bytes = 0;
+
+  void add(const std::vector<int64_t>& sizes, int64_t item_size) {
+    int64_t elements = 1;
+    for (int64_t s : sizes) elements *= s;
+    offsets.push_back(bytes);
+    bytes += (elements * item_size + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+    bases.push_back(words.size());
+    words.insert(words.end(), {0, 0, 0});
+    words.insert(words.end(), sizes.begin(), sizes.end());
+    std::vector<int64_t> strides(sizes.size(), 1);
+    for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * sizes[d];
+    words.insert(words.end(), strides.begin(), strides.end());
+  }
+};
+
+// Allocate the arena of `layout` on `device` (from torch's caching allocator, in stream order) and
+// point the workspace descriptors, which start at words[first], into it.
+at::Tensor allocate_workspaces(const WorkspaceLayout& layout, std::vector<int64_t>& words, size_t first,
+                               const c10::Device& device) {
+  if (layout.offsets.empty()) return at::Tensor();
+  at::Tensor arena = at::detail::empty_cuda({layout.bytes}, at::kByte, device, std::nullopt);
+  const auto base = reinterpret_cast<int64_t>(arena.data_ptr());
+  for (size_t w = 0; w < layout.offsets.size(); ++w) {
+    words[first + layout.bases[w]] = words[first + layout.bases[w] + 1] = base + layout.offsets[w];
+  }
+  return arena;
+}
 
 bool aligned_base(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -83,11 +119,11 @@ struct Recipe {
   std::vector<CUfunction> functions;  // those with work-groups, in launch order
   std::vector<unsigned> grids, threads, shared_bytes;
   std::vector<int64_t> words;  // descriptors of operands then workspaces; bases patched per call
-  std::vector<size_t> bases;   // where each descriptor's allocated pointer is in `words`
-  size_t n_inputs = 0;         // q, k, v, [mask]; then out, then the workspaces
+  std::vector<size_t> bases;   // where each operand descriptor's allocated pointer is in `words`
+  size_t n_inputs = 0;         // q, k, v, [mask]; then out
   std::vector<size_t> aligned_inputs;
-  std::vector<std::vector<int64_t>> workspace_sizes;
-  std::vector<at::ScalarType> workspace_dtypes;
+  WorkspaceLayout workspaces;
+  size_t workspace_words = 0;  // where the workspaces' descriptors start in `words`
   std::vector<int64_t> out_shape;
   std::string schedule;  // XEGPU_ATTN_SCHEDULE when recorded
 };
@@ -125,14 +161,10 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
     const auto& functions = load(device.index());
     std::vector<int64_t> words;
     for (const auto& t : operands) append_descriptor(words, t);
-    std::vector<at::Tensor> workspaces;
-    for (size_t w = 0; w < workspaces_.size(); ++w) {
-      std::vector<int64_t> sizes;
-      for (const auto& program : workspaces_[w]) sizes.push_back(evaluate(program, operands));
-      workspaces.push_back(
-          at::empty(sizes, at::TensorOptions().dtype(kWorkspaceDtypes[workspace_dtypes_[w]]).device(device)));
-      append_descriptor(words, workspaces.back());
-    }
+    const WorkspaceLayout layout = workspace_layout(operands);
+    const size_t first = words.size();
+    words.insert(words.end(), layout.words.begin(), layout.words.end());
+    at::Tensor arena = allocate_workspaces(layout, words, first, device);
     std::vector<void*> args;
     args.reserve(words.size());
     for (auto& w : words) args.push_back(&w);
@@ -180,19 +212,9 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
       recipe->bases.push_back(recipe->words.size());
       append_descriptor(recipe->words, t);
     }
-    for (size_t w = 0; w < workspaces_.size(); ++w) {
-      std::vector<int64_t> sizes;
-      for (const auto& program : workspaces_[w]) sizes.push_back(evaluate(program, operands));
-      recipe->bases.push_back(recipe->words.size());
-      // A descriptor of the workspace's shape, contiguous; its base is patched per call.
-      recipe->words.insert(recipe->words.end(), {0, 0, 0});
-      recipe->words.insert(recipe->words.end(), sizes.begin(), sizes.end());
-      std::vector<int64_t> strides(sizes.size(), 1);
-      for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * sizes[d];
-      recipe->words.insert(recipe->words.end(), strides.begin(), strides.end());
-      recipe->workspace_sizes.push_back(std::move(sizes));
-      recipe->workspace_dtypes.push_back(kWorkspaceDtypes[workspace_dtypes_[w]]);
-    }
+    recipe->workspaces = workspace_layout(operands);
+    recipe->workspace_words = recipe->words.size();
+    recipe->words.insert(recipe->words.end(), recipe->workspaces.words.begin(), recipe->workspaces.words.end());
     c10::cuda::CUDAGuard guard(out.device());
     const auto& functions = load(out.device().index());
     for (size_t k = 0; k < functions.size(); ++k) {
@@ -233,6 +255,16 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
   }
 
  private:
+  WorkspaceLayout workspace_layout(const std::vector<at::Tensor>& operands) const {
+    WorkspaceLayout layout;
+    for (size_t w = 0; w < workspaces_.size(); ++w) {
+      std::vector<int64_t> sizes;
+      for (const auto& program : workspaces_[w]) sizes.push_back(evaluate(program, operands));
+      layout.add(sizes, kWorkspaceItemSizes[workspace_dtypes_[w]]);
+    }
+    return layout;
+  }
+
   // The operands against the kernel's dims (compiled-in extents, run-time extents that agree
   // across operands), element sizes and unit innermost strides.
   void validate(const std::vector<at::Tensor>& operands) const {
@@ -334,11 +366,7 @@ bool replay(const xattn::Call& call, at::Tensor* out) {
   };
   for (size_t i = 0; i < r->n_inputs; ++i) patch(i, inputs[i]->data_ptr());
   patch(r->n_inputs, result.data_ptr());
-  std::vector<at::Tensor> workspaces;
-  for (size_t w = 0; w < r->workspace_sizes.size(); ++w) {
-    workspaces.push_back(at::detail::empty_cuda(r->workspace_sizes[w], r->workspace_dtypes[w], device, std::nullopt));
-    patch(r->n_inputs + 1 + w, workspaces.back().data_ptr());
-  }
+  at::Tensor arena = allocate_workspaces(r->workspaces, words, r->workspace_words, device);
   std::vector<void*> args(words.size());
   for (size_t i = 0; i < words.size(); ++i) args[i] = &words[i];
   CUstream stream = at::cuda::getCurrentCUDAStream(device.index()).stream();

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import torch_xegpu_attn
 
-VARIANTS = ["", '{"tail": "peel"}', '{"kv_tile": 64}', '{"kv_tile": 128}', '{"row_tile": 64}',
-            '{"tail": "peel", "kv_tile": 128}']
+VARIANTS = ["", '{"kv_tile": 64}', '{"kv_tile": 32}', '{"row_tile": 256}', '{"row_tile": 256, "kv_tile": 64}']
+#: interleaved rounds per row (flash and every variant in each, the order rotated); medians reported.
+ROUNDS = 3
 
 
 def rows(lengths):
@@ -58,27 +59,39 @@ def precompile(arch: str, variants) -> None:
 
 
 def sweep(variants, lengths) -> None:
+    import statistics
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
     print(f"{'D':>4} {'N':>6} {'causal':>6} {'flash':>6} " + " ".join(f"{(v or 'default')[:14]:>14}" for v in variants)
-          + "   (TFLOPS; ratio to flash)")
+          + f"   (TFLOPS; ratio to flash; medians of {ROUNDS} interleaved rounds)")
     for dtype, d, n, causal in rows(lengths):
         q, k, v = tensors(dtype, d, n, "cuda")
         flops = 4.0 * q.size(0) * q.size(1) * n * n * d / (2 if causal else 1)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            flash = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), warmup=25, rep=100,
-                             return_mode="median")
-        cells = []
-        for variant in variants:
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        def ours(variant):
             with_schedule(variant)
+            return torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+
+        entries = [("flash", flash)] + [(variant, lambda variant=variant: ours(variant)) for variant in variants]
+        times = {name: [] for name, _ in entries}
+        for name, fn in entries:
             try:
-                torch_xegpu_attn.attention(q, k, v, is_causal=causal)
-                t = do_bench(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal), warmup=25, rep=100,
-                             return_mode="median")
-                cells.append(f"{flops / t / 1e9:6.0f} {flash / t:6.3f} ")
-            except Exception as error:  # noqa: BLE001
-                cells.append(f"{type(error).__name__[:14]:>14}")
-        print(f"{d:4d} {n:6d} {str(causal):>6} {flops / flash / 1e9:6.0f} " + " ".join(cells), flush=True)
+                fn()  # load, record
+            except Exception as error:  # noqa: BLE001 (a variant the target refuses is reported)
+                times[name] = f"{type(error).__name__[:14]:>14}"
+        for round_ in range(ROUNDS):
+            for name, fn in entries[round_ % len(entries):] + entries[:round_ % len(entries)]:
+                if isinstance(times[name], list):
+                    times[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        t_flash = statistics.median(times["flash"])
+        cells = [times[v] if isinstance(times[v], str) else
+                 f"{flops / statistics.median(times[v]) / 1e9:6.0f} {t_flash / statistics.median(times[v]):6.3f} "
+                 for v in variants]
+        print(f"{d:4d} {n:6d} {str(causal):>6} {flops / t_flash / 1e9:6.0f} " + " ".join(cells), flush=True)
     with_schedule("")
 
 
@@ -86,7 +99,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precompile", metavar="ARCH", default="")
     parser.add_argument("--variants", default="", help="a JSON list of XEGPU_ATTN_SCHEDULE strings")
-    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--lengths", default="2048,4096,16384")
     args = parser.parse_args(argv)
     variants = json.loads(args.variants) if args.variants else VARIANTS
     if args.precompile:
