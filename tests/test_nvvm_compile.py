@@ -35,6 +35,9 @@ SPECS = {
     "prefill-bool-mask": replace(PREFILL, mask=MaskSpec("bool", ("b", "l", "s"), "bool")),
     "prefill-additive-mask": replace(PREFILL, mask=MaskSpec("additive", ("s",), "float16")),
     "prefill-gqa": replace(PREFILL, group=4, causal=True),
+    "long-e64-causal": replace(PREFILL, causal=True, length_class="long"),
+    "long-e128-causal-bf16": replace(PREFILL, head_dim=128, v_head_dim=128, causal=True, dtype="bfloat16",
+                                     length_class="long"),
     "decode-gqa": replace(PREFILL, group=4, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="decode"),
     "decode-mha": replace(PREFILL, length_class="decode"),
 }
@@ -77,6 +80,16 @@ def test_registers_and_spills(compiled, name):
         assert report["registers"] <= 255
         # The measured kernels spill at most a few words (README); much more is a regression.
         assert report["spill_stores"] <= 128, f"{kernel}: {report}"
+
+
+@pytest.mark.parametrize("name,rows", [("prefill-e64", 128), ("prefill-e64-causal", 128), ("prefill-e128-bf16", 256),
+                                       ("prefill-e128-causal", 128), ("long-e64-causal", 256),
+                                       ("long-e128-causal-bf16", 256), ("prefill-bool-mask", 128)])
+def test_work_group_rows(compiled, name, rows):
+    """256-row work-groups (8 warps of 32 rows) where the H200 measured them faster."""
+    spec, artifact, _ = compiled[name]
+    assert nvvm.options_for(spec).row_tile == rows
+    assert artifact.metadata["kernels"][0]["threads"] == rows  # 32 rows per warp of 32 lanes
 
 
 def test_decode_packs_heads_and_splits_keys(compiled):

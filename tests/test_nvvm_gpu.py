@@ -100,6 +100,13 @@ def test_masks(pattern, kind, fresh_seed):
     check(rand(B, H, L, 64), rand(B, H, S, 64), rand(B, H, S, 64), attn_mask=mask)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_prompts(head_dim, causal, fresh_seed):
+    # The "long" length class (L >= 8192: 256-row work-groups), with row and key tails.
+    check(rand(1, 2, 8200, head_dim), rand(1, 2, 8250, head_dim), rand(1, 2, 8250, head_dim), is_causal=causal)
+
+
 def test_fully_masked_rows_give_zero(fresh_seed):
     mask = torch.rand(2, 1, 9, 70, device=DEVICE) > 0.5
     mask[:, :, 3] = False

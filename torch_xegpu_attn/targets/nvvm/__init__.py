@@ -13,7 +13,7 @@ stream through csrc/cuda_launcher.cpp (runtime/cuda.py).
 How a work-group is distributed: rows = row_tile (x G when query heads are
 packed) are split over warps, 16 * m_tiles rows per warp; each lane holds its
 elements of the mma.sync m16n8k16 accumulator layout.  The schedule's
-options come from measurements on an H200 (see the README): 128-row
+options come from measurements on an H200 (see the README): 128- or 256-row
 work-groups with 32 rows per warp for prefill (64-key tiles; Q kept in
 registers for head dims up to 64, read from shared memory at each step
 above), and for decode one 16-row work-group of packed query heads per
@@ -35,6 +35,9 @@ DEFAULT_ARCH = "sm_90a"
 DECODE_ROWS = 16
 #: key splits of decode-like problems (B * H work-groups alone leave most of the chip idle).
 DECODE_SPLITS = 16
+#: query lengths from which a prefill is "long": 256-row work-groups pay off there even when
+#: causal (at shorter causal lengths their coarser diagonal costs more than they save).
+LONG_ROWS = 8192
 MAX_HEAD_DIM = 256
 
 
@@ -88,8 +91,11 @@ class NvvmTarget(Target):
                     f"(16, 32, 48, 64, 80, 96, 112, 128, ... 256); got {dim}")
 
     def length_class(self, size: ProblemSize, group: int) -> str:
-        """"decode" (the packed query rows of a key/value head fit one 16-row m-tile) or "prefill"."""
-        return "decode" if size.q_len * group <= DECODE_ROWS else "prefill"
+        """"decode" (the packed query rows of a key/value head fit one 16-row m-tile), "long"
+        (at least LONG_ROWS query rows) or "prefill"."""
+        if size.q_len * group <= DECODE_ROWS:
+            return "decode"
+        return "long" if size.q_len >= LONG_ROWS else "prefill"
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         self.check(spec)
@@ -99,13 +105,18 @@ class NvvmTarget(Target):
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
             return ScheduleOptions(row_tile=row_tile, kv_tile=64, pack_gqa=True, kv_splits=DECODE_SPLITS,
                                    pv_in_f32=False)
-        if spec.length_class != "prefill":
+        if spec.length_class not in ("prefill", "long"):
             raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")
-        if widest <= 64:
-            # 128-key tiles only without masks: a mask tile (or the causal bounds) in registers spills.
-            return ScheduleOptions(row_tile=128, kv_tile=64 if spec.causal or spec.mask else 128, pv_in_f32=False)
+        # Measured on the H200 (benchmarks/cuda/sweep_schedules.py, see the README): 64-key tiles
+        # from D = 64 (128-key tiles spill there); 256-row work-groups (8 warps) for D = 128
+        # without causal at every length and, for unmasked D 64..128, at long lengths.  Below
+        # D = 64, 128-key tiles without masks or causal bounds (in registers those spill).
+        wide_rows = spec.mask is None and 64 <= widest <= 128 and (
+            spec.length_class == "long" or (widest == 128 and not spec.causal))
+        narrow_keys = widest < 64 and not (spec.causal or spec.mask)
         if widest <= 128:
-            return ScheduleOptions(row_tile=128, kv_tile=64, pv_in_f32=False)
+            return ScheduleOptions(row_tile=256 if wide_rows else 128, kv_tile=128 if narrow_keys else 64,
+                                   pv_in_f32=False)
         return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False)
 
     def stage_names(self) -> Sequence[str]:
