@@ -45,16 +45,16 @@ def with_schedule(variant: str):
         os.environ.pop("XEGPU_ATTN_SCHEDULE", None)
 
 
-def precompile(arch: str, variants) -> None:
+def precompile(arch: str, variants, lengths) -> None:
     for variant in variants:
         with_schedule(variant)
-        for dtype, d, n, causal in rows((2048,)):
+        for dtype, d, n, causal in rows(lengths):
             q, k, v = tensors(dtype, d, n, "meta")
             try:
                 torch_xegpu_attn.precompile(q, k, v, is_causal=causal, target="nvvm", arch=arch)
-                print(f"{variant or 'default':40} d={d} causal={causal}: ok", flush=True)
+                print(f"{variant or 'default':40} d={d} N={n} causal={causal}: ok", flush=True)
             except Exception as error:  # noqa: BLE001 (a variant the target refuses is reported)
-                print(f"{variant or 'default':40} d={d} causal={causal}: {type(error).__name__}: "
+                print(f"{variant or 'default':40} d={d} N={n} causal={causal}: {type(error).__name__}: "
                       f"{str(error).splitlines()[0][:120]}", flush=True)
 
 
@@ -102,10 +102,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="2048,4096,16384")
     args = parser.parse_args(argv)
     variants = json.loads(args.variants) if args.variants else VARIANTS
+    lengths = [int(x) for x in args.lengths.split(",")]
     if args.precompile:
-        precompile(args.precompile, variants)
+        precompile(args.precompile, variants, lengths)
     else:
-        sweep(variants, [int(x) for x in args.lengths.split(",")])
+        sweep(variants, lengths)
     return 0
 
 
