@@ -26,8 +26,11 @@ VARIANTS = ["", '{"kv_tile": 64}', '{"kv_tile": 32}', '{"row_tile": 256}', '{"ro
 ROUNDS = 3
 
 
+DIMS = (64, 128)
+
+
 def rows(lengths):
-    for d in (64, 128):
+    for d in DIMS:
         for causal in (False, True):
             for n in lengths:
                 yield torch.float16, d, n, causal
@@ -100,7 +103,10 @@ def main(argv=None) -> int:
     parser.add_argument("--precompile", metavar="ARCH", default="")
     parser.add_argument("--variants", default="", help="a JSON list of XEGPU_ATTN_SCHEDULE strings")
     parser.add_argument("--lengths", default="2048,4096,16384")
+    parser.add_argument("--dims", default="64,128", help="head dims")
     args = parser.parse_args(argv)
+    global DIMS
+    DIMS = tuple(int(x) for x in args.dims.split(","))
     variants = json.loads(args.variants) if args.variants else VARIANTS
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.precompile:

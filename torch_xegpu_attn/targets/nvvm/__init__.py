@@ -35,8 +35,9 @@ DEFAULT_ARCH = "sm_90a"
 DECODE_ROWS = 16
 #: key splits of decode-like problems (B * H work-groups alone leave most of the chip idle).
 DECODE_SPLITS = 16
-#: query lengths from which a prefill is "long": 256-row work-groups pay off there even when
-#: causal (at shorter causal lengths their coarser diagonal costs more than they save).
+#: query lengths from which a prefill is "long": 256-row work-groups pay off there for causal
+#: D = 128 (at shorter causal lengths their coarser diagonal costs more than they save).  Other
+#: specs take their prefill tiles in this class too.
 LONG_ROWS = 8192
 MAX_HEAD_DIM = 256
 
@@ -108,11 +109,10 @@ class NvvmTarget(Target):
         if spec.length_class not in ("prefill", "long"):
             raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")
         # Measured on the H200 (benchmarks/cuda/sweep_schedules.py, see the README): 64-key tiles
-        # from D = 64 (128-key tiles spill there); 256-row work-groups (8 warps) for D = 128
-        # without causal at every length and, for unmasked D 64..128, at long lengths.  Below
+        # from D = 64 (128-key tiles spill there); 256-row work-groups (8 warps) for unmasked
+        # D 65..128, causal only at long lengths (D = 64 measured no faster with them).  Below
         # D = 64: 128-key tiles unless masked or causal (their masks in registers spill).
-        wide_rows = spec.mask is None and 64 <= widest <= 128 and (
-            spec.length_class == "long" or (widest == 128 and not spec.causal))
+        wide_rows = spec.mask is None and 64 < widest <= 128 and (spec.length_class == "long" or not spec.causal)
         narrow_keys = widest < 64 and not (spec.causal or spec.mask)
         # Unmasked D = 64: full key tiles in a loop of their own, without bounds (their copies need
         # no clamped rows and no zero-fill predicates: about 8% fewer instructions per step);
