@@ -20,7 +20,7 @@ import torch
 from torch_xegpu_attn import _C
 from torch_xegpu_attn.cache import CACHE
 from torch_xegpu_attn.compiler import compile_spec
-from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
+from torch_xegpu_attn.spec import AttentionSpec, MaskSpec, ProblemSize
 from torch_xegpu_attn.targets import get_target
 from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
@@ -85,6 +85,9 @@ def test_xegpu_ops_with_layouts(compiled, name):
         assert op in wg, f"{op} missing after xegpu-wg"
     if spec.mask is not None and {"l", "s"} <= set(spec.mask.dims):
         assert re.search(r'load_nd[^\n]*attn.xegpu_role = "mask"', wg)  # the mask tile: a 2D block load
+        # its messages fixed by its anchor (left to the propagation, they varied between runs)
+        assert re.search(rf'load_nd[^\n]*inst_data = \[{xegpu_target.subgroup_rows(spec)}, 16\][^\n]*'
+                         rf'attn.xegpu_role = "mask"', wg)
     elif spec.mask is not None:
         assert "xegpu.load " in wg  # a 1-D mask: a scattered load, lanes past the end masked off
     assert len(re.findall(r"xegpu\.dpas", wg)) == 2  # Q.K^T and P.V, as work-group ops
@@ -102,6 +105,34 @@ def test_xegpu_ops_with_layouts(compiled, name):
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
     lowered = _stage(folder, "xegpu-lowered")
     assert "xegpu." not in lowered and "llvm.func" in lowered
+
+
+@pytest.mark.parametrize("q_len,length_class", [(1, "decode"), (8, "decode"), (9, "prefill"), (4096, "prefill")])
+def test_decode_class_is_one_subgroup_per_work_group(compiled, q_len, length_class):
+    """At most 8 query rows per head: work-groups of one sub-group (16 lanes) and 8 rows, not 16
+    sub-groups of which 15 would compute padding."""
+    assert xegpu.length_class(ProblemSize(batch=1, kv_heads=8, q_len=q_len, kv_len=300), 4) == length_class
+    for name in ("decode-gqa4", "decode-e128-bf16-padding-mask"):
+        spec, artifact, _ = compiled[name]
+        assert xegpu.options_for(spec).row_tile == 8
+        assert [k["threads"] for k in artifact.metadata["kernels"]] == [16]
+
+
+def test_kernels_are_the_same_in_every_process(tmp_path):
+    """Compiling a spec gives one SPIR-V whatever the process: upstream's layout propagation once
+    chose a mask tile's messages differently from one run to the next (pointer order), so
+    processes compiled different kernels for one spec."""
+    import subprocess
+    import sys
+    script = ("import hashlib, sys; from torch_xegpu_attn.compiler import compile_spec; "
+              "from torch_xegpu_attn.spec import AttentionSpec, MaskSpec; "
+              "spec = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype='float16', target='xegpu', "
+              "length_class='prefill', mask=MaskSpec('bool', ('l', 's'), 'bool')); "
+              "print(hashlib.sha256(compile_spec(spec).binary).hexdigest())")
+    env = {k: v for k, v in os.environ.items() if k != "XEGPU_ATTN_EMULATE"}
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env=env).stdout.strip() for _ in range(4)}
+    assert len(digests) == 1, digests
 
 
 def _emulated_exports():

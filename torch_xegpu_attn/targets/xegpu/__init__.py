@@ -71,7 +71,15 @@ class XegpuTarget(Target):
         # K read as loaded and transposed explicitly: convert-vector-to-xegpu makes a dpas of the
         # contraction only in that form (and layouts turn the transpose into a transposed read).
         kv_tile = KV_TILE if max(spec.head_dim, spec.v_head_dim) <= 64 else KV_TILE // 2
-        return ScheduleOptions(row_tile=ROW_TILE, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
+        if spec.length_class not in ("decode", "prefill"):
+            raise ValueError(f"the xegpu target has no length class {spec.length_class!r}")
+        row_tile = DECODE_ROWS if spec.length_class == "decode" else ROW_TILE
+        return ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
+
+    def length_class(self, size: ProblemSize, group: int) -> str:
+        """"decode" (at most DECODE_ROWS query rows per head: one sub-group's 8-row DPAS tile per
+        work-group, so a decode step is not 16 sub-groups of padding) or "prefill"."""
+        return "decode" if size.q_len <= DECODE_ROWS else "prefill"
 
     def stage_names(self) -> Sequence[str]:
         return ("xegpu-kernels", "xegpu-wg", "xegpu-lowered")

@@ -194,7 +194,13 @@ def assign_layouts(module, geometry: Geometry) -> None:
                 txegpu.set_anchor_layout(tagged(role), sg_layout=grid, sg_data=data,
                                          inst_data=[min(data[0], 32), 32 if data[1] % 32 == 0 else 16])
         if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
-            txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], slice_dims=mask_slice)
+            if mask_slice is None:
+                # A 2-D tile's messages as wide as one dpas result's columns and all the sub-group's
+                # rows: left to it, xegpu-propagate-layout picked that or one row per message
+                # (twice the loads) from one run to the next.
+                txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], inst_data=[rows, 16])
+            else:
+                txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], slice_dims=mask_slice)
         qk, pv = tagged("qk"), tagged("pv")
         txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, e], index=0)
         txegpu.set_anchor_layout(qk, sg_layout=[1, 1], sg_data=[e, kv], index=1)
