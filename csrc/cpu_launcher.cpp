@@ -7,6 +7,7 @@
 // goes straight to `Kernel::execute`.
 
 #include "kernel.h"
+#include "replay.h"
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
@@ -20,8 +21,6 @@ namespace xattn {
 std::atomic<int64_t> launches{0};
 
 namespace {
-
-std::atomic<uint64_t> use_clock{0};
 
 std::vector<int64_t> row_major_strides(c10::IntArrayRef sizes) {
   std::vector<int64_t> strides(sizes.size(), 1);
@@ -138,7 +137,7 @@ Kernel::~Kernel() {
   if (handle_ != nullptr) dlclose(handle_);
 }
 
-void Kernel::touch() { last_use_.store(++use_clock, std::memory_order_relaxed); }
+void Kernel::touch() { last_use_.store(use_time(), std::memory_order_relaxed); }
 
 Descriptors Kernel::describe(const std::vector<at::Tensor>& tensors) const {
   TORCH_CHECK(tensors.size() == dims_.size(), "torch_xegpu_attn: expected ", dims_.size(), " operands, got ",

@@ -72,7 +72,8 @@ class Kernel {
   void run(const std::vector<at::Tensor>& tensors);
 
   size_t n_operands() const { return dims_.size(); }
-  // A global tick of the last call (for the memory cache's least-recently-used order).
+  // When the kernel last ran (replay.h's use_time: one clock with the other launchers' kernels,
+  // for the memory cache's least-recently-used order).
   uint64_t last_use() const { return last_use_.load(std::memory_order_relaxed); }
   void touch();
 

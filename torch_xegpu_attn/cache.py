@@ -203,17 +203,12 @@ def remove_entry(folder: str, entry: Dict) -> None:
             pass
 
 
-def evict(folder: str, max_bytes: int, keep: str = "") -> int:
-    """Remove least recently used entries until the directory holds at most `max_bytes`
-    (never the entry `keep`, just written), and stale temporaries; returns entries removed."""
-    with _locked(folder, exclusive=True):
-        return _evict_locked(folder, max_bytes, keep)
-
-
 def _evict_locked(folder: str, max_bytes: int, keep: str) -> int:
-    """`evict` with the exclusive lock already held (a writer evicts in the same critical
-    section as its write: two writers that each evicted all but their own entry after both
-    had written would otherwise leave none)."""
+    """Remove least recently used entries until the directory holds at most `max_bytes`
+    (never the entry `keep`, just written), and stale temporaries; returns entries removed.
+    The caller holds the exclusive lock and has just written `keep` in the same critical
+    section: two writers that each evicted all but their own entry after both had written
+    would otherwise leave none."""
     removed = 0
     now = time.time()
     for name in os.listdir(folder) if os.path.isdir(folder) else []:

@@ -3,7 +3,7 @@
     torch.ops.xegpu.attention(query, key, value, attn_mask=None, dropout_p=0.0,
                               is_causal=False, *, scale=None, enable_gqa=False)
 
-The schema, the CPU kernel and the autograd kernel are C++ (csrc/op.cpp,
+The schema, the device kernel and the autograd kernel are C++ (csrc/op.cpp,
 loaded with `_C`): one kernel for CPU, CUDA and XPU tensors replays a call
 whose signature was recorded (CPU calls by _C, CUDA calls by the CUDA
 launcher), and otherwise calls `checked_call` here, which runs the frontend's

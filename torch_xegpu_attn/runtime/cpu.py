@@ -54,7 +54,8 @@ class CpuKernel:
                          list(operands), list(out_shape))
 
     def last_use(self) -> int:
-        """A global tick of the kernel's last call (replays included): larger is more recent."""
+        """When the kernel last ran (replays included), on the clock of every launcher: larger is
+        more recent."""
         return self.native.last_use()
 
     def forget(self) -> None:
