@@ -278,7 +278,7 @@ class KernelCache:
     def _bound_memory(self, limit: int) -> None:
         """Evict least recently used kernels beyond `limit` (XEGPU_ATTN_MEMORY_CACHE; lock held)."""
         while len(self._memory) > limit:
-            # Replays bypass this dict: the kernels' own use ticks order them.
+            # Replays bypass this dict: the kernels' own use times order them.
             victim = min(self._memory, key=lambda k: getattr(self._memory[k], "last_use", lambda: 0)())
             kernel = self._memory.pop(victim)
             if hasattr(kernel, "forget"):
