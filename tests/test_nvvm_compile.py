@@ -9,6 +9,7 @@ within bounds (spills are what the reported speed was measured with).  A few
 specs also for sm_80 (the same code for A100s).
 """
 
+import json
 import os
 import re
 from dataclasses import replace
@@ -93,11 +94,53 @@ def test_work_group_rows(compiled, name, rows):
     assert artifact.metadata["kernels"][0]["threads"] == rows  # 32 rows per warp of 32 lanes
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_copies_are_strength_reduced(compiled, name):
+    """A K or V tile's copies advance one 64-bit offset by a row stride each, without a 64-bit
+    product (nor a clamp) per copy: those made about a tenth of a step's instructions.  (A few
+    products per tile remain: its first offset; the kernels had more products than copies.)"""
+    _, artifact, ptx = compiled[name]
+    main = artifact.metadata["kernels"][0]["name"]
+    body = ptx.split(".entry " + main)[1].split(".entry")[0]
+    copies, products = body.count("cp.async.cg.shared.global"), body.count("mul.lo.s64")
+    assert copies and products <= copies // 3 + 8, (copies, products)
+
+
+def test_prefetching_every_tile_builds(tmp_path):
+    """prefetch="tiles" (the next step's K and V copied at the start of a step): one wait for
+    copies and one barrier per step of the key loop where "keys" has two of each."""
+    waits = {}
+    for mode in ("keys", "tiles"):
+        spec = SPECS["prefill-e128-bf16"]
+        options = replace(nvvm.options_for(spec), prefetch=mode)
+        folder = tmp_path / mode
+        artifact = compile_spec(spec, dump_dir=str(folder), options=options)
+        ptx = next(folder.rglob("kernel.ptx")).read_text()
+        assert "cp.async.cg.shared.global" in ptx and "mma.sync.aligned.m16n8k16" in ptx
+        waits[mode] = ptx.count("cp.async.wait_group")
+        for report in artifact.metadata["resources"].values():
+            assert report["registers"] <= 255 and report["spill_stores"] <= 128
+    assert waits["tiles"] < waits["keys"], waits
+
+
 def test_decode_packs_heads_and_splits_keys(compiled):
     spec, artifact, _ = compiled["decode-gqa"]
     options = nvvm.options_for(spec)
     assert options.pack_gqa and options.kv_splits > 1 and options.row_tile * spec.group == 16
     assert len(artifact.metadata["workspaces"]) == 3  # partial max, sum, accumulator
+    # the split count is computed at run time from the sizes (the grid's expression holds it)
+    split, combine = artifact.metadata["kernels"]
+    assert options.split_fill and '"max"' in json.dumps(split["grid"])  # max(1, min(...))
+    assert '"max"' not in json.dumps(combine["grid"])  # (b, h, g, r, value-column tile)
+    assert combine["grid"][2] == ["const", spec.v_head_dim // options.combine_cols]
+
+
+def test_decode_class_needs_enough_keys():
+    from torch_xegpu_attn.spec import ProblemSize
+    from torch_xegpu_attn.targets.nvvm import DECODE_MIN_KEYS
+    assert nvvm.length_class(ProblemSize(1, 8, 1, DECODE_MIN_KEYS), 4) == "decode"
+    assert nvvm.length_class(ProblemSize(1, 8, 1, DECODE_MIN_KEYS - 1), 4) == "prefill"  # one launch
+    assert nvvm.length_class(ProblemSize(1, 8, 5, 10 ** 5), 4) == "prefill"  # 20 rows > 16
 
 
 def test_unsupported_specs_raise_before_compiling():

@@ -43,6 +43,10 @@ OPTION_SETS = {
     "8x16-split3": dict(row_tile=8, kv_tile=16, kv_splits=3),
     "16x16-split2-explicit-packed": dict(row_tile=16, kv_tile=16, k_layout="explicit", kv_splits=2,
                                          pack_gqa=True),
+    # P chosen at run time (what nvvm's decode does): at most 8, 24 work-groups, 16+ keys each;
+    # the combine in tiles of 16 value columns
+    "gpu-decode-runtime-split-packed": dict(row_tile=1, kv_tile=16, pack_gqa=True, kv_splits=8, split_fill=24,
+                                            split_min_keys=16, combine_cols=16, pv_in_f32=False),
 }
 
 #: specs the structure is checked on (lengths are run-time: one kernel serves every shape).
@@ -170,6 +174,8 @@ NUMERICS = [
     ("8x16-split3", "causal-gqa", torch.float32),
     ("16x16-split2-explicit-packed", "mask-gqa", torch.float32),
     ("16x16-split2-explicit-packed", "decode-gqa", torch.float16),
+    ("gpu-decode-runtime-split-packed", "decode-gqa", torch.bfloat16),
+    ("gpu-decode-runtime-split-packed", "mask-gqa", torch.float32),
 ]
 
 
@@ -189,6 +195,19 @@ def test_split_keys_merge_exactly(splits, kv_len, monkeypatch, fresh_seed):
     monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16, kv_splits=splits)))
     check(rand(1, 2, 9, 32), rand(1, 2, kv_len, 32), rand(1, 2, kv_len, 32))
     check(rand(1, 2, kv_len, 32), rand(1, 2, kv_len, 32), rand(1, 2, kv_len, 32), is_causal=True)
+
+
+@pytest.mark.parametrize("batch,kv_len", [(1, 5), (1, 40), (1, 100), (2, 129), (5, 300)])
+def test_run_time_split_counts(batch, kv_len, monkeypatch, fresh_seed):
+    # One kernel; P = max(1, min(8, ceil(12 / work-groups), ceil(S / 32))) differs per call:
+    # 1 (S=5), 2 (S=40), 3/4 (S=100, 129: capped by the fill at B=2), 2 (B=5: 10 groups).
+    from torch_xegpu_attn import COUNTERS
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16, kv_splits=8, split_fill=12,
+                                                              split_min_keys=32, combine_cols=8)))
+    before = COUNTERS["compilations"]
+    check(rand(batch, 2, 9, 32), rand(batch, 2, kv_len, 32), rand(batch, 2, kv_len, 32))
+    check(rand(batch, 2, 9, 32), rand(batch, 2, kv_len, 32), rand(batch, 2, kv_len, 32), is_causal=True)
+    assert COUNTERS["compilations"] - before <= 2
 
 
 def test_options_change_the_kernel(monkeypatch, fresh_seed):

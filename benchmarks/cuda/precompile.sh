@@ -12,9 +12,6 @@ export XEGPU_ATTN_CACHE_DIR=$cache
 XEGPU_ATTN_TEST_PRECOMPILE=$arch .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_nvvm_gpu.py
 # the benchmark's own rows (its long prompts and bf16 rows are not all among the tests')
 .venv/bin/python benchmarks/bench_cuda.py --precompile "$arch"
-# decode_variants.py's other split counts
-for splits in 32 64; do
-  XEGPU_ATTN_SCHEDULE="{\"kv_splits\": $splits}" .venv/bin/python -m torch_xegpu_attn precompile --target nvvm \
-    --arch "$arch" --head-dim 128 --length-class decode --group 4 --dtype bfloat16
-done
+# decode_variants.py's schedule variants
+.venv/bin/python benchmarks/cuda/decode_variants.py --precompile "$arch"
 du -sh "$cache"

@@ -15,8 +15,6 @@ for tool in memcheck racecheck synccheck; do
   compute-sanitizer --tool $tool python3 benchmarks/cuda/sanitize.py > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool: $(tail -1 "$OUT/sanitizer_$tool.log")"
 done
-for o in '' '{"kv_splits": 32}' '{"kv_splits": 64}'; do
-  XEGPU_ATTN_SCHEDULE="$o" python3 benchmarks/cuda/decode_variants.py 2>&1 | grep B= | tee -a "$OUT/decode.log"
-done
+python3 benchmarks/cuda/decode_variants.py 2>&1 | grep B= | tee "$OUT/decode.log"
 python3 benchmarks/cuda/host_breakdown.py 2>&1 | tee "$OUT/host.log"
 python3 -W ignore benchmarks/bench_cuda.py --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"

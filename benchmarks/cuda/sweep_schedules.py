@@ -27,13 +27,16 @@ ROUNDS = 3
 
 
 DIMS = (64, 128)
+DTYPES = (torch.float16,)
+CAUSAL = (False, True)
 
 
 def rows(lengths):
-    for d in DIMS:
-        for causal in (False, True):
-            for n in lengths:
-                yield torch.float16, d, n, causal
+    for dtype in DTYPES:
+        for d in DIMS:
+            for causal in CAUSAL:
+                for n in lengths:
+                    yield dtype, d, n, causal
 
 
 def tensors(dtype, d, n, device):
@@ -65,7 +68,7 @@ def sweep(variants, lengths) -> None:
     import statistics
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
-    print(f"{'D':>4} {'N':>6} {'causal':>6} {'flash':>6} " + " ".join(f"{(v or 'default')[:14]:>14}" for v in variants)
+    print(f"{'dtype':>8} {'D':>4} {'N':>6} {'causal':>6} {'flash':>6} " + " ".join(f"{(v or 'default')[:14]:>14}" for v in variants)
           + f"   (TFLOPS; ratio to flash; medians of {ROUNDS} interleaved rounds)")
     for dtype, d, n, causal in rows(lengths):
         q, k, v = tensors(dtype, d, n, "cuda")
@@ -94,7 +97,8 @@ def sweep(variants, lengths) -> None:
         cells = [times[v] if isinstance(times[v], str) else
                  f"{flops / statistics.median(times[v]) / 1e9:6.0f} {t_flash / statistics.median(times[v]):6.3f} "
                  for v in variants]
-        print(f"{d:4d} {n:6d} {str(causal):>6} {flops / t_flash / 1e9:6.0f} " + " ".join(cells), flush=True)
+        print(f"{str(dtype)[6:]:>8} {d:4d} {n:6d} {str(causal):>6} {flops / t_flash / 1e9:6.0f} " + " ".join(cells),
+              flush=True)
     with_schedule("")
 
 
@@ -104,9 +108,13 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="", help="a JSON list of XEGPU_ATTN_SCHEDULE strings")
     parser.add_argument("--lengths", default="2048,4096,16384")
     parser.add_argument("--dims", default="64,128", help="head dims")
+    parser.add_argument("--dtypes", default="float16", help="float16, bfloat16 or both, comma-separated")
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     args = parser.parse_args(argv)
-    global DIMS
+    global DIMS, DTYPES, CAUSAL
     DIMS = tuple(int(x) for x in args.dims.split(","))
+    DTYPES = tuple(getattr(torch, name) for name in args.dtypes.split(","))
+    CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     variants = json.loads(args.variants) if args.variants else VARIANTS
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.precompile:

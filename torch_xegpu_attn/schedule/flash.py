@@ -46,8 +46,9 @@ workspace that a loop of its own (tagged attn.k_transpose) fills once.
 Split keys (ScheduleOptions.kv_splits = P > 1): work-group (b, h, g, p, r)
 visits only its share of the row tile's key tiles (ceil(tiles / P) each) and
 writes its (m, l, acc) to workspaces; a combine loop (tagged attn.combine)
-over (b, h, g, r) merges the P partials exactly (log-sum-exp merge) and
-normalizes.
+over (b, h, g, r, c) merges the P partials exactly (log-sum-exp merge) and
+normalizes, each of its work-groups one tile of ScheduleOptions.combine_cols
+value columns (c).
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ class _WorkGroup:
         self.R = options.row_tile
         self.rows = self.groups * self.R
         self.T = options.kv_tile
+        self.splits = forall_upper_bounds(loop)[3]   # P: an int, or a size computed at run time
         self.e, self.ev = spec.head_dim, spec.v_head_dim
         self.et = ir.RankedTensorType(self.q.type).element_type
         self.acc = accumulator_type(spec.dtype)  # scores, m, l and acc: f64 for float64, else f32
@@ -319,7 +321,7 @@ class _WorkGroup:
                     _KeyRange(full_end, end, T, False, True)]
         start = const_index(0)
         if self.options.kv_splits > 1:
-            share = arith.muli(arith.ceildivui(tiles, const_index(self.options.kv_splits)), const_index(T))
+            share = arith.muli(arith.ceildivui(tiles, _value(self.splits)), const_index(T))
             start = arith.minui(arith.muli(self.ivs["p"], share), end)
             end = arith.minui(arith.addi(start, share), end)
         return [_KeyRange(start, end, T, False, True)]
@@ -454,7 +456,7 @@ class _WorkGroup:
     def _split(self, m, l, acc) -> None:
         """Partials to workspaces; a combine loop merges them into the output."""
         options, spec = self.options, self.spec
-        P, R, ev = options.kv_splits, self.R, self.ev
+        P, R, ev = self.splits, self.R, self.ev
         b_ub, h_ub, g_ub, _, r_ub = forall_upper_bounds(self.loop)
         out_init = self.loop.opview.outputs[0]
         with ir.InsertionPoint(self.loop), self.loop.location:
@@ -493,30 +495,36 @@ class _WorkGroup:
         loop.results[0].replace_all_uses_with(combine.results[0])
 
     def _combine(self, partials, out_init, upper_bounds):
-        """forall (b, h, g, r): merge the P partials of each row tile, normalize, write."""
-        R, ev, P = self.R, self.ev, self.options.kv_splits
-        loop = scf.ForallOp([0] * 4, list(upper_bounds), [1] * 4, [out_init],
-                            mapping=block_mapping(4))
+        """forall (b, h, g, r, c): merge the P partials of each row tile's c-th tile of value
+        columns (ScheduleOptions.combine_cols), normalize, write."""
+        R, ev, P = self.R, self.ev, self.splits
+        cols = self.options.combine_cols
+        cols = cols if 0 < cols < ev and ev % cols == 0 else ev
+        bounds = list(upper_bounds) + [ev // cols]
+        loop = scf.ForallOp([0] * 5, bounds, [1] * 5, [out_init], mapping=block_mapping(5))
         loop.attributes[COMBINE_LOOP] = ir.UnitAttr.get()
-        ivs = dict(zip("bhgr", loop.induction_variables))
+        ivs = dict(zip("bhgrc", loop.induction_variables))
         out_arg = loop.inner_iter_args[0]
         with ir.InsertionPoint(loop.body):
             g0 = const_index(0) if self.packed else ivs["g"]
             row0 = arith.muli(ivs["r"], const_index(R))
+            col0 = arith.muli(ivs["c"], const_index(cols))
             length = tensor.dim(out_arg, const_index(3))
             valid = arith.minui(const_index(R), arith.subi(length, row0))
             rows = self.rows
             carried = [splat([rows], self.acc, _NEG_INF), splat([rows], self.acc, 0.0),
-                       splat([rows, ev], self.acc, 0.0)]
-            merge = scf.ForOp(const_index(0), const_index(P), const_index(1), carried)
+                       splat([rows, cols], self.acc, 0.0)]
+            merge = scf.ForOp(const_index(0), _value(P), const_index(1), carried)
             with ir.InsertionPoint(merge.body):
                 p = merge.induction_variable
                 zero = arith.constant(self.acc, 0.0)
 
                 def part(ws, has_ev):
                     dims = [(3, self.groups, True)] if self.packed else []
-                    dims += [(4, R, True)] + ([(5, ev, True)] if has_ev else [])
+                    dims += [(4, R, True)] + ([(5, cols, True)] if has_ev else [])
                     offsets = {0: p, 1: ivs["b"], 2: ivs["h"], 3: g0, 4: row0}
+                    if has_ev:
+                        offsets[5] = col0
                     tile = read_tile(ws, dims, offsets, zero)
                     return flatten_rows(tile) if self.packed else tile
                 m_p, l_p, acc_p = part(partials[0], False), part(partials[1], False), part(partials[2], True)
@@ -525,14 +533,14 @@ class _WorkGroup:
                 base = _exp_base(new_max)
                 a, w = mmath.exp2(arith.subf(m, base)), mmath.exp2(arith.subf(m_p, base))
                 new_sum = arith.addf(arith.mulf(l, a), arith.mulf(l_p, w))
-                new_acc = arith.addf(arith.mulf(acc, broadcast_rows(a, ev)),
-                                     arith.mulf(acc_p, broadcast_rows(w, ev)))
+                new_acc = arith.addf(arith.mulf(acc, broadcast_rows(a, cols)),
+                                     arith.mulf(acc_p, broadcast_rows(w, cols)))
                 scf.YieldOp([new_max, new_sum, new_acc])
-            out = _normalize(merge.results[2], merge.results[1], ev, self.et)
+            out = _normalize(merge.results[2], merge.results[1], cols, self.et)
             if self.packed:
                 out = unflatten_rows(out, self.groups)
-            offsets = [ivs["b"], ivs["h"], g0, row0, 0]
-            sizes = [1, 1, self.groups, valid, ev]
+            offsets = [ivs["b"], ivs["h"], g0, row0, col0]
+            sizes = [1, 1, self.groups, valid, cols]
             dest = slice_of(out_arg, offsets, sizes)
             written = write_tile(out, dest, self._out_dims(), {})
             in_parallel = scf.InParallelOp()

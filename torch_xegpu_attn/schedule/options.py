@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 K_LAYOUTS = ("folded", "explicit", "materialized")
 #: how key tails are handled (ScheduleOptions.tail).
 TAIL_MODES = ("mask", "peel")
+#: which staged tiles of a key loop a GPU target copies one step ahead (ScheduleOptions.prefetch).
+PREFETCH_MODES = ("keys", "tiles")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,20 @@ class ScheduleOptions:
     kv_splits       P > 1: the key range of each row tile is split over P
                     work-groups, each keeping partial (max, sum, accumulator);
                     a combine loop merges them (log-sum-exp merge).
+    split_fill      0: P = kv_splits.  > 0: P is chosen at run time, the
+                    fewest splits that make split_fill work-groups in all, but
+                    at most kv_splits, at most one per split_min_keys keys,
+                    and at least 1 (a GPU target fills its chip with them).
+    split_min_keys  the fewest keys worth a split of their own (split_fill > 0).
+    combine_cols    value columns per work-group of the combine loop (0, or one
+                    that does not divide Ev: all Ev); fewer columns make more,
+                    shorter work-groups.
+    prefetch        for targets that copy tiles into shared memory (nvvm):
+                    "keys" copies the next step's K tile once the current one
+                    is consumed and a step's V tile at the start of that step
+                    (its copy overlaps QK^T and the softmax); "tiles" copies
+                    the next step's K and V tiles at the start of a step (both
+                    overlap a whole step: what a memory-bound decode wants).
     """
 
     row_tile: int
@@ -61,6 +77,10 @@ class ScheduleOptions:
     tail: str = "mask"
     pack_gqa: bool = False
     kv_splits: int = 1
+    split_fill: int = 0
+    split_min_keys: int = 1
+    combine_cols: int = 0
+    prefetch: str = "keys"
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -69,8 +89,12 @@ class ScheduleOptions:
             raise ValueError(f"k_layout must be one of {K_LAYOUTS}, got {self.k_layout!r}")
         if self.tail not in TAIL_MODES:
             raise ValueError(f"tail must be one of {TAIL_MODES}, got {self.tail!r}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {self.prefetch!r}")
         if self.kv_splits < 1:
             raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
+        if self.split_fill < 0 or self.split_min_keys < 1 or self.combine_cols < 0:
+            raise ValueError(f"split_fill and combine_cols must be >= 0 and split_min_keys >= 1: {self}")
         if self.transpose_tile is not None:
             te, ts = self.transpose_tile
             if te < 1 or ts < 1 or self.kv_tile % ts:
@@ -87,6 +111,12 @@ class ScheduleOptions:
             parts.append("packed")
         if self.kv_splits > 1:
             parts.append(f"split{self.kv_splits}")
+            if self.split_fill:
+                parts.append(f"fill{self.split_fill}-min{self.split_min_keys}")
+            if self.combine_cols:
+                parts.append(f"combine{self.combine_cols}")
         if not self.pv_in_f32:
             parts.append("pv-lowp")
+        if self.prefetch != "keys":
+            parts.append(f"prefetch-{self.prefetch}")
         return "_".join(parts)

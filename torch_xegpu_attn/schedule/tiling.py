@@ -9,7 +9,8 @@ target builds on:
     b  batch               h  key/value head
     g  query head of the group (extent 1 when ScheduleOptions.pack_gqa: the
        work-group then holds all G heads)
-    p  key split (extent ScheduleOptions.kv_splits; 1 without splitting)
+    p  key split (extent ScheduleOptions.kv_splits, or chosen at run time from the
+       sizes with split_fill; 1 without splitting)
     r  row tile (row_tile rows of L; the row tile is linear_dim_0, the fastest)
 
 It is normalized (lower bounds 0, steps 1) and carries its mapping from the
@@ -27,10 +28,10 @@ from __future__ import annotations
 from typing import List, Sequence, Union
 
 from mlir import ir
-from mlir.dialects import scf
+from mlir.dialects import arith, memref, scf
 from mlir.dialects.transform import structured
 
-from ..mlir_utils import TransformScript, any_op, cleanup, match_attr, match_ops, match_tag, walk
+from ..mlir_utils import TransformScript, any_op, cleanup, const_index, match_attr, match_ops, match_tag, walk
 from ..spec import AttentionSpec
 from .options import ScheduleOptions
 
@@ -73,7 +74,7 @@ def tile_and_fuse(module: ir.Module, spec: AttentionSpec, options: ScheduleOptio
     loops = walk(module, lambda o: o.name == "scf.forall")
     if len(loops) != 1:
         raise RuntimeError(f"tiled: expected one work-group loop, found {len(loops)}")
-    _add_split_dim(loops[0], options.kv_splits)
+    _add_split_dim(loops[0], options)
     cleanup(module)
     return module
 
@@ -129,10 +130,31 @@ def rebuild_forall(old: ir.Operation, upper_bounds: Sequence, iv_map: Sequence[i
     return new
 
 
-def _add_split_dim(loop: ir.Operation, kv_splits: int) -> scf.ForallOp:
+def _add_split_dim(loop: ir.Operation, options: ScheduleOptions) -> scf.ForallOp:
     """(b, h, g, r) -> (b, h, g, p, r): the key-split dim, fixed in place for every spec."""
     b, h, g, r = forall_upper_bounds(loop)
-    new = rebuild_forall(loop, [b, h, g, kv_splits, r], [0, 1, 2, 4],
+    splits = options.kv_splits
+    if splits > 1 and options.split_fill:
+        with ir.InsertionPoint(loop), loop.location:
+            splits = _run_time_splits(loop, [b, h, g, r], options)
+    new = rebuild_forall(loop, [b, h, g, splits, r], [0, 1, 2, 4],
                          list(loop.opview.outputs), block_mapping(len(WORK_GROUP_DIMS)))
     new.attributes[WORK_GROUPS] = ir.UnitAttr.get()
     return new
+
+
+def _run_time_splits(loop: ir.Operation, bounds, options: ScheduleOptions) -> ir.Value:
+    """P = max(1, min(kv_splits, ceil(split_fill / work-groups), ceil(S / split_min_keys))),
+    from the sizes of the function's arguments (K, its second, is B x H x S x E)."""
+    func = loop.parent
+    while func.name != "func.func":
+        func = func.parent
+    key = func.regions[0].blocks[0].arguments[1]
+    groups = None
+    for bound in bounds:
+        value = const_index(bound) if isinstance(bound, int) else bound
+        groups = value if groups is None else arith.muli(groups, value)
+    by_fill = arith.ceildivui(const_index(options.split_fill), groups)
+    by_length = arith.ceildivui(memref.dim(key, const_index(2)), const_index(options.split_min_keys))
+    splits = arith.minui(const_index(options.kv_splits), arith.minui(by_fill, by_length))
+    return arith.maxui(splits, const_index(1))

@@ -17,7 +17,9 @@ options come from measurements on an H200 (see the README): 128- or 256-row
 work-groups with 32 rows per warp for prefill (64-key tiles; Q kept in
 registers for head dims up to 64, read from shared memory at each step
 above), and for decode one 16-row work-group of packed query heads per
-key/value head with the key range split over 16 work-groups.
+key/value head with the key range split over work-groups (how many is
+computed at run time from B, H and S), the partials merged by a combine
+kernel in tiles of 8 value columns.
 """
 
 from __future__ import annotations
@@ -33,12 +35,25 @@ from ..base import KernelArtifact, Stage, Target, register, require_matrix_engin
 DEFAULT_ARCH = "sm_90a"
 #: query rows of packed heads up to which a problem is decode-like: one 16-row m-tile.
 DECODE_ROWS = 16
-#: key splits of decode-like problems (B * H work-groups alone leave most of the chip idle).
-DECODE_SPLITS = 16
+#: decode-like problems split their keys over work-groups (B * H of them alone leave most of the
+#: chip idle): at run time, as many splits as make DECODE_FILL work-groups (about 2 per SM of an
+#: H200, whose 132 SMs hold 3 of them each), at most DECODE_SPLITS, DECODE_SPLIT_KEYS keys or more
+#: each (benchmarks/cuda/decode_variants.py: 396 work-groups ran slower at B = 8, 256 keys a
+#: split slower at S <= 1024).
+DECODE_SPLITS = 64
+DECODE_FILL = 264
+DECODE_SPLIT_KEYS = 128
+#: value columns per work-group of the decode combine (16 of them per 128 columns: a combine of
+#: B * H work-groups of one warp each waited on its loads in turn).
+DECODE_COMBINE_COLS = 8
+#: keys from which a decode-like problem is in the "decode" class (split keys); below, two
+#: splits would not pay for the second launch and the prefill kernel serves it in one.
+DECODE_MIN_KEYS = 2 * DECODE_SPLIT_KEYS
 #: query lengths from which a prefill is "long": 256-row work-groups pay off there for causal
-#: D = 128 (at shorter causal lengths their coarser diagonal costs more than they save).  Other
+#: D = 128 (at shorter causal lengths their coarser diagonal costs more than they save: at 8192
+#: 0.98-0.99x flash against 1.00x with 128 rows, at 16384 1.02-1.04x against 1.01x).  Other
 #: specs take their prefill tiles in this class too.
-LONG_ROWS = 8192
+LONG_ROWS = 16384
 MAX_HEAD_DIM = 256
 
 
@@ -52,7 +67,7 @@ def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
     warps = rows // (16 * m_tiles)
     if warps > 16:
         raise ValueError(f"nvvm: {rows} rows need more than 16 warps")
-    return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=spec.head_dim <= 64)
+    return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=spec.head_dim <= 64, prefetch=options.prefetch)
 
 
 class NvvmTarget(Target):
@@ -92,9 +107,9 @@ class NvvmTarget(Target):
                     f"(16, 32, 48, 64, 80, 96, 112, 128, ... 256); got {dim}")
 
     def length_class(self, size: ProblemSize, group: int) -> str:
-        """"decode" (the packed query rows of a key/value head fit one 16-row m-tile), "long"
-        (at least LONG_ROWS query rows) or "prefill"."""
-        if size.q_len * group <= DECODE_ROWS:
+        """"decode" (the packed query rows of a key/value head fit one 16-row m-tile, and at
+        least DECODE_MIN_KEYS keys), "long" (at least LONG_ROWS query rows) or "prefill"."""
+        if size.q_len * group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
             return "decode"
         return "long" if size.q_len >= LONG_ROWS else "prefill"
 
@@ -105,6 +120,8 @@ class NvvmTarget(Target):
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
             return ScheduleOptions(row_tile=row_tile, kv_tile=64, pack_gqa=True, kv_splits=DECODE_SPLITS,
+                                   split_fill=DECODE_FILL, split_min_keys=DECODE_SPLIT_KEYS,
+                                   combine_cols=DECODE_COMBINE_COLS,
                                    pv_in_f32=False)
         if spec.length_class not in ("prefill", "long"):
             raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")

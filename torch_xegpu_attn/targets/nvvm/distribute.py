@@ -21,9 +21,12 @@ see layout.py); each op is re-emitted per slot by its rule:
 
 Reads whose value only feeds contractions (the Q, K and V tiles) are staged
 in shared memory with cp.async, rows past the memref's extent zero-filled by
-the copy's source size; a staged read of a loop body is double-buffered: its
-first tile is copied before the loop and each iteration copies the next one
-as soon as the current one is consumed.  A staged tile consumed as the left
+the copy's source size (a tile wholly inside its memref is copied without
+checks, its addresses strength-reduced); a staged read of a loop body is
+double-buffered: its first tile is copied before the loop, and each
+iteration copies the next K tile as soon as the current one is consumed and
+its own V tile at its start (Geometry.prefetch "keys"), or the next K and V
+tiles at its start ("tiles").  A staged tile consumed as the left
 operand of a contraction outside its loop (Q) is loaded into registers once.
 Scalar ops (indices, bounds) are uniform across the block and cloned.
 """
@@ -152,8 +155,10 @@ class SharedTile:
         return ([self.stage] if self.stages > 1 else []) + [row, col]
 
 
-#: iterations per emitted iteration of a loop of constant bounds without staged reads
+#: iterations per emitted iteration of a loop without staged reads (the split-key combine): at
+#: least UNROLL, more while their carried values take at most UNROLL_REGISTERS registers a lane.
 UNROLL = 4
+UNROLL_REGISTERS = 192
 
 
 def _constant_int(value: ir.Value) -> Optional[int]:
@@ -544,7 +549,8 @@ class WorkGroupKernel:
     def _issue_copy(self, op: ir.Operation, tile: SharedTile, replace: Dict[ir.Value, ir.Value]) -> None:
         """cp.async of a staged read into `tile`, 16 bytes per copy over all threads; along a dim
         that may run out of bounds, rows past the memref's end are zero-filled (source size 0,
-        address clamped into the memref)."""
+        the address one inside the memref).  (Copying the tiles wholly inside without checks,
+        in a branch of their own, measured more spills at D = 128 than the checks cost.)"""
         base = self.scalar(op.operands[0])
         indices = [replace[i] if i in replace else self.scalar(i) for i in op.opview.indices]
         self._copies(op, tile, base, indices, checked=True)
@@ -560,7 +566,13 @@ class WorkGroupKernel:
             raise CompileError("nvvm: a staged tile must be in bounds along its rows")
         per_row = shape[-1] // chunk
         rows, _ = self._staged_shape(op)
-        total, threads = rows * per_row, self.geometry.threads
+        threads = self.geometry.threads
+        lead = [vdim for vdim in range(len(shape) - 1) if shape[vdim] != 1] or [0]
+        if len(lead) == 1 and threads % per_row == 0 and rows % (threads // per_row) == 0:
+            # one dim of rows (others of extent 1): strength-reduced
+            return self._strided_copies(tile, base, indices, (dims[lead[0]], dims[-1]), rows, per_row, chunk,
+                                        checked and not in_bounds[lead[0]])
+        total = rows * per_row
         for it in range(-(-total // threads)):
             c = arith.addi(self.tid, const_index(it * threads))
             row = arith.divui(c, const_index(per_row))
@@ -591,6 +603,53 @@ class WorkGroupKernel:
                     scf.YieldOp([])
             else:
                 copy()
+
+    def _strided_copies(self, tile: SharedTile, base, indices, dims, rows: int, per_row: int, chunk: int,
+                        checked: bool) -> None:
+        """The copies of a tile of `rows` rows along memref dim dims[0] (of columns along dims[1]),
+        strength-reduced: each thread copies one column chunk of
+        rows row0, row0 + step, ... (step = threads / per_row), so its source offsets are one
+        product and then one addition per copy, over a flat view of the memref's buffer
+        (indexing the memref itself costs a 64-bit product per copy), and its shared-memory
+        offsets differ by constants.  `checked`: rows at or past the memref's extent are
+        zero-filled, their copies reading (nothing from) the tile's first row, which is inside."""
+        step = self.geometry.threads // per_row
+        row0 = arith.divui(self.tid, const_index(per_row))
+        col = arith.muli(arith.remui(self.tid, const_index(per_row)), const_index(chunk))
+        metadata = memref.ExtractStridedMetadataOp(base)
+        rank = ir.MemRefType(base.type).rank
+        offset, strides = metadata.results[1], list(metadata.results[2 + rank:2 + 2 * rank])
+
+        def linear_at(first_row):
+            at = list(indices)
+            at[dims[0]] = arith.addi(indices[dims[0]], first_row) if first_row is not None else indices[dims[0]]
+            at[dims[1]] = arith.addi(indices[dims[1]], col)
+            value = offset
+            for d in range(rank):
+                value = arith.addi(value, arith.muli(at[d], strides[d]))
+            return value
+        linear = linear_at(row0)
+        flat_type = ir.MemRefType.get([ir.ShapedType.get_dynamic_size()], ir.MemRefType(base.type).element_type,
+                                      memory_space=ir.MemRefType(base.type).memory_space)
+        extent = arith.addi(linear, arith.muli(const_index(rows), strides[dims[0]]))  # (never read)
+        flat = memref.reinterpret_cast(flat_type, metadata.results[0], [], [extent], [],
+                                       [0], [ir.ShapedType.get_dynamic_size()], [1])
+        advance = arith.muli(const_index(step), strides[dims[0]])
+        if checked:  # rows this thread may copy: those below extent - (first row + row0)
+            first = linear_at(None)
+            left = arith.subi(memref.dim(base, const_index(dims[0])), arith.addi(indices[dims[0]], row0))
+            left = arith.index_cast(ir.IntegerType.get_signless(32), left)
+        for k in range(rows // step):
+            if k:
+                linear = arith.addi(linear, advance)
+            source, size = linear, None
+            if checked:
+                valid = arith.cmpi(arith.CmpIPredicate.slt, _i32(k * step), left)
+                source = arith.select(valid, linear, first)
+                size = arith.select(valid, const_index(chunk), const_index(0))
+            nvgpu.device_async_copy(tile.buffer, tile.indices(arith.addi(row0, const_index(k * step)), col),
+                                    flat, [source], ir.IntegerAttr.get(index(), chunk), src_elements=size,
+                                    bypass_l1=True)
 
     def _stage(self, op: ir.Operation) -> None:
         result = op.results[0]
@@ -745,11 +804,23 @@ class WorkGroupKernel:
         staged = [o.operation for o in body.operations if o.operation in self.analysis.staged]
         iv_old = view.induction_variable
         trips = _static_trip_count(view)
-        if not staged and trips is not None and trips > UNROLL and trips % UNROLL == 0:
-            return self._unrolled_for(op, layouts, UNROLL)
+        constant_steps = _constant_int(view.lowerBound) is not None and _constant_int(view.step) is not None
+        if not staged and constant_steps:
+            factor = self._unroll_factor(layouts)
+            if trips is None or trips > factor:
+                return self._unrolled_for(op, layouts, factor, whole=trips is not None and trips % factor == 0)
         lower, upper, step = (self.scalar(v) for v in (view.lowerBound, view.upperBound, view.step))
-        if staged:  # first stage of the pipeline: the first staged read of the first iteration
-            self._issue_copy(staged[0], self._buffers[staged[0]].at(const_index(0)), {iv_old: lower})
+        if staged:  # first stage of the pipeline: the staged reads of the first iteration it copies ahead
+            ahead = staged if self.geometry.prefetch == "tiles" else staged[:1]
+            if len(ahead) > 1:
+                gpu.barrier()  # a loop before this one (sharing the buffers) may still read them
+            # Only if the loop runs: a peeled loop of full tiles has no step when S < kv_tile, and
+            # its copy (without checks) would read past the memref and race with the tail loop's.
+            runs = scf.IfOp(arith.cmpi(arith.CmpIPredicate.slt, lower, upper))
+            with ir.InsertionPoint(runs.then_block):
+                for read in ahead:
+                    self._issue_copy(read, self._buffers[read].at(const_index(0)), {iv_old: lower})
+                scf.YieldOp([])
             nvvm.cp_async_commit_group()
         loop = scf.ForOp(lower, upper, step, self._flatten(view.initArgs, layouts))
         with ir.InsertionPoint(loop.body):
@@ -762,16 +833,32 @@ class WorkGroupKernel:
             scf.YieldOp(self._flatten(yields, layouts))
         self._unflatten(op.results, layouts, list(loop.results))
 
-    def _unrolled_for(self, op: ir.Operation, layouts, factor: int) -> None:
-        """A loop of constant bounds without staged reads (the split-key combine: one iteration
-        per split) with `factor` iterations per emitted iteration: their loads do not depend
-        on the carried values and can be in flight together, where the plain loop waits for
-        each iteration's loads in turn (a full unroll keeps too many loads live: spills)."""
+    def _unroll_factor(self, layouts) -> int:
+        """UNROLL, or the largest power of two up to 16 whose iterations' carried values fit in
+        UNROLL_REGISTERS registers a lane."""
+        slots = sum(len(self.geometry.slots(layout)) for layout in layouts if layout is not None)
+        factor = UNROLL
+        while factor < 16 and 2 * factor * max(slots, 1) <= UNROLL_REGISTERS:
+            factor *= 2
+        return factor
+
+    def _unrolled_for(self, op: ir.Operation, layouts, factor: int, whole: bool) -> None:
+        """A loop of constant lower bound and step without staged reads (the split-key combine:
+        one iteration per split) with `factor` iterations per emitted iteration: their loads do
+        not depend on the carried values and can be in flight together, where the plain loop
+        waits for each iteration's loads in turn (a full unroll keeps too many loads live:
+        spills).  Unless the trip count is known to be a multiple of `factor` (`whole`), a
+        plain loop does the remaining iterations."""
         view = op.opview
         lower, step = _constant_int(view.lowerBound), _constant_int(view.step)
         body = view.body
-        loop = scf.ForOp(const_index(lower), self.scalar(view.upperBound), const_index(step * factor),
-                         self._flatten(view.initArgs, layouts))
+        upper = self.scalar(view.upperBound)
+        end = upper
+        if not whole:  # lower + the largest multiple of step * factor not past upper
+            span = const_index(step * factor)
+            count = arith.divui(arith.subi(arith.maxui(upper, const_index(lower)), const_index(lower)), span)
+            end = arith.addi(const_index(lower), arith.muli(count, span))
+        loop = scf.ForOp(const_index(lower), end, const_index(step * factor), self._flatten(view.initArgs, layouts))
         with ir.InsertionPoint(loop.body):
             carried = list(loop.inner_iter_args)
             for k in range(factor):
@@ -780,29 +867,42 @@ class WorkGroupKernel:
                 self._block(body)
                 carried = self._flatten(list(body.operations)[-1].operation.operands, layouts)
             scf.YieldOp(carried)
-        self._unflatten(op.results, layouts, list(loop.results))
+        results = list(loop.results)
+        if not whole:
+            rest = scf.ForOp(end, upper, const_index(step), results)
+            with ir.InsertionPoint(rest.body):
+                self.scalars[view.induction_variable] = rest.induction_variable
+                self._unflatten(view.inner_iter_args, layouts, list(rest.inner_iter_args))
+                self._block(body)
+                scf.YieldOp(self._flatten(list(body.operations)[-1].operation.operands, layouts))
+            results = list(rest.results)
+        self._unflatten(op.results, layouts, results)
 
     def _pipeline(self, staged, j, lower, upper, step, iv_old) -> None:
         """Double buffering of the loop's staged reads (see the module docstring)."""
         stage = arith.remui(arith.divui(arith.subi(j, lower), step), const_index(2))
         other = arith.subi(const_index(1), stage)
         nvvm.cp_async_wait_group(0)
-        gpu.barrier()  # this iteration's first tile has landed; last iteration's reads are done
+        gpu.barrier()  # this iteration's tiles copied ahead have landed; last iteration's reads are done
         self._current = {read: self._buffers[read].at(stage) for read in staged}
+        following = arith.addi(j, step)
+
+        def copy_next(reads):
+            branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.slt, following, upper))
+            with ir.InsertionPoint(branch.then_block):
+                for read in reads:
+                    self._issue_copy(read, self._buffers[read].at(other), {iv_old: following})
+                scf.YieldOp([])
+            nvvm.cp_async_commit_group()  # (an empty group in the last iteration keeps the count)
+        if self.geometry.prefetch == "tiles":  # every tile of the next iteration, into the other stages
+            copy_next(staged)
+            return
         for read in staged[1:]:  # this iteration's other tiles (V)
             self._issue_copy(read, self._current[read], {})
         nvvm.cp_async_commit_group()
         first = staged[0]
         consumer = next(u for u in _users(first.results[0]) if u.name == "vector.contract")
-
-        def prefetch():  # the next iteration's first tile (K), once this one is consumed
-            following = arith.addi(j, step)
-            branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.slt, following, upper))
-            with ir.InsertionPoint(branch.then_block):
-                self._issue_copy(first, self._buffers[first].at(other), {iv_old: following})
-                scf.YieldOp([])
-            nvvm.cp_async_commit_group()  # (an empty group in the last iteration keeps the count)
-        self._after[consumer] = prefetch
+        self._after[consumer] = lambda: copy_next([first])  # the next K, once this one is consumed
         for read in staged[1:]:
             def wait():
                 nvvm.cp_async_wait_group(1)  # all but the newest group (the next K): V is here

@@ -60,11 +60,14 @@ class Geometry:
     q_in_registers: a staged left operand used in a loop (Q) is loaded into
     registers once (True) or re-read from shared memory at each use (False:
     fewer registers, more ldmatrix).
+    prefetch: which staged tiles of a loop are copied a step ahead
+    (ScheduleOptions.prefetch).
     """
 
     warps: int
     m_tiles: int
     q_in_registers: bool = True
+    prefetch: str = "keys"
 
     @property
     def rows(self) -> int:
