@@ -638,7 +638,8 @@ class WorkGroupKernel:
         if checked:  # rows this thread may copy: those below extent - (first row + row0)
             first = linear_at(None)
             left = arith.subi(memref.dim(base, const_index(dims[0])), arith.addi(indices[dims[0]], row0))
-            left = arith.index_cast(ir.IntegerType.get_signless(32), left)
+            # compared in 32 bits (one instruction a copy), clamped first: only left < rows matters
+            left = arith.index_cast(ir.IntegerType.get_signless(32), arith.minsi(left, const_index(rows)))
         for k in range(rows // step):
             if k:
                 linear = arith.addi(linear, advance)
