@@ -14,23 +14,16 @@ apply: shown once).  This is how the decode defaults were chosen.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 import torch_xegpu_attn
+from sweep_schedules import with_schedule  # (this folder: the same knob, set per variant)
 
 VARIANTS = ["", '{"combine_cols": 0}', '{"combine_cols": 8}', '{"prefetch": "tiles"}', '{"split_min_keys": 128}',
             '{"split_fill": 396}', '{"split_fill": 396, "split_min_keys": 128}', '{"kv_splits": 32}']
 SHAPES = ((1, 256), (1, 511), (1, 512), (1, 1024), (1, 4096), (1, 32768), (8, 4096), (8, 32768))
-
-
-def with_schedule(variant: str) -> None:
-    if variant:
-        os.environ["XEGPU_ATTN_SCHEDULE"] = variant
-    else:
-        os.environ.pop("XEGPU_ATTN_SCHEDULE", None)
 
 
 def tensors(b: int, s: int, device: str):

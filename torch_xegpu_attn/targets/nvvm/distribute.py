@@ -21,8 +21,8 @@ see layout.py); each op is re-emitted per slot by its rule:
 
 Reads whose value only feeds contractions (the Q, K and V tiles) are staged
 in shared memory with cp.async, rows past the memref's extent zero-filled by
-the copy's source size (a tile wholly inside its memref is copied without
-checks, its addresses strength-reduced); a staged read of a loop body is
+the copy's source size (a tile of one row dim is copied with strength-reduced
+addresses, its rows past the end predicated); a staged read of a loop body is
 double-buffered: its first tile is copied before the loop, and each
 iteration copies the next K tile as soon as the current one is consumed and
 its own V tile at its start (Geometry.prefetch "keys"), or the next K and V
@@ -553,9 +553,9 @@ class WorkGroupKernel:
         in a branch of their own, measured more spills at D = 128 than the checks cost.)"""
         base = self.scalar(op.operands[0])
         indices = [replace[i] if i in replace else self.scalar(i) for i in op.opview.indices]
-        self._copies(op, tile, base, indices, checked=True)
+        self._copies(op, tile, base, indices)
 
-    def _copies(self, op: ir.Operation, tile: SharedTile, base, indices, checked: bool) -> None:
+    def _copies(self, op: ir.Operation, tile: SharedTile, base, indices) -> None:
         shape = vector_shape(op.results[0])
         element = _element(op.results[0])
         chunk = 16 // _bytes(element)
@@ -571,7 +571,7 @@ class WorkGroupKernel:
         if len(lead) == 1 and threads % per_row == 0 and rows % (threads // per_row) == 0:
             # one dim of rows (others of extent 1): strength-reduced
             return self._strided_copies(tile, base, indices, (dims[lead[0]], dims[-1]), rows, per_row, chunk,
-                                        checked and not in_bounds[lead[0]])
+                                        not in_bounds[lead[0]])
         total = rows * per_row
         for it in range(-(-total // threads)):
             c = arith.addi(self.tid, const_index(it * threads))
@@ -583,7 +583,7 @@ class WorkGroupKernel:
                 rest = arith.divui(rest, const_index(shape[vdim])) if vdim else rest
                 mdim = dims[vdim]
                 position = arith.addi(indices[mdim], coordinate)
-                if checked and not in_bounds[vdim]:
+                if not in_bounds[vdim]:
                     extent = memref.dim(base, const_index(mdim))
                     ok = arith.cmpi(arith.CmpIPredicate.ult, position, extent)
                     valid = ok if valid is None else arith.andi(valid, ok)
@@ -622,7 +622,7 @@ class WorkGroupKernel:
 
         def linear_at(first_row):
             at = list(indices)
-            at[dims[0]] = arith.addi(indices[dims[0]], first_row) if first_row is not None else indices[dims[0]]
+            at[dims[0]] = arith.addi(indices[dims[0]], first_row)
             at[dims[1]] = arith.addi(indices[dims[1]], col)
             value = offset
             for d in range(rank):
@@ -636,7 +636,7 @@ class WorkGroupKernel:
                                        [0], [ir.ShapedType.get_dynamic_size()], [1])
         advance = arith.muli(const_index(step), strides[dims[0]])
         if checked:  # rows this thread may copy: those below extent - (first row + row0)
-            first = linear_at(None)
+            first = linear_at(const_index(0))
             left = arith.subi(memref.dim(base, const_index(dims[0])), arith.addi(indices[dims[0]], row0))
             # compared in 32 bits (one instruction a copy), clamped first: only left < rows matters
             left = arith.index_cast(ir.IntegerType.get_signless(32), arith.minsi(left, const_index(rows)))
@@ -823,16 +823,22 @@ class WorkGroupKernel:
                     self._issue_copy(read, self._buffers[read].at(const_index(0)), {iv_old: lower})
                 scf.YieldOp([])
             nvvm.cp_async_commit_group()
-        loop = scf.ForOp(lower, upper, step, self._flatten(view.initArgs, layouts))
+        pipeline = (lambda j: self._pipeline(staged, j, lower, upper, step, iv_old)) if staged else None
+        results = self._plain_loop(view, layouts, lower, upper, step, self._flatten(view.initArgs, layouts), pipeline)
+        self._unflatten(op.results, layouts, results)
+
+    def _plain_loop(self, view, layouts, lower, upper, step, init, prologue=None) -> List[ir.Value]:
+        """One iteration of `view`'s body per iteration of a new loop from `init` (flattened
+        values), `prologue(iv)` emitted first in its body; its results, flattened."""
+        loop = scf.ForOp(lower, upper, step, init)
         with ir.InsertionPoint(loop.body):
-            self.scalars[iv_old] = loop.induction_variable
+            self.scalars[view.induction_variable] = loop.induction_variable
             self._unflatten(view.inner_iter_args, layouts, list(loop.inner_iter_args))
-            if staged:
-                self._pipeline(staged, loop.induction_variable, lower, upper, step, iv_old)
-            self._block(body)
-            yields = list(body.operations)[-1].operation.operands
-            scf.YieldOp(self._flatten(yields, layouts))
-        self._unflatten(op.results, layouts, list(loop.results))
+            if prologue is not None:
+                prologue(loop.induction_variable)
+            self._block(view.body)
+            scf.YieldOp(self._flatten(list(view.body.operations)[-1].operation.operands, layouts))
+        return list(loop.results)
 
     def _unroll_factor(self, layouts) -> int:
         """UNROLL, or the largest power of two up to 16 whose iterations' carried values fit in
@@ -870,13 +876,7 @@ class WorkGroupKernel:
             scf.YieldOp(carried)
         results = list(loop.results)
         if not whole:
-            rest = scf.ForOp(end, upper, const_index(step), results)
-            with ir.InsertionPoint(rest.body):
-                self.scalars[view.induction_variable] = rest.induction_variable
-                self._unflatten(view.inner_iter_args, layouts, list(rest.inner_iter_args))
-                self._block(body)
-                scf.YieldOp(self._flatten(list(body.operations)[-1].operation.operands, layouts))
-            results = list(rest.results)
+            results = self._plain_loop(view, layouts, end, upper, const_index(step), results)
         self._unflatten(op.results, layouts, results)
 
     def _pipeline(self, staged, j, lower, upper, step, iv_old) -> None:
