@@ -106,6 +106,37 @@ def test_copies_are_strength_reduced(compiled, name):
     assert copies and products <= copies // 3 + 8, (copies, products)
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_rescale_is_skipped_by_warps(compiled, name):
+    """Lazy rescaling (128-row prefill work-groups, where the H200 measured it faster): each key
+    loop's accumulator rescale (one mul.f32 per accumulator element of a lane) sits behind a
+    vote.sync.any branch, once per flash loop (two with peeled tails).  Elsewhere no vote."""
+    spec, artifact, ptx = compiled[name]
+    options = nvvm.options_for(spec)
+    lazy = spec.length_class != "decode" and options.row_tile == 128
+    assert options.rescale_threshold == (8.0 if lazy else 0.0)
+    main = artifact.metadata["kernels"][0]["name"]
+    body = ptx.split(".entry " + main)[1].split(".entry")[0]
+    votes = re.findall(r"vote\.sync\.any\.pred\s+(%p\d+),", body)
+    assert len(votes) == (0 if not lazy else 2 if options.tail == "peel" else 1), votes
+    for vote in votes:  # the branch on the vote: skip when no row of the warp grew
+        assert re.search(rf"not\.pred\s+(%p\d+), {vote};\s*@\1 bra|@!?{vote} bra", body), vote
+
+
+def test_causal_grids_go_in_head_chunks():
+    for name, spec in SPECS.items():
+        options = nvvm.options_for(spec)
+        assert options.causal_head_chunk == (16 if spec.causal and spec.length_class != "decode" else 0), name
+
+
+def test_eager_rescale_has_no_vote(tmp_path):
+    spec = SPECS["prefill-e128-causal"]
+    options = replace(nvvm.options_for(spec), rescale_threshold=0.0)
+    compile_spec(spec, dump_dir=str(tmp_path), options=options)
+    ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
+    assert "vote.sync" not in ptx and "mma.sync.aligned.m16n8k16" in ptx
+
+
 def test_prefetching_every_tile_builds(tmp_path):
     """prefetch="tiles" (the next step's K and V copied at the start of a step): one wait for
     copies and one barrier per step of the key loop where "keys" has two of each."""

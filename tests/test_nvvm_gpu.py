@@ -117,6 +117,35 @@ def test_fully_masked_rows_give_zero(fresh_seed):
     assert (out[:, :, 3] == 0).all()
 
 
+@pytest.mark.parametrize("B,H", [(1, 1), (3, 7), (2, 16), (5, 8)])
+def test_causal_grid_order(B, H, fresh_seed):
+    # Causal grids go in chunks of 16 heads (b, h), costliest row tiles first: head counts
+    # below, at and past a chunk, and a last chunk of fewer heads (21 = 16 + 5, 40 = 2 * 16 + 8);
+    # an unvisited (head, row tile) shows as poisoned rows.
+    check(rand(B, H, 300, 64), rand(B, H, 300, 64), rand(B, H, 300, 64), is_causal=True)
+    check(rand(B, H, 300, 128), rand(B, H, 333, 128), rand(B, H, 333, 128), is_causal=True)
+
+
+@pytest.mark.parametrize("L,S,causal,decode", [(300, 1000, False, False), (300, 1000, True, False),
+                                               (1, 3000, False, True)])
+def test_lazy_rescale_with_growing_scores(L, S, causal, decode, fresh_seed):
+    # Scores that grow along the keys (key s scaled by up to 40x): the running maximum of
+    # the odd rows passes the 2^8 threshold several times, so their warps take the rescale
+    # branch, while the even rows (negated queries) keep the first tile's maximum; every
+    # warp holds both kinds (decode: the packed query heads are the rows; the split
+    # partials carry stale maxima into the combine).
+    hq, hk = (32, 8) if decode else (4, 4)
+    q = rand(2, hq, L, 128, dtype=torch.float32).abs()
+    if decode:
+        q[:, 0::2] *= -1
+    else:
+        q[..., 0::2, :] *= -1
+    k = rand(2, hk, S, 128, dtype=torch.float32).abs()
+    k = k * torch.linspace(0.1, 40.0, S, device=DEVICE)[:, None] / 128 ** 0.5
+    v = rand(2, hk, S, 128, dtype=torch.float32)
+    check(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), is_causal=causal, enable_gqa=decode)
+
+
 @pytest.mark.parametrize("hq,hk,L,causal", [(8, 2, 50, False), (8, 2, 200, True), (32, 8, 1, False),
                                              (32, 8, 2, False), (6, 3, 1, False), (4, 1, 33, True)])
 def test_gqa(hq, hk, L, causal, fresh_seed):
@@ -126,7 +155,7 @@ def test_gqa(hq, hk, L, causal, fresh_seed):
 
 @pytest.mark.parametrize("S", [1, 63, 255, 256, 1000, 2500, 8191, 20000])
 def test_decode_split_keys(S, fresh_seed):
-    # below 256 keys the prefill kernel; from 256 split keys, P = min(64, ceil(264 / 24),
+    # below 256 keys the prefill kernel; from 256 split keys, P = min(64, ceil(256 / 24),
     # ceil(S / 128)): 2, 8, 11 (the combine merges 8 splits a step, then a remainder loop)
     check(rand(3, 32, 1, 128, dtype=torch.bfloat16), rand(3, 8, S, 128, dtype=torch.bfloat16),
           rand(3, 8, S, 128, dtype=torch.bfloat16), enable_gqa=True)

@@ -47,6 +47,9 @@ OPTION_SETS = {
     # the combine in tiles of 16 value columns
     "gpu-decode-runtime-split-packed": dict(row_tile=1, kv_tile=16, pack_gqa=True, kv_splits=8, split_fill=24,
                                             split_min_keys=16, combine_cols=16, pv_in_f32=False),
+    # lazy rescaling (what nvvm picks): the running maximum moves only by more than 2^8
+    "gpu-128x64-folded-lowp-lazy8": dict(row_tile=128, kv_tile=64, pv_in_f32=False, rescale_threshold=8.0),
+    "8x16-split3-lazy2": dict(row_tile=8, kv_tile=16, kv_splits=3, rescale_threshold=2.0),
 }
 
 #: specs the structure is checked on (lengths are run-time: one kernel serves every shape).
@@ -117,6 +120,8 @@ def test_options_are_validated():
         ScheduleOptions(row_tile=4, kv_tile=16, tail="ignore")
     with pytest.raises(ValueError, match="transpose_tile"):
         ScheduleOptions(row_tile=4, kv_tile=16, transpose_tile=(8, 12))
+    with pytest.raises(ValueError, match="rescale_threshold"):
+        ScheduleOptions(row_tile=4, kv_tile=16, rescale_threshold=16.0)
     with pytest.raises(Exception, match="split keys need tail='mask'"):
         compile_spec(SPECS["plain"], stop_after="flash", dump_dir="",
                      options=ScheduleOptions(row_tile=4, kv_tile=16, tail="peel", kv_splits=2))
@@ -176,6 +181,11 @@ NUMERICS = [
     ("16x16-split2-explicit-packed", "decode-gqa", torch.float16),
     ("gpu-decode-runtime-split-packed", "decode-gqa", torch.bfloat16),
     ("gpu-decode-runtime-split-packed", "mask-gqa", torch.float32),
+    ("gpu-128x64-folded-lowp-lazy8", "plain", torch.float16),
+    ("gpu-128x64-folded-lowp-lazy8", "causal-gqa", torch.bfloat16),
+    ("gpu-128x64-folded-lowp-lazy8", "mask-gqa", torch.float32),
+    ("8x16-split3-lazy2", "decode-gqa", torch.float16),
+    ("8x16-split3-lazy2", "causal-gqa", torch.float32),
 ]
 
 
@@ -185,6 +195,35 @@ def test_numerics(option_set, case, dtype, monkeypatch, fresh_seed):
     monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(OPTION_SETS[option_set]))
     (q, k, v), kw = CASES[case](dtype)
     check(q, k, v, **kw)
+
+
+def growing_scores(batch, heads, q_len, kv_len, dim, dtype):
+    """q, k, v whose scores grow along the keys (key s scaled by up to 12x): the running
+    maximum of a row moves by more than any threshold from tile to tile, and stays put
+    on other rows (negated queries: their maximum is in the first tile)."""
+    q, k, v = rand(batch, heads, q_len, dim), rand(batch, heads, kv_len, dim), rand(batch, heads, kv_len, dim)
+    k = k.abs() * torch.linspace(0.1, 12.0, kv_len)[:, None] / dim ** 0.5
+    q = q.abs()
+    q[..., 1::2, :] *= -1
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 8.0])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_lazy_rescale_is_exact(threshold, splits, monkeypatch, fresh_seed):
+    # Rows whose maximum grows past the threshold rescale, the others keep a stale maximum
+    # (exponentials up to 2^t); split partials carry their own stale maxima into the merge.
+    # A fully masked row still gives 0.
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tile=8, kv_tile=16, kv_splits=splits,
+                                                              rescale_threshold=threshold)))
+    q, k, v = growing_scores(2, 2, 21, 150, 32, torch.float32)
+    check(q, k, v)
+    check(q, k, v, is_causal=True)
+    mask = torch.rand(21, 150) > 0.3
+    mask[5] = False
+    check(q, k, v, attn_mask=mask)
+    q, k, v = growing_scores(1, 2, 21, 150, 32, torch.bfloat16)
+    check(q, k, v)
 
 
 @pytest.mark.parametrize("splits", [2, 3, 4, 7])

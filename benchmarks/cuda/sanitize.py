@@ -10,6 +10,7 @@ def r(*s, dtype=torch.float16):
 torch.manual_seed(0)
 cases = [
     ("prefill e64 causal 100x257", lambda: t.attention(r(1, 2, 100, 64), r(1, 2, 257, 64), r(1, 2, 257, 64), is_causal=True)),
+    ("prefill e64 causal 3x7 heads 300x300 (head chunks: 16 + 5)", lambda: t.attention(r(3, 7, 300, 64), r(3, 7, 300, 64), r(3, 7, 300, 64), is_causal=True)),
     ("prefill e64 100x30 (no full key tile)", lambda: t.attention(r(1, 2, 100, 64), r(1, 2, 30, 64), r(1, 2, 30, 64))),
     ("prefill e64 257x100", lambda: t.attention(r(1, 2, 257, 64), r(1, 2, 100, 64), r(1, 2, 100, 64))),
     ("prefill e128 bf16 causal 129x300", lambda: t.attention(r(1, 2, 129, 128, dtype=torch.bfloat16), r(1, 2, 300, 128, dtype=torch.bfloat16), r(1, 2, 300, 128, dtype=torch.bfloat16), is_causal=True)),

@@ -409,6 +409,15 @@ class _WorkGroup:
         tile_max = vector.multi_reduction(ir.Attribute.parse("#vector.kind<maximumf>"), s,
                                           splat([rows], self.acc, _NEG_INF), [1])
         new_max = arith.maximumf(m, tile_max)
+        grown = None
+        if self.options.rescale_threshold > 0:
+            # Lazy rescaling: a row keeps its stale maximum unless the tile's exceeds it by more
+            # than the threshold (base-2 units), so p <= 2^threshold; the rows that keep it have
+            # alpha = 1 exactly and their accumulator is left as it is (a select a target may
+            # skip where no row of its share grew).
+            limit = self.options.rescale_threshold / (1.0 if factor is None else factor)
+            grown = arith.cmpf(arith.CmpFPredicate.OGT, arith.subf(tile_max, m), splat([rows], self.acc, limit))
+            new_max = arith.select(grown, new_max, m)
         base = _exp_base(new_max)
         if factor is None:  # scores in base-2 units already
             alpha = mmath.exp2(arith.subf(m, base))
@@ -417,6 +426,8 @@ class _WorkGroup:
             base = arith.mulf(base, splat([rows], self.acc, factor))
             alpha = mmath.exp2(_fms(m, splat([rows], self.acc, factor), base))
             p = mmath.exp2(_fms(s, splat([rows, tile], self.acc, factor), broadcast_rows(base, tile)))
+        if grown is not None:  # exactly 1 where the maximum was kept (the FMA above may round)
+            alpha = arith.select(grown, alpha, splat([rows], self.acc, 1.0))
         tile_sum = vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), p,
                                           splat([rows], self.acc, 0.0), [1])
         new_sum = arith.addf(arith.mulf(l, alpha, fastmath=_contract_flag()), tile_sum, fastmath=_contract_flag())
@@ -427,6 +438,8 @@ class _WorkGroup:
         else:
             p = _convert(p, self.et)
         scaled = arith.mulf(acc, broadcast_rows(alpha, self.ev))
+        if grown is not None:
+            scaled = arith.select(broadcast_rows(grown, self.ev), scaled, acc)
         maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
                 for dims in ([0, 2], [2, 1], [0, 1])]
         new_acc = _contract(p, v, scaled, maps)

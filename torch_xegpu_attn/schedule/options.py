@@ -61,6 +61,19 @@ class ScheduleOptions:
     combine_cols    value columns per work-group of the combine loop (0, or one
                     that does not divide Ev: all Ev); fewer columns make more,
                     shorter work-groups.
+    causal_head_chunk  for targets that launch the work-groups as one grid
+                    (nvvm): 0 orders causal row tiles costliest first within
+                    each head; C > 0 takes the heads (b, h, g) C at a time,
+                    all their costliest row tiles first (the grid ends on the
+                    cheapest tiles).
+    rescale_threshold  0: the running maximum follows every key tile and the
+                    accumulator is rescaled at every step.  t > 0: a row's
+                    maximum is updated only when a tile's exceeds it by more
+                    than t (in base-2 units of the exponent), so exponentials
+                    stay <= 2^t; the final normalization is exact either way.
+                    Rows that kept their maximum keep their accumulator as is
+                    (a select: a GPU target skips the rescale where no row of
+                    a warp grew, as FlashAttention-4 does with t = 8).
     prefetch        for targets that copy tiles into shared memory (nvvm):
                     "keys" copies the next step's K tile once the current one
                     is consumed and a step's V tile at the start of that step
@@ -81,6 +94,8 @@ class ScheduleOptions:
     split_min_keys: int = 1
     combine_cols: int = 0
     prefetch: str = "keys"
+    rescale_threshold: float = 0.0
+    causal_head_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -93,8 +108,12 @@ class ScheduleOptions:
             raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {self.prefetch!r}")
         if self.kv_splits < 1:
             raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
+        if self.causal_head_chunk < 0:
+            raise ValueError(f"causal_head_chunk must be >= 0, got {self.causal_head_chunk}")
         if self.split_fill < 0 or self.split_min_keys < 1 or self.combine_cols < 0:
             raise ValueError(f"split_fill and combine_cols must be >= 0 and split_min_keys >= 1: {self}")
+        if not 0 <= self.rescale_threshold <= 15:  # exponentials up to 2^t must fit f16 (P.V operand)
+            raise ValueError(f"rescale_threshold must be in [0, 15], got {self.rescale_threshold}")
         if self.transpose_tile is not None:
             te, ts = self.transpose_tile
             if te < 1 or ts < 1 or self.kv_tile % ts:
@@ -119,4 +138,8 @@ class ScheduleOptions:
             parts.append("pv-lowp")
         if self.prefetch != "keys":
             parts.append(f"prefetch-{self.prefetch}")
+        if self.rescale_threshold:
+            parts.append(f"lazy{self.rescale_threshold:g}")
+        if self.causal_head_chunk:
+            parts.append(f"chunk{self.causal_head_chunk}")
         return "_".join(parts)

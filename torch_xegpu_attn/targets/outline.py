@@ -100,7 +100,7 @@ class HostValues:
 
 
 def outline_work_groups(module: ir.Module, where: str, threads: int, emit_body: BodyEmitter,
-                        causal: bool) -> Dict:
+                        causal: bool, head_chunk: int = 0) -> Dict:
     """Replace the host function by a gpu.module of one kernel per work-group loop, its body made
     by `emit_body`; return the launch metadata (kernel names, grids, threads, workspaces, and what
     emit_body adds per kernel)."""
@@ -125,7 +125,7 @@ def outline_work_groups(module: ir.Module, where: str, threads: int, emit_body: 
             outer = HostValues(host, mapping, ir.InsertionPoint(defining_op(anchor)))
             bounds = [const_index(b) if isinstance(b, int) else outer(b) for b in forall_upper_bounds(loop)]
             reverse_rows = causal and WORK_GROUPS in loop.attributes
-            ivs = delinearize(gpu.block_id(gpu.Dimension.x), bounds, reverse_rows)
+            ivs = delinearize(gpu.block_id(gpu.Dimension.x), bounds, reverse_rows, head_chunk)
             extra = emit_body(loop, outer, ir.InsertionPoint(defining_op(anchor)), ivs)
             gpu.ReturnOp([])
         grid = None
@@ -169,9 +169,26 @@ def move_body_into(loop: ir.Operation, outer: HostValues, ivs: List[ir.Value]) -
                     user.operands[i] = outer.mapping[value]
 
 
-def delinearize(linear: ir.Value, bounds: List[ir.Value], reverse_last: bool) -> List[ir.Value]:
+def delinearize(linear: ir.Value, bounds: List[ir.Value], reverse_last: bool, head_chunk: int = 0) -> List[ir.Value]:
     """Induction variables of block `linear`, row-major (last dim fastest).  With reverse_last the
-    last dim runs backwards: causal row tiles, the costliest first."""
+    last dim runs backwards: causal row tiles, the costliest first.  With a head_chunk C > 0 as
+    well, blocks go in chunks of C "heads" (the leading dims together): within a chunk all its
+    heads' costliest row tiles first, then the next ones (the last blocks of the grid are the
+    cheapest, where reverse_last alone ends on a costly tile of the last head; a chunk's K and V
+    are what the blocks running at once share in the L2 cache)."""
+    if reverse_last and head_chunk > 0 and len(bounds) > 1:
+        rows = bounds[-1]
+        heads = bounds[0]
+        for b in bounds[1:-1]:
+            heads = arith.muli(heads, b)
+        span = arith.muli(const_index(head_chunk), rows)
+        chunk = arith.divui(linear, span)
+        first = arith.muli(chunk, const_index(head_chunk))
+        width = arith.minui(const_index(head_chunk), arith.subi(heads, first))  # the last chunk: fewer
+        within = arith.subi(linear, arith.muli(chunk, span))
+        row = arith.subi(arith.subi(rows, const_index(1)), arith.divui(within, width))
+        head = arith.addi(first, arith.remui(within, width))
+        return delinearize(head, bounds[:-1], False) + [row]
     ivs = []
     rest = linear
     for d in reversed(range(len(bounds))):

@@ -39,9 +39,10 @@ DECODE_ROWS = 16
 #: chip idle): at run time, as many splits as make DECODE_FILL work-groups (about 2 per SM of an
 #: H200, whose 132 SMs hold 3 of them each), at most DECODE_SPLITS, DECODE_SPLIT_KEYS keys or more
 #: each (benchmarks/cuda/decode_variants.py: 396 work-groups ran slower at B = 8, 256 keys a
-#: split slower at S <= 1024).
+#: split slower at S <= 1024; a fill of 264 made 5 splits at B = 8, 320 work-groups, some SMs
+#: with 3: 2-4% slower than 256's 4 splits).
 DECODE_SPLITS = 64
-DECODE_FILL = 264
+DECODE_FILL = 256
 DECODE_SPLIT_KEYS = 128
 #: value columns per work-group of the decode combine (16 of them per 128 columns: a combine of
 #: B * H work-groups of one warp each waited on its loads in turn).
@@ -55,6 +56,17 @@ DECODE_MIN_KEYS = 2 * DECODE_SPLIT_KEYS
 #: specs take their prefill tiles in this class too.
 LONG_ROWS = 16384
 MAX_HEAD_DIM = 256
+#: lazy rescaling (ScheduleOptions.rescale_threshold) for 128-row prefill work-groups: a row's
+#: running maximum moves only when a tile's exceeds it by more than 2^8, and a warp none of whose
+#: rows moved skips the rescale of its accumulator (FlashAttention-4's threshold).  Measured on
+#: the H200 (sweep_schedules.py): 1-4% faster with 128 rows, 1-6% slower with 256 rows (the
+#: branch costs them more than the multiplies), no change for decode.
+RESCALE_THRESHOLD = 8.0
+#: causal prefill grids in chunks of 16 heads, each chunk's costliest row tiles first
+#: (ScheduleOptions.causal_head_chunk): the grid ends on its cheapest tiles, not on a costly tile
+#: of its last head.  Measured on the H200 (sweep_schedules.py, N = 2048-8192): 2-7% faster than
+#: costliest-first within each head; 8 heads within 1% of 16, 64 and all heads at once slower.
+CAUSAL_HEAD_CHUNK = 16
 
 
 def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
@@ -136,9 +148,12 @@ class NvvmTarget(Target):
         # at D = 128 that loop's registers spill.
         tail = "peel" if spec.mask is None and widest == 64 else "mask"
         if widest <= 128:
-            return ScheduleOptions(row_tile=256 if wide_rows else 128, kv_tile=128 if narrow_keys else 64,
-                                   tail=tail, pv_in_f32=False)
-        return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False)
+            row_tile = 256 if wide_rows else 128
+            return ScheduleOptions(row_tile=row_tile, kv_tile=128 if narrow_keys else 64, tail=tail, pv_in_f32=False,
+                                   rescale_threshold=RESCALE_THRESHOLD if row_tile == 128 else 0.0,
+                                   causal_head_chunk=CAUSAL_HEAD_CHUNK if spec.causal else 0)
+        return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False,
+                               causal_head_chunk=CAUSAL_HEAD_CHUNK if spec.causal else 0)
 
     def stage_names(self) -> Sequence[str]:
         return ("nvvm-kernels", "nvvm-ptx")
@@ -188,7 +203,7 @@ def _build_kernels(module, spec: AttentionSpec, options: ScheduleOptions):
     import json
     from mlir import ir
     from .kernel import build_kernels
-    metadata = build_kernels(module, geometry_for(spec, options), spec.causal)
+    metadata = build_kernels(module, geometry_for(spec, options), spec.causal, options.causal_head_chunk)
     module.operation.attributes["attn.nvvm"] = ir.StringAttr.get(json.dumps(metadata))
     return module
 

@@ -13,6 +13,10 @@ see layout.py); each op is re-emitted per slot by its rule:
     transfer_read / _write     per-slot loads and stores at the slot's
                                coordinates; out-of-bounds dims are predicated
                                (reads give the padding value, stores are skipped)
+    select on row conditions   when its true operand is an elementwise op used
+                               only by it (the lazily rescaled accumulator), that
+                               op and the select run under a warp-uniform branch
+                               taken only if a row of the warp selects it (vote.any)
     scf.for / scf.if           the same op on the flattened slot scalars
     contract                   tensor cores: mma.sync m16n8k16, operands from
                                registers (a tile packed into 16-bit pairs) or
@@ -364,6 +368,10 @@ class WorkGroupKernel:
         if any(vector_shape(r) is not None for r in op.results):
             if name == "arith.constant":
                 return  # uniform: materialized where used
+            if self._guarded_select_of(op) is not None:
+                return  # emitted under the select's branch
+            if name == "arith.select" and self._guarded_arm(op) is not None:
+                return self._guarded_select(op)
             if name.startswith(ELEMENTWISE_PREFIXES):
                 return self._elementwise(op)
             raise CompileError(f"nvvm: no distribution rule for {name}")
@@ -395,6 +403,64 @@ class WorkGroupKernel:
                     slots[slot] = ir.Operation.create(op.name, results=[element], operands=operands,
                                                       attributes=attributes).results[0]
             self.dists[(result, layout)] = slots
+
+    def _guarded_arm(self, select: ir.Operation) -> Optional[ir.Operation]:
+        """The op of `select`'s true operand when that can run under a warp-uniform branch: an
+        elementwise op of the same block used only by the select, whose condition is constant
+        along a tile's columns (a broadcast of a rows x 1 vector) and whose result has one
+        layout.  Else None."""
+        condition, true_value = select.operands[0], select.operands[1]
+        arm, source = defining_op(true_value), defining_op(condition)
+        if arm is None or source is None or source.name != "vector.broadcast" or is_uniform(condition):
+            return None
+        if not arm.name.startswith(ELEMENTWISE_PREFIXES) or arm.name == "arith.constant" or arm.regions:
+            return None
+        shape = vector_shape(source.operands[0])
+        if shape is None or len(shape) != 2 or shape[1] != 1 or len(self.layouts_of(select.results[0])) != 1:
+            return None
+        users = _users(true_value)
+        if len(users) != 1 or users[0] != select or arm.parent != select.parent:
+            return None
+        return arm
+
+    def _guarded_select_of(self, op: ir.Operation) -> Optional[ir.Operation]:
+        """The select `op` is the guarded true arm of, if any."""
+        if len(op.results) != 1:
+            return None
+        users = _users(op.results[0])
+        if len(users) == 1 and users[0].name == "arith.select":
+            arm = self._guarded_arm(users[0])
+            if arm is not None and arm == op:
+                return users[0]
+        return None
+
+    def _guarded_select(self, select: ir.Operation) -> None:
+        """select(c, arm, other) with c constant along rows: each lane ORs its rows' conditions, a
+        vote.any makes the branch warp-uniform; the arm and the select run only if taken, else
+        the result is `other` as is.  Exact: the select is still applied per slot."""
+        arm = self._guarded_arm(select)
+        result = select.results[0]
+        (layout,) = self.layouts_of(result)
+        conditions = self.dist(select.operands[0], layout)
+        distinct = []
+        for value in conditions.values():
+            if value not in distinct:
+                distinct.append(value)
+        any_row = distinct[0]
+        for value in distinct[1:]:
+            any_row = arith.ori(any_row, value)
+        warp_any = nvvm.vote_sync(ir.IntegerType.get_signless(1), _i32(-1), any_row, nvvm.VoteSyncKind.any)
+        slots = self.geometry.slots(layout)
+        element = _scalar_type(_element(result))
+        branch = scf.IfOp(warp_any, [element] * len(slots), has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+            self._elementwise(arm)
+            self._elementwise(select)
+            scf.YieldOp([self.dists[(result, layout)][slot] for slot in slots])
+        with ir.InsertionPoint(branch.else_block):
+            other = self.dist(select.operands[2], layout)
+            scf.YieldOp([other[slot] for slot in slots])
+        self.dists[(result, layout)] = dict(zip(slots, branch.results))
 
     def _broadcast(self, op: ir.Operation) -> None:
         result, source = op.results[0], op.operands[0]

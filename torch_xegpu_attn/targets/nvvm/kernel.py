@@ -14,7 +14,7 @@ from .layout import Geometry
 __all__ = ["KERNEL_MODULE", "build_kernels"]
 
 
-def build_kernels(module: ir.Module, geometry: Geometry, causal: bool) -> Dict:
+def build_kernels(module: ir.Module, geometry: Geometry, causal: bool, head_chunk: int = 0) -> Dict:
     """Replace the host function by a gpu.module of one distributed kernel per work-group loop;
     return the launch metadata (kernel names, grids, threads, shared memory, workspaces)."""
 
@@ -23,4 +23,4 @@ def build_kernels(module: ir.Module, geometry: Geometry, causal: bool) -> Dict:
         work_group.emit(ivs)
         return {"shared_bytes": work_group.shared_bytes}
 
-    return outline_work_groups(module, "nvvm", geometry.threads, distribute, causal)
+    return outline_work_groups(module, "nvvm", geometry.threads, distribute, causal, head_chunk)
