@@ -19,7 +19,10 @@ registers for head dims up to 64, read from shared memory at each step
 above), and for decode one 16-row work-group of packed query heads per
 key/value head with the key range split over work-groups (how many is
 computed at run time from B, H and S), the partials merged by a combine
-kernel in tiles of 8 value columns.
+kernel in tiles of 8 value columns.  128-row prefill work-groups rescale
+lazily (a warp skips its accumulator's rescale where no row's maximum grew by
+more than 2^8), and causal grids go in chunks of 16 heads, costliest row tiles
+first.
 """
 
 from __future__ import annotations
