@@ -150,13 +150,13 @@ class NvvmTarget(Target):
         # no clamped rows and no zero-fill predicates: about 8% fewer instructions per step);
         # at D = 128 that loop's registers spill.
         tail = "peel" if spec.mask is None and widest == 64 else "mask"
+        chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
         if widest <= 128:
             row_tile = 256 if wide_rows else 128
             return ScheduleOptions(row_tile=row_tile, kv_tile=128 if narrow_keys else 64, tail=tail, pv_in_f32=False,
                                    rescale_threshold=RESCALE_THRESHOLD if row_tile == 128 else 0.0,
-                                   causal_head_chunk=CAUSAL_HEAD_CHUNK if spec.causal else 0)
-        return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False,
-                               causal_head_chunk=CAUSAL_HEAD_CHUNK if spec.causal else 0)
+                                   causal_head_chunk=chunk)
+        return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False, causal_head_chunk=chunk)
 
     def stage_names(self) -> Sequence[str]:
         return ("nvvm-kernels", "nvvm-ptx")

@@ -370,8 +370,9 @@ class WorkGroupKernel:
                 return  # uniform: materialized where used
             if self._guarded_select_of(op) is not None:
                 return  # emitted under the select's branch
-            if name == "arith.select" and self._guarded_arm(op) is not None:
-                return self._guarded_select(op)
+            arm = self._guarded_arm(op) if name == "arith.select" else None
+            if arm is not None:
+                return self._guarded_select(op, arm)
             if name.startswith(ELEMENTWISE_PREFIXES):
                 return self._elementwise(op)
             raise CompileError(f"nvvm: no distribution rule for {name}")
@@ -434,18 +435,14 @@ class WorkGroupKernel:
                 return users[0]
         return None
 
-    def _guarded_select(self, select: ir.Operation) -> None:
+    def _guarded_select(self, select: ir.Operation, arm: ir.Operation) -> None:
         """select(c, arm, other) with c constant along rows: each lane ORs its rows' conditions, a
         vote.any makes the branch warp-uniform; the arm and the select run only if taken, else
         the result is `other` as is.  Exact: the select is still applied per slot."""
-        arm = self._guarded_arm(select)
         result = select.results[0]
         (layout,) = self.layouts_of(result)
-        conditions = self.dist(select.operands[0], layout)
-        distinct = []
-        for value in conditions.values():
-            if value not in distinct:
-                distinct.append(value)
+        # a lane's slots of one row share its condition: one OR per row, not per slot
+        distinct = list(dict.fromkeys(self.dist(select.operands[0], layout).values()))
         any_row = distinct[0]
         for value in distinct[1:]:
             any_row = arith.ori(any_row, value)
