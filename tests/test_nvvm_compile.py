@@ -38,6 +38,7 @@ SPECS = {
     "prefill-additive-mask": replace(PREFILL, mask=MaskSpec("additive", ("s",), "float16")),
     "prefill-gqa": replace(PREFILL, group=4, causal=True),
     "long-e64-causal": replace(PREFILL, causal=True, length_class="long"),
+    "long-e128-bf16": replace(PREFILL, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="long"),
     "long-e128-causal-bf16": replace(PREFILL, head_dim=128, v_head_dim=128, causal=True, dtype="bfloat16",
                                      length_class="long"),
     "decode-gqa": replace(PREFILL, group=4, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="decode"),
@@ -84,9 +85,10 @@ def test_registers_and_spills(compiled, name):
         assert report["spill_stores"] <= 128, f"{kernel}: {report}"
 
 
-@pytest.mark.parametrize("name,rows", [("prefill-e64", 128), ("prefill-e64-causal", 128), ("prefill-e128-bf16", 256),
-                                       ("prefill-e128-causal", 128), ("long-e64-causal", 128),
-                                       ("long-e128-causal-bf16", 256), ("prefill-bool-mask", 128)])
+@pytest.mark.parametrize("name,rows", [("prefill-e64", 128), ("prefill-e64-causal", 128), ("prefill-e128-bf16", 128),
+                                       ("long-e128-bf16", 256), ("prefill-e128-causal", 128),
+                                       ("long-e64-causal", 128), ("long-e128-causal-bf16", 256),
+                                       ("prefill-bool-mask", 128)])
 def test_work_group_rows(compiled, name, rows):
     """256-row work-groups (8 warps of 32 rows) where the H200 measured them faster."""
     spec, artifact, _ = compiled[name]
@@ -108,12 +110,14 @@ def test_copies_are_strength_reduced(compiled, name):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_rescale_is_skipped_by_warps(compiled, name):
-    """Lazy rescaling (128-row prefill work-groups, where the H200 measured it faster): each key
-    loop's accumulator rescale (one mul.f32 per accumulator element of a lane) sits behind a
-    vote.sync.any branch, once per flash loop (two with peeled tails).  Elsewhere no vote."""
+    """Lazy rescaling (128-row prefill work-groups but unmasked non-causal D = 64: where the
+    H200 measured it faster): each key loop's accumulator rescale (one mul.f32 per accumulator
+    element of a lane) sits behind a vote.sync.any branch, once per flash loop (two with peeled
+    tails).  Elsewhere no vote."""
     spec, artifact, ptx = compiled[name]
     options = nvvm.options_for(spec)
-    lazy = spec.length_class != "decode" and options.row_tile == 128
+    plain_e64 = spec.mask is None and max(spec.head_dim, spec.v_head_dim) == 64 and not spec.causal
+    lazy = spec.length_class != "decode" and options.row_tile == 128 and not plain_e64
     assert options.rescale_threshold == (8.0 if lazy else 0.0)
     main = artifact.metadata["kernels"][0]["name"]
     body = ptx.split(".entry " + main)[1].split(".entry")[0]
@@ -121,6 +125,21 @@ def test_rescale_is_skipped_by_warps(compiled, name):
     assert len(votes) == (0 if not lazy else 2 if options.tail == "peel" else 1), votes
     for vote in votes:  # the branch on the vote: skip when no row of the warp grew
         assert re.search(rf"not\.pred\s+(%p\d+), {vote};\s*@\1 bra|@!?{vote} bra", body), vote
+
+
+@pytest.mark.parametrize("q_len,causal,e,mask,length_class", [
+    (2048, False, 128, None, "prefill"), (4096, False, 128, None, "long"), (4096, False, 96, None, "long"),
+    (8192, True, 128, None, "prefill"), (16384, True, 128, None, "long"),
+    (10 ** 5, False, 64, None, "prefill"), (10 ** 5, True, 256, None, "prefill"),
+    (10 ** 5, False, 128, MaskSpec("bool", ("s",), "bool"), "prefill")])
+def test_long_class_only_where_tiles_change(q_len, causal, e, mask, length_class):
+    """Only unmasked D 65..128 prefills split into "prefill" and "long" (128- and 256-row
+    work-groups): any other spec has one class, so no two cache entries hold the same kernel."""
+    from torch_xegpu_attn.spec import ProblemSize
+    spec = replace(PREFILL, head_dim=e, v_head_dim=e, causal=causal, mask=mask, length_class="any")
+    assert nvvm.length_class(ProblemSize(1, 4, q_len, q_len), spec) == length_class
+    if mask is not None or not 64 < e <= 128:  # one class: the other would build the same kernel
+        assert nvvm.options_for(replace(spec, length_class="long")) == nvvm.options_for(replace(spec, length_class="prefill"))
 
 
 def test_causal_grids_go_in_head_chunks():
@@ -169,9 +188,10 @@ def test_decode_packs_heads_and_splits_keys(compiled):
 def test_decode_class_needs_enough_keys():
     from torch_xegpu_attn.spec import ProblemSize
     from torch_xegpu_attn.targets.nvvm import DECODE_MIN_KEYS
-    assert nvvm.length_class(ProblemSize(1, 8, 1, DECODE_MIN_KEYS), 4) == "decode"
-    assert nvvm.length_class(ProblemSize(1, 8, 1, DECODE_MIN_KEYS - 1), 4) == "prefill"  # one launch
-    assert nvvm.length_class(ProblemSize(1, 8, 5, 10 ** 5), 4) == "prefill"  # 20 rows > 16
+    gqa4 = replace(PREFILL, group=4)
+    assert nvvm.length_class(ProblemSize(1, 8, 1, DECODE_MIN_KEYS), gqa4) == "decode"
+    assert nvvm.length_class(ProblemSize(1, 8, 1, DECODE_MIN_KEYS - 1), gqa4) == "prefill"  # one launch
+    assert nvvm.length_class(ProblemSize(1, 8, 5, 10 ** 5), gqa4) == "prefill"  # 20 rows > 16
 
 
 def test_unsupported_specs_raise_before_compiling():

@@ -103,7 +103,8 @@ def test_masks(pattern, kind, fresh_seed):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_prompts(head_dim, causal, fresh_seed):
-    # The "long" length class (L >= 16384: 256-row work-groups), with row and key tails.
+    # Long prompts, with row and key tails: at D = 128 the "long" length class (256-row
+    # work-groups; causal from L = 16384).
     check(rand(1, 1, 16400, head_dim), rand(1, 1, 16450, head_dim), rand(1, 1, 16450, head_dim), is_causal=causal)
 
 

@@ -26,6 +26,7 @@ Mistakes in the arguments are reported in one line, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -95,11 +96,12 @@ def _spec(args) -> AttentionSpec:
     if args.mask and args.causal:
         raise UsageError("--mask and --causal exclude each other (as attn_mask and is_causal do)")
     mask = _mask(args.mask, args.dtype) if args.mask else None
-    if size is not None:
-        length_class = target.length_class(size, args.group)
     try:
         spec = AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
-                             scale=_scale(args.scale), mask=mask, target=args.target, length_class=length_class)
+                             scale=_scale(args.scale), mask=mask, target=args.target)
+        if size is not None:
+            length_class = target.length_class(size, spec)
+        spec = dataclasses.replace(spec, length_class=length_class)
         target.check(spec)
     except (ValueError, NotImplementedError) as error:
         raise UsageError(str(error)) from None

@@ -19,6 +19,7 @@ Mapping (no data is copied unless a layout cannot be expressed as a view):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -238,12 +239,13 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
     size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=l, kv_len=s)
-    length_class = get_target(target).length_class(size, g)
+    chosen = get_target(target)  # an unknown target raises here
     out = _new_output(out_shape, query)
     operands.append(out.view(math.prod(batch), h, g, l, ev))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
-                         scale=scale, mask=mask_spec, target=target, length_class=length_class)
-    get_target(target).check(spec)  # what the target does not take raises before any work
+                         scale=scale, mask=mask_spec, target=target)
+    spec = dataclasses.replace(spec, length_class=chosen.length_class(size, spec))
+    chosen.check(spec)  # what the target does not take raises before any work
     return Plan(out_shape, spec=spec, operands=operands, output=out)
 
 

@@ -38,9 +38,11 @@ class Target(abc.ABC):
     #: file suffix of the binary in the disk cache.
     binary_suffix: str = ".bin"
 
-    def length_class(self, size: ProblemSize, group: int) -> str:
-        """The coarse length class of a problem (AttentionSpec.length_class): a target that
-        wants different tiles for short and long problems says so here; one class by default."""
+    def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
+        """The coarse length class of a problem (AttentionSpec.length_class) whose spec, but for
+        its class, is `spec`: a target that wants different tiles for short and long problems
+        says so here (only for the specs whose tiles do change, so that no two classes build the
+        same kernel); one class by default."""
         return "any"
 
     @abc.abstractmethod

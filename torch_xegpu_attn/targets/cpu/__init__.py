@@ -47,13 +47,13 @@ class CpuTarget(Target):
     device_type = "cpu"
     binary_suffix = ".so"
 
-    def length_class(self, size: ProblemSize, group: int) -> str:
+    def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
         """"decode" (one query row: rows are the packed query heads of a key/value head),
         "short" (at most READ_K_IN_PLACE_ROWS query rows per key/value head: K read in place)
         or "long" (K^T materialized once per key/value head)."""
         if size.q_len == 1:
             return "decode"
-        return "short" if size.q_len * group <= READ_K_IN_PLACE_ROWS else "long"
+        return "short" if size.q_len * spec.group <= READ_K_IN_PLACE_ROWS else "long"
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         if spec.length_class == "decode":

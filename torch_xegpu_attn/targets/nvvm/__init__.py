@@ -53,17 +53,22 @@ DECODE_COMBINE_COLS = 8
 #: keys from which a decode-like problem is in the "decode" class (split keys); below, two
 #: splits would not pay for the second launch and the prefill kernel serves it in one.
 DECODE_MIN_KEYS = 2 * DECODE_SPLIT_KEYS
-#: query lengths from which a prefill is "long": 256-row work-groups pay off there for causal
-#: D = 128 (at shorter causal lengths their coarser diagonal costs more than they save: at 8192
-#: 0.98-0.99x flash against 1.00x with 128 rows, at 16384 1.02-1.04x against 1.01x).  Other
-#: specs take their prefill tiles in this class too.
+#: query lengths from which an unmasked prefill of head dims 65..128 is "long": 256-row
+#: work-groups (8 warps, one per SM) pay off there.  Causal: from 16384 (at shorter lengths their
+#: coarser diagonal costs more than they save: at 8192 0.98-0.99x flash against 1.00x with 128
+#: rows, at 16384 1.02-1.04x against 1.01x).  Non-causal: from 4096 (below, 128-row lazy
+#: work-groups, two per SM, overlap one's prologue and epilogue with the other's loop: at
+#: N = 2048 0.984-1.035x flash against 0.971-1.011x over two sessions' sweeps, at 4096 and
+#: longer 1.015-1.021x against 1.029-1.055x).  Other specs have one prefill class.
 LONG_ROWS = 16384
+LONG_ROWS_NON_CAUSAL = 4096
 MAX_HEAD_DIM = 256
 #: lazy rescaling (ScheduleOptions.rescale_threshold) for 128-row prefill work-groups: a row's
 #: running maximum moves only when a tile's exceeds it by more than 2^8, and a warp none of whose
 #: rows moved skips the rescale of its accumulator (FlashAttention-4's threshold).  Measured on
-#: the H200 (sweep_schedules.py): 1-4% faster with 128 rows, 1-6% slower with 256 rows (the
-#: branch costs them more than the multiplies), no change for decode.
+#: the H200 (sweep_schedules.py): 1-4% faster with 128 rows (but for unmasked D = 64 without causal),
+#: 1-6% slower with 256 rows (the branch costs them more than the multiplies), no change for
+#: decode.
 RESCALE_THRESHOLD = 8.0
 #: causal prefill grids in chunks of 16 heads, each chunk's costliest row tiles first
 #: (ScheduleOptions.causal_head_chunk): the grid ends on its cheapest tiles, not on a costly tile
@@ -83,6 +88,12 @@ def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
     if warps > 16:
         raise ValueError(f"nvvm: {rows} rows need more than 16 warps")
     return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=spec.head_dim <= 64, prefetch=options.prefetch)
+
+
+def _may_take_wide_rows(spec: AttentionSpec) -> bool:
+    """Whether a prefill of `spec` takes 256-row work-groups when long enough: unmasked, head
+    dims 65..128 (the only specs whose length splits "prefill" from "long")."""
+    return spec.mask is None and 64 < max(spec.head_dim, spec.v_head_dim) <= 128
 
 
 class NvvmTarget(Target):
@@ -121,12 +132,15 @@ class NvvmTarget(Target):
                     f"the nvvm target supports {name} head dims that are multiples of 16 up to {MAX_HEAD_DIM} "
                     f"(16, 32, 48, 64, 80, 96, 112, 128, ... 256); got {dim}")
 
-    def length_class(self, size: ProblemSize, group: int) -> str:
+    def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
         """"decode" (the packed query rows of a key/value head fit one 16-row m-tile, and at
-        least DECODE_MIN_KEYS keys), "long" (at least LONG_ROWS query rows) or "prefill"."""
-        if size.q_len * group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
+        least DECODE_MIN_KEYS keys), "long" (a spec that may take 256-row work-groups, at
+        least LONG_ROWS query rows causal or LONG_ROWS_NON_CAUSAL not) or "prefill"."""
+        if size.q_len * spec.group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
             return "decode"
-        return "long" if size.q_len >= LONG_ROWS else "prefill"
+        if _may_take_wide_rows(spec) and size.q_len >= (LONG_ROWS if spec.causal else LONG_ROWS_NON_CAUSAL):
+            return "long"
+        return "prefill"
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         self.check(spec)
@@ -142,9 +156,9 @@ class NvvmTarget(Target):
             raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")
         # Measured on the H200 (benchmarks/cuda/sweep_schedules.py, see the README): 64-key tiles
         # from D = 64 (128-key tiles spill there); 256-row work-groups (8 warps) for unmasked
-        # D 65..128, causal only at long lengths (D = 64 measured no faster with them).  Below
-        # D = 64: 128-key tiles unless masked or causal (their masks in registers spill).
-        wide_rows = spec.mask is None and 64 < widest <= 128 and (spec.length_class == "long" or not spec.causal)
+        # D 65..128 in the "long" class (D = 64 measured no faster with them).  Below D = 64:
+        # 128-key tiles unless masked or causal (their masks in registers spill).
+        wide_rows = _may_take_wide_rows(spec) and spec.length_class == "long"
         narrow_keys = widest < 64 and not (spec.causal or spec.mask)
         # Unmasked D = 64: full key tiles in a loop of their own, without bounds (their copies need
         # no clamped rows and no zero-fill predicates: about 8% fewer instructions per step);
@@ -153,8 +167,11 @@ class NvvmTarget(Target):
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
         if widest <= 128:
             row_tile = 256 if wide_rows else 128
+            # lazy rescaling with 128 rows, but for unmasked non-causal D = 64, where it measured
+            # 0-3% slower than eager (sweep_schedules.py, N = 1024-4096, f16 and bf16).
+            lazy = row_tile == 128 and not (spec.mask is None and widest == 64 and not spec.causal)
             return ScheduleOptions(row_tile=row_tile, kv_tile=128 if narrow_keys else 64, tail=tail, pv_in_f32=False,
-                                   rescale_threshold=RESCALE_THRESHOLD if row_tile == 128 else 0.0,
+                                   rescale_threshold=RESCALE_THRESHOLD if lazy else 0.0,
                                    causal_head_chunk=chunk)
         return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False, causal_head_chunk=chunk)
 

@@ -76,7 +76,7 @@ class XegpuTarget(Target):
         row_tile = DECODE_ROWS if spec.length_class == "decode" else ROW_TILE
         return ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
 
-    def length_class(self, size: ProblemSize, group: int) -> str:
+    def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
         """"decode" (at most DECODE_ROWS query rows per head: one sub-group's 8-row DPAS tile per
         work-group, so a decode step is not 16 sub-groups of padding) or "prefill"."""
         return "decode" if size.q_len <= DECODE_ROWS else "prefill"
