@@ -282,3 +282,15 @@ def test_cli_clear_removes_only_cache_files(cache_dir):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in cache_dir.iterdir()] == ["notes.txt"]
+
+
+def test_bf16_moves_become_i16_but_bf16_maths_stays():
+    """bfloat values only moved are typed i16 (llc on CPUs without AVX512-BF16 would call
+    __truncsfbf2 for them); a module computing on bfloat is left as it is."""
+    from torch_xegpu_attn.targets.cpu.toolchain import bf16_moves_as_i16
+    moves = ("%1 = load <16 x bfloat>, ptr %0, align 2\n"
+             "%2 = bitcast <16 x bfloat> %1 to <16 x i16>\n")
+    assert bf16_moves_as_i16(moves) == moves.replace("bfloat", "i16")
+    maths = moves + "%3 = fpext <16 x bfloat> %1 to <16 x float>\n"
+    assert bf16_moves_as_i16(maths) == maths
+    assert bf16_moves_as_i16("store bfloat 0xR3F80, ptr %0\n") == "store bfloat 0xR3F80, ptr %0\n"

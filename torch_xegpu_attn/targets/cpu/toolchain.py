@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -67,6 +68,23 @@ def host_cpu() -> Dict[str, str]:
     return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 
+#: LLVM IR that computes on bfloat values (rather than only moving them).
+_BF16_ARITHMETIC = re.compile(r"\b(fpext|fptrunc|fadd|fsub|fmul|fdiv|frem|fneg|fcmp|sitofp|uitofp|fptosi|fptoui)\b"
+                              r"[^\n]*\bbfloat\b|0xR[0-9A-Fa-f]{4}|@llvm\.[a-z.]*bf16")
+
+
+def bf16_moves_as_i16(llvm_ir: str) -> str:
+    """The module with its bfloat values typed i16, when it only moves them (loads, stores,
+    phis, shuffles, bitcasts): the kernels do their bf16 maths on integers (arith-expand
+    include-bf16).  Why: on an x86 CPU without AVX512-BF16 llc promotes every bfloat value, even
+    one it only moves, through f32 and back by calls to __truncsfbf2, which libgcc 12 does not
+    have (the .so would not load) and which made a 64x64 tile compile for minutes.  A module
+    that does compute on bfloat is returned unchanged."""
+    if "bfloat" not in llvm_ir or _BF16_ARITHMETIC.search(llvm_ir):
+        return llvm_ir
+    return re.sub(r"\bbfloat\b", "i16", llvm_ir)
+
+
 def llvm_dialect_to_shared_library(llvm_dialect_text: str, keep_dir: str = "") -> bytes:
     """Compile a module in the LLVM dialect to a .so; returns its bytes.
 
@@ -80,6 +98,10 @@ def llvm_dialect_to_shared_library(llvm_dialect_text: str, keep_dir: str = "") -
         obj, so = os.path.join(work, "kernel.o"), os.path.join(work, "kernel.so")
         target = [f"-mtriple={TRIPLE}", "-mcpu=native"]
         _run([tool("mlir-translate"), "--mlir-to-llvmir", src, "-o", ll])
+        with open(ll) as f:
+            text = f.read()
+        with open(ll, "w") as f:
+            f.write(bf16_moves_as_i16(text))
         _run([tool("opt"), "-O3", *target, ll, "-S", "-o", opt_ll])
         _run([tool("llc"), "-O3", *target, "-relocation-model=pic", "-filetype=obj", opt_ll, "-o", obj])
         _run([tool("cc"), "-shared", obj, "-o", so])
