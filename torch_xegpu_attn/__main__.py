@@ -99,9 +99,8 @@ def _spec(args) -> AttentionSpec:
     try:
         spec = AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
                              scale=_scale(args.scale), mask=mask, target=args.target)
-        if size is not None:
-            length_class = target.length_class(size, spec)
-        spec = dataclasses.replace(spec, length_class=length_class)
+        spec = target.classified(spec, size) if size is not None else \
+            dataclasses.replace(spec, length_class=length_class)
         target.check(spec)
     except (ValueError, NotImplementedError) as error:
         raise UsageError(str(error)) from None

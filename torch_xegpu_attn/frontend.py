@@ -19,7 +19,6 @@ Mapping (no data is copied unless a layout cannot be expressed as a view):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -244,7 +243,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     operands.append(out.view(math.prod(batch), h, g, l, ev))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
                          scale=scale, mask=mask_spec, target=target)
-    spec = dataclasses.replace(spec, length_class=chosen.length_class(size, spec))
+    spec = chosen.classified(spec, size)
     chosen.check(spec)  # what the target does not take raises before any work
     return Plan(out_shape, spec=spec, operands=operands, output=out)
 

@@ -45,6 +45,11 @@ class Target(abc.ABC):
         same kernel); one class by default."""
         return "any"
 
+    def classified(self, spec: AttentionSpec, size: ProblemSize) -> AttentionSpec:
+        """`spec` in the length class this target gives a problem of `size`: the spec of the
+        kernel that problem runs."""
+        return dataclasses.replace(spec, length_class=self.length_class(size, spec))
+
     @abc.abstractmethod
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         """Tile sizes and choices of the shared schedule for `spec` on this target."""

@@ -160,16 +160,17 @@ class NvvmTarget(Target):
         # 128-key tiles unless masked or causal (their masks in registers spill).
         wide_rows = _may_take_wide_rows(spec) and spec.length_class == "long"
         narrow_keys = widest < 64 and not (spec.causal or spec.mask)
+        unmasked_e64 = spec.mask is None and widest == 64
         # Unmasked D = 64: full key tiles in a loop of their own, without bounds (their copies need
         # no clamped rows and no zero-fill predicates: about 8% fewer instructions per step);
         # at D = 128 that loop's registers spill.
-        tail = "peel" if spec.mask is None and widest == 64 else "mask"
+        tail = "peel" if unmasked_e64 else "mask"
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
         if widest <= 128:
             row_tile = 256 if wide_rows else 128
             # lazy rescaling with 128 rows, but for unmasked non-causal D = 64, where it measured
             # 0-3% slower than eager (sweep_schedules.py, N = 1024-4096, f16 and bf16).
-            lazy = row_tile == 128 and not (spec.mask is None and widest == 64 and not spec.causal)
+            lazy = row_tile == 128 and not (unmasked_e64 and not spec.causal)
             return ScheduleOptions(row_tile=row_tile, kv_tile=128 if narrow_keys else 64, tail=tail, pv_in_f32=False,
                                    rescale_threshold=RESCALE_THRESHOLD if lazy else 0.0,
                                    causal_head_chunk=chunk)
