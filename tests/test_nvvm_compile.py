@@ -156,12 +156,14 @@ def test_eager_rescale_has_no_vote(tmp_path):
     assert "vote.sync" not in ptx and "mma.sync.aligned.m16n8k16" in ptx
 
 
-def test_prefetching_every_tile_builds(tmp_path):
-    """prefetch="tiles" (the next step's K and V copied at the start of a step): one wait for
-    copies and one barrier per step of the key loop where "keys" has two of each."""
+@pytest.mark.parametrize("name", ["prefill-e128-bf16", "prefill-e64"])
+def test_prefetching_every_tile_builds(tmp_path, name):
+    """prefetch="tiles" and "tiles-late" (the next step's K and V copied at the start of a step,
+    or once its K tile is consumed): one wait for copies and one barrier per step of the key
+    loop where "keys" has two of each."""
     waits = {}
-    for mode in ("keys", "tiles"):
-        spec = SPECS["prefill-e128-bf16"]
+    for mode in ("keys", "tiles", "tiles-late"):
+        spec = SPECS[name]
         options = replace(nvvm.options_for(spec), prefetch=mode)
         folder = tmp_path / mode
         artifact = compile_spec(spec, dump_dir=str(folder), options=options)
@@ -170,7 +172,15 @@ def test_prefetching_every_tile_builds(tmp_path):
         waits[mode] = ptx.count("cp.async.wait_group")
         for report in artifact.metadata["resources"].values():
             assert report["registers"] <= 255 and report["spill_stores"] <= 128
-    assert waits["tiles"] < waits["keys"], waits
+    assert waits["tiles"] < waits["keys"] and waits["tiles-late"] < waits["keys"], waits
+
+
+def test_plain_e64_copies_tiles_late():
+    """Unmasked non-causal D = 64 copies the next K and V tiles after QK^T (measured faster);
+    causal, masked and D = 128 keep "keys"."""
+    assert nvvm.options_for(SPECS["prefill-e64"]).prefetch == "tiles-late"
+    for name in ("prefill-e64-causal", "prefill-bool-mask", "prefill-e128-bf16", "long-e128-bf16", "decode-mha"):
+        assert nvvm.options_for(SPECS[name]).prefetch == "keys", name
 
 
 def test_decode_packs_heads_and_splits_keys(compiled):

@@ -12,7 +12,7 @@ K_LAYOUTS = ("folded", "explicit", "materialized")
 #: how key tails are handled (ScheduleOptions.tail).
 TAIL_MODES = ("mask", "peel")
 #: which staged tiles of a key loop a GPU target copies one step ahead (ScheduleOptions.prefetch).
-PREFETCH_MODES = ("keys", "tiles")
+PREFETCH_MODES = ("keys", "tiles", "tiles-late")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,10 @@ class ScheduleOptions:
                     is consumed and a step's V tile at the start of that step
                     (its copy overlaps QK^T and the softmax); "tiles" copies
                     the next step's K and V tiles at the start of a step (both
-                    overlap a whole step: what a memory-bound decode wants).
+                    overlap a whole step: what a memory-bound decode wants);
+                    "tiles-late" copies them once the current K tile is
+                    consumed (after QK^T, where the copies do not queue
+                    ahead of its shared-memory loads).
     """
 
     row_tile: int

@@ -21,8 +21,9 @@ key/value head with the key range split over work-groups (how many is
 computed at run time from B, H and S), the partials merged by a combine
 kernel in tiles of 8 value columns.  128-row prefill work-groups rescale
 lazily (a warp skips its accumulator's rescale where no row's maximum grew by
-more than 2^8), and causal grids go in chunks of 16 heads, costliest row tiles
-first.
+more than 2^8), causal grids go in chunks of 16 heads, costliest row tiles
+first, and unmasked non-causal D = 64 copies the next step's K and V tiles
+once a step's K tile is consumed (one barrier a step).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class NvvmTarget(Target):
         wide_rows = _may_take_wide_rows(spec) and spec.length_class == "long"
         narrow_keys = widest < 64 and not (spec.causal or spec.mask)
         unmasked_e64 = spec.mask is None and widest == 64
+        plain_e64 = unmasked_e64 and not spec.causal
         # Unmasked D = 64: full key tiles in a loop of their own, without bounds (their copies need
         # no clamped rows and no zero-fill predicates: about 8% fewer instructions per step);
         # at D = 128 that loop's registers spill.
@@ -170,10 +172,14 @@ class NvvmTarget(Target):
             row_tile = 256 if wide_rows else 128
             # lazy rescaling with 128 rows, but for unmasked non-causal D = 64, where it measured
             # 0-3% slower than eager (sweep_schedules.py, N = 1024-4096, f16 and bf16).
-            lazy = row_tile == 128 and not (unmasked_e64 and not spec.causal)
+            lazy = row_tile == 128 and not plain_e64
+            # Unmasked non-causal D = 64: the next K and V tiles copied once a step's K tile is
+            # consumed, one barrier a step (sweep_schedules.py, N = 2048 and 4096: +1.5% at f16,
+            # -0.3 to +1.5% at bf16); at D = 128 it spills (0-3% slower).
+            prefetch = "tiles-late" if plain_e64 else "keys"
             return ScheduleOptions(row_tile=row_tile, kv_tile=128 if narrow_keys else 64, tail=tail, pv_in_f32=False,
                                    rescale_threshold=RESCALE_THRESHOLD if lazy else 0.0,
-                                   causal_head_chunk=chunk)
+                                   causal_head_chunk=chunk, prefetch=prefetch)
         return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False, causal_head_chunk=chunk)
 
     def stage_names(self) -> Sequence[str]:

@@ -30,7 +30,8 @@ addresses, its rows past the end predicated); a staged read of a loop body is
 double-buffered: its first tile is copied before the loop, and each
 iteration copies the next K tile as soon as the current one is consumed and
 its own V tile at its start (Geometry.prefetch "keys"), or the next K and V
-tiles at its start ("tiles").
+tiles at its start ("tiles") or once the current K tile is consumed
+("tiles-late"; both: one barrier a step, not two).
 A staged tile consumed as the left operand of a contraction outside its loop
 (Q) is loaded into registers once; its copy is waited for after the loop
 that follows has issued its first tiles', so that they are in flight
@@ -906,7 +907,7 @@ class WorkGroupKernel:
                 return self._unrolled_for(op, layouts, factor, whole=trips is not None and trips % factor == 0)
         lower, upper, step = (self.scalar(v) for v in (view.lowerBound, view.upperBound, view.step))
         if staged:  # first stage of the pipeline: the staged reads of the first iteration it copies ahead
-            ahead = staged if self.geometry.prefetch == "tiles" else staged[:1]
+            ahead = staged if self.geometry.prefetch in ("tiles", "tiles-late") else staged[:1]
             if len(ahead) > 1:
                 gpu.barrier()  # a loop before this one (sharing the buffers) may still read them
             # Only if the loop runs: a peeled loop of full tiles has no step when S < kv_tile, and
@@ -993,13 +994,16 @@ class WorkGroupKernel:
         if self.geometry.prefetch == "tiles":  # every tile of the next iteration, into the other stages
             copy_next(staged)
             return
+        first = staged[0]
+        consumer = next(u for u in _users(first.results[0]) if u.name == "vector.contract")
+        if self.geometry.prefetch == "tiles-late":  # the same, once this K tile is consumed
+            self._after[consumer] = lambda: copy_next(staged)
+            return
         # (Copying the first step's V tile ahead with its K tile, and skipping it in the first
         # step, measured 0.5-2% slower: the branch costs every step more than the first saves.)
         for read in staged[1:]:  # this iteration's other tiles (V)
             self._issue_copy(read, self._current[read], {})
         nvvm.cp_async_commit_group()
-        first = staged[0]
-        consumer = next(u for u in _users(first.results[0]) if u.name == "vector.contract")
         self._after[consumer] = lambda: copy_next([first])  # the next K, once this one is consumed
         for read in staged[1:]:
             def wait():
