@@ -752,7 +752,8 @@ class WorkGroupKernel:
     @staticmethod
     def _may_precede_landing(op: ir.Operation) -> bool:
         """Whether `op` may run while staged copies are in flight: scalar ops (indices, bounds) and
-        staged reads outside loops; a loop lands them itself, after its first copies."""
+        reads outside loops (staged ones only issue copies, others load from global memory); a
+        loop lands the copies itself, after issuing its first tiles'."""
         if op.name == "scf.for":
             return True
         if op.name == "vector.transfer_read" and op.parent.name != "scf.for":
