@@ -111,6 +111,7 @@ def sweep(variants, lengths) -> None:
 
 
 def main(argv=None) -> int:
+    global DIMS, DTYPES, CAUSAL, ROUNDS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precompile", metavar="ARCH", default="")
     parser.add_argument("--variants", default="", help="a JSON list of XEGPU_ATTN_SCHEDULE strings")
@@ -118,8 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", default="64,128", help="head dims")
     parser.add_argument("--dtypes", default="float16", help="float16, bfloat16 or both, comma-separated")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--rounds", type=int, default=0, help=f"interleaved rounds per row (default {ROUNDS})")
     args = parser.parse_args(argv)
-    global DIMS, DTYPES, CAUSAL
+    ROUNDS = args.rounds or ROUNDS
     DIMS = tuple(int(x) for x in args.dims.split(","))
     DTYPES = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
