@@ -119,9 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", default="64,128", help="head dims")
     parser.add_argument("--dtypes", default="float16", help="float16, bfloat16 or both, comma-separated")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
-    parser.add_argument("--rounds", type=int, default=0, help=f"interleaved rounds per row (default {ROUNDS})")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds per row")
     args = parser.parse_args(argv)
-    ROUNDS = args.rounds or ROUNDS
+    ROUNDS = args.rounds
     DIMS = tuple(int(x) for x in args.dims.split(","))
     DTYPES = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]

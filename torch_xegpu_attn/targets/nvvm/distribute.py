@@ -908,7 +908,7 @@ class WorkGroupKernel:
                 return self._unrolled_for(op, layouts, factor, whole=trips is not None and trips % factor == 0)
         lower, upper, step = (self.scalar(v) for v in (view.lowerBound, view.upperBound, view.step))
         if staged:  # first stage of the pipeline: the staged reads of the first iteration it copies ahead
-            ahead = staged if self.geometry.prefetch in ("tiles", "tiles-late") else staged[:1]
+            ahead = staged if self.geometry.copies_every_tile_ahead else staged[:1]
             if len(ahead) > 1:
                 gpu.barrier()  # a loop before this one (sharing the buffers) may still read them
             # Only if the loop runs: a peeled loop of full tiles has no step when S < kv_tile, and

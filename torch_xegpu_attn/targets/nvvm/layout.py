@@ -74,6 +74,12 @@ class Geometry:
         return 16 * self.m_tiles * self.warps
 
     @property
+    def copies_every_tile_ahead(self) -> bool:
+        """Whether a loop's staged tiles (K and V) are all copied a step ahead, the first step's
+        before the loop ("tiles", "tiles-late"), or only the first (K: "keys")."""
+        return self.prefetch in ("tiles", "tiles-late")
+
+    @property
     def threads(self) -> int:
         return 32 * self.warps
 
