@@ -2,8 +2,9 @@
 
 For a set of specs (prefill and decode classes, head dims, causal, masks, GQA,
 Ev != E), compile for sm_90a and check: every work-group loop became one
-kernel; the PTX has the tensor-core path (mma.sync m16n8k16, ldmatrix,
-.trans for V, cp.async copies into shared memory, ex2.approx, shuffles); the
+kernel; the PTX has the tensor-core path (wgmma from swizzled shared memory
+for prefills of head dims 64 and 128, else mma.sync m16n8k16 with ldmatrix,
+.trans for V; cp.async copies into shared memory, ex2.approx, shuffles); the
 staged tiles fit the 227 KB of shared memory; ptxas' registers and spills stay
 within bounds (spills are what the reported speed was measured with).  A few
 specs also for sm_80 (the same code for A100s).
@@ -68,12 +69,34 @@ def test_kernels_and_ptx(compiled, name):
     assert entries == [k["name"] for k in kernels]
     assert main["threads"] % 32 == 0 and main["shared_bytes"] <= 227 * 1024
     body = ptx.split(".entry " + main["name"])[1].split(".entry")[0]
-    for needle in ("mma.sync.aligned.m16n8k16.row.col.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
-                   "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global",
-                   "cp.async.wait_group", "ex2.approx.ftz.f32", "shfl.sync.bfly.b32", "bar.sync"):
-        assert needle in body, f"{needle} missing from {main['name']}"
     kind = "bf16" if spec.dtype == "bfloat16" else "f16"
-    assert f".f32.{kind}.{kind}.f32" in body
+    if options.warpgroup_mma:  # K and V read by wgmma from swizzled shared memory, Q by ldmatrix
+        tensor_cores = (f"wgmma.mma_async.sync.aligned.m64n{options.kv_tile}k16.f32.{kind}.{kind}",
+                        f"wgmma.mma_async.sync.aligned.m64n{spec.v_head_dim}k16.f32.{kind}.{kind}",
+                        "wgmma.fence.sync.aligned", "wgmma.wait_group.sync.aligned 0",
+                        "fence.proxy.async.shared::cta", "ldmatrix.sync.aligned.m8n8.x4.shared.b16")
+        assert "mma.sync.aligned.m16n8k16" not in body and ".trans." not in body
+        # QK^T: E / 16 slices, P.V: kv_tile / 16, one wgmma each per 16 rows of a warp; in each
+        # key loop (two with a peeled tail)
+        loops = 2 if options.tail == "peel" else 1
+        assert body.count("wgmma.mma_async") == loops * (spec.head_dim + options.kv_tile) // 16
+    else:
+        tensor_cores = (f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32",
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
+        assert "wgmma" not in body
+    for needle in tensor_cores + ("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx.ftz.f32",
+                                  "shfl.sync.bfly.b32", "bar.sync"):
+        assert needle in body, f"{needle} missing from {main['name']}"
+
+
+def test_warpgroup_mma_where_it_applies():
+    """sm_90a prefills of head dims 64 and 128 multiply with wgmma; other head dims, decode and
+    sm_80 keep mma.sync."""
+    for name, spec in SPECS.items():
+        wgmma = spec.length_class != "decode" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
+        assert nvvm.options_for(spec).warpgroup_mma == wgmma, name
+        with nvvm.compiling_for("sm_80"):
+            assert not nvvm.options_for(spec).warpgroup_mma, name
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -83,17 +106,24 @@ def test_registers_and_spills(compiled, name):
         assert report["registers"] <= 255
         # The measured kernels spill at most a few words (README); much more is a regression.
         assert report["spill_stores"] <= 128, f"{kernel}: {report}"
+        assert not report.get("wgmma_serialized"), f"{kernel}: ptxas serialized its wgmma chains"
 
 
 @pytest.mark.parametrize("name,rows", [("prefill-e64", 128), ("prefill-e64-causal", 128), ("prefill-e128-bf16", 128),
-                                       ("long-e128-bf16", 256), ("prefill-e128-causal", 128),
-                                       ("long-e64-causal", 128), ("long-e128-causal-bf16", 256),
+                                       ("long-e128-bf16", 128), ("prefill-e128-causal", 128),
+                                       ("long-e64-causal", 128), ("long-e128-causal-bf16", 128),
                                        ("prefill-bool-mask", 128)])
 def test_work_group_rows(compiled, name, rows):
-    """256-row work-groups (8 warps of 32 rows) where the H200 measured them faster."""
+    """128-row work-groups; with wgmma 8 warps of 16 rows (2 warpgroups), with mma.sync 4 warps
+    of 32 rows.  (256-row ones, 8 warps of 32 rows, for long mma.sync prefills at D 65..128.)"""
     spec, artifact, _ = compiled[name]
-    assert nvvm.options_for(spec).row_tile == rows
-    assert artifact.metadata["kernels"][0]["threads"] == rows  # 32 rows per warp of 32 lanes
+    options = nvvm.options_for(spec)
+    assert options.row_tile == rows
+    per_warp = 16 if options.warpgroup_mma else 32
+    assert artifact.metadata["kernels"][0]["threads"] == 32 * rows // per_warp
+    with nvvm.compiling_for("sm_80"):
+        wide = spec.length_class == "long" and spec.head_dim == 128
+        assert nvvm.options_for(spec).row_tile == (256 if wide else 128)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -110,14 +140,14 @@ def test_copies_are_strength_reduced(compiled, name):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_rescale_is_skipped_by_warps(compiled, name):
-    """Lazy rescaling (128-row prefill work-groups but unmasked non-causal D = 64: where the
-    H200 measured it faster): each key loop's accumulator rescale (one mul.f32 per accumulator
+    """Lazy rescaling (128-row mma.sync prefill work-groups but unmasked non-causal D = 64: where
+    the H200 measured it faster): each key loop's accumulator rescale (one mul.f32 per accumulator
     element of a lane) sits behind a vote.sync.any branch, once per flash loop (two with peeled
     tails).  Elsewhere no vote."""
     spec, artifact, ptx = compiled[name]
     options = nvvm.options_for(spec)
     plain_e64 = spec.mask is None and max(spec.head_dim, spec.v_head_dim) == 64 and not spec.causal
-    lazy = spec.length_class != "decode" and options.row_tile == 128 and not plain_e64
+    lazy = spec.length_class != "decode" and options.row_tile == 128 and not plain_e64 and not options.warpgroup_mma
     assert options.rescale_threshold == (8.0 if lazy else 0.0)
     main = artifact.metadata["kernels"][0]["name"]
     body = ptx.split(".entry " + main)[1].split(".entry")[0]
@@ -127,18 +157,22 @@ def test_rescale_is_skipped_by_warps(compiled, name):
         assert re.search(rf"not\.pred\s+(%p\d+), {vote};\s*@\1 bra|@!?{vote} bra", body), vote
 
 
-@pytest.mark.parametrize("q_len,causal,e,mask,length_class", [
-    (2048, False, 128, None, "prefill"), (4096, False, 128, None, "long"), (4096, False, 96, None, "long"),
-    (8192, True, 128, None, "prefill"), (16384, True, 128, None, "long"),
-    (10 ** 5, False, 64, None, "prefill"), (10 ** 5, True, 256, None, "prefill"),
-    (10 ** 5, False, 128, MaskSpec("bool", ("s",), "bool"), "prefill")])
-def test_long_class_only_where_tiles_change(q_len, causal, e, mask, length_class):
-    """Only unmasked D 65..128 prefills split into "prefill" and "long" (128- and 256-row
-    work-groups): any other spec has one class, so no two cache entries hold the same kernel."""
+@pytest.mark.parametrize("q_len,causal,e,mask,length_class,ampere", [
+    (2048, False, 128, None, "prefill", "prefill"), (4096, False, 128, None, "prefill", "long"),
+    (4096, False, 96, None, "long", "long"), (8192, True, 128, None, "prefill", "prefill"),
+    (16384, True, 128, None, "prefill", "long"), (16384, True, 96, None, "long", "long"),
+    (10 ** 5, False, 64, None, "prefill", "prefill"), (10 ** 5, True, 256, None, "prefill", "prefill"),
+    (10 ** 5, False, 128, MaskSpec("bool", ("s",), "bool"), "prefill", "prefill")])
+def test_long_class_only_where_tiles_change(q_len, causal, e, mask, length_class, ampere):
+    """Only unmasked D 65..128 mma.sync prefills split into "prefill" and "long" (128- and
+    256-row work-groups; on sm_90a D = 128 takes wgmma, with 128 rows at every length): any
+    other spec has one class, so no two cache entries hold the same kernel."""
     from torch_xegpu_attn.spec import ProblemSize
     spec = replace(PREFILL, head_dim=e, v_head_dim=e, causal=causal, mask=mask, length_class="any")
     assert nvvm.length_class(ProblemSize(1, 4, q_len, q_len), spec) == length_class
-    if mask is not None or not 64 < e <= 128:  # one class: the other would build the same kernel
+    with nvvm.compiling_for("sm_80"):
+        assert nvvm.length_class(ProblemSize(1, 4, q_len, q_len), spec) == ampere
+    if length_class == "prefill":  # one class: the other would build the same kernel
         assert nvvm.options_for(replace(spec, length_class="long")) == nvvm.options_for(replace(spec, length_class="prefill"))
 
 
@@ -150,7 +184,7 @@ def test_causal_grids_go_in_head_chunks():
 
 def test_eager_rescale_has_no_vote(tmp_path):
     spec = SPECS["prefill-e128-causal"]
-    options = replace(nvvm.options_for(spec), rescale_threshold=0.0)
+    options = replace(nvvm.options_for(spec), rescale_threshold=0.0, warpgroup_mma=False, kv_tile=64)
     compile_spec(spec, dump_dir=str(tmp_path), options=options)
     ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
     assert "vote.sync" not in ptx and "mma.sync.aligned.m16n8k16" in ptx
@@ -168,7 +202,8 @@ def test_prefetching_every_tile_builds(tmp_path, name):
         folder = tmp_path / mode
         artifact = compile_spec(spec, dump_dir=str(folder), options=options)
         ptx = next(folder.rglob("kernel.ptx")).read_text()
-        assert "cp.async.cg.shared.global" in ptx and "mma.sync.aligned.m16n8k16" in ptx
+        assert "cp.async.cg.shared.global" in ptx and ("wgmma.mma_async" if options.warpgroup_mma else
+                                                       "mma.sync.aligned.m16n8k16") in ptx
         waits[mode] = ptx.count("cp.async.wait_group")
         for report in artifact.metadata["resources"].values():
             assert report["registers"] <= 255 and report["spill_stores"] <= 128
@@ -176,10 +211,16 @@ def test_prefetching_every_tile_builds(tmp_path, name):
 
 
 def test_plain_e64_copies_tiles_late():
-    """Unmasked non-causal D = 64 copies the next K and V tiles after QK^T (measured faster);
-    causal, masked and D = 128 keep "keys"."""
-    assert nvvm.options_for(SPECS["prefill-e64"]).prefetch == "tiles-late"
-    for name in ("prefill-e64-causal", "prefill-bool-mask", "prefill-e128-bf16", "long-e128-bf16", "decode-mha"):
+    """With mma.sync, unmasked non-causal D = 64 copies the next K and V tiles after QK^T
+    (measured faster); causal, masked and D = 128 keep "keys".  With wgmma, D = 64 copies them
+    at the start of a step, D = 128 keeps "keys"."""
+    with nvvm.compiling_for("sm_80"):
+        assert nvvm.options_for(SPECS["prefill-e64"]).prefetch == "tiles-late"
+        for name in ("prefill-e64-causal", "prefill-bool-mask", "prefill-e128-bf16", "long-e128-bf16", "decode-mha"):
+            assert nvvm.options_for(SPECS[name]).prefetch == "keys", name
+    for name in ("prefill-e64", "prefill-e64-causal", "prefill-bool-mask"):
+        assert nvvm.options_for(SPECS[name]).prefetch == "tiles", name
+    for name in ("prefill-e128-bf16", "long-e128-bf16", "decode-mha", "prefill-e256"):
         assert nvvm.options_for(SPECS[name]).prefetch == "keys", name
 
 

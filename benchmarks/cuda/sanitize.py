@@ -14,7 +14,7 @@ cases = [
     ("prefill e64 100x30 (no full key tile)", lambda: t.attention(r(1, 2, 100, 64), r(1, 2, 30, 64), r(1, 2, 30, 64))),
     ("prefill e64 257x100", lambda: t.attention(r(1, 2, 257, 64), r(1, 2, 100, 64), r(1, 2, 100, 64))),
     ("prefill e128 bf16 causal 129x300", lambda: t.attention(r(1, 2, 129, 128, dtype=torch.bfloat16), r(1, 2, 300, 128, dtype=torch.bfloat16), r(1, 2, 300, 128, dtype=torch.bfloat16), is_causal=True)),
-    ("prefill e128 300x333 (256-row work-groups)", lambda: t.attention(r(1, 2, 300, 128), r(1, 2, 333, 128), r(1, 2, 333, 128))),
+    ("prefill e128 300x333 (wgmma, 128-key tiles)", lambda: t.attention(r(1, 2, 300, 128), r(1, 2, 333, 128), r(1, 2, 333, 128))),
     ("prefill e256 70x70", lambda: t.attention(r(1, 1, 70, 256), r(1, 1, 70, 256), r(1, 1, 70, 256))),
     ("bool mask per batch 37x70", lambda: t.attention(r(2, 3, 37, 64), r(2, 3, 70, 64), r(2, 3, 70, 64), attn_mask=torch.rand(2, 1, 37, 70, device="cuda") > 0.4)),
     ("decode gqa 1000", lambda: t.attention(r(3, 32, 1, 128, dtype=torch.bfloat16), r(3, 8, 1000, 128, dtype=torch.bfloat16), r(3, 8, 1000, 128, dtype=torch.bfloat16), enable_gqa=True)),

@@ -83,6 +83,13 @@ class ScheduleOptions:
                     "tiles-late" copies them once the current K tile is
                     consumed (after QK^T, where the copies do not queue
                     ahead of its shared-memory loads).
+    warpgroup_mma   for targets with warpgroup matrix instructions (nvvm on
+                    sm_90a): a contraction whose right operand is a staged
+                    tile (K, V) runs as wgmma, each warpgroup of 4 warps
+                    multiplying its rows by the tile read from shared memory
+                    through a matrix descriptor (the tile stored for the
+                    128-byte swizzle), instead of every warp loading the tile
+                    into registers for mma.sync.
     """
 
     row_tile: int
@@ -99,6 +106,7 @@ class ScheduleOptions:
     prefetch: str = "keys"
     rescale_threshold: float = 0.0
     causal_head_chunk: int = 0
+    warpgroup_mma: bool = False
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -145,4 +153,6 @@ class ScheduleOptions:
             parts.append(f"lazy{self.rescale_threshold:g}")
         if self.causal_head_chunk:
             parts.append(f"chunk{self.causal_head_chunk}")
+        if self.warpgroup_mma:
+            parts.append("wgmma")
         return "_".join(parts)

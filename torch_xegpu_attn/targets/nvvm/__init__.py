@@ -1,4 +1,4 @@
-"""The nvvm target: the shared work-group IR on NVIDIA GPUs (tensor cores through mma.sync).
+"""The nvvm target: the shared work-group IR on NVIDIA GPUs (tensor cores through wgmma or mma.sync).
 
 Stages after the shared schedule:
 
@@ -12,11 +12,15 @@ stream through csrc/cuda_launcher.cpp (runtime/cuda.py).
 
 How a work-group is distributed: rows = row_tile (x G when query heads are
 packed) are split over warps, 16 * m_tiles rows per warp; each lane holds its
-elements of the mma.sync m16n8k16 accumulator layout.  The schedule's
-options come from measurements on an H200 (see the README): 128- or 256-row
-work-groups with 32 rows per warp for prefill (64-key tiles; Q kept in
-registers for head dims up to 64, read from shared memory at each step
-above), and for decode one 16-row work-group of packed query heads per
+elements of the mma.sync m16n8k16 accumulator layout (which is also wgmma's,
+16 rows a warp).  The schedule's options come from measurements on an H200
+(see the README): on sm_90a, prefills of head dims 64 and 128 multiply with
+wgmma (ScheduleOptions.warpgroup_mma): 128-row work-groups of 8 warps, 16
+rows each, K and V tiles read by the tensor cores from shared memory (128
+keys a step at D = 128 unmasked, else 64), Q through ldmatrix at each step.
+Other prefills (and sm_80) use mma.sync: 128- or 256-row work-groups with 32
+rows per warp (64-key tiles; Q kept in registers for head dims up to 64,
+read from shared memory at each step above), and for decode one 16-row work-group of packed query heads per
 key/value head with the key range split over work-groups (how many is
 computed at run time from B, H and S), the partials merged by a combine
 kernel in tiles of 8 value columns.  128-row prefill work-groups rescale
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, Iterator, Sequence
 
+from ...errors import CompileError
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import KernelArtifact, Stage, Target, register, require_matrix_engine_dtype
@@ -54,7 +59,7 @@ DECODE_COMBINE_COLS = 8
 #: keys from which a decode-like problem is in the "decode" class (split keys); below, two
 #: splits would not pay for the second launch and the prefill kernel serves it in one.
 DECODE_MIN_KEYS = 2 * DECODE_SPLIT_KEYS
-#: query lengths from which an unmasked prefill of head dims 65..128 is "long": 256-row
+#: query lengths from which an unmasked mma.sync prefill of head dims 65..128 is "long": 256-row
 #: work-groups (8 warps, one per SM) pay off there.  Causal: from 16384 (at shorter lengths their
 #: coarser diagonal costs more than they save: at 8192 0.98-0.99x flash against 1.00x with 128
 #: rows, at 16384 1.02-1.04x against 1.01x).  Non-causal: from 4096 (below, 128-row lazy
@@ -85,10 +90,27 @@ def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
     if rows % 16:
         raise ValueError(f"nvvm: work-group rows ({rows}) must be a multiple of 16")
     m_tiles = 2 if rows >= 128 and rows % 32 == 0 and max(spec.head_dim, spec.v_head_dim) <= 128 else 1
+    if options.warpgroup_mma:
+        # one m64 operand a warpgroup (16 rows a warp): the accumulators of wgmmas in flight
+        # stay live until their wait, and two m-tiles' of them leave ptxas too few registers
+        # (it serializes the chain)
+        m_tiles = 1
     warps = rows // (16 * m_tiles)
     if warps > 16:
         raise ValueError(f"nvvm: {rows} rows need more than 16 warps")
-    return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=spec.head_dim <= 64, prefetch=options.prefetch)
+    # Q in registers for head dims up to 64, but with wgmma: there ptxas (13.0) gave the packed P
+    # of P.V the registers of Q's fragments, which the next step's QK^T still reads (masked
+    # D = 64 went wrong from its second key tile on; the H200, 2026-12-04)
+    q_in_registers = spec.head_dim <= 64 and not options.warpgroup_mma
+    return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=q_in_registers, prefetch=options.prefetch,
+                    warpgroup_mma=options.warpgroup_mma)
+
+
+def _takes_warpgroup_mma(spec: AttentionSpec) -> bool:
+    """Whether a prefill of `spec` multiplies with wgmma on sm_90a: head dims 64 or 128 (the
+    K and V tiles are whole 64-column panels of the 128-byte swizzle; 256 would need more
+    accumulator registers than a warpgroup's 16 rows a warp leave)."""
+    return spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
 
 
 def _may_take_wide_rows(spec: AttentionSpec) -> bool:
@@ -139,9 +161,14 @@ class NvvmTarget(Target):
         least LONG_ROWS query rows causal or LONG_ROWS_NON_CAUSAL not) or "prefill"."""
         if size.q_len * spec.group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
             return "decode"
-        if _may_take_wide_rows(spec) and size.q_len >= (LONG_ROWS if spec.causal else LONG_ROWS_NON_CAUSAL):
+        if _may_take_wide_rows(spec) and not self._warpgroup_mma(spec) \
+                and size.q_len >= (LONG_ROWS if spec.causal else LONG_ROWS_NON_CAUSAL):
             return "long"
         return "prefill"
+
+    def _warpgroup_mma(self, spec: AttentionSpec) -> bool:
+        """Whether a prefill of `spec` multiplies with wgmma: on sm_90a, head dims 64 and 128."""
+        return self.arch == "sm_90a" and _takes_warpgroup_mma(spec)
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         self.check(spec)
@@ -168,18 +195,29 @@ class NvvmTarget(Target):
         # at D = 128 that loop's registers spill.
         tail = "peel" if unmasked_e64 else "mask"
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
+        wgmma = self._warpgroup_mma(spec)
         if widest <= 128:
-            row_tile = 256 if wide_rows else 128
+            # with wgmma, 128 rows are 8 warps of 16 rows (2 warpgroups); 256 would be 16 warps,
+            # whose registers cannot hold them
+            row_tile = 256 if wide_rows and not wgmma else 128
             # lazy rescaling with 128 rows, but for unmasked non-causal D = 64, where it measured
             # 0-3% slower than eager (sweep_schedules.py, N = 1024-4096, f16 and bf16).
-            lazy = row_tile == 128 and not plain_e64
+            # With wgmma: eager (sweep_schedules.py on the H200, 2026-12-04: lazy measured 1-5%
+            # slower at D = 128, 0-2% at D = 64).
+            lazy = row_tile == 128 and not plain_e64 and not wgmma
             # Unmasked non-causal D = 64: the next K and V tiles copied once a step's K tile is
             # consumed, one barrier a step (sweep_schedules.py, N = 2048 and 4096: +1.5% at f16,
             # -0.3 to +1.5% at bf16); at D = 128 it spills (0-3% slower).
-            prefetch = "tiles-late" if plain_e64 else "keys"
-            return ScheduleOptions(row_tile=row_tile, kv_tile=128 if narrow_keys else 64, tail=tail, pv_in_f32=False,
+            # With wgmma at D = 64: both tiles a step ahead, copied at its start ("tiles": +0-2%
+            # without causal and +3-4% with it against "tiles-late" and "keys"; at D = 128 2-4% slower).
+            prefetch = "tiles" if wgmma and widest == 64 else "tiles-late" if plain_e64 else "keys"
+            # wgmma at D = 128: 128-key tiles unless masked (sweep_schedules.py on the H200,
+            # 2026-12-04: 1.22-1.30x flash against 1.06-1.14x with 64 keys; at D = 64 they were
+            # slower, 0.94-1.19x against 1.23-1.36x)
+            wide_keys = narrow_keys or (wgmma and widest == 128 and spec.mask is None)
+            return ScheduleOptions(row_tile=row_tile, kv_tile=128 if wide_keys else 64, tail=tail, pv_in_f32=False,
                                    rescale_threshold=RESCALE_THRESHOLD if lazy else 0.0,
-                                   causal_head_chunk=chunk, prefetch=prefetch)
+                                   causal_head_chunk=chunk, prefetch=prefetch, warpgroup_mma=wgmma)
         return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False, causal_head_chunk=chunk)
 
     def stage_names(self) -> Sequence[str]:
@@ -230,6 +268,8 @@ def _build_kernels(module, spec: AttentionSpec, options: ScheduleOptions):
     import json
     from mlir import ir
     from .kernel import build_kernels
+    if options.warpgroup_mma and NVVM.arch != "sm_90a":
+        raise CompileError(f"nvvm: warpgroup MMA (wgmma) needs sm_90a, not {NVVM.arch}")
     metadata = build_kernels(module, geometry_for(spec, options), spec.causal, options.causal_head_chunk)
     module.operation.attributes["attn.nvvm"] = ir.StringAttr.get(json.dumps(metadata))
     return module

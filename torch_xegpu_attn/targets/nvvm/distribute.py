@@ -21,7 +21,13 @@ see layout.py); each op is re-emitted per slot by its rule:
     contract                   tensor cores: mma.sync m16n8k16, operands from
                                registers (a tile packed into 16-bit pairs) or
                                from a tile staged in shared memory (ldmatrix,
-                               .trans when the tile's rows are the reduced dim)
+                               .trans when the tile's rows are the reduced dim);
+                               or, with Geometry.warpgroup_mma (sm_90a), wgmma
+                               m64nNk16: A from registers as above, B read by
+                               the tensor cores from the staged tile (stored
+                               for the 128-byte swizzle, see PANEL_COLS)
+                               through a matrix descriptor, one statement per
+                               k16 slice, waited for at the end of the chain
 
 Reads whose value only feeds contractions (the Q, K and V tiles) are staged
 in shared memory with cp.async, rows past the memref's extent zero-filled by
@@ -41,11 +47,11 @@ Scalar ops (indices, bounds) are uniform across the block and cloned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mlir import ir
-from mlir.dialects import arith, gpu, memref, nvgpu, nvvm, scf, vector
+from mlir.dialects import arith, gpu, llvm, memref, nvgpu, nvvm, scf, vector
 
 from ...mlir_utils import CompileError, const_index, defining_op, index
 
@@ -57,6 +63,12 @@ from .layout import (COL, ROW, ROW_DIV, ROW_MOD, Axis, Geometry, Layout, broadca
 _CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
 #: elements added to each shared-memory row: the 8 rows an ldmatrix reads fall in distinct banks.
 PITCH_PAD = 8
+#: a tile wgmma reads through a matrix descriptor is stored for the 128-byte swizzle: in panels
+#: of PANEL_COLS columns (128 bytes of 16-bit elements) by its rows, the 16-byte chunk c of row r
+#: at chunk c ^ (r % 8) of the row (the banks of 8 rows' chunks differ), each panel starting on
+#: SWIZZLE_ALIGN bytes (the hardware swizzles by address bits 4-6 ^ 7-9).
+PANEL_COLS = 64
+SWIZZLE_ALIGN = 1024
 _WORKGROUP = "#gpu.address_space<workgroup>"
 
 
@@ -146,21 +158,114 @@ def _as_words(fragment: ir.Value, count: int) -> List[ir.Value]:
     return words
 
 
+def _inline_asm(results: int, operands: Sequence[ir.Value], constraints: Sequence[str], code: str) -> List[ir.Value]:
+    """An asm statement with `results` f32 outputs ("=f", numbered first) and `operands` under
+    `constraints` (a digit ties an operand to that output: wgmma's accumulators are read and
+    written in place).  (nvvm.inline_ptx's read-write operands are dropped from its results.)"""
+    f32 = ir.F32Type.get()
+    struct = ir.Type.parse("!llvm.struct<(" + ", ".join(["f32"] * results) + ")>")
+    asm = llvm.inline_asm(struct if results > 1 else f32, list(operands), code,
+                          ",".join(["=f"] * results + list(constraints)), has_side_effects=True)
+    if results == 1:
+        return [asm]
+    return [llvm.extractvalue(f32, asm, [i]) for i in range(results)]
+
+
+def warpgroup_mma(acc: Optional[List[List[ir.Value]]], a: Sequence[Sequence[ir.Value]], descriptor: ir.Value,
+                  n: int, element: ir.Type, transpose_b: bool) -> List[List[ir.Value]]:
+    """D[m] = A[m] . B (+ D[m] unless `acc` is None: a zero accumulator) for each m-tile m of
+    the warpgroup: one wgmma m64nNk16 each, A (4 words a lane) from registers, B (k16 x n)
+    from shared memory through `descriptor` (transposed: stored n-major, the V tile).  One asm
+    statement, so that every register it reads (the accumulators, and A: loaded or packed
+    for this slice) is written before its wgmma.fence.  The accumulators are in flight until
+    `warpgroup_wait`."""
+    t = "bf16" if isinstance(element, ir.BF16Type) else "f16"
+    tiles, half = len(a), n // 2
+    outputs = tiles * half
+    operands = [word for words in a for word in words] + [descriptor, _i32(0 if acc is None else 1)]
+    constraints = ["r"] * (4 * tiles) + ["l", "r"]
+    if acc is not None:
+        operands += [value for values in acc for value in values]
+        constraints += [str(i) for i in range(outputs)]
+    first_a, desc, scale = outputs, outputs + 4 * tiles, outputs + 4 * tiles + 1
+    lines = ["{", ".reg .pred p;", f"setp.ne.b32 p, ${scale}, 0;", "wgmma.fence.sync.aligned;"]
+    for m in range(tiles):
+        d = ", ".join(f"${m * half + i}" for i in range(half))
+        words = ", ".join(f"${first_a + 4 * m + i}" for i in range(4))
+        lines.append(f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{d}}}, {{{words}}}, ${desc}, p, "
+                     f"1, 1, {int(transpose_b)};")
+    lines.append("}")
+    values = _inline_asm(outputs, operands, constraints, "\n".join(lines))
+    return [values[m * half:(m + 1) * half] for m in range(tiles)]
+
+
+def warpgroup_wait(acc: List[List[ir.Value]]) -> List[List[ir.Value]]:
+    """Commit the warpgroup's wgmmas and wait for them: the accumulators, readable after it
+    (tied through the statement, so that no use of them moves above the wait)."""
+    flat = [value for values in acc for value in values]
+    code = "wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;"
+    values = _inline_asm(len(flat), flat, [str(i) for i in range(len(flat))], code)
+    width = len(acc[0])
+    return [values[m * width:(m + 1) * width] for m in range(len(acc))]
+
+
+def fence_async_proxy() -> None:
+    """Make this thread's shared-memory writes (cp.async: the generic proxy) visible to the
+    async proxy that wgmma reads shared memory through (before the barrier that publishes them)."""
+    _ptx([], [], "fence.proxy.async.shared::cta;")
+
+
 @dataclass
 class SharedTile:
-    """A tile staged in shared memory: buffer[stage?][row][col], rows padded by PITCH_PAD."""
+    """A tile staged in shared memory: buffer[stage?][row][col], rows padded by PITCH_PAD; or,
+    `swizzled` (a wgmma operand), buffer[stage?][panel][row][col'] with col' the column's
+    place in its panel under the 128-byte swizzle (see PANEL_COLS); `address`: the shared-
+    memory address (i64) of its first stage."""
 
     buffer: Optional[ir.Value]
     rows: int
     cols: int
     stages: int = 1
     stage: Optional[ir.Value] = None
+    swizzled: bool = False
+    address: Optional[ir.Value] = None
 
     def at(self, stage: Optional[ir.Value]) -> "SharedTile":
-        return SharedTile(self.buffer, self.rows, self.cols, self.stages, stage)
+        return replace(self, stage=stage)
 
     def indices(self, row: ir.Value, col: ir.Value) -> List[ir.Value]:
-        return ([self.stage] if self.stages > 1 else []) + [row, col]
+        lead = [self.stage] if self.stages > 1 else []
+        if not self.swizzled:
+            return lead + [row, col]
+        within = arith.remui(col, const_index(PANEL_COLS))
+        chunk = arith.xori(arith.divui(within, const_index(8)), arith.remui(row, const_index(8)))
+        place = arith.addi(arith.muli(chunk, const_index(8)), arith.remui(within, const_index(8)))
+        return lead + [arith.divui(col, const_index(PANEL_COLS)), row, place]
+
+    @property
+    def panel_bytes(self) -> int:
+        return self.rows * PANEL_COLS * 2
+
+    def descriptor(self, k_major: bool) -> ir.Value:
+        """wgmma's matrix descriptor (i64) of this stage: the start address, the byte offsets
+        between 8-row groups (SBO: 1024) and, n-major, between panels along n (LBO), and the
+        128-byte swizzle mode.  K-major (the K tile: rows n, columns k) reads its k16 slices
+        at 32-byte steps within a panel; n-major (V: rows k) at 16-row steps."""
+        i64 = ir.IntegerType.get_signless(64)
+        address = self.address
+        if self.stages > 1:
+            stage = arith.index_cast(i64, self.stage)
+            address = arith.addi(address, arith.muli(stage, arith.constant(i64, self.rows * self.cols * 2)))
+        start = arith.andi(arith.shrui(address, arith.constant(i64, 4)), arith.constant(i64, 0x3FFF))
+        lbo = 1 if k_major else self.panel_bytes >> 4
+        fields = (lbo << 16) | ((8 * PANEL_COLS * 2 >> 4) << 32) | (1 << 62)
+        return arith.ori(start, arith.constant(i64, fields))
+
+    def slice_offset(self, kk: int, k_major: bool) -> int:
+        """Bytes from the descriptor's start to k-slice kk (16 of the reduced dim)."""
+        if k_major:
+            return (16 * kk // PANEL_COLS) * self.panel_bytes + (16 * kk % PANEL_COLS) * 2
+        return 16 * kk * PANEL_COLS * 2
 
 
 #: iterations per emitted iteration of a loop without staged reads (the split-key combine): at
@@ -174,6 +279,16 @@ def _constant_int(value: ir.Value) -> Optional[int]:
     if op is None or op.name != "arith.constant":
         return None
     return ir.IntegerAttr(op.attributes["value"]).value
+
+
+def _is_zero(value: ir.Value) -> bool:
+    """A splat constant 0 (the accumulator of S = Q K^T)."""
+    op = defining_op(value)
+    if op is None or op.name != "arith.constant":
+        return False
+    attr = op.attributes["value"]
+    return isinstance(attr, ir.DenseElementsAttr) and attr.is_splat and \
+        ir.FloatAttr(attr.get_splat_value()).value == 0.0
 
 
 def _static_trip_count(view) -> Optional[int]:
@@ -252,12 +367,18 @@ class WorkGroupKernel:
         def place(op, at, stages):
             rows, cols = self._staged_shape(op)
             element = _element(op.results[0])
-            shape = ([stages] if stages > 1 else []) + [rows, cols + PITCH_PAD]
+            swizzled = self.geometry.warpgroup_mma and self._feeds_rhs(op.results[0])
+            if swizzled:
+                self._check_swizzled(rows, cols, element)
+                shape = ([stages] if stages > 1 else []) + [cols // PANEL_COLS, rows, PANEL_COLS]
+            else:
+                shape = ([stages] if stages > 1 else []) + [rows, cols + PITCH_PAD]
             size = _bytes(element)
             for d in shape:
                 size *= d
-            at = -(-at // 128) * 128
-            layout.append((op, shape, element, at, stages, rows, cols))
+            align = SWIZZLE_ALIGN if swizzled else 128
+            at = -(-at // align) * align
+            layout.append((op, shape, element, at, stages, rows, cols, swizzled))
             return at + size
         for op in outside:
             offset = place(op, offset, 1)
@@ -268,16 +389,35 @@ class WorkGroupKernel:
                 at = place(op, at, 2)
             end = max(end, at)
         offset = end
-        self.shared_bytes = offset
+        any_swizzled = any(entry[-1] for entry in layout)
+        # the dynamic shared memory's start is only known to be 16-byte aligned: the buffers start
+        # at the first SWIZZLE_ALIGN boundary in it, which the size leaves room for
+        self.shared_bytes = offset + (SWIZZLE_ALIGN if any_swizzled else 0)
         if not layout:
             return
         base = gpu.dynamic_shared_memory(ir.MemRefType.get(
             [ir.ShapedType.get_dynamic_size()], ir.IntegerType.get_signless(8),
             memory_space=ir.Attribute.parse(_WORKGROUP)))
-        for op, shape, element, at, stages, rows, cols in layout:
+        shift, address = const_index(0), None
+        if any_swizzled:
+            address = memref.extract_aligned_pointer_as_index(base)
+            shift = arith.andi(arith.subi(const_index(0), address), const_index(SWIZZLE_ALIGN - 1))
+        i64 = ir.IntegerType.get_signless(64)
+        for op, shape, element, at, stages, rows, cols, swizzled in layout:
+            start = arith.addi(shift, const_index(at))
             view = memref.view(ir.MemRefType.get(shape, element, memory_space=ir.Attribute.parse(_WORKGROUP)),
-                               base, const_index(at), [])
-            self._buffers[op] = SharedTile(view, rows, cols, stages)
+                               base, start, [])
+            tile_address = arith.index_cast(i64, arith.addi(address, start)) if swizzled else None
+            self._buffers[op] = SharedTile(view, rows, cols, stages, swizzled=swizzled, address=tile_address)
+
+    @staticmethod
+    def _check_swizzled(rows: int, cols: int, element: ir.Type) -> None:
+        """What a wgmma operand tile must be: 16-bit elements, whole panels, whole k16 slices
+        along its rows, and at most 256 along n."""
+        if _bytes(element) != 2 or cols % PANEL_COLS or rows % 16 or max(rows, cols) > 256:
+            raise CompileError(f"nvvm: warpgroup MMA takes 16-bit tiles of a multiple of {PANEL_COLS} columns "
+                               f"and 16 rows, at most 256 each; got {rows} x {cols} of {element} (use "
+                               f"warpgroup_mma=False for this spec)")
 
     def _in_order(self, ops) -> List[ir.Operation]:
         order = []
@@ -742,6 +882,8 @@ class WorkGroupKernel:
         if not self._landing:
             return
         nvvm.cp_async_wait_group(newer_groups)
+        if any(self.tiles[result].swizzled for result in self._landing):
+            fence_async_proxy()
         gpu.barrier()
         for result in self._landing:
             if self._feeds_lhs(result) and self.geometry.q_in_registers:
@@ -760,6 +902,15 @@ class WorkGroupKernel:
             return True
         return not list(op.regions) and not any(vector_shape(v) is not None
                                                 for v in list(op.operands) + list(op.results))
+
+    def _feeds_rhs(self, value: ir.Value) -> bool:
+        """Whether `value` (through shape casts) is the right operand of a contraction."""
+        for user in _users(value):
+            if user.name == "vector.shape_cast" and self._feeds_rhs(user.results[0]):
+                return True
+            if user.name == "vector.contract" and user.operands[1] == value:
+                return True
+        return False
 
     def _feeds_lhs(self, value: ir.Value) -> bool:
         for user in _users(value):
@@ -806,6 +957,9 @@ class WorkGroupKernel:
             raise CompileError("nvvm: the right operand of a contraction must be a tile read from memory")
         b_rows_are_n = dims[1] == [1, 2]
         a_operand = self._a_operand(lhs, k)
+        if self.tiles[rhs].swizzled:
+            return self._warpgroup_contract(result, layout, a_operand, self.tiles[rhs], acc, k, n, element,
+                                            b_rows_are_n)
         acc_slots = self.dist(acc, layout)
         c = {(m, j): [acc_slots[(m, j, i)] for i in range(4)]
              for m in range(self.geometry.m_tiles) for j in range(n // 8)}
@@ -822,6 +976,29 @@ class WorkGroupKernel:
             for i in range(4):
                 out[(m, j, i)] = values[i]
         self.dists[(result, layout)] = out
+
+    def _warpgroup_contract(self, result, layout, a_operand, tile: SharedTile, acc, k: int, n: int,
+                            element: ir.Type, k_major: bool) -> None:
+        """The contraction as a chain of wgmma, one k16 slice of the tile a statement (all
+        m-tiles of the warp in it); the A fragments of the next slice load while it runs.  A
+        zero accumulator (S = Q K^T) is not read: the first slice overwrites it."""
+        tiles = self.geometry.m_tiles
+        if (tile.rows if k_major else tile.cols) != n:
+            raise CompileError(f"nvvm: a wgmma operand tile of {tile.rows} x {tile.cols} does not give n = {n}")
+        if _is_zero(acc):
+            values = None
+        else:
+            slots = self.dist(acc, layout)
+            values = [[slots[(m, j, i)] for j in range(n // 8) for i in range(4)] for m in range(tiles)]
+        descriptor = tile.descriptor(k_major)
+        i64 = ir.IntegerType.get_signless(64)
+        for kk in range(k // 16):
+            at = arith.addi(descriptor, arith.constant(i64, tile.slice_offset(kk, k_major) >> 4))
+            values = warpgroup_mma(values, [a_operand(m, kk) for m in range(tiles)], at, n, element,
+                                   transpose_b=not k_major)
+        values = warpgroup_wait(values)
+        self.dists[(result, layout)] = {(m, j, i): values[m][4 * j + i]
+                                        for m in range(tiles) for j in range(n // 8) for i in range(4)}
 
     def _a_operand(self, lhs: ir.Value, k: int) -> Callable[[int, int], List[ir.Value]]:
         """A fragment (m, kk) of a contraction's left operand, produced where it is asked for."""
@@ -980,7 +1157,10 @@ class WorkGroupKernel:
         """Double buffering of the loop's staged reads (see the module docstring)."""
         stage = arith.remui(arith.divui(arith.subi(j, lower), step), const_index(2))
         other = arith.subi(const_index(1), stage)
+        swizzled = any(self._buffers[read].swizzled for read in staged)
         nvvm.cp_async_wait_group(0)
+        if swizzled:
+            fence_async_proxy()
         gpu.barrier()  # this iteration's tiles copied ahead have landed; last iteration's reads are done
         self._current = {read: self._buffers[read].at(stage) for read in staged}
         following = arith.addi(j, step)
@@ -1009,6 +1189,8 @@ class WorkGroupKernel:
         for read in staged[1:]:
             def wait():
                 nvvm.cp_async_wait_group(1)  # all but the newest group (the next K): V is here
+                if swizzled:
+                    fence_async_proxy()
                 gpu.barrier()
             self._before[read] = wait
 

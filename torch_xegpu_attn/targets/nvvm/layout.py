@@ -62,12 +62,21 @@ class Geometry:
     fewer registers, more ldmatrix).
     prefetch: which staged tiles of a loop are copied a step ahead
     (ScheduleOptions.prefetch).
+    warpgroup_mma: contractions with a staged right operand run as wgmma
+    (ScheduleOptions.warpgroup_mma): warps 4g..4g+3 are warpgroup g, whose
+    m-tile m of each warp is one m64 operand of an instruction (A from
+    registers: any 16 rows a warp holds are that warp's rows of it).
     """
 
     warps: int
     m_tiles: int
     q_in_registers: bool = True
     prefetch: str = "keys"
+    warpgroup_mma: bool = False
+
+    def __post_init__(self) -> None:
+        if self.warpgroup_mma and self.warps % 4:
+            raise ValueError(f"nvvm: warpgroup MMA needs whole warpgroups (4 warps each), got {self.warps} warps")
 
     @property
     def rows(self) -> int:

@@ -91,7 +91,8 @@ def assemble(ptx: str, arch: str, keep_dir: str = "") -> Dict:
 
 
 def resources(report: str) -> Dict[str, Dict[str, int]]:
-    """Per kernel: registers, spill stores and loads (bytes), stack frame (bytes), from ptxas -v."""
+    """Per kernel: registers, spill stores and loads (bytes), stack frame (bytes), and whether
+    ptxas serialized its wgmma chains (`wgmma_serialized`), from ptxas -v."""
     found: Dict[str, Dict[str, int]] = {}
     current = None
     for line in report.splitlines():
@@ -108,4 +109,7 @@ def resources(report: str) -> Dict[str, Dict[str, int]]:
         registers = re.search(r"Used (\d+) registers", line)
         if registers:
             current["registers"] = int(registers.group(1))
+        if "wgmma.mma_async instructions are serialized" in line:
+            # ptxas waits for each wgmma before the next (too few registers, say): correct, slow
+            current["wgmma_serialized"] = 1
     return found
