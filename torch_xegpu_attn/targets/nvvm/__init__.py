@@ -106,13 +106,6 @@ def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
                     warpgroup_mma=options.warpgroup_mma)
 
 
-def _takes_warpgroup_mma(spec: AttentionSpec) -> bool:
-    """Whether a prefill of `spec` multiplies with wgmma on sm_90a: head dims 64 or 128 (the
-    K and V tiles are whole 64-column panels of the 128-byte swizzle; 256 would need more
-    accumulator registers than a warpgroup's 16 rows a warp leave)."""
-    return spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
-
-
 def _may_take_wide_rows(spec: AttentionSpec) -> bool:
     """Whether a prefill of `spec` takes 256-row work-groups when long enough: unmasked, head
     dims 65..128 (the only specs whose length splits "prefill" from "long")."""
@@ -167,8 +160,10 @@ class NvvmTarget(Target):
         return "prefill"
 
     def _warpgroup_mma(self, spec: AttentionSpec) -> bool:
-        """Whether a prefill of `spec` multiplies with wgmma: on sm_90a, head dims 64 and 128."""
-        return self.arch == "sm_90a" and _takes_warpgroup_mma(spec)
+        """Whether a prefill of `spec` multiplies with wgmma: on sm_90a, head dims 64 and 128 (the
+        K and V tiles are whole 64-column panels of the 128-byte swizzle; 256 would need more
+        accumulator registers than a warpgroup's 16 rows a warp leave)."""
+        return self.arch == "sm_90a" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         self.check(spec)

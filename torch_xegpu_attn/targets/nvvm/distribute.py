@@ -76,6 +76,10 @@ def i32_type() -> ir.Type:
     return ir.IntegerType.get_signless(32)
 
 
+def i64_type() -> ir.Type:
+    return ir.IntegerType.get_signless(64)
+
+
 def _i32(value: int) -> ir.Value:
     return arith.constant(i32_type(), value)
 
@@ -251,7 +255,7 @@ class SharedTile:
         between 8-row groups (SBO: 1024) and, n-major, between panels along n (LBO), and the
         128-byte swizzle mode.  K-major (the K tile: rows n, columns k) reads its k16 slices
         at 32-byte steps within a panel; n-major (V: rows k) at 16-row steps."""
-        i64 = ir.IntegerType.get_signless(64)
+        i64 = i64_type()
         address = self.address
         if self.stages > 1:
             stage = arith.index_cast(i64, self.stage)
@@ -367,7 +371,7 @@ class WorkGroupKernel:
         def place(op, at, stages):
             rows, cols = self._staged_shape(op)
             element = _element(op.results[0])
-            swizzled = self.geometry.warpgroup_mma and self._feeds_rhs(op.results[0])
+            swizzled = self.geometry.warpgroup_mma and self._feeds_operand(op.results[0], 1)
             if swizzled:
                 self._check_swizzled(rows, cols, element)
                 shape = ([stages] if stages > 1 else []) + [cols // PANEL_COLS, rows, PANEL_COLS]
@@ -402,7 +406,7 @@ class WorkGroupKernel:
         if any_swizzled:
             address = memref.extract_aligned_pointer_as_index(base)
             shift = arith.andi(arith.subi(const_index(0), address), const_index(SWIZZLE_ALIGN - 1))
-        i64 = ir.IntegerType.get_signless(64)
+        i64 = i64_type()
         for op, shape, element, at, stages, rows, cols, swizzled in layout:
             start = arith.addi(shift, const_index(at))
             view = memref.view(ir.MemRefType.get(shape, element, memory_space=ir.Attribute.parse(_WORKGROUP)),
@@ -886,7 +890,7 @@ class WorkGroupKernel:
             fence_async_proxy()
         gpu.barrier()
         for result in self._landing:
-            if self._feeds_lhs(result) and self.geometry.q_in_registers:
+            if self._feeds_operand(result, 0) and self.geometry.q_in_registers:
                 self.a_fragments[result] = self._load_a_fragments(self.tiles[result], vector_shape(result)[-1],
                                                                   _element(result))
         self._landing = []
@@ -903,20 +907,14 @@ class WorkGroupKernel:
         return not list(op.regions) and not any(vector_shape(v) is not None
                                                 for v in list(op.operands) + list(op.results))
 
-    def _feeds_rhs(self, value: ir.Value) -> bool:
-        """Whether `value` (through shape casts) is the right operand of a contraction."""
+    @staticmethod
+    def _feeds_operand(value: ir.Value, position: int) -> bool:
+        """Whether `value` (through shape casts) is operand `position` of a contraction (0: the
+        left, 1: the right)."""
         for user in _users(value):
-            if user.name == "vector.shape_cast" and self._feeds_rhs(user.results[0]):
+            if user.name == "vector.shape_cast" and WorkGroupKernel._feeds_operand(user.results[0], position):
                 return True
-            if user.name == "vector.contract" and user.operands[1] == value:
-                return True
-        return False
-
-    def _feeds_lhs(self, value: ir.Value) -> bool:
-        for user in _users(value):
-            if user.name == "vector.shape_cast" and self._feeds_lhs(user.results[0]):
-                return True
-            if user.name == "vector.contract" and user.operands[0] == value:
+            if user.name == "vector.contract" and user.operands[position] == value:
                 return True
         return False
 
@@ -991,7 +989,7 @@ class WorkGroupKernel:
             slots = self.dist(acc, layout)
             values = [[slots[(m, j, i)] for j in range(n // 8) for i in range(4)] for m in range(tiles)]
         descriptor = tile.descriptor(k_major)
-        i64 = ir.IntegerType.get_signless(64)
+        i64 = i64_type()
         for kk in range(k // 16):
             at = arith.addi(descriptor, arith.constant(i64, tile.slice_offset(kk, k_major) >> 4))
             values = warpgroup_mma(values, [a_operand(m, kk) for m in range(tiles)], at, n, element,
