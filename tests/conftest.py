@@ -21,15 +21,11 @@ os.environ["XEGPU_ATTN_POISON"] = "1"
 import torch_xegpu_attn  # noqa: E402,F401  (registers torch.ops.xegpu.attention)
 
 
-def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """Standard attention in float64, written out (not SDPA): the ground truth of the tests.
-
-    Fully masked rows give 0, as SDPA does.
-    """
-    q, k, v = q.double(), k.double(), v.double()
+def reference_scores(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """The scaled, masked scores of standard attention in float64 (-inf where masked)."""
+    q, k = q.double(), k.double()
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
-        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
     scale = 1.0 / q.size(-1) ** 0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
     L, S = scores.shape[-2:]
@@ -40,7 +36,22 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.double()
-    row_max = scores.amax(-1, keepdim=True)
+    return scores
+
+
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Standard attention in float64, written out (not SDPA): the ground truth of the tests.
+
+    Fully masked rows give 0, as SDPA does.
+    """
+    scores = reference_scores(q, k, attn_mask, is_causal, scale, enable_gqa)
+    v = v.double()
+    if enable_gqa and q.dim() >= 3 and v.size(-3) != q.size(-3):
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+    if scores.size(-1) == 0:  # no keys: every row is fully masked
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.amax(-1, keepdim=True)
     dead = torch.isneginf(row_max)
     weights = torch.exp(scores - torch.where(dead, torch.zeros_like(row_max), row_max))
     total = weights.sum(-1, keepdim=True)

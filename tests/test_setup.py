@@ -1,8 +1,8 @@
 """scripts/setup.sh is idempotent: a second run rebuilds nothing; a changed input does.
 
 The real repository: `--check-test` finds it up to date (scripts/test.sh has
-just run setup), and a real second run takes seconds and leaves the built
-extension untouched.  A copy of the setup inputs next to this .venv's stamps:
+just run setup), and a real second run builds nothing and leaves the built
+extension untouched (how long it takes is a matter for benchmarks, not tests).  A copy of the setup inputs next to this .venv's stamps:
 changing csrc/ or a requirements file makes `--check-test` report the
 reinstall or rebuild it would do (the copy is never built).
 """
@@ -10,7 +10,6 @@ reinstall or rebuild it would do (the copy is never built).
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import torch_xegpu_attn._C
@@ -30,13 +29,10 @@ def test_second_run_rebuilds_nothing():
     assert "setup: up to date" in check.stdout
     extension = Path(torch_xegpu_attn._C.__file__)
     before = extension.stat().st_mtime_ns
-    start = time.perf_counter()
     done = setup(ROOT, "--test")
-    seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stderr
     assert "building" not in done.stdout and "ready" in done.stdout
     assert extension.stat().st_mtime_ns == before, "the second run rebuilt the extension"
-    assert seconds < 30, f"a second setup run took {seconds:.1f} s"
 
 
 def _copy(tmp_path: Path) -> Path:

@@ -53,6 +53,7 @@ value columns (c).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -341,12 +342,14 @@ class _WorkGroup:
     def _scores(self, j: ir.Value, r: _KeyRange):
         """QK^T of the tile and the score chain on it: (scores, factor).
 
-        The softmax runs in base 2.  Where nothing additive follows the scale
-        (no additive mask) and the scale is positive, the scores stay unscaled
-        and `factor` = scale * log2(e) folds into the exponent, exp2(s * factor -
-        base): one FMA per score (the row max of unscaled scores is the same
-        key's).  Else the factor multiplies the scores here (folded into the
-        scale's constant when nothing follows it) and `factor` is None.
+        The softmax runs in base 2: p = exp2((s - m) * log2(e)).  Where nothing
+        additive follows the scale (no additive mask) and the scale is positive,
+        the scores stay unscaled and `factor` = scale * log2(e) (the row max of
+        unscaled scores is the same key's).  Otherwise the score chain runs as
+        written and `factor` = log2(e), or, in the fast form (`_exact_exponent`
+        false), log2(e) multiplies the scores right after the scale or the mask
+        (folded into the scale's constant when nothing follows it) and `factor`
+        is None: scores in base-2 units.
         """
         k, k_rows = self._k_operand(j, r)
         maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
@@ -357,7 +360,16 @@ class _WorkGroup:
         fold_after = "mask" if additive else "scale"
         plain = [op for op in self.score_ops if tag_of(op) not in INDEX_MASK_TAGS]
         guarded = [op for op in self.score_ops if tag_of(op) in INDEX_MASK_TAGS]
-        factor = None
+        exact = self._exact_exponent()
+        factor = _LOG2E if exact else None
+        if not any(tag_of(op) == "scale" for op in plain):
+            # The payload's multiply by the scale is gone: canonicalization erases a multiply
+            # by one.  The scores are then the scaled ones already.
+            if _rounded_to(self.spec.scale, self.acc) != 1.0:
+                raise CompileError(f"flash: no score op tagged 'scale' in the score chain, but the spec's "
+                                   f"scale is {self.spec.scale!r}, not 1")
+            if not additive:
+                factor = _LOG2E  # scale 1: log2(e) in the exponent
         for op in plain:
             if tag_of(op) == "scale" and not additive:
                 constant = _scale_constant(op)
@@ -366,7 +378,7 @@ class _WorkGroup:
                     continue  # applied in the exponent
             extra = [self._operand_tile(op, i, j, r) for i in range(1, len(op.operands) - 1)]
             s = translator.translate(op, [s, *extra, None])
-            if tag_of(op) == fold_after:
+            if tag_of(op) == fold_after and not exact:
                 s = _scaled(s, _LOG2E)
         if factor is None and not any(tag_of(op) == fold_after for op in plain):
             raise CompileError(f"flash: no score op tagged {fold_after!r} to fold log2(e) into")
@@ -374,6 +386,13 @@ class _WorkGroup:
             s = self._guarded_masks(s, j, r, guarded, translator)
         self.exponent_factor = factor
         return s, factor
+
+    def _exact_exponent(self) -> bool:
+        """Whether exponents are taken as exp2((s - m) * factor) rather than as one FMA,
+        exp2(s * factor - m * factor): for f32 and f64 inputs (computed in their own type), whose
+        outputs show the FMA form's error, the rounding of s * factor, about |s| ulps where the
+        difference form errs by |s - m| ulps.  f16 and bf16 outputs round that away."""
+        return self.et == self.acc
 
     def _guarded_masks(self, s, j, r: _KeyRange, guarded, translator) -> ir.Value:
         """Index masks (keys >= S; causal) only on the tiles that need them."""
@@ -422,6 +441,10 @@ class _WorkGroup:
         if factor is None:  # scores in base-2 units already
             alpha = mmath.exp2(arith.subf(m, base))
             p = mmath.exp2(arith.subf(s, broadcast_rows(base, tile)))
+        elif self._exact_exponent():  # exp2((x - base) * factor)
+            alpha = mmath.exp2(arith.mulf(arith.subf(m, base), splat([rows], self.acc, factor)))
+            p = mmath.exp2(arith.mulf(arith.subf(s, broadcast_rows(base, tile)),
+                                      splat([rows, tile], self.acc, factor)))
         else:               # m, s unscaled: exp2(x * factor - base * factor), FMAs
             base = arith.mulf(base, splat([rows], self.acc, factor))
             alpha = mmath.exp2(_fms(m, splat([rows], self.acc, factor), base))
@@ -598,6 +621,13 @@ class _WorkGroup:
 
 
 # --------------------------------------------------------------------------- small pieces
+
+
+def _rounded_to(value: float, element: ir.Type) -> float:
+    """`value` as the float type `element` holds it (the payload's constants are in that type)."""
+    if ir.FloatType(element).width == 32:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    return value
 
 
 def _value(bound) -> ir.Value:

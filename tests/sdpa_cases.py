@@ -1,0 +1,289 @@
+"""Property-based differential testing of the op against SDPA: strategies over SDPA's whole input
+space and the comparison every drawn case goes through.
+
+A case is what a user may pass to torch.nn.functional.scaled_dot_product_attention:
+
+    dtype        every dtype the target takes
+    rank         2-D to 5-D inputs (0 to 2 batch dims besides the heads), batch dims broadcast
+                 between query, key and value
+    heads        equal, broadcast key/value heads (1), or grouped (enable_gqa, every ratio;
+                 key and value heads may differ)
+    lengths      L and S drawn independently: 0, 1, below, at and past a tile, several tiles
+    head dims    E and Ev drawn independently from what the target takes
+    layouts      contiguous, heads and lengths transposed in memory, rows with a pitch, every
+                 other row, the last dim strided (not unit stride), expanded (stride 0) dims
+    masks        none, bool or additive (float32 or the query's dtype), every broadcast pattern
+                 of (batch..., Hq, L, S) and fewer leading dims, expanded views, rows with every
+                 key masked, -inf entries
+    is_causal    with L != S too (no mask)
+    scale        None, 1.0, 0.0, negative, tiny, large, and any float in between
+
+`check_case` runs the op (outputs poisoned: conftest sets XEGPU_ATTN_POISON), SDPA and a
+float64 reference on the same inputs and bounds the op's error by twice SDPA's plus a floor
+(where SDPA raises, the op must raise the same exception type).  The tests that use these
+strategies (tests/test_properties.py, the emulated xegpu and the nvvm GPU tests) draw from a
+fixed seed and keep a failure database (tests/hypothesis-db) whose shrunk failures are
+replayed first; the example budget is the profile's (XEGPU_ATTN_HYPOTHESIS_PROFILE: "ci" by
+default, "deep" for a longer search).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+import torch_xegpu_attn
+from conftest import FLOOR, reference_attention, reference_scores
+
+#: the seed every property test draws from (reproducible runs; XEGPU_ATTN_HYPOTHESIS_SEED overrides).
+SEED = int(os.environ.get("XEGPU_ATTN_HYPOTHESIS_SEED", "20261206"))
+#: shrunk failures are kept here and replayed before new examples are drawn.
+DATABASE = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hypothesis-db"))
+
+_COMMON = dict(deadline=None, database=DATABASE, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.filter_too_much])
+#: examples per test: "ci", the default run's budget; "deep", a longer search (before a change
+#: lands).
+settings.register_profile("ci", max_examples=30, **_COMMON)
+settings.register_profile("deep", max_examples=300, **_COMMON)
+settings.load_profile(os.environ.get("XEGPU_ATTN_HYPOTHESIS_PROFILE", "ci"))
+
+
+def budget(fraction: float) -> int:
+    """A test's example budget: `fraction` of the profile's (the emulated and GPU targets take a
+    share of the cpu's)."""
+    return max(1, int(settings.default.max_examples * fraction))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a target takes: the strategies draw only valid inputs for it."""
+
+    dtypes: Tuple[torch.dtype, ...]
+    head_dims: Tuple[int, ...]
+    device: str = "cpu"
+    #: the largest L * S * (E + Ev) * B * Hq drawn (a case's cost).
+    max_work: int = 2_000_000
+
+
+CPU = Target(dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+             head_dims=(1, 3, 8, 16, 17, 32, 48, 64, 80, 96, 128, 160, 256))
+#: every multiple of 16 up to 256, as the GPU targets take them.
+GPU_HEAD_DIMS = tuple(range(16, 257, 16))
+
+#: lengths (0 last: an empty result, no kernel to check).
+LENGTHS = (1, 2, 7, 8, 9, 16, 31, 63, 64, 65, 100, 127, 128, 129, 200, 257, 0)
+SCALES = (1.0, None, 0.0, -1.0, -0.125, 1e-30, 1e-6, 2.0, 30.0, 1e3)
+LAYOUTS = ("contiguous", "transposed", "pitched", "every_other_row", "last_dim_strided", "expanded")
+
+
+@dataclass
+class Case:
+    """One call: the tensors, the keyword arguments, and how they were made (for the report)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kwargs: Dict = field(default_factory=dict)
+    how: Dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        shapes = {n: (tuple(t.shape), tuple(t.stride()), str(t.dtype)) for n, t in
+                  (("q", self.q), ("k", self.k), ("v", self.v))}
+        mask = self.kwargs.get("attn_mask")
+        kw = {**self.kwargs, "attn_mask": None if mask is None else (tuple(mask.shape), tuple(mask.stride()),
+                                                                      str(mask.dtype))}
+        return f"Case({shapes}, {kw}, {self.how})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis' report: shapes, not values
+        printer.text(repr(self))
+
+
+def _make(shape: Sequence[int], dtype, layout: str, generator, device: str, magnitude: float) -> torch.Tensor:
+    """A tensor of `shape` laid out as `layout` (values from `generator`)."""
+    shape = tuple(shape)
+
+    def fresh(s):
+        t = torch.randn(*s, generator=generator, dtype=torch.float64) * magnitude
+        return t.to(dtype=dtype, device=device)
+
+    n = len(shape)
+    if layout == "transposed" and n >= 3:  # (..., L, H, D) in memory, heads and rows swapped
+        swapped = list(shape)
+        swapped[-3], swapped[-2] = swapped[-2], swapped[-3]
+        return fresh(swapped).transpose(-3, -2)
+    if layout == "pitched":  # rows padded: a row pitch larger than the row
+        return fresh((*shape[:-1], shape[-1] + 5))[..., :shape[-1]]
+    if layout == "every_other_row" and n >= 2:
+        return fresh((*shape[:-2], 2 * shape[-2], shape[-1]))[..., ::2, :]
+    if layout == "last_dim_strided" and n >= 2:
+        return fresh((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
+    if layout == "expanded" and n >= 3:  # every leading dim of size > 1 stored once (stride 0)
+        stored = [1 if i < n - 2 else s for i, s in enumerate(shape)]
+        return fresh(stored).expand(shape)
+    return fresh(shape)
+
+
+@st.composite
+def _heads(draw, rank: int):
+    """(Hq, Hk, Hv, enable_gqa); heads are 1 without a head dim (2-D inputs)."""
+    if rank < 3:  # (SDPA raises IndexError for 2-D inputs with enable_gqa=True)
+        return 1, 1, 1, False
+    kind = draw(st.sampled_from(["equal", "broadcast", "grouped"]))
+    if kind == "equal":
+        h = draw(st.integers(1, 4))
+        return h, h, h, draw(st.booleans())
+    if kind == "broadcast":  # key/value with one head, broadcast over the query's (no GQA flag)
+        return draw(st.integers(2, 4)), 1, 1, False
+    hk = draw(st.integers(1, 3))
+    hq = hk * draw(st.integers(1, 6))  # every ratio
+    divisors = [d for d in range(1, hq + 1) if hq % d == 0 and d <= 6]
+    hv = draw(st.sampled_from(divisors)) if draw(st.booleans()) else hk
+    return hq, hk, hv, True
+
+
+@st.composite
+def _mask(draw, kind: str, full: Tuple[int, ...], dtype, generator, device: str):
+    """A mask of `kind` ("bool" or "additive") broadcastable to `full` = (batch..., Hq, L, S) in
+    any pattern."""
+    rank = draw(st.integers(1, len(full)))
+    shape = [s if draw(st.booleans()) else 1 for s in full[len(full) - rank:]]
+    expanded = draw(st.booleans()) and any(s > 1 for s in shape[:-2])
+    stored = [1 if expanded and i < len(shape) - 2 else s for i, s in enumerate(shape)]
+    dead_rows = draw(st.booleans())
+    if kind == "bool":
+        keep = draw(st.sampled_from([0.1, 0.5, 0.9]))
+        mask = torch.rand(*stored, generator=generator) < keep
+        if dead_rows and len(stored) >= 2 and stored[-2] > 1:
+            mask[..., ::3, :] = False  # rows with every key masked
+        mask_dtype = "bool"
+    else:
+        mask_dtype = draw(st.sampled_from([torch.float32, dtype]))
+        mask = torch.randn(*stored, generator=generator, dtype=torch.float64) * 2
+        mask = mask.masked_fill(torch.rand(*stored, generator=generator) < 0.2, float("-inf"))
+        if dead_rows and len(stored) >= 2 and stored[-2] > 1:
+            mask[..., ::3, :] = float("-inf")
+        mask = mask.to(mask_dtype)
+        mask_dtype = str(mask_dtype)
+    mask = mask.to(device)
+    if expanded:
+        mask = mask.expand(shape)
+    return mask, {"mask_shape": tuple(shape), "mask_dtype": mask_dtype, "expanded": expanded,
+                  "dead_rows": dead_rows}
+
+
+#: how scores are masked: a test per kind keeps each one's share of the budget.
+MASKINGS = ("none", "causal", "bool", "additive")
+
+
+@st.composite
+def cases(draw, target: Target = CPU, masking: Optional[str] = None):
+    """Valid SDPA calls for `target` (see the module docstring), masked as `masking` says (one of
+    MASKINGS; drawn when None)."""
+    dtype = draw(st.sampled_from(target.dtypes))
+    rank = draw(st.integers(2, 5))
+    hq, hk, hv, gqa = draw(_heads(rank))
+    batch = [draw(st.integers(1, 3)) for _ in range(max(0, rank - 3))]
+    L, S = draw(st.sampled_from(LENGTHS)), draw(st.sampled_from(LENGTHS))
+    E, Ev = draw(st.sampled_from(target.head_dims)), draw(st.sampled_from(target.head_dims))
+    work = max(1, math.prod(batch)) * hq * max(L, 1) * max(S, 1) * (E + Ev)
+    if work > target.max_work:  # too costly for a test: shorten the keys, then the queries
+        S = min(S, max(1, target.max_work // (work // max(S, 1))))
+        work = max(1, math.prod(batch)) * hq * max(L, 1) * max(S, 1) * (E + Ev)
+        L = min(L, max(1, target.max_work * max(L, 1) // work))
+
+    def batch_of(name):  # key and value may broadcast batch dims of the query
+        return [b if name == "q" or draw(st.booleans()) else 1 for b in batch]
+
+    heads = {"q": hq, "k": hk, "v": hv}
+    rows = {"q": L, "k": S, "v": S}
+    cols = {"q": E, "k": E, "v": Ev}
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    magnitude = draw(st.sampled_from([1.0, 3.0]))
+    tensors, layouts = {}, {}
+    for name in ("q", "k", "v"):
+        shape = (batch_of(name) + [heads[name]] if rank >= 3 else []) + [rows[name], cols[name]]
+        layouts[name] = draw(st.sampled_from(LAYOUTS))
+        tensors[name] = _make(shape, dtype, layouts[name], generator, target.device, magnitude)
+    scale = draw(st.sampled_from(SCALES + ("any",)))
+    kwargs = {"scale": draw(st.floats(-4.0, 4.0, allow_nan=False)) if scale == "any" else scale}
+    if gqa:
+        kwargs["enable_gqa"] = True
+    scores = (*torch.broadcast_shapes(*(t.shape[:-3] for t in tensors.values())),
+              *((hq,) if rank >= 3 else ()), L, S)
+    masking = masking or draw(st.sampled_from(MASKINGS))
+    how = {"masking": masking}
+    if masking == "causal":
+        kwargs["is_causal"] = True
+    elif masking != "none":
+        kwargs["attn_mask"], drawn = draw(_mask(masking, scores, dtype, generator, target.device))
+        how.update(drawn)
+    how.update(layouts=layouts, magnitude=magnitude)
+    return Case(tensors["q"], tensors["k"], tensors["v"], kwargs, how)
+
+
+def _sdpa(case: Case):
+    """SDPA's output on the case, or the exception it raises."""
+    try:
+        return F.scaled_dot_product_attention(case.q, case.k, case.v, **case.kwargs)
+    except Exception as error:  # noqa: BLE001 (the op must raise the same type)
+        return error
+
+
+def check_case(case: Case, run=None) -> Optional[float]:
+    """The op (`run`, default torch_xegpu_attn.attention) against SDPA and the float64 reference:
+    the op's max abs error at most 2x SDPA's plus the dtype's floor; where SDPA raises, the op
+    raises the same type.  Rows SDPA leaves NaN (its math backend on rows with every key masked)
+    do not count toward SDPA's error; the op must give the reference's 0 there.  Returns the
+    op's error (None where both raised)."""
+    run = run or torch_xegpu_attn.attention
+    expected = _sdpa(case)
+    if isinstance(expected, Exception):
+        try:
+            run(case.q, case.k, case.v, **case.kwargs)
+        except type(expected):
+            return None
+        raise AssertionError(f"SDPA raises {type(expected).__name__} ({expected}), the op does not")
+    ours = run(case.q, case.k, case.v, **case.kwargs)
+    if ours.device.type == "cuda":
+        torch.cuda.synchronize()
+    ref = reference_attention(case.q.cpu(), case.k.cpu(), case.v.cpu(),
+                              **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()})
+    assert ours.shape == expected.shape == ref.shape, (ours.shape, expected.shape, ref.shape)
+    assert ours.dtype == case.q.dtype and ours.device == case.q.device
+    ours = ours.cpu().double()
+    assert not ours.isnan().any(), "unwritten or NaN output elements"
+    if ours.numel() == 0:
+        return 0.0
+    err = (ours - ref).abs().max().item()
+    sdpa_err = torch.nan_to_num((expected.cpu().double() - ref).abs(), nan=0.0).max().item()
+    rounding = score_rounding(case)
+    bound = 2 * sdpa_err + FLOOR[case.q.dtype] + rounding
+    assert err <= bound, (f"error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e}, score rounding "
+                          f"{rounding:.3e})")
+    return err
+
+
+def score_rounding(case: Case) -> float:
+    """What rounding the scores alone may move the output by: a score s computed in the
+    accumulator's precision (unit roundoff u: f32, f64 for float64 inputs) is off by about
+    u |s|, which moves an output by up to twice that times max |v|.  Where scores are large
+    (large inputs or scale) this is the error of any implementation, SDPA's included, but
+    which of two implementations rounds a given score worse is chance: the floor keeps a
+    2x comparison of two such draws from failing at random."""
+    roundoff = 2.0 ** -53 if case.q.dtype == torch.float64 else 2.0 ** -24
+    kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()}
+    scores = reference_scores(case.q.cpu(), case.k.cpu(), **kwargs)
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() == 0 or case.v.numel() == 0:
+        return 0.0
+    return 2 * roundoff * finite.abs().max().item() * case.v.double().abs().max().item()
