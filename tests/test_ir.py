@@ -174,8 +174,8 @@ CHECK:     arith.maximumf %[[M]]
 CHECK:     math.exp2 {{.*}} : vector<4xf32>
 CHECK:     vector.shape_cast {{.*}} : vector<4xf32> to vector<4x1xf32>
 CHECK:     %[[BASE:.*]] = vector.broadcast {{.*}} : vector<4x1xf32> to vector<4x64xf32>
-CHECK:     %[[X:.*]] = arith.mulf %[[SC]], %{{.*}} fastmath<contract> : vector<4x64xf32>
-CHECK:     %[[ARG:.*]] = arith.subf %[[X]], %[[BASE]] fastmath<contract> : vector<4x64xf32>
+CHECK:     %[[X:.*]] = arith.subf %[[SC]], %[[BASE]] : vector<4x64xf32>
+CHECK:     %[[ARG:.*]] = arith.mulf %[[X]], %{{.*}} : vector<4x64xf32>
 CHECK:     math.exp2 %[[ARG]] : vector<4x64xf32>
 CHECK:     vector.multi_reduction <add>
 CHECK:     vector.transfer_read {{.*}}[%c0, %c0, %[[J]], %c0]{{.*}} : tensor<1x1x?x8xf32>, vector<64x8xf32>
@@ -190,7 +190,15 @@ CHECK:   scf.forall.in_parallel
 
 def test_flash_scores_in_base_two():
     # The scale times log2(e) (0.25 * 1.4427 = 0.3607) multiplies in the exponent, which is
-    # exp2(s * c - m * c) (one FMA per score); the normalization is one reciprocal per row.
+    # exp2((s - m) * c) for f32 inputs (the difference first: exact where it matters) and
+    # exp2(s * c - m * c) for f16 and bf16 (one FMA per score); the normalization is one
+    # reciprocal per row.
+    filecheck(stage_ir(replace(SPEC, dtype="float16"), "flash"), r"""
+CHECK:     %[[BASE:.*]] = vector.broadcast {{.*}} : vector<4x1xf32> to vector<4x64xf32>
+CHECK:     %[[X:.*]] = arith.mulf %{{.*}}, %{{.*}} fastmath<contract> : vector<4x64xf32>
+CHECK:     %[[ARG:.*]] = arith.subf %[[X]], %[[BASE]] fastmath<contract> : vector<4x64xf32>
+CHECK:     math.exp2 %[[ARG]] : vector<4x64xf32>
+""")
     ir = stage_ir(SPEC, "flash")
     filecheck(ir, r"""
 CHECK-DAG: arith.constant dense<0.360673755> : vector<4x64xf32>
@@ -202,11 +210,18 @@ CHECK-NOT: math.exp {{.*}}
 CHECK-NOT: arith.divf {{.*}} : vector<4x8xf32>
 CHECK-NOT: vector.transpose
 """)
-    # An additive mask is added in natural units: the factor follows it, unfolded.
-    filecheck(stage_ir(ADDITIVE, "flash"), r"""
+    # An additive mask is added in natural units: log2(e) follows it, unfolded (f16: on the
+    # scores; f32: in the exponent, after the difference).
+    filecheck(stage_ir(replace(ADDITIVE, dtype="float16"), "flash"), r"""
 CHECK: %[[SCALED:.*]] = arith.mulf %{{.*}}, %{{.*}} : vector<4x64xf32>
 CHECK: %[[MASKED:.*]] = arith.addf %[[SCALED]], %{{.*}} : vector<4x64xf32>
 CHECK: arith.mulf %[[MASKED]], %{{.*}} : vector<4x64xf32>
+""")
+    filecheck(stage_ir(ADDITIVE, "flash"), r"""
+CHECK: %[[SCALED:.*]] = arith.mulf %{{.*}}, %{{.*}} : vector<4x64xf32>
+CHECK: %[[MASKED:.*]] = arith.addf %[[SCALED]], %{{.*}} : vector<4x64xf32>
+CHECK: %[[X:.*]] = arith.subf %{{.*}}, %{{.*}} : vector<4x64xf32>
+CHECK: arith.mulf %[[X]], %{{.*}} : vector<4x64xf32>
 """)
 
 
@@ -264,14 +279,14 @@ CHECK: vector.transfer_write {{.*}} {in_bounds = [true, true, true]} : vector<2x
 
 
 def test_flash_materialized_k_transpose():
-    # "long": a loop of its own writes K^T tiles into a workspace padded to whole tiles;
-    # the flash loop reads (16 x 64) tiles of it, in bounds.
+    # "long": a loop of its own writes K^T tiles into a workspace padded to whole tiles, one
+    # transpose per (64 x 16) K tile; the flash loop reads (16 x 64) tiles of it, in bounds.
     filecheck(stage_ir(LONG, "flash"), r"""
 CHECK: %[[TILES:.*]] = arith.ceildivui
 CHECK: %[[PADDED:.*]] = arith.muli %[[TILES]], %c64
 CHECK: tensor.empty(%{{.*}}, %{{.*}}, %[[PADDED]]) : tensor<?x?x16x?xf32>
 CHECK: scf.forall (%{{.*}}, %{{.*}}, %{{.*}}) in (%{{.*}}, %{{.*}}, %[[TILES]])
-CHECK:   vector.transpose {{.*}} [1, 0] : vector<16x16xf32> to vector<16x16xf32>
+CHECK:   vector.transpose {{.*}} [1, 0] : vector<64x16xf32> to vector<16x64xf32>
 CHECK: {attn.k_transpose, mapping = [#gpu.block<linear_dim_2>, #gpu.block<linear_dim_1>, #gpu.block<linear_dim_0>]}
 CHECK: scf.forall
 CHECK:   scf.for
@@ -323,6 +338,17 @@ CHECK: func.func @attention_grid0(
 CHECK:   vector.transpose
 CHECK: func.func @attention_grid1(
 CHECK: func.func @attention_plan(
+""")
+    # cpu-vector splits the tile's transpose into (16 x 16) pieces (CpuOptions.transpose_tile),
+    # keys (the read's rows, past S read as zeros) in the inner loop
+    filecheck(stage_ir(LONG, "cpu-vector"), r"""
+CHECK: func.func @attention_grid0(
+CHECK:   scf.for %{{.*}} = %{{.*}} to %c16{{.*}} step %c16
+CHECK:     scf.for %{{.*}} = %{{.*}} to %c64{{.*}} step %c16
+CHECK:       vector.transfer_read {{.*}} {in_bounds = [false, true]} {{.*}}, vector<16x16xf32>
+CHECK:       vector.transpose {{.*}} [1, 0] : vector<16x16xf32> to vector<16x16xf32>
+CHECK:       vector.transfer_write {{.*}} : vector<16x16xf32>
+CHECK: func.func @attention_grid1(
 """)
 
 

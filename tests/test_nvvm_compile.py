@@ -63,7 +63,7 @@ def test_kernels_and_ptx(compiled, name):
     spec, artifact, ptx = compiled[name]
     options = nvvm.options_for(spec)
     kernels = artifact.metadata["kernels"]
-    assert len(kernels) == (2 if options.kv_splits > 1 else 1)  # work-group loop (+ combine)
+    assert len(kernels) == (2 if options.schedule.kv_splits > 1 else 1)  # work-group loop (+ combine)
     main = kernels[0]
     entries = re.findall(r"\.visible \.entry (\w+)\(", ptx)
     assert entries == [k["name"] for k in kernels]
@@ -71,15 +71,15 @@ def test_kernels_and_ptx(compiled, name):
     body = ptx.split(".entry " + main["name"])[1].split(".entry")[0]
     kind = "bf16" if spec.dtype == "bfloat16" else "f16"
     if options.warpgroup_mma:  # K and V read by wgmma from swizzled shared memory, Q by ldmatrix
-        tensor_cores = (f"wgmma.mma_async.sync.aligned.m64n{options.kv_tile}k16.f32.{kind}.{kind}",
+        tensor_cores = (f"wgmma.mma_async.sync.aligned.m64n{options.schedule.kv_tile}k16.f32.{kind}.{kind}",
                         f"wgmma.mma_async.sync.aligned.m64n{spec.v_head_dim}k16.f32.{kind}.{kind}",
                         "wgmma.fence.sync.aligned", "wgmma.wait_group.sync.aligned 0",
                         "fence.proxy.async.shared::cta", "ldmatrix.sync.aligned.m8n8.x4.shared.b16")
         assert "mma.sync.aligned.m16n8k16" not in body and ".trans." not in body
         # QK^T: E / 16 slices, P.V: kv_tile / 16, one wgmma each per 16 rows of a warp; in each
         # key loop (two with a peeled tail)
-        loops = 2 if options.tail == "peel" else 1
-        assert body.count("wgmma.mma_async") == loops * (spec.head_dim + options.kv_tile) // 16
+        loops = 2 if options.schedule.tail == "peel" else 1
+        assert body.count("wgmma.mma_async") == loops * (spec.head_dim + options.schedule.kv_tile) // 16
     else:
         tensor_cores = (f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32",
                         "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
@@ -94,9 +94,8 @@ def test_warpgroup_mma_where_it_applies():
     sm_80 keep mma.sync."""
     for name, spec in SPECS.items():
         wgmma = spec.length_class != "decode" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
-        assert nvvm.options_for(spec).warpgroup_mma == wgmma, name
-        with nvvm.compiling_for("sm_80"):
-            assert not nvvm.options_for(spec).warpgroup_mma, name
+        assert nvvm.options_for(spec, "sm_90a").warpgroup_mma == wgmma, name
+        assert not nvvm.options_for(spec, "sm_80").warpgroup_mma, name
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -118,12 +117,11 @@ def test_work_group_rows(compiled, name, rows):
     of 32 rows.  (256-row ones, 8 warps of 32 rows, for long mma.sync prefills at D 65..128.)"""
     spec, artifact, _ = compiled[name]
     options = nvvm.options_for(spec)
-    assert options.row_tile == rows
+    assert options.schedule.row_tile == rows
     per_warp = 16 if options.warpgroup_mma else 32
     assert artifact.metadata["kernels"][0]["threads"] == 32 * rows // per_warp
-    with nvvm.compiling_for("sm_80"):
-        wide = spec.length_class == "long" and spec.head_dim == 128
-        assert nvvm.options_for(spec).row_tile == (256 if wide else 128)
+    wide = spec.length_class == "long" and spec.head_dim == 128
+    assert nvvm.options_for(spec, "sm_80").schedule.row_tile == (256 if wide else 128)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -147,12 +145,12 @@ def test_rescale_is_skipped_by_warps(compiled, name):
     spec, artifact, ptx = compiled[name]
     options = nvvm.options_for(spec)
     plain_e64 = spec.mask is None and max(spec.head_dim, spec.v_head_dim) == 64 and not spec.causal
-    lazy = spec.length_class != "decode" and options.row_tile == 128 and not plain_e64 and not options.warpgroup_mma
-    assert options.rescale_threshold == (8.0 if lazy else 0.0)
+    lazy = spec.length_class != "decode" and options.schedule.row_tile == 128 and not plain_e64 and not options.warpgroup_mma
+    assert options.schedule.rescale_threshold == (8.0 if lazy else 0.0)
     main = artifact.metadata["kernels"][0]["name"]
     body = ptx.split(".entry " + main)[1].split(".entry")[0]
     votes = re.findall(r"vote\.sync\.any\.pred\s+(%p\d+),", body)
-    assert len(votes) == (0 if not lazy else 2 if options.tail == "peel" else 1), votes
+    assert len(votes) == (0 if not lazy else 2 if options.schedule.tail == "peel" else 1), votes
     for vote in votes:  # the branch on the vote: skip when no row of the warp grew
         assert re.search(rf"not\.pred\s+(%p\d+), {vote};\s*@\1 bra|@!?{vote} bra", body), vote
 
@@ -170,8 +168,7 @@ def test_long_class_only_where_tiles_change(q_len, causal, e, mask, length_class
     from torch_xegpu_attn.spec import ProblemSize
     spec = replace(PREFILL, head_dim=e, v_head_dim=e, causal=causal, mask=mask, length_class="any")
     assert nvvm.length_class(ProblemSize(1, 4, q_len, q_len), spec) == length_class
-    with nvvm.compiling_for("sm_80"):
-        assert nvvm.length_class(ProblemSize(1, 4, q_len, q_len), spec) == ampere
+    assert nvvm.length_class(ProblemSize(1, 4, q_len, q_len), spec, "sm_80") == ampere
     if length_class == "prefill":  # one class: the other would build the same kernel
         assert nvvm.options_for(replace(spec, length_class="long")) == nvvm.options_for(replace(spec, length_class="prefill"))
 
@@ -184,7 +181,7 @@ def test_causal_grids_go_in_head_chunks():
 
 def test_eager_rescale_has_no_vote(tmp_path):
     spec = SPECS["prefill-e128-causal"]
-    options = replace(nvvm.options_for(spec), rescale_threshold=0.0, warpgroup_mma=False, kv_tile=64)
+    options = nvvm.options_for(spec).with_fields(rescale_threshold=0.0, warpgroup_mma=False, kv_tile=64)
     compile_spec(spec, dump_dir=str(tmp_path), options=options)
     ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
     assert "vote.sync" not in ptx and "mma.sync.aligned.m16n8k16" in ptx
@@ -198,7 +195,7 @@ def test_prefetching_every_tile_builds(tmp_path, name):
     waits = {}
     for mode in ("keys", "tiles", "tiles-late"):
         spec = SPECS[name]
-        options = replace(nvvm.options_for(spec), prefetch=mode)
+        options = nvvm.options_for(spec).with_fields(prefetch=mode)
         folder = tmp_path / mode
         artifact = compile_spec(spec, dump_dir=str(folder), options=options)
         ptx = next(folder.rglob("kernel.ptx")).read_text()
@@ -214,10 +211,9 @@ def test_plain_e64_copies_tiles_late():
     """With mma.sync, unmasked non-causal D = 64 copies the next K and V tiles after QK^T
     (measured faster); causal, masked and D = 128 keep "keys".  With wgmma, D = 64 copies them
     at the start of a step, D = 128 keeps "keys"."""
-    with nvvm.compiling_for("sm_80"):
-        assert nvvm.options_for(SPECS["prefill-e64"]).prefetch == "tiles-late"
-        for name in ("prefill-e64-causal", "prefill-bool-mask", "prefill-e128-bf16", "long-e128-bf16", "decode-mha"):
-            assert nvvm.options_for(SPECS[name]).prefetch == "keys", name
+    assert nvvm.options_for(SPECS["prefill-e64"], "sm_80").prefetch == "tiles-late"
+    for name in ("prefill-e64-causal", "prefill-bool-mask", "prefill-e128-bf16", "long-e128-bf16", "decode-mha"):
+        assert nvvm.options_for(SPECS[name], "sm_80").prefetch == "keys", name
     for name in ("prefill-e64", "prefill-e64-causal", "prefill-bool-mask"):
         assert nvvm.options_for(SPECS[name]).prefetch == "tiles", name
     for name in ("prefill-e128-bf16", "long-e128-bf16", "decode-mha", "prefill-e256"):
@@ -227,13 +223,13 @@ def test_plain_e64_copies_tiles_late():
 def test_decode_packs_heads_and_splits_keys(compiled):
     spec, artifact, _ = compiled["decode-gqa"]
     options = nvvm.options_for(spec)
-    assert options.pack_gqa and options.kv_splits > 1 and options.row_tile * spec.group == 16
+    assert options.schedule.pack_gqa and options.schedule.kv_splits > 1 and options.schedule.row_tile * spec.group == 16
     assert len(artifact.metadata["workspaces"]) == 3  # partial max, sum, accumulator
     # the split count is computed at run time from the sizes (the grid's expression holds it)
     split, combine = artifact.metadata["kernels"]
-    assert options.split_fill and '"max"' in json.dumps(split["grid"])  # max(1, min(...))
+    assert options.schedule.split_fill and '"max"' in json.dumps(split["grid"])  # max(1, min(...))
     assert '"max"' not in json.dumps(combine["grid"])  # (b, h, g, r, value-column tile)
-    assert combine["grid"][2] == ["const", spec.v_head_dim // options.combine_cols]
+    assert combine["grid"][2] == ["const", spec.v_head_dim // options.schedule.combine_cols]
 
 
 def test_decode_class_needs_enough_keys():
@@ -257,8 +253,7 @@ def test_ampere_cubins(tmp_path, name):
     """The same mma.sync / ldmatrix / cp.async kernels for sm_80 (A100): PTX for that target,
     within Ampere's 164 KB of shared memory per block, bounded spills (not run: no A100 here)."""
     spec = SPECS[name]
-    with nvvm.compiling_for("sm_80"):
-        artifact = compile_spec(spec, dump_dir=str(tmp_path))
+    artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec, "sm_80"))
     ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
     assert artifact.metadata["arch"] == "sm_80" and re.search(r"^\.target sm_80\b", ptx, re.M)
     assert "mma.sync.aligned.m16n8k16" in ptx and "cp.async.cg.shared.global" in ptx

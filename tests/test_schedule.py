@@ -24,6 +24,7 @@ import torch
 
 from conftest import check
 from ir_structure import describe
+from torch_xegpu_attn import knobs
 from torch_xegpu_attn.compiler import CompilationStopped, compile_spec
 from torch_xegpu_attn.schedule.options import ScheduleOptions
 from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
@@ -37,9 +38,8 @@ OPTION_SETS = {
     "gpu-decode-split4-packed": dict(row_tile=1, kv_tile=32, pack_gqa=True, kv_splits=4, pv_in_f32=False),
     "16x16-peel": dict(row_tile=16, kv_tile=16, tail="peel"),
     "32x16-explicit-peel": dict(row_tile=32, kv_tile=16, k_layout="explicit", tail="peel"),
-    "8x16-materialized-peel": dict(row_tile=8, kv_tile=16, k_layout="materialized", transpose_tile=(8, 16),
-                                   tail="peel"),
-    "16x32-materialized": dict(row_tile=16, kv_tile=32, k_layout="materialized", transpose_tile=(16, 16)),
+    "8x16-materialized-peel": dict(row_tile=8, kv_tile=16, k_layout="materialized", tail="peel"),
+    "16x32-materialized": dict(row_tile=16, kv_tile=32, k_layout="materialized"),
     "8x16-split3": dict(row_tile=8, kv_tile=16, kv_splits=3),
     "16x16-split2-explicit-packed": dict(row_tile=16, kv_tile=16, k_layout="explicit", kv_splits=2,
                                          pack_gqa=True),
@@ -52,12 +52,14 @@ OPTION_SETS = {
     "8x16-split3-lazy2": dict(row_tile=8, kv_tile=16, kv_splits=3, rescale_threshold=2.0),
 }
 
-#: specs the structure is checked on (lengths are run-time: one kernel serves every shape).
+#: specs the structure is checked on (lengths are run-time: one kernel serves every shape; the
+#: cpu target's own options are those of its "short" class, the schedule the option set's).
 SPECS = {
-    "plain": AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16"),
-    "causal-gqa": AttentionSpec(group=4, head_dim=64, v_head_dim=32, dtype="bfloat16", causal=True),
+    "plain": AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", length_class="short"),
+    "causal-gqa": AttentionSpec(group=4, head_dim=64, v_head_dim=32, dtype="bfloat16", causal=True,
+                                length_class="short"),
     "mask-gqa": AttentionSpec(group=2, head_dim=32, v_head_dim=32, dtype="float32",
-                              mask=MaskSpec("additive", ("b", "g", "l", "s"), "float32")),
+                              mask=MaskSpec("additive", ("b", "g", "l", "s"), "float32"), length_class="short"),
 }
 
 
@@ -118,13 +120,35 @@ def test_options_are_validated():
         ScheduleOptions(row_tile=4, kv_tile=16, k_layout="sideways")
     with pytest.raises(ValueError, match="tail"):
         ScheduleOptions(row_tile=4, kv_tile=16, tail="ignore")
-    with pytest.raises(ValueError, match="transpose_tile"):
-        ScheduleOptions(row_tile=4, kv_tile=16, transpose_tile=(8, 12))
+    with pytest.raises(TypeError):  # a target's knob is not the shared schedule's
+        ScheduleOptions(row_tile=4, kv_tile=16, transpose_tile=(8, 16))
     with pytest.raises(ValueError, match="rescale_threshold"):
         ScheduleOptions(row_tile=4, kv_tile=16, rescale_threshold=16.0)
     with pytest.raises(Exception, match="split keys need tail='mask'"):
         compile_spec(SPECS["plain"], stop_after="flash", dump_dir="",
                      options=ScheduleOptions(row_tile=4, kv_tile=16, tail="peel", kv_splits=2))
+
+
+def test_target_options_are_validated(monkeypatch):
+    """Each target's own knobs live in its frozen options, validated there, and overrides reach
+    them through XEGPU_ATTN_SCHEDULE like the schedule's."""
+    from torch_xegpu_attn.targets import get_target
+    from torch_xegpu_attn.targets.cpu import CpuOptions
+    from torch_xegpu_attn.targets.nvvm import NvvmOptions
+    materialized = ScheduleOptions(row_tile=4, kv_tile=16, k_layout="materialized")
+    with pytest.raises(ValueError, match="transpose_tile"):
+        CpuOptions(materialized, transpose_tile=(8, 12))
+    with pytest.raises(ValueError, match="prefetch"):
+        NvvmOptions(materialized, prefetch="sideways")
+    with pytest.raises(ValueError, match="sm_90a"):
+        NvvmOptions(materialized, arch="sm_80", warpgroup_mma=True)
+    spec = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float16", length_class="prefill")
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps({"prefetch": "tiles", "kv_tile": 32}))
+    options = get_target("nvvm").options_for(spec, "sm_80")
+    assert (options.prefetch, options.schedule.kv_tile, options.arch) == ("tiles", 32, "sm_80")
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps({"prefetch": "tiles"}))
+    with pytest.raises(knobs.KnobError, match="prefetch"):  # the cpu target has no such knob
+        get_target("cpu").options_for(replace(spec, dtype="float32", length_class="short"))
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -266,7 +290,7 @@ def test_options_change_the_kernel(monkeypatch, fresh_seed):
 
 def test_bad_schedule_override(monkeypatch):
     monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(dict(row_tiles=8)))
-    with pytest.raises(ValueError, match="unknown ScheduleOptions fields"):
+    with pytest.raises(ValueError, match="unknown option fields"):
         check(rand(1, 1, 5, 16), rand(1, 1, 5, 16), rand(1, 1, 5, 16))
     monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", "row_tile=8")
     with pytest.raises(ValueError, match="JSON object"):

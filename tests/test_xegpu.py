@@ -91,7 +91,7 @@ def test_xegpu_ops_with_layouts(compiled, name):
     elif spec.mask is not None:
         assert "xegpu.load " in wg  # a 1-D mask: a scattered load, lanes past the end masked off
     assert len(re.findall(r"xegpu\.dpas", wg)) == 2  # Q.K^T and P.V, as work-group ops
-    geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
+    geometry = xegpu_target._geometry(spec, xegpu.options_for(spec).schedule)
     n, rows, kv = geometry.subgroups, geometry.sg_rows, geometry.kv_tile
     e, ev = spec.head_dim, spec.v_head_dim
     # the anchors' layouts in XeGPU's terms
@@ -115,7 +115,7 @@ def test_decode_class_is_one_subgroup_per_work_group(compiled, q_len, length_cla
     assert xegpu.length_class(ProblemSize(batch=1, kv_heads=8, q_len=q_len, kv_len=300), spec) == length_class
     for name in ("decode-gqa4", "decode-e128-bf16-padding-mask"):
         spec, artifact, _ = compiled[name]
-        assert xegpu.options_for(spec).row_tile == 8
+        assert xegpu.options_for(spec).schedule.row_tile == 8
         assert [k["threads"] for k in artifact.metadata["kernels"]] == [16]
 
 
@@ -173,7 +173,7 @@ def test_native_code(compiled, name, device):
     assert artifact.metadata["large_grf"]
     found = toolchain.native(artifact.binary, device, large_grf=True)
     assert artifact.metadata["native"][device]  # the entry offers the driver this binary first
-    geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
+    geometry = xegpu_target._geometry(spec, xegpu.options_for(spec).schedule)
     # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x kv/16)
     per_step = geometry.sg_rows // 8 * geometry.kv_tile // 16 * (spec.head_dim // 16 + spec.v_head_dim // 16)
     report = {k: v for k, v in found.items() if k not in ("binary", "asm", "zeinfo")}
@@ -183,7 +183,7 @@ def test_native_code(compiled, name, device):
     assert found["spill_bytes"] == 0 and found["scratch_messages"] == 0
     assert found["dpas"] >= per_step and found["dpas"] % per_step == 0
     assert found["block_loads"] >= 3 and found["block_stores"] >= 1
-    if xegpu_target._geometry(spec, xegpu.options_for(spec)).prefetch:
+    if xegpu_target._geometry(spec, xegpu.options_for(spec).schedule).prefetch:
         assert found["block_prefetches"] >= 1
 
 

@@ -97,17 +97,11 @@ def precompile(query, key, value, attn_mask=None, is_causal=False, scale=None, e
     same length class.  `arch` names the GPU a GPU target compiles for (default: the GPU of
     this machine, or the target's default architecture when there is none)."""
     from .cache import CACHE as _cache
-    from .targets import get_target
-    spec = frontend.spec_for_target(query, key, value, attn_mask, is_causal, scale, enable_gqa, target=target)
+    spec = frontend.spec_for_target(query, key, value, attn_mask, is_causal, scale, enable_gqa, target=target,
+                                    arch=arch)
     if spec is None:
         return None
-    backend = get_target(target)
-    if arch is None:
-        return _cache.precompile(spec)
-    if not hasattr(backend, "compiling_for"):
-        raise ValueError(f"arch= is for GPU targets; the {target} target compiles for this machine")
-    with backend.compiling_for(arch):
-        return _cache.precompile(spec)
+    return _cache.precompile(spec, arch)
 
 
 def register_transformers() -> str:

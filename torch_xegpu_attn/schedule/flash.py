@@ -587,9 +587,10 @@ class _WorkGroup:
     # ------------------------------------------------------------------ K^T workspace
 
     def _materialize_k_transpose(self) -> ir.Value:
-        """forall (b, h, t): K tiles -> (E x T) tiles of a K^T workspace padded to whole tiles."""
+        """forall (b, h, t): each K tile (T x E) -> an (E x T) tile of a K^T workspace padded to
+        whole tiles (one vector.transpose per tile: a target splits it into register-sized
+        pieces if it wants them)."""
         k, T, e = self.k_full, self.T, self.e
-        te, ts = self.options.transpose_tile or (e, T)
         B, H, S = (tensor.dim(k, const_index(i)) for i in range(3))
         tiles = arith.ceildivui(S, const_index(T))
         workspace = tensor.empty([B, H, e, arith.muli(tiles, const_index(T))], self.et)
@@ -600,23 +601,12 @@ class _WorkGroup:
         with ir.InsertionPoint(loop.body):
             s0 = arith.muli(t, const_index(T))
             offsets, sizes = [b, h, 0, s0], [1, 1, e, T]
-            tile = slice_of(out, offsets, sizes)
-            zero = arith.constant(self.et, 0.0)
-            e_loop = scf.ForOp(const_index(0), const_index(e), const_index(te), [tile])
-            with ir.InsertionPoint(e_loop.body):
-                e0 = e_loop.induction_variable
-                s_loop = scf.ForOp(const_index(0), const_index(T), const_index(ts), list(e_loop.inner_iter_args))
-                with ir.InsertionPoint(s_loop.body):
-                    c0 = s_loop.induction_variable
-                    rows = read_tile(k, [(2, ts, False), (3, te, e % te == 0)],
-                                     {0: b, 1: h, 2: arith.addi(s0, c0), 3: e0}, zero)
-                    transposed = vector.transpose(vector_type([te, ts], self.et), rows, [1, 0])
-                    scf.YieldOp([write_tile(transposed, s_loop.inner_iter_args[0], [(2, e % te == 0), (3, True)],
-                                            {2: e0, 3: c0})])
-                scf.YieldOp(list(s_loop.results))
+            rows = read_tile(k, [(2, T, False), (3, e, True)], {0: b, 1: h, 2: s0}, arith.constant(self.et, 0.0))
+            transposed = vector.transpose(vector_type([e, T], self.et), rows, [1, 0])
+            tile = write_tile(transposed, slice_of(out, offsets, sizes), [(2, True), (3, True)], {})
             in_parallel = scf.InParallelOp()
             with ir.InsertionPoint(in_parallel.block):
-                insert_in_parallel(e_loop.results[0], out, offsets, sizes)
+                insert_in_parallel(tile, out, offsets, sizes)
         return loop.results[0]
 
 

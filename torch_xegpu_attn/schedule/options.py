@@ -1,18 +1,19 @@
-"""Options of the shared schedule.  A target fills them; the schedule never guesses."""
+"""Options of the shared schedule.  A target fills them; the schedule never guesses.
+
+Only what the shared stages read is here; a target's own knobs live in its TargetOptions
+(targets/base.py), next to these.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 #: how the QK^T contraction gets K (ScheduleOptions.k_layout).
 K_LAYOUTS = ("folded", "explicit", "materialized")
 #: how key tails are handled (ScheduleOptions.tail).
 TAIL_MODES = ("mask", "peel")
-#: which staged tiles of a key loop a GPU target copies one step ahead (ScheduleOptions.prefetch).
-PREFETCH_MODES = ("keys", "tiles", "tiles-late")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ class ScheduleOptions:
                                       into a workspace by a loop of its own and
                                       read as (E x kv_tile) tiles (a CPU wants
                                       unit-stride K^T rows).
-    transpose_tile  (e, s) tile of the "materialized" transpose's inner loop.
     pv_in_f32       True: P.V multiplies in f32 (V tiles of f16/bf16 inputs are
                     extended); False: P is rounded to the input type first (what
                     f16/bf16 matrix engines take).  Accumulation is f32 either way
@@ -61,11 +61,6 @@ class ScheduleOptions:
     combine_cols    value columns per work-group of the combine loop (0, or one
                     that does not divide Ev: all Ev); fewer columns make more,
                     shorter work-groups.
-    causal_head_chunk  for targets that launch the work-groups as one grid
-                    (nvvm): 0 orders causal row tiles costliest first within
-                    each head; C > 0 takes the heads (b, h, g) C at a time,
-                    all their costliest row tiles first (the grid ends on the
-                    cheapest tiles).
     rescale_threshold  0: the running maximum follows every key tile and the
                     accumulator is rescaled at every step.  t > 0: a row's
                     maximum is updated only when a tile's exceeds it by more
@@ -74,28 +69,11 @@ class ScheduleOptions:
                     Rows that kept their maximum keep their accumulator as is
                     (a select: a GPU target skips the rescale where no row of
                     a warp grew, as FlashAttention-4 does with t = 8).
-    prefetch        for targets that copy tiles into shared memory (nvvm):
-                    "keys" copies the next step's K tile once the current one
-                    is consumed and a step's V tile at the start of that step
-                    (its copy overlaps QK^T and the softmax); "tiles" copies
-                    the next step's K and V tiles at the start of a step (both
-                    overlap a whole step: what a memory-bound decode wants);
-                    "tiles-late" copies them once the current K tile is
-                    consumed (after QK^T, where the copies do not queue
-                    ahead of its shared-memory loads).
-    warpgroup_mma   for targets with warpgroup matrix instructions (nvvm on
-                    sm_90a): a contraction whose right operand is a staged
-                    tile (K, V) runs as wgmma, each warpgroup of 4 warps
-                    multiplying its rows by the tile read from shared memory
-                    through a matrix descriptor (the tile stored for the
-                    128-byte swizzle), instead of every warp loading the tile
-                    into registers for mma.sync.
     """
 
     row_tile: int
     kv_tile: int
     k_layout: str = "folded"
-    transpose_tile: Optional[Tuple[int, int]] = None
     pv_in_f32: bool = True
     tail: str = "mask"
     pack_gqa: bool = False
@@ -103,10 +81,7 @@ class ScheduleOptions:
     split_fill: int = 0
     split_min_keys: int = 1
     combine_cols: int = 0
-    prefetch: str = "keys"
     rescale_threshold: float = 0.0
-    causal_head_chunk: int = 0
-    warpgroup_mma: bool = False
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -115,21 +90,12 @@ class ScheduleOptions:
             raise ValueError(f"k_layout must be one of {K_LAYOUTS}, got {self.k_layout!r}")
         if self.tail not in TAIL_MODES:
             raise ValueError(f"tail must be one of {TAIL_MODES}, got {self.tail!r}")
-        if self.prefetch not in PREFETCH_MODES:
-            raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {self.prefetch!r}")
         if self.kv_splits < 1:
             raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
-        if self.causal_head_chunk < 0:
-            raise ValueError(f"causal_head_chunk must be >= 0, got {self.causal_head_chunk}")
         if self.split_fill < 0 or self.split_min_keys < 1 or self.combine_cols < 0:
             raise ValueError(f"split_fill and combine_cols must be >= 0 and split_min_keys >= 1: {self}")
         if not 0 <= self.rescale_threshold <= 15:  # exponentials up to 2^t must fit f16 (P.V operand)
             raise ValueError(f"rescale_threshold must be in [0, 15], got {self.rescale_threshold}")
-        if self.transpose_tile is not None:
-            te, ts = self.transpose_tile
-            if te < 1 or ts < 1 or self.kv_tile % ts:
-                raise ValueError(f"transpose_tile {self.transpose_tile} must be positive and its key "
-                                 f"extent must divide kv_tile {self.kv_tile}")
 
     def to_json(self) -> str:
         """Stable text form (part of the cache key)."""
@@ -147,12 +113,6 @@ class ScheduleOptions:
                 parts.append(f"combine{self.combine_cols}")
         if not self.pv_in_f32:
             parts.append("pv-lowp")
-        if self.prefetch != "keys":
-            parts.append(f"prefetch-{self.prefetch}")
         if self.rescale_threshold:
             parts.append(f"lazy{self.rescale_threshold:g}")
-        if self.causal_head_chunk:
-            parts.append(f"chunk{self.causal_head_chunk}")
-        if self.warpgroup_mma:
-            parts.append("wgmma")
         return "_".join(parts)

@@ -37,14 +37,13 @@ from ...mlir_utils import (CompileError, const_index, defining_op, index, is_ins
                            redirect_uses_inside, walk)
 from ...payload import FUNC_NAME
 from ...schedule.bufferize import host_function, is_value_op
-from ...schedule.options import ScheduleOptions
 from ...schedule.tiling import WORK_GROUPS, forall_upper_bounds
 from ...spec import AttentionSpec
 
 PLAN_NAME = f"{FUNC_NAME}_plan"
 
 
-def outline_grids(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
+def outline_grids(module: ir.Module, spec: AttentionSpec, options) -> ir.Module:
     attention, args, allocs, loops = host_function(module, "cpu-grid")
 
     grids = []

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from mlir import ir, passmanager
-from mlir.dialects import memref, scf
+from mlir.dialects import arith, memref, scf, vector
 
 from ...mlir_utils import CompileError, const_index, ops_named
-from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec
 from . import N_BLOCK, N_BLOCK_F64, exp, microkernel
 
@@ -27,11 +26,72 @@ LLVM_PIPELINE = ",".join([
 ])
 
 
-def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
-    """Stage cpu-vector: register-blocked contractions and a vectorizable exp."""
+def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options) -> ir.Module:
+    """Stage cpu-vector: register-blocked contractions, transposes in register-sized pieces and a
+    vectorizable exp (options: the target's CpuOptions)."""
+    split_transposes(module, options.transpose_tile)
     microkernel.lower_contractions(module, N_BLOCK_F64 if spec.dtype == "float64" else N_BLOCK)
     exp.expand_exp(module)
     return module
+
+
+def split_transposes(module: ir.Module, tile) -> int:
+    """Each copy that transposes a 2-D tile (transfer_read -> vector.transpose -> transfer_write,
+    the K^T workspace's fill) larger than `tile` = (te, ts) -> loops over (te x ts) pieces of it:
+    an (S x E) tile unrolled whole is far more than the registers hold.  te must divide the
+    result's rows and ts its columns.  Returns the copies split."""
+    te, ts = tile
+    split = 0
+    for transpose in ops_named(module, "vector.transpose"):
+        read = transpose.operands[0].owner
+        users = list(transpose.results[0].uses)
+        shape = ir.VectorType(transpose.results[0].type).shape
+        if (len(shape) != 2 or list(ir.DenseI64ArrayAttr(transpose.attributes["permutation"])) != [1, 0]
+                or isinstance(read, ir.Block) or read.name != "vector.transfer_read" or len(users) != 1
+                or users[0].owner.name != "vector.transfer_write" or (shape[0] <= te and shape[1] <= ts)):
+            continue
+        if shape[0] % te or shape[1] % ts:
+            raise CompileError(f"cpu: a {shape} transpose does not split into {te} x {ts} pieces")
+        _split_transpose(read, transpose, users[0].owner, te, ts)
+        split += 1
+    return split
+
+
+def _vector_dims(transfer) -> list:
+    """The memref dim each vector dim of a transfer op runs along."""
+    amap = ir.AffineMapAttr(transfer.attributes["permutation_map"]).value
+    return [ir.AffineDimExpr(e).position for e in amap.results]
+
+
+def _split_transpose(read, transpose, write, te: int, ts: int) -> None:
+    rows, cols = ir.VectorType(transpose.results[0].type).shape  # the result: rows = the read's cols
+    element = ir.VectorType(transpose.results[0].type).element_type
+    read_dims, write_dims = _vector_dims(read), _vector_dims(write)
+    source, read_indices, padding = read.operands[0], list(read.operands[1:-1]), read.operands[-1]
+    target, write_indices = write.operands[1], list(write.operands[2:])
+    with ir.InsertionPoint(write), write.location:
+        outer = scf.ForOp(const_index(0), const_index(rows), const_index(te))
+        with ir.InsertionPoint(outer.body):
+            inner = scf.ForOp(const_index(0), const_index(cols), const_index(ts))
+            with ir.InsertionPoint(inner.body):
+                r0, c0 = outer.induction_variable, inner.induction_variable
+                at = list(read_indices)
+                at[read_dims[0]] = arith.addi(at[read_dims[0]], c0)
+                at[read_dims[1]] = arith.addi(at[read_dims[1]], r0)
+                piece = vector.transfer_read(ir.VectorType.get([ts, te], element), source, at,
+                                             read.attributes["permutation_map"], padding,
+                                             in_bounds=read.attributes["in_bounds"])
+                flipped = vector.transpose(ir.VectorType.get([te, ts], element), piece, [1, 0])
+                to = list(write_indices)
+                to[write_dims[0]] = arith.addi(to[write_dims[0]], r0)
+                to[write_dims[1]] = arith.addi(to[write_dims[1]], c0)
+                vector.transfer_write(None, flipped, target, to, write.attributes["permutation_map"],
+                                      in_bounds=write.attributes["in_bounds"])
+                scf.YieldOp([])
+            scf.YieldOp([])
+    write.erase()
+    transpose.erase()
+    read.erase()
 
 
 def _copy_loops(source, target, shape, indices) -> None:
@@ -61,7 +121,7 @@ def copies_to_loops(module: ir.Module) -> int:
     return len(copies)
 
 
-def lower_to_llvm(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
+def lower_to_llvm(module: ir.Module, spec: AttentionSpec, options) -> ir.Module:
     """Stage cpu-llvm: the standard conversions down to the LLVM dialect."""
     left = ops_named(module, "memref.alloc")
     if left:

