@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .._native import build_extension, csrc_paths
+from .._native import build_extension, existing_sources
 from .cuda import postfix
 
 _LOCK = threading.Lock()
@@ -57,12 +57,15 @@ def _sycl_root() -> str:
                        "bash scripts/setup.sh --test installs it)")
 
 
+def launcher_sources() -> List[str]:
+    """The XPU launcher's source, then its header (the package's csrc/)."""
+    return existing_sources(["xpu_launcher.cpp", "size_program.h"], "the XPU launcher")
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The C++ launcher, built (once per machine and torch) at first use."""
-    source, header = csrc_paths(["xpu_launcher.cpp", "size_program.h"])
-    if not os.path.exists(source):
-        raise RuntimeError(f"torch_xegpu_attn: the XPU launcher's source is missing ({source})")
+    source, header = launcher_sources()
     if not os.path.exists(os.path.join(LEVEL_ZERO_INCLUDE, "level_zero", "ze_api.h")):
         raise RuntimeError(f"the xegpu launcher needs the Level Zero headers ({LEVEL_ZERO_INCLUDE}/level_zero; "
                            f"apt-get install libze-dev)")
