@@ -57,6 +57,12 @@ def clear_recipes() -> None:
         extension().clear_recipes()
 
 
+def loaded_modules() -> int:
+    """CUDA modules loaded now (one per kernel and device it ran on; see csrc/cuda_launcher.cpp
+    for when one is unloaded)."""
+    return extension().loaded_modules() if extension.cache_info().currsize else 0
+
+
 def recorded_signatures() -> int:
     return extension().recipes() if extension.cache_info().currsize else 0
 
