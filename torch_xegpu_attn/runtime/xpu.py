@@ -78,6 +78,17 @@ def extension():
                                extra_ldflags=[f"-L{lib}", "-lsycl", f"-Wl,-rpath,{lib}", "-ldl"])
 
 
+def loaded_modules() -> int:
+    """Built programs / kernel bundles alive now (one per kernel and SYCL context it ran on),
+    released with their kernel when the memory cache evicts it."""
+    return extension().loaded_modules() if extension.cache_info().currsize else 0
+
+
+def staged_buffers() -> int:
+    """USM buffers of the emulation's staging alive now (none between launches, even failed ones)."""
+    return extension().staged_buffers() if extension.cache_info().currsize else 0
+
+
 def _intel_opencl_runtime() -> str:
     """libintelocl.so of PyPI's intel-opencl-rt (in the environment's lib directory)."""
     for root in (sys.prefix, _sycl_root()):
