@@ -147,6 +147,7 @@ def test_memory_bound_bounds_loaded_libraries(cache_dir, monkeypatch, fresh_seed
         torch_xegpu_attn.attention(*run(e))  # replayed: a recorded call holds the kernel too
         assert cpu.loaded_modules() == base + min(n, 2), f"after {n} kernels"
     assert cache.stats()["memory_evictions"] == evictions + 2
+    assert cache.stats()["loaded_modules"] >= base + 2
 
     kept = list(CACHE._memory.values())  # referred to from elsewhere: evicted, not closed
     run(48)

@@ -435,15 +435,18 @@ class KernelCache:
 
 def stats() -> Dict[str, int]:
     """STATS plus what the C++ side counts: memory hits include replays of recorded calls
-    (which do not reach KernelCache.get); `calls` is every call the op served."""
+    (which do not reach KernelCache.get); `calls` is every call the op served;
+    `loaded_modules` the kernel libraries, CUDA modules and XPU programs loaded now (the memory
+    bound bounds them: an evicted kernel's goes once no recorded call uses it)."""
     native = _C.counters()
     merged = dict(STATS)
     merged["memory_hits"] += native["replays"]
     merged["replays"] = native["replays"]
     merged["launches"] = native["launches"]
     merged["calls"] = native["launches"] + native["empty_results"]
-    from .runtime import cuda
+    from .runtime import cuda, xpu
     merged["recorded_signatures"] = native["recipes"] + cuda.recorded_signatures()
+    merged["loaded_modules"] = native["loaded_libraries"] + cuda.loaded_modules() + xpu.loaded_modules()
     return merged
 
 
