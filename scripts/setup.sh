@@ -10,8 +10,8 @@
 # Idempotent: each step leaves a stamp in .venv (the SHA-256 of what it was made
 # from), and a second run with nothing changed only checks that the package
 # imports (seconds).  A changed requirements file reinstalls it; a changed
-# csrc/ (but the CUDA and XPU launchers, built at their first use), setup.py, pyproject.toml
-# or requirements.txt rebuilds the extension.
+# torch_xegpu_attn/csrc/ (but the CUDA and XPU launchers, built at their first use),
+# setup.py, pyproject.toml or requirements.txt rebuilds the extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -31,7 +31,7 @@ stamp_ok() {  # stamp_ok NAME DIGEST
 }
 build_inputs() {
     echo setup.py pyproject.toml requirements.txt
-    find csrc -type f ! -name 'cuda_*' ! -name 'xpu_*' | LC_ALL=C sort
+    find torch_xegpu_attn/csrc -type f ! -name 'cuda_*' ! -name 'xpu_*' | LC_ALL=C sort
 }
 
 requirements="requirements.txt"

@@ -3,7 +3,8 @@
 #
 #   Debian bookworm   llvm-22 (opt, llc with the SPIR-V backend, llvm-link), clang-22 (the
 #                     emulated builtins, OpenCL C), spirv-tools (spirv-val), libze-dev (the Level
-#                     Zero headers the XPU launcher, csrc/xpu_launcher.cpp, is built with)
+#                     Zero headers the XPU launcher, torch_xegpu_attn/csrc/xpu_launcher.cpp,
+#                     is built with)
 #   Debian sid        Intel's offline compiler ocloc 26.x with IGC 2.x and a current spirv-val
 #                     (it knows the SPIR-V extensions the kernels use), in a minimal chroot
 #                     at $XEGPU_ATTN_SID_ROOT (default /opt/xegpu-sid): they need a newer

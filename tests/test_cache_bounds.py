@@ -4,7 +4,8 @@
   (a disk hit counts as a use), also with processes writing at the same time;
 - memory: at most XEGPU_ATTN_MEMORY_CACHE kernels, least recently used
   evicted (replays of recorded calls count as uses), and an evicted kernel's
-  recorded calls go with it;
+  recorded calls go with it, and its library (closed once nothing refers to
+  the kernel): the bound bounds the loaded libraries too;
 - XEGPU_ATTN_DUMP_IR writes the IR of a kernel that came from the memory or the
   disk cache, and says so;
 - each compilation is logged (spec, target, seconds per stage) on the
@@ -135,6 +136,27 @@ def test_memory_cache_evicts_least_recently_used(cache_dir, monkeypatch, fresh_s
     torch.testing.assert_close(torch_xegpu_attn.attention(*b), F.scaled_dot_product_attention(*b),
                                rtol=1e-5, atol=1e-5)
     assert cache.stats()["disk_hits"] == disk_hits + 1, "the evicted kernel's calls were still recorded"
+
+
+def test_memory_bound_bounds_loaded_libraries(cache_dir, monkeypatch, fresh_seed):
+    from torch_xegpu_attn.runtime import cpu
+    monkeypatch.setenv("XEGPU_ATTN_MEMORY_CACHE", "2")
+    base = cpu.loaded_modules()
+    evictions = cache.stats()["memory_evictions"]
+    for n, e in enumerate((16, 24, 32, 40), start=1):
+        torch_xegpu_attn.attention(*run(e))  # replayed: a recorded call holds the kernel too
+        assert cpu.loaded_modules() == base + min(n, 2), f"after {n} kernels"
+    assert cache.stats()["memory_evictions"] == evictions + 2
+    assert cache.stats()["loaded_modules"] >= base + 2
+
+    kept = list(CACHE._memory.values())  # referred to from elsewhere: evicted, not closed
+    run(48)
+    run(56)
+    assert cpu.loaded_modules() == base + 4
+    del kept  # the last references: closed
+    assert cpu.loaded_modules() == base + 2
+    CACHE.clear_memory()
+    assert cpu.loaded_modules() == base
 
 
 # ----------------------------------------------------------------------------- dumps on hits

@@ -5,7 +5,8 @@ README).  Every case: fresh random inputs, outputs poisoned with NaN
 (XEGPU_ATTN_POISON, conftest), the op's max abs error against the float64
 reference at most 2x SDPA's on the same inputs plus a floor.  Also: a CUDA
 graph captures the op, torch.compile(fullgraph=True) traces it, misaligned
-inputs are copied rather than read wrongly, float32 and odd head dims raise.
+inputs are copied rather than read wrongly, float32 and odd head dims raise,
+evicted kernels unload their modules (but kernels a graph captured).
 
 A GPU machine without MLIR runs these from precompiled kernels.  With
 XEGPU_ATTN_TEST_PRECOMPILE=<arch> (e.g. sm_90a) the same tests run here, on
@@ -229,6 +230,70 @@ def test_cuda_graph_capture(fresh_seed):
     torch.cuda.synchronize()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-3, rtol=2e-3)
     assert not torch.equal(out, expected)
+
+
+@only_on_gpu
+def test_memory_bound_unloads_evicted_modules(monkeypatch, fresh_seed):
+    """N > K kernels through a memory cache of K: an evicted kernel's CUmodule is unloaded once
+    its recorded calls are gone too (replays hold the kernel), so exactly K stay loaded; a kernel
+    still referenced elsewhere keeps its module until it is let go.  (Its kernels, the head dims
+    of test_head_dims, are precompiled with them.)"""
+    from torch_xegpu_attn import cache
+    from torch_xegpu_attn.cache import CACHE
+    from torch_xegpu_attn.runtime import cuda
+    CACHE.clear_memory()
+    monkeypatch.setenv("XEGPU_ATTN_MEMORY_CACHE", "2")
+    try:
+        base = cuda.loaded_modules()
+        evictions = cache.stats()["memory_evictions"]
+        for n, e in enumerate((16, 32, 64, 80), start=1):
+            q, k, v = rand(1, 2, 64, e), rand(1, 2, 64, e), rand(1, 2, 64, e)
+            check(q, k, v)
+            replays = cache.stats()["replays"]
+            check(q, k, v)  # replayed: the recorded call holds the kernel too
+            assert cache.stats()["replays"] == replays + 1
+            assert cuda.loaded_modules() == base + min(n, 2), f"after {n} kernels"
+        assert cache.stats()["memory_evictions"] == evictions + 2
+
+        kept = list(CACHE._memory.values())  # referred to from elsewhere: evicted, not unloaded
+        for e in (96, 128):
+            check(rand(1, 2, 64, e), rand(1, 2, 64, e), rand(1, 2, 64, e))
+        assert cuda.loaded_modules() == base + 4
+        del kept  # the last references: unloaded
+        assert cuda.loaded_modules() == base + 2
+    finally:
+        CACHE.clear_memory()
+    assert cuda.loaded_modules() == base
+
+
+@only_on_gpu
+def test_a_kernel_captured_into_a_graph_keeps_its_module(monkeypatch, fresh_seed):
+    """A kernel whose functions a CUDA graph captured keeps its module when the memory cache
+    evicts it: the graph still replays, correctly."""
+    from torch_xegpu_attn.cache import CACHE
+    from torch_xegpu_attn.runtime import cuda
+    CACHE.clear_memory()
+    monkeypatch.setenv("XEGPU_ATTN_MEMORY_CACHE", "1")
+    try:
+        q, k, v = rand(1, 2, 128, 64), rand(1, 2, 128, 64), rand(1, 2, 128, 64)
+        torch_xegpu_attn.attention(q, k, v)  # compiles, loads and records
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch_xegpu_attn.attention(q, k, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = torch.ops.xegpu.attention(q, k, v)
+        base = cuda.loaded_modules()
+        check(rand(1, 2, 128, 32), rand(1, 2, 128, 32), rand(1, 2, 128, 32))  # evicts the captured kernel
+        assert cuda.loaded_modules() == base + 1, "the captured kernel's module was unloaded"
+        q.copy_(rand(1, 2, 128, 64))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-3, rtol=2e-3)
+    finally:
+        CACHE.clear_memory()
 
 
 @only_on_gpu

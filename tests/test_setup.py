@@ -2,8 +2,9 @@
 
 The real repository: `--check-test` finds it up to date (scripts/test.sh has
 just run setup), and a real second run builds nothing and leaves the built
-extension untouched (how long it takes is a matter for benchmarks, not tests).  A copy of the setup inputs next to this .venv's stamps:
-changing csrc/ or a requirements file makes `--check-test` report the
+extension untouched (how long it takes is a matter for benchmarks, not tests).  A copy of the
+setup inputs next to this .venv's stamps: changing torch_xegpu_attn/csrc/ or a requirements
+file makes `--check-test` report the
 reinstall or rebuild it would do (the copy is never built).
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch_xegpu_attn._C
 
 ROOT = Path(__file__).resolve().parents[1]
-INPUTS = ["scripts", "csrc", "setup.py", "pyproject.toml", "requirements.txt", "requirements-test.txt"]
+INPUTS = ["scripts", "torch_xegpu_attn/csrc", "setup.py", "pyproject.toml", "requirements.txt", "requirements-test.txt"]
 
 
 def setup(folder: Path, *args: str) -> subprocess.CompletedProcess:
@@ -53,7 +54,7 @@ def test_changed_inputs_are_detected(tmp_path):
     copy = _copy(tmp_path)
     assert setup(copy, "--check-test").stdout.strip() == "setup: up to date"
 
-    source = copy / "csrc" / "op.cpp"
+    source = copy / "torch_xegpu_attn" / "csrc" / "op.cpp"
     original = source.read_text()
     source.write_text(original + "\n// a change\n")
     report = setup(copy, "--check-test")

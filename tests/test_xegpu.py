@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from torch_xegpu_attn import _C
+from torch_xegpu_attn import cache as cache_module
 from torch_xegpu_attn.cache import CACHE
 from torch_xegpu_attn.compiler import compile_spec
 from torch_xegpu_attn.spec import AttentionSpec, MaskSpec, ProblemSize
@@ -341,6 +342,43 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     status = kernel._native.run(emulation_queue(), [shifted, good, good, out])
     assert status & 1  # base address not 64-byte aligned
     assert kernel.properties(emulation_queue())["format"] == "spirv"
+
+
+def test_emulated_memory_bound_releases_programs(emulated, cache_dir, monkeypatch, fresh_seed):
+    """Three small kernels through a memory cache of one: each evicted kernel's program is
+    released with it, so one stays built (the bound bounds the loaded programs too)."""
+    from torch_xegpu_attn.runtime import xpu
+    monkeypatch.setenv("XEGPU_ATTN_MEMORY_CACHE", "1")
+    base = xpu.loaded_modules()
+    evictions = cache_module.stats()["memory_evictions"]
+    for e, causal in ((32, False), (64, False), (32, True)):
+        q = torch.randn(1, 1, 40, e, dtype=torch.float16)
+        check(q, q, q, is_causal=causal)
+        assert xpu.loaded_modules() == base + 1, (e, causal)
+    assert cache_module.stats()["memory_evictions"] == evictions + 2
+    CACHE.clear_memory()
+    assert xpu.loaded_modules() == base
+
+
+def test_emulated_launch_that_raises_frees_its_staging(emulated, cache_dir, fresh_seed):
+    """A launch that fails after staging its operands (here: a malformed grid program, evaluated
+    once the operands are staged) frees the staging buffers all the same."""
+    import torch_xegpu_attn
+    from torch_xegpu_attn.runtime import xpu
+    q = torch.randn(1, 1, 40, 32, dtype=torch.float16)
+    torch_xegpu_attn.attention(q, q, q)
+    assert xpu.staged_buffers() == 0
+    kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu")
+    (entry,) = cache_module.disk_entries(str(cache_dir))
+    (binary,) = [n for n in entry["files"] if not n.endswith(".json")]
+    kernels = kernel.metadata["kernels"]
+    broken = xpu.extension().XpuKernel(
+        (cache_dir / binary).read_bytes(), [], "", [k["name"] for k in kernels],
+        [int(k["threads"]) for k in kernels], [[2]] * len(kernels), True)
+    out = torch.empty(1, 1, 1, 40, 32, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="malformed size program"):
+        broken.run(xpu.emulation_queue(), [q.view(1, 1, 1, 40, 32), q, q, out])
+    assert xpu.staged_buffers() == 0
 
 
 def test_cli_dump_holds_the_spirv_native_binaries_and_disassembly(tmp_path):

@@ -1,5 +1,9 @@
 """The package's C++ extension `_C` (the op's schema, its CPU and autograd kernels, the replay
-fast path): the one `pip install` / setup.sh built, or else one built now from csrc/.
+fast path): the one `pip install` / setup.sh built, or else one built now from its sources.
+
+The C++ sources are package data (torch_xegpu_attn/csrc/: a wheel or an install carries them):
+the CUDA and XPU launchers are always built from them at their first use, on the machine
+that has the device, and so is `_C` where the installed one does not load.
 
 A wheel or editable install builds `_C` against the torch of its environment.  A machine that
 runs the package from a copied source tree (a GPU node that gets the package and a cache of
@@ -22,9 +26,20 @@ _HEADERS = ("kernel.h", "replay.h")
 
 
 def csrc_paths(names) -> list:
-    """Paths of files in the source tree's csrc/ (present where the package runs from its sources)."""
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    """Paths of files in the package's csrc/ (installed with it as package data)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
     return [os.path.join(folder, name) for name in names]
+
+
+def existing_sources(names, what: str) -> list:
+    """csrc_paths(names), all of which must exist: `what` (e.g. "the CUDA launcher") cannot be
+    built otherwise."""
+    paths = csrc_paths(names)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise RuntimeError(f"torch_xegpu_attn: the sources of {what} are missing ({', '.join(missing)}); "
+                           f"reinstall the package")
+    return paths
 
 
 def build_extension(prefix: str, sources, headers=(), **load_options):
@@ -47,12 +62,11 @@ def build_extension(prefix: str, sources, headers=(), **load_options):
 
 def _build_from_source(reason: Exception):
     """Compile csrc/ into an extension for this Python and torch (once per machine)."""
-    sources, headers = csrc_paths(_SOURCES), csrc_paths(_HEADERS)
-    missing = [p for p in sources + headers if not os.path.exists(p)]
-    if missing:
-        raise ImportError(f"torch_xegpu_attn: the C++ extension _C does not load ({reason}) and its sources "
-                          f"are not here to build it ({', '.join(missing)}); reinstall the package "
-                          f"(bash setup.sh)") from reason
+    try:
+        sources, headers = existing_sources(_SOURCES, "_C"), existing_sources(_HEADERS, "_C")
+    except RuntimeError as missing:
+        raise ImportError(f"torch_xegpu_attn: the C++ extension _C does not load ({reason}) and cannot be "
+                          f"built here: {missing}") from reason
     return build_extension("C", sources, headers, extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 

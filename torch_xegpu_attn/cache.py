@@ -63,26 +63,33 @@ STATS: Dict[str, int] = {"memory_hits": 0, "disk_hits": 0, "disk_writes": 0, "re
                          "memory_evictions": 0, "disk_evictions": 0}
 
 _source_fingerprint: Optional[str] = None
+#: the files whose contents name cache entries: the package's Python sources and its package data
+#: (setup.py ships the same suffixes), so that a checkout and an install of it agree.
+SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".cl")
+
+
+def source_files() -> List[str]:
+    """The package's sources (SOURCE_SUFFIXES), relative to the package, sorted; build products
+    and bytecode caches are not sources."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    found = []
+    for folder, dirs, files in os.walk(package):
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
+        found.extend(os.path.relpath(os.path.join(folder, name), package) for name in files
+                     if name.endswith(SOURCE_SUFFIXES) and not name.startswith("."))
+    return sorted(found)
 
 
 def source_fingerprint() -> str:
-    """SHA-256 of the package's Python and C++ sources (computed once per process)."""
+    """SHA-256 of the package's sources, names and contents (computed once per process)."""
     global _source_fingerprint
     if _source_fingerprint is None:
         package = os.path.dirname(os.path.abspath(__file__))
-        roots = [package, os.path.join(os.path.dirname(package), "csrc")]
         digest = hashlib.sha256()
-        for root in roots:
-            if not os.path.isdir(root):
-                continue
-            for folder, dirs, files in sorted(os.walk(root)):
-                dirs.sort()
-                for name in sorted(files):
-                    if name.endswith((".py", ".cpp", ".h", ".cl")):
-                        path = os.path.join(folder, name)
-                        digest.update(os.path.relpath(path, root).encode())
-                        with open(path, "rb") as f:
-                            digest.update(f.read())
+        for name in source_files():
+            digest.update(name.encode())
+            with open(os.path.join(package, name), "rb") as f:
+                digest.update(f.read())
         _source_fingerprint = digest.hexdigest()
     return _source_fingerprint
 
@@ -439,14 +446,18 @@ class KernelCache:
 
 def stats() -> Dict[str, int]:
     """STATS plus what the C++ side counts: memory hits include replays of recorded calls
-    (which do not reach KernelCache.get); `calls` is every call the op served."""
+    (which do not reach KernelCache.get); `calls` is every call the op served;
+    `loaded_modules` the kernel libraries, CUDA modules and XPU programs loaded now (the memory
+    bound bounds them: an evicted kernel's goes once no recorded call uses it)."""
     native = _C.counters()
     merged = dict(STATS)
     merged["memory_hits"] += native["replays"]
     merged["replays"] = native["replays"]
     merged["launches"] = native["launches"]
     merged["calls"] = native["launches"] + native["empty_results"]
-    merged["recorded_signatures"] = native["recipes"] + sum(get_target(n).recorded_signatures() for n in registered())
+    targets = [get_target(name) for name in registered()]
+    merged["recorded_signatures"] = native["recipes"] + sum(t.recorded_signatures() for t in targets)
+    merged["loaded_modules"] = sum(t.loaded_modules() for t in targets)
     return merged
 
 

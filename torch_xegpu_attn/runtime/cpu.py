@@ -23,6 +23,12 @@ _OPERAND_ITEM_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, 
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
 
 
+def loaded_modules() -> int:
+    """Kernel libraries open now: one per loaded kernel, closed when the memory cache evicts it and
+    no recorded call uses it any more."""
+    return _C.counters()["loaded_libraries"]
+
+
 def release_workspaces() -> None:
     """Free the calling thread's workspace arena (the next call allocates a new one)."""
     _C.release_workspaces()

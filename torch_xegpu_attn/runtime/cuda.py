@@ -12,12 +12,11 @@ machine needs only torch and the CUDA toolkit, not MLIR.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from typing import Dict, List, Sequence
 
 from .. import _C
-from .._native import build_extension, csrc_paths
+from .._native import build_extension, existing_sources
 from ..targets.base import Kernel
 
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
@@ -37,13 +36,16 @@ def postfix(expression) -> List[int]:
     return postfix(expression[1]) + postfix(expression[2]) + [_OPCODES[kind]]
 
 
+def launcher_sources() -> List[str]:
+    """The CUDA launcher's source, then its headers (the package's csrc/)."""
+    return existing_sources(["cuda_launcher.cpp", "size_program.h", "replay.h"], "the CUDA launcher")
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The C++ launcher, built (once per machine and torch) at first use; its replay of
     recorded calls is handed to the op's C++ kernel (`_C.set_device_replay`)."""
-    source, *headers = csrc_paths(["cuda_launcher.cpp", "size_program.h", "replay.h"])
-    if not os.path.exists(source):
-        raise RuntimeError(f"torch_xegpu_attn: the CUDA launcher's source is missing ({source})")
+    source, *headers = launcher_sources()
     with _LOCK:
         module = build_extension("cuda_launcher", [source], headers, extra_ldflags=["-lcuda"], with_cuda=True)
     _C.set_device_replay("cuda", module.replay_capsule())
@@ -54,6 +56,12 @@ def clear_recipes() -> None:
     """Drop the recorded CUDA calls (nothing to do before the launcher was loaded)."""
     if extension.cache_info().currsize:
         extension().clear_recipes()
+
+
+def loaded_modules() -> int:
+    """CUDA modules loaded now (one per kernel and device it ran on; see csrc/cuda_launcher.cpp
+    for when one is unloaded)."""
+    return extension().loaded_modules() if extension.cache_info().currsize else 0
 
 
 def recorded_signatures() -> int:

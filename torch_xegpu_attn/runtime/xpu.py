@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .._native import build_extension, csrc_paths
+from .._native import build_extension, existing_sources
 from ..targets.base import Kernel
 from .cuda import postfix
 
@@ -58,12 +58,15 @@ def _sycl_root() -> str:
                        "bash scripts/setup.sh --test installs it)")
 
 
+def launcher_sources() -> List[str]:
+    """The XPU launcher's source, then its header (the package's csrc/)."""
+    return existing_sources(["xpu_launcher.cpp", "size_program.h"], "the XPU launcher")
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The C++ launcher, built (once per machine and torch) at first use."""
-    source, header = csrc_paths(["xpu_launcher.cpp", "size_program.h"])
-    if not os.path.exists(source):
-        raise RuntimeError(f"torch_xegpu_attn: the XPU launcher's source is missing ({source})")
+    source, header = launcher_sources()
     if not os.path.exists(os.path.join(LEVEL_ZERO_INCLUDE, "level_zero", "ze_api.h")):
         raise RuntimeError(f"the xegpu launcher needs the Level Zero headers ({LEVEL_ZERO_INCLUDE}/level_zero; "
                            f"apt-get install libze-dev)")
@@ -74,6 +77,17 @@ def extension():
                                extra_include_paths=[os.path.join(root, "include"), LEVEL_ZERO_INCLUDE],
                                extra_cflags=["-O2", "-std=c++17"],
                                extra_ldflags=[f"-L{lib}", "-lsycl", f"-Wl,-rpath,{lib}", "-ldl"])
+
+
+def loaded_modules() -> int:
+    """Built programs / kernel bundles alive now (one per kernel and SYCL context it ran on),
+    released with their kernel when the memory cache evicts it."""
+    return extension().loaded_modules() if extension.cache_info().currsize else 0
+
+
+def staged_buffers() -> int:
+    """USM buffers of the emulation's staging alive now (none between launches, even failed ones)."""
+    return extension().staged_buffers() if extension.cache_info().currsize else 0
 
 
 def _intel_opencl_runtime() -> str:

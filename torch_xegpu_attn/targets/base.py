@@ -183,6 +183,10 @@ class Target(abc.ABC):
         """Call signatures the target's launcher keeps for replay, beyond the op's own (_C)."""
         return 0
 
+    def loaded_modules(self) -> int:
+        """Binaries the target's launcher holds loaded now (the memory cache bounds them)."""
+        return 0
+
 
 def package_versions(names: Sequence[str]) -> Dict[str, str]:
     """Installed versions of Python packages (a toolchain's identity), "absent" for the missing."""

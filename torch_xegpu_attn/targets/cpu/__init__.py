@@ -124,5 +124,9 @@ class CpuTarget(Target):
     def toolchain(self) -> Optional[Dict[str, str]]:
         return toolchain.identity()
 
+    def loaded_modules(self) -> int:
+        from ...runtime.cpu import loaded_modules
+        return loaded_modules()
+
 
 CPU = register(CpuTarget())

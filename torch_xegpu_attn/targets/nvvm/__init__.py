@@ -315,6 +315,10 @@ class NvvmTarget(Target):
         from ...runtime import cuda
         return cuda.recorded_signatures()
 
+    def loaded_modules(self) -> int:
+        from ...runtime import cuda
+        return cuda.loaded_modules()
+
 
 def _build_kernels(module, spec: AttentionSpec, options: NvvmOptions):
     """Stage nvvm-kernels: the work-group loops become distributed gpu.funcs; the launch metadata

@@ -141,6 +141,10 @@ class XegpuTarget(Target):
         from . import toolchain
         return toolchain.identity(emulated=knobs.emulate() == "xpu")
 
+    def loaded_modules(self) -> int:
+        from ...runtime import xpu
+        return xpu.loaded_modules()
+
     def available(self):
         try:
             from . import toolchain

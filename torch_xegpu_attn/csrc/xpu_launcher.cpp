@@ -15,7 +15,9 @@
 //                            order, no host round trip, no copies.
 //   OpenCL (the CPU device)  clCreateProgramWithIL + clBuildProgram, wrapped likewise.
 // Level Zero and OpenCL entry points are looked up with dlopen at first use, so the extension
-// loads on machines that have only one of them.
+// loads on machines that have only one of them.  A kernel's builds are released with it (when
+// the memory cache evicts it); the emulation's staging buffers with the launch that made them,
+// however it ends.
 
 #include <torch/extension.h>
 
@@ -30,6 +32,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -71,6 +74,46 @@ int64_t evaluate(const std::vector<int64_t>& program, const std::vector<at::Tens
   return xattn::evaluate_size_program(program, operands, "xegpu");
 }
 
+// Built programs / kernel bundles alive now (one per kernel and SYCL context), and USM buffers
+// of the emulation's staging alive now: for tests and tools.
+std::atomic<int64_t> loaded_modules{0};
+std::atomic<int64_t> staged_buffers{0};
+
+// The USM shared buffers one emulated launch stages its CPU operands through, freed however the
+// launch ends: once the kernels submitted on them have finished.
+class Staging {
+ public:
+  explicit Staging(sycl::queue& queue) : queue_(queue) {}
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+  ~Staging() {
+    for (auto& event : submissions_) {
+      try {
+        event.wait();
+      } catch (...) {  // the launch failed: its error is already on its way
+      }
+    }
+    for (void* buffer : buffers_) sycl::free(buffer, queue_);
+    staged_buffers.fetch_sub(static_cast<int64_t>(buffers_.size()), std::memory_order_relaxed);
+  }
+
+  char* allocate(size_t bytes) {
+    char* buffer = static_cast<char*>(sycl::aligned_alloc_shared(64, bytes, queue_));
+    TORCH_CHECK(buffer, "torch_xegpu_attn (xegpu): USM allocation of ", bytes, " bytes failed");
+    buffers_.push_back(buffer);
+    staged_buffers.fetch_add(1, std::memory_order_relaxed);
+    return buffer;
+  }
+  // A submission that reads or writes the buffers.
+  void submitted(sycl::event event) { submissions_.push_back(std::move(event)); }
+  std::vector<sycl::event>& submissions() { return submissions_; }
+
+ private:
+  sycl::queue& queue_;
+  std::vector<void*> buffers_;
+  std::vector<sycl::event> submissions_;
+};
+
 struct Built {
   std::vector<sycl::kernel> kernels;
   std::vector<int64_t> spill_bytes;    // per kernel, Level Zero only (-1: unknown)
@@ -85,6 +128,9 @@ class XpuKernel {
             bool emulated)
       : spirv_(std::move(spirv)), natives_(std::move(natives)), options_(std::move(build_options)),
         names_(std::move(names)), threads_(std::move(threads)), grids_(std::move(grids)), emulated_(emulated) {}
+  XpuKernel(const XpuKernel&) = delete;
+  XpuKernel& operator=(const XpuKernel&) = delete;
+  ~XpuKernel() { loaded_modules.fetch_sub(static_cast<int64_t>(built_.size()), std::memory_order_relaxed); }
 
   // Launch on the queue at `queue_address` (a sycl::queue*): every kernel in order, asynchronously.
   // Emulated: the operands are CPU tensors, staged through USM shared buffers, and the call waits;
@@ -93,7 +139,7 @@ class XpuKernel {
     sycl::queue& queue = *reinterpret_cast<sycl::queue*>(queue_address);
     const Built& built = build(queue);
     std::vector<void*> pointers;
-    std::vector<void*> staged;
+    Staging staging(queue);
     for (const auto& t : operands) {
       if (!emulated_) {
         pointers.push_back(t.data_ptr());
@@ -102,19 +148,15 @@ class XpuKernel {
       // staged at the tensor's own offset from a 64-byte boundary: what the block messages see of
       // its alignment stays what the GPU would see
       const size_t misalignment = reinterpret_cast<uintptr_t>(t.data_ptr()) % 64;
-      const size_t bytes = span_bytes(t) + misalignment + 1;
-      char* buffer = static_cast<char*>(sycl::aligned_alloc_shared(64, bytes, queue));
-      TORCH_CHECK(buffer, "torch_xegpu_attn (xegpu): USM allocation of ", bytes, " bytes failed");
+      char* buffer = staging.allocate(span_bytes(t) + misalignment + 1);
       if (t.numel()) std::memcpy(buffer + misalignment, t.data_ptr(), span_bytes(t));
-      staged.push_back(buffer);
       pointers.push_back(buffer + misalignment);
     }
-    std::vector<sycl::event> events;
     for (size_t k = 0; k < built.kernels.size(); ++k) {
       const int64_t groups = evaluate(grids_[k], operands);
       if (groups <= 0) continue;
       const size_t local = static_cast<size_t>(threads_[k]);
-      events.push_back(queue.submit([&](sycl::handler& h) {
+      sycl::event submission = queue.submit([&](sycl::handler& h) {
         int index = 0;
         for (size_t i = 0; i < operands.size(); ++i) {
           const auto& t = operands[i];
@@ -125,13 +167,13 @@ class XpuKernel {
           for (int64_t d = 0; d < t.dim(); ++d) h.set_arg(index++, int64_t{t.numel() ? t.stride(d) : 0});
         }
         h.parallel_for(sycl::nd_range<1>(sycl::range<1>(groups * local), sycl::range<1>(local)), built.kernels[k]);
-      }));
+      });
+      if (emulated_) staging.submitted(std::move(submission));  // on a GPU: stream order, no wait
     }
     if (!emulated_) return 0;
-    for (auto& e : events) e.wait_and_throw();
+    for (auto& e : staging.submissions()) e.wait_and_throw();
     const auto& out = operands.back();
     if (out.numel()) std::memcpy(out.data_ptr(), pointers.back(), span_bytes(out));
-    for (void* p : staged) sycl::free(p, queue);
     return take_status(queue);
   }
 
@@ -157,6 +199,7 @@ class XpuKernel {
     auto built = std::make_unique<Built>(queue.get_backend() == sycl::backend::ext_oneapi_level_zero
                                              ? build_level_zero(queue) : build_opencl(queue));
     built_.emplace_back(context, std::move(built));
+    loaded_modules.fetch_add(1, std::memory_order_relaxed);
     return *built_.back().second;
   }
 
@@ -260,15 +303,15 @@ class XpuKernel {
   }
 
   int64_t take_status(sycl::queue& queue) {
-    auto* status = sycl::malloc_shared<uint32_t>(1, queue);
+    Staging staging(queue);
+    auto* status = reinterpret_cast<uint32_t*>(staging.allocate(sizeof(uint32_t)));
     *status = 0;
-    queue.submit([&](sycl::handler& h) {
+    staging.submitted(queue.submit([&](sycl::handler& h) {
       h.set_arg(0, status);
       h.parallel_for(sycl::nd_range<1>(sycl::range<1>(1), sycl::range<1>(1)), *status_kernel_);
-    }).wait_and_throw();
-    const int64_t value = *status;
-    sycl::free(status, queue);
-    return value;
+    }));
+    staging.submissions().back().wait_and_throw();
+    return *status;
   }
 
   std::string spirv_, options_;
@@ -304,4 +347,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &XpuKernel::run, py::call_guard<py::gil_scoped_release>())
       .def("properties", &XpuKernel::properties);
   m.def("cpu_queue", &cpu_queue, "The emulation's SYCL queue (OpenCL CPU device), as an address");
+  m.def("loaded_modules", [] { return loaded_modules.load(); },
+        "Built programs / kernel bundles alive now (per kernel and SYCL context)");
+  m.def("staged_buffers", [] { return staged_buffers.load(); },
+        "USM buffers of emulated launches alive now (0 between launches)");
 }

@@ -19,6 +19,7 @@
 namespace xattn {
 
 std::atomic<int64_t> launches{0};
+std::atomic<int64_t> loaded_libraries{0};
 
 namespace {
 
@@ -130,11 +131,12 @@ Kernel::Kernel(const std::string& path, const std::vector<std::string>& grids, c
     dlclose(handle_);
     throw;
   }
+  loaded_libraries.fetch_add(1, std::memory_order_relaxed);
   touch();
 }
 
 Kernel::~Kernel() {
-  if (handle_ != nullptr) dlclose(handle_);
+  if (handle_ != nullptr && dlclose(handle_) == 0) loaded_libraries.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void Kernel::touch() { last_use_.store(use_time(), std::memory_order_relaxed); }

@@ -18,6 +18,11 @@
 // with the same signature (and 16-byte aligned inputs) is replayed without Python: a hash lookup,
 // one output allocation, the bases patched in, the launches.  op.cpp calls `replay` through the
 // capsule `replay_capsule` hands it, for the op's CUDA kernel and torch_xegpu_attn.attention.
+//
+// A kernel loads its cubin as one CUmodule per device, at its first call there, and unloads them
+// when its last owner (the memory cache's Python object, a recorded call) lets go of it: once the
+// streams its functions ran on have finished them.  A module whose functions were launched into
+// a CUDA graph being captured stays loaded: the graph may launch them at any later time.
 
 #include <torch/extension.h>
 
@@ -29,6 +34,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <map>
@@ -110,12 +116,53 @@ bool aligned_rows(const at::Tensor& t) {
   return true;
 }
 
+// Modules loaded now, on every device (a bounded memory cache bounds them too).
+std::atomic<int64_t> loaded_modules{0};
+
+// No stream yet: a value no CUstream has (0 is the legacy default stream).
+const CUstream kNoStream = reinterpret_cast<CUstream>(~uintptr_t{0});
+
+// A kernel's module on one device and what its unloading waits for.
+struct DeviceModule {
+  CUcontext context = nullptr;
+  CUmodule module = nullptr;
+  std::vector<CUfunction> functions;
+  std::vector<CUstream> streams;  // its functions were launched on these (guarded by the kernel's mutex)
+  bool captured = false;          // ... and into a CUDA graph
+  std::atomic<CUstream> last_stream{kNoStream};
+};
+
+// Whether `stream` is capturing a CUDA graph (an unknown state counts as capturing).
+bool capturing(CUstream stream) {
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  return cuStreamIsCapturing(stream, &status) != CUDA_SUCCESS || status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+// Unload a module, in its context, once the streams that ran its functions have finished them.
+// It stays loaded when a CUDA graph captured its functions, when a stream cannot be waited for
+// (being captured, or failed) and when the driver is shutting down (the process is exiting).
+void unload(DeviceModule& m) {
+  if (m.module == nullptr || m.captured) return;
+  if (cuCtxPushCurrent(m.context) != CUDA_SUCCESS) return;
+  bool idle = true;
+  for (CUstream stream : m.streams) {
+    idle = idle && !capturing(stream) && cuStreamSynchronize(stream) == CUDA_SUCCESS;
+  }
+  if (idle && cuModuleUnload(m.module) == CUDA_SUCCESS) {
+    m.module = nullptr;
+    loaded_modules.fetch_sub(1, std::memory_order_relaxed);
+  }
+  CUcontext popped = nullptr;
+  cuCtxPopCurrent(&popped);
+}
+
 class CudaKernel;
 
 // A recorded call (see the header comment).
 struct Recipe {
   std::shared_ptr<CudaKernel> kernel;
   int64_t device_index = 0;
+  DeviceModule* module = nullptr;     // the kernel's module on that device (lives as long as the kernel)
   std::vector<CUfunction> functions;  // those with work-groups, in launch order
   std::vector<unsigned> grids, threads, shared_bytes;
   std::vector<int64_t> words;  // descriptors of operands then workspaces; bases patched per call
@@ -147,6 +194,13 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
                     names_.size() == grids_.size(),
                 "torch_xegpu_attn (nvvm): kernel lists differ in length");
   }
+  CudaKernel(const CudaKernel&) = delete;
+  CudaKernel& operator=(const CudaKernel&) = delete;
+
+  // The last owner let go (the memory cache evicted the kernel, its recorded calls are gone).
+  ~CudaKernel() {
+    for (auto& entry : modules_) unload(entry.second);
+  }
 
   // Run on q, k, v, [mask], out (canonical shapes, on one CUDA device; out is written).
   void call(std::vector<at::Tensor> operands) {
@@ -158,7 +212,8 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
       if (!aligned_rows(operands[j])) operands[j] = operands[j].clone(at::MemoryFormat::Contiguous);
     }
     c10::cuda::CUDAGuard guard(device);
-    const auto& functions = load(device.index());
+    DeviceModule& module = load(device.index());
+    const auto& functions = module.functions;
     std::vector<int64_t> words;
     for (const auto& t : operands) append_descriptor(words, t);
     const WorkspaceLayout layout = workspace_layout(operands);
@@ -169,6 +224,7 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
     args.reserve(words.size());
     for (auto& w : words) args.push_back(&w);
     CUstream stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+    launching(module, stream);
     for (size_t k = 0; k < functions.size(); ++k) {
       const int64_t grid = evaluate(grids_[k], operands);
       if (grid <= 0) continue;
@@ -216,7 +272,8 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
     recipe->workspace_words = recipe->words.size();
     recipe->words.insert(recipe->words.end(), recipe->workspaces.words.begin(), recipe->workspaces.words.end());
     c10::cuda::CUDAGuard guard(out.device());
-    const auto& functions = load(out.device().index());
+    recipe->module = &load(out.device().index());
+    const auto& functions = recipe->module->functions;
     for (size_t k = 0; k < functions.size(); ++k) {
       const int64_t grid = evaluate(grids_[k], operands);
       if (grid <= 0) continue;
@@ -243,10 +300,24 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
   void touch() { last_use_.store(xattn::use_time(), std::memory_order_relaxed); }
   uint64_t last_use() const { return last_use_.load(std::memory_order_relaxed); }
 
+  // Note the stream that `module`'s functions are about to be launched on (its unloading waits
+  // for it) and whether it captures them into a graph.  A launch on the stream of the previous
+  // one, not capturing, costs an atomic load and the capture query.
+  void launching(DeviceModule& module, CUstream stream) {
+    const bool captured = capturing(stream);
+    if (!captured && module.last_stream.load(std::memory_order_relaxed) == stream) return;
+    std::lock_guard<std::mutex> lock(load_mutex_);
+    module.captured = module.captured || captured;
+    if (std::find(module.streams.begin(), module.streams.end(), stream) == module.streams.end()) {
+      module.streams.push_back(stream);
+    }
+    module.last_stream.store(stream, std::memory_order_relaxed);
+  }
+
   // Registers and local memory of kernel k as the driver reports them (for tests and reports).
   std::vector<int64_t> attributes(int64_t device_index, int64_t k) {
     c10::cuda::CUDAGuard guard(device_index);
-    CUfunction f = load(device_index).at(k);
+    CUfunction f = load(device_index).functions.at(k);
     int registers = 0, local = 0, shared = 0;
     check(cuFuncGetAttribute(&registers, CU_FUNC_ATTRIBUTE_NUM_REGS, f), "cuFuncGetAttribute");
     check(cuFuncGetAttribute(&local, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f), "cuFuncGetAttribute");
@@ -297,11 +368,12 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
     }
   }
 
-  // The module and functions of one device, loaded at its first call.
-  const std::vector<CUfunction>& load(int64_t device_index) {
+  // The module and functions of one device, loaded at its first call (the reference stays valid
+  // as long as the kernel: map nodes do not move).
+  DeviceModule& load(int64_t device_index) {
     std::lock_guard<std::mutex> lock(load_mutex_);  // calls run with the GIL released
-    auto found = functions_.find(device_index);
-    if (found != functions_.end()) return found->second;
+    auto found = modules_.find(device_index);
+    if (found != modules_.end()) return found->second;
     CUcontext context = nullptr;
     check(cuCtxGetCurrent(&context), "cuCtxGetCurrent");
     if (context == nullptr) {  // torch made the primary context current on the stream's device
@@ -313,18 +385,27 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
     CUmodule module;
     check(cuModuleLoadData(&module, cubin_.data()), "cuModuleLoadData");
     std::vector<CUfunction> functions;
-    for (size_t k = 0; k < names_.size(); ++k) {
-      CUfunction f;
-      check(cuModuleGetFunction(&f, module, names_[k].c_str()), "cuModuleGetFunction");
-      if (shared_bytes_[k] > 48 * 1024) {
-        check(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                 static_cast<int>(shared_bytes_[k])),
-              "cuFuncSetAttribute");
+    try {
+      for (size_t k = 0; k < names_.size(); ++k) {
+        CUfunction f;
+        check(cuModuleGetFunction(&f, module, names_[k].c_str()), "cuModuleGetFunction");
+        if (shared_bytes_[k] > 48 * 1024) {
+          check(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                   static_cast<int>(shared_bytes_[k])),
+                "cuFuncSetAttribute");
+        }
+        functions.push_back(f);
       }
-      functions.push_back(f);
+    } catch (...) {
+      cuModuleUnload(module);
+      throw;
     }
-    modules_[device_index] = module;
-    return functions_[device_index] = std::move(functions);
+    DeviceModule& loaded = modules_[device_index];
+    loaded.context = context;
+    loaded.module = module;
+    loaded.functions = std::move(functions);
+    loaded_modules.fetch_add(1, std::memory_order_relaxed);
+    return loaded;
   }
 
   std::string cubin_;
@@ -334,8 +415,7 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
   std::vector<int64_t> item_sizes_, aligned_;
   std::vector<std::vector<std::vector<int64_t>>> workspaces_;
   std::vector<int64_t> workspace_dtypes_;
-  std::map<int64_t, CUmodule> modules_;
-  std::map<int64_t, std::vector<CUfunction>> functions_;
+  std::map<int64_t, DeviceModule> modules_;
   std::mutex load_mutex_;
   std::atomic<uint64_t> last_use_{0};
 };
@@ -370,6 +450,7 @@ bool replay(const xattn::Call& call, at::Tensor* out) {
   std::vector<void*> args(words.size());
   for (size_t i = 0; i < words.size(); ++i) args[i] = &words[i];
   CUstream stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  r->kernel->launching(*r->module, stream);
   for (size_t k = 0; k < r->functions.size(); ++k) {
     check(cuLaunchKernel(r->functions[k], r->grids[k], 1, 1, r->threads[k], 1, 1, r->shared_bytes[k], stream,
                          args.data(), nullptr),
@@ -407,4 +488,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::lock_guard<std::mutex> lock(recipes_mutex);
     return recipes.size();
   }, "Recorded signatures");
+  m.def("loaded_modules", [] { return loaded_modules.load(); }, "CUDA modules loaded now (per kernel and device)");
 }

@@ -312,7 +312,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["replays"] = replays.load();
     d["empty_results"] = empty_results.load();
     d["recipes"] = recipes.size();
+    d["loaded_libraries"] = loaded_libraries.load();
     return d;
-  }, "Kernel launches (all paths), replays, calls answered without a kernel, recorded signatures");
+  }, "Kernel launches (all paths), replays, calls answered without a kernel, recorded signatures, "
+     "kernel libraries open");
   m.def("release_workspaces", &release_workspaces, "Free the calling thread's workspace arena");
 }

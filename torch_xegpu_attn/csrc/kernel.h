@@ -91,6 +91,9 @@ class Kernel {
 
 // Counts of launches, for tests and tools.
 extern std::atomic<int64_t> launches;
+// Kernel libraries open now (a Kernel closes its library when its last owner lets go: the
+// memory cache's bound is a bound on these too).
+extern std::atomic<int64_t> loaded_libraries;
 
 void release_workspaces();
 
