@@ -9,14 +9,14 @@ for 300).
 
 import pytest
 import torch
-from hypothesis import given, seed
+from hypothesis import given
 from hypothesis import strategies as st
 
-from sdpa_cases import MASKINGS, SEED, Case, cases, check_case
+from sdpa_cases import MASKINGS, Case, cases, check_case, reproducible
 
 
 @pytest.mark.parametrize("masking", MASKINGS)
-@seed(SEED)
+@reproducible()
 @given(data=st.data())
 def test_matches_sdpa(masking, data):
     check_case(data.draw(cases(masking=masking), label="case"))
