@@ -5,10 +5,11 @@ triton.testing.do_bench medians (ours and flash: the median of 3 interleaved
 rounds of those); TFLOPS = 4 * B * H * L * S * D / t (halved
 when causal).  Rows: f16 and bf16, head dims 64 and 128, N = L = S from 1024
 to 16384 with B * N = 16k and H * D = 2048, causal and not; then decode rows
-(L = 1, S from 1k to 32k, GQA 32/8, D = 128, bf16).  Also the host cost of a
+(L = 1, S from 1k to 32k, GQA 32/8, D = 128, bf16); float32 rows next to SDPA's f32
+backends (efficient, math).  Also the host cost of a
 cache-hit call on a tiny problem next to SDPA's (interleaved medians).
 
-    python benchmarks/bench_cuda.py [--csv out.csv] [--quick]
+    python benchmarks/bench_cuda.py [--csv out.csv] [--quick] [--only host,prefill,f32,decode]
     python benchmarks/bench_cuda.py --precompile sm_90a     # without a GPU: its kernels, cached
 
 Writes the CSV; `python benchmarks/plot_bench.py out.csv out.png` draws it.
@@ -89,6 +90,36 @@ def bench_prefill(rows: list, quick: bool) -> None:
                      **{f"{k}_ms": (round(t, 4) if t else "") for k, t in {"ours": ours, **sdpa}.items()}})
 
 
+def f32_rows(quick: bool):
+    for d in (64, 128):
+        for n in ((2048,) if quick else (1024, 2048, 4096)):
+            for causal in (False, True):
+                yield d, n, causal
+
+
+def bench_f32(rows: list, quick: bool) -> None:
+    """float32 (ours: tf32 halves, three products, f32 accuracy) next to SDPA's f32 backends:
+    efficient (what SDPA picks for f32; flash and cuDNN refuse it) and math, full precision
+    (allow_tf32 off, torch's default)."""
+    print("\nfloat32 (TFLOPS; SDPA's efficient and math backends in full precision):")
+    print(f"{'D':>4} {'N':>6} {'causal':>6} {'ours':>7} {'effic.':>7} {'math':>7} {'/effic.':>8}")
+    for d, n, causal in f32_rows(quick):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float32) for _ in range(3))
+        flops = 4.0 * b * h * n * n * d / (2 if causal else 1)
+        torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+        times = {"ours": _time(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal))}
+        for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+            with sdpa_kernel(backend):
+                times[name] = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        tf = {name: flops / t / 1e9 for name, t in times.items()}
+        print(f"{d:4d} {n:6d} {str(causal):>6} {tf['ours']:7.1f} {tf['efficient']:7.1f} {tf['math']:7.1f} "
+              f"{tf['ours'] / tf['efficient']:8.2f}", flush=True)
+        rows.append({"kind": "prefill-f32", "dtype": "float32", "D": d, "B": b, "H": h, "L": n, "S": n,
+                     "causal": causal, **{f"{k}_tflops": round(x, 1) for k, x in tf.items()},
+                     **{f"{k}_ms": round(t, 4) for k, t in times.items()}})
+
+
 def bench_decode(rows: list, quick: bool) -> None:
     print("\ndecode (bf16, D=128, L=1, GQA 32/8; us):")
     print(f"{'B':>3} {'S':>6} {'ours':>8} {'flash':>8} {'cudnn':>8} {'effic.':>8} {'floor':>8}")
@@ -132,6 +163,9 @@ def precompile(arch: str, quick: bool) -> None:
         kv = torch.empty(b, 8, s, 128, dtype=torch.bfloat16, device="meta")
         calls.append(([torch.empty(b, 32, 1, 128, dtype=torch.bfloat16, device="meta"), kv, kv],
                       {"enable_gqa": True}))
+    for d, n, causal in f32_rows(quick):
+        b, h = 16384 // n, 2048 // d
+        calls.append(([torch.empty(b, h, n, d, dtype=torch.float32, device="meta")] * 3, {"is_causal": causal}))
     calls.append(([torch.empty(1, 1, 16, 64, dtype=torch.float16, device="meta")] * 3, {}))  # bench_host
     keys = {torch_xegpu_attn.precompile(*tensors, **kw, target="nvvm", arch=arch) for tensors, kw in calls}
     print(f"{len(keys)} kernels in the disk cache for {len(calls)} benchmark calls")
@@ -143,15 +177,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows")
     parser.add_argument("--precompile", metavar="ARCH", default="",
                         help="only put the benchmark's kernels into the disk cache (on a machine without a GPU)")
+    parser.add_argument("--only", default="", help="comma-separated parts: host, prefill, f32, decode (default all)")
     args = parser.parse_args(argv)
     if args.precompile:
         precompile(args.precompile, args.quick)
         return 0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows: list = []
-    bench_host(rows)
-    bench_prefill(rows, args.quick)
-    bench_decode(rows, args.quick)
+    parts = {"host": lambda: bench_host(rows), "prefill": lambda: bench_prefill(rows, args.quick),
+             "f32": lambda: bench_f32(rows, args.quick), "decode": lambda: bench_decode(rows, args.quick)}
+    for name in args.only.split(",") if args.only else parts:
+        parts[name]()
     if args.csv:
         keys = sorted({k for r in rows for k in r})
         with open(args.csv, "w", newline="") as f:

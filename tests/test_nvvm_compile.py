@@ -44,6 +44,11 @@ SPECS = {
                                      length_class="long"),
     "decode-gqa": replace(PREFILL, group=4, head_dim=128, v_head_dim=128, dtype="bfloat16", length_class="decode"),
     "decode-mha": replace(PREFILL, length_class="decode"),
+    "prefill-f32-causal": replace(PREFILL, dtype="float32", causal=True),
+    "prefill-f32-e128-mask": replace(PREFILL, dtype="float32", head_dim=128, v_head_dim=128,
+                                     mask=MaskSpec("additive", ("l", "s"), "float32")),
+    "decode-f32-gqa": replace(PREFILL, dtype="float32", group=4, head_dim=256, v_head_dim=256,
+                              length_class="decode"),
 }
 
 
@@ -70,7 +75,13 @@ def test_kernels_and_ptx(compiled, name):
     assert main["threads"] % 32 == 0 and main["shared_bytes"] <= 227 * 1024
     body = ptx.split(".entry " + main["name"])[1].split(".entry")[0]
     kind = "bf16" if spec.dtype == "bfloat16" else "f16"
-    if options.warpgroup_mma:  # K and V read by wgmma from swizzled shared memory, Q by ldmatrix
+    if spec.dtype == "float32":  # tf32 halves of each operand, three products (f32 accuracy)
+        tensor_cores = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "cvt.rna.tf32.f32",
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16")
+        assert "m16n8k16" not in body and ".trans." not in body and "wgmma" not in body
+        products = body.count("mma.sync.aligned.m16n8k8")
+        assert products and products % 3 == 0, products
+    elif options.warpgroup_mma:  # K and V read by wgmma from swizzled shared memory, Q by ldmatrix
         tensor_cores = (f"wgmma.mma_async.sync.aligned.m64n{options.schedule.kv_tile}k16.f32.{kind}.{kind}",
                         f"wgmma.mma_async.sync.aligned.m64n{spec.v_head_dim}k16.f32.{kind}.{kind}",
                         "wgmma.fence.sync.aligned", "wgmma.wait_group.sync.aligned 0",
@@ -93,7 +104,8 @@ def test_warpgroup_mma_where_it_applies():
     """sm_90a prefills of head dims 64 and 128 multiply with wgmma; other head dims, decode and
     sm_80 keep mma.sync."""
     for name, spec in SPECS.items():
-        wgmma = spec.length_class != "decode" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
+        wgmma = (spec.length_class != "decode" and spec.dtype != "float32" and spec.head_dim in (64, 128)
+                 and spec.v_head_dim in (64, 128))
         assert nvvm.options_for(spec, "sm_90a").warpgroup_mma == wgmma, name
         assert not nvvm.options_for(spec, "sm_80").warpgroup_mma, name
 
@@ -242,8 +254,9 @@ def test_decode_class_needs_enough_keys():
 
 
 def test_unsupported_specs_raise_before_compiling():
-    with pytest.raises(NotImplementedError, match="float16 and bfloat16"):
-        nvvm.check(replace(PREFILL, dtype="float32"))
+    with pytest.raises(NotImplementedError, match="float64"):
+        nvvm.check(replace(PREFILL, dtype="float64"))
+    nvvm.check(replace(PREFILL, dtype="float32"))  # f32 on tf32 halves
     with pytest.raises(NotImplementedError, match="multiples of 16"):
         nvvm.check(replace(PREFILL, head_dim=72, v_head_dim=72))
 

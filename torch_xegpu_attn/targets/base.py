@@ -203,14 +203,14 @@ def package_versions(names: Sequence[str]) -> Dict[str, str]:
 MATRIX_ENGINE_DTYPES = ("float16", "bfloat16")
 
 
-def require_matrix_engine_dtype(spec: AttentionSpec, target: str, engine: str) -> None:
+def require_matrix_engine_dtype(spec: AttentionSpec, target: str, engine: str,
+                                accepted: Sequence[str] = MATRIX_ENGINE_DTYPES) -> None:
     """Raise NotImplementedError for a spec whose inputs a GPU target's matrix engine (`engine`:
-    tensor cores, DPAS) does not take, saying what to do instead."""
-    if spec.dtype not in MATRIX_ENGINE_DTYPES:
+    tensor cores, DPAS) does not take (`accepted`), saying what to do instead."""
+    if spec.dtype not in accepted:
         raise NotImplementedError(
-            f"the {target} target computes on {engine} with float16 and bfloat16 inputs; {spec.dtype} would need "
-            f"tf32 (less accurate than float32) or math without the {engine}, neither is implemented: cast the "
-            f"inputs to float16 or bfloat16")
+            f"the {target} target computes on {engine} with {', '.join(accepted)} inputs; {spec.dtype} is not "
+            f"implemented there: cast the inputs to one of those")
 
 
 _REGISTRY: Dict[str, Target] = {}

@@ -83,6 +83,12 @@ RESCALE_THRESHOLD = 8.0
 CAUSAL_HEAD_CHUNK = 16
 
 
+#: the input dtypes the kernels take: f16 and bf16 on the tensor cores as they are, f32 as tf32
+#: halves (three products per tile: f32 accuracy, never tf32's alone).
+NVVM_DTYPES = ("float16", "bfloat16", "float32")
+#: f32 prefills: 64-row work-groups (4 warps of 16 rows), 64-key tiles (32 above head dim 128):
+#: twice the bytes of a 16-bit tile in shared memory.
+F32_ROW_TILE = 64
 #: which staged tiles of a key loop are copied one step ahead (NvvmOptions.prefetch).
 PREFETCH_MODES = ("keys", "tiles", "tiles-late")
 #: the compiler packages whose MLIR makes the PTX (with ptxas, the nvvm toolchain).
@@ -155,15 +161,15 @@ def geometry_for(spec: AttentionSpec, options: NvvmOptions):
     # Q in registers for head dims up to 64, but with wgmma: there ptxas (13.0) gave the packed P
     # of P.V the registers of Q's fragments, which the next step's QK^T still reads (masked
     # D = 64 went wrong from its second key tile on)
-    q_in_registers = spec.head_dim <= 64 and not options.warpgroup_mma
+    q_in_registers = spec.head_dim <= 64 and not options.warpgroup_mma and spec.dtype != "float32"
     return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=q_in_registers, prefetch=options.prefetch,
                     warpgroup_mma=options.warpgroup_mma)
 
 
 def _may_take_wide_rows(spec: AttentionSpec) -> bool:
-    """Whether a prefill of `spec` takes 256-row work-groups when long enough: unmasked, head
-    dims 65..128 (the only specs whose length splits "prefill" from "long")."""
-    return spec.mask is None and 64 < max(spec.head_dim, spec.v_head_dim) <= 128
+    """Whether a prefill of `spec` takes 256-row work-groups when long enough: unmasked 16-bit
+    inputs of head dims 65..128 (the only specs whose length splits "prefill" from "long")."""
+    return spec.mask is None and spec.dtype != "float32" and 64 < max(spec.head_dim, spec.v_head_dim) <= 128
 
 
 class NvvmTarget(Target):
@@ -183,7 +189,7 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_matrix_engine_dtype(spec, self.name, "tensor cores")
+        require_matrix_engine_dtype(spec, self.name, "tensor cores", NVVM_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:
                 raise NotImplementedError(
@@ -206,18 +212,22 @@ class NvvmTarget(Target):
         """Whether a prefill of `spec` multiplies with wgmma: on sm_90a, head dims 64 and 128 (the
         K and V tiles are whole 64-column panels of the 128-byte swizzle; 256 would need more
         accumulator registers than a warpgroup's 16 rows a warp leave)."""
-        return arch == "sm_90a" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
+        return (arch == "sm_90a" and spec.dtype != "float32" and spec.head_dim in (64, 128)
+                and spec.v_head_dim in (64, 128))
 
     def default_options(self, spec: AttentionSpec, arch: Optional[str]) -> NvvmOptions:
         self.check(spec)
         arch = arch or self.runtime_arch()
         widest = max(spec.head_dim, spec.v_head_dim)
+        f32_keys = 64 if widest <= 128 else 32  # f32 tiles take twice the shared memory
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
-            return NvvmOptions(ScheduleOptions(row_tile=row_tile, kv_tile=64, pack_gqa=True, kv_splits=DECODE_SPLITS,
-                                               split_fill=DECODE_FILL, split_min_keys=DECODE_SPLIT_KEYS,
-                                               combine_cols=DECODE_COMBINE_COLS, pv_in_f32=False), arch=arch)
+            kv_tile = f32_keys if spec.dtype == "float32" else 64
+            return NvvmOptions(ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, pack_gqa=True,
+                                               kv_splits=DECODE_SPLITS, split_fill=DECODE_FILL,
+                                               split_min_keys=DECODE_SPLIT_KEYS, combine_cols=DECODE_COMBINE_COLS,
+                                               pv_in_f32=False), arch=arch)
         if spec.length_class not in ("prefill", "long"):
             raise ValueError(f"the nvvm target has no length class {spec.length_class!r}")
         # Measured on the H200 (benchmarks/cuda/sweep_schedules.py, see the README): 64-key tiles
@@ -233,6 +243,9 @@ class NvvmTarget(Target):
         # at D = 128 that loop's registers spill.
         tail = "peel" if unmasked_e64 else "mask"
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
+        if spec.dtype == "float32":
+            return NvvmOptions(ScheduleOptions(row_tile=F32_ROW_TILE, kv_tile=f32_keys, pv_in_f32=False), arch=arch,
+                               causal_head_chunk=chunk)
         wgmma = self._warpgroup_mma(spec, arch)
         if widest <= 128:
             # with wgmma, 128 rows are 8 warps of 16 rows (2 warpgroups); 256 would be 16 warps,

@@ -22,6 +22,8 @@ see layout.py); each op is re-emitted per slot by its rule:
                                registers (a tile packed into 16-bit pairs) or
                                from a tile staged in shared memory (ldmatrix,
                                .trans when the tile's rows are the reduced dim);
+                               f32 operands as mma.sync m16n8k8 on their tf32
+                               halves (three products: f32 accuracy);
                                or, with Geometry.warpgroup_mma (sm_90a), wgmma
                                m64nNk16: A from registers as above, B read by
                                the tensor cores from the staged tile (stored
@@ -61,8 +63,8 @@ from .layout import (COL, ROW, ROW_DIV, ROW_MOD, Axis, Geometry, Layout, broadca
 
 #: float ops whose products and sums may contract into FMAs (fastmath contract).
 _CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
-#: elements added to each shared-memory row: the 8 rows an ldmatrix reads fall in distinct banks.
-PITCH_PAD = 8
+#: bytes added to each shared-memory row: the 8 rows an ldmatrix reads fall in distinct banks.
+PITCH_PAD_BYTES = 16
 #: a tile wgmma reads through a matrix descriptor is stored for the 128-byte swizzle: in panels
 #: of PANEL_COLS columns (128 bytes of 16-bit elements) by its rows, the 16-byte chunk c of row r
 #: at chunk c ^ (r % 8) of the row (the banks of 8 rows' chunks differ), each panel starting on
@@ -150,6 +152,38 @@ def mma(a: Sequence[ir.Value], b: Sequence[ir.Value], c: Sequence[ir.Value], ele
     return list(_ptx([f32] * 4, [*a, *b, *c], code))
 
 
+def tf32_split(x: ir.Value) -> Tuple[ir.Value, ir.Value]:
+    """An f32 as the sum of two tf32s, (big, small) as 32-bit words: big = x rounded to tf32,
+    small = the rest rounded to tf32 (together 21 of the 24 bits of x's significand)."""
+    big = _ptx([i32_type()], [x], "cvt.rna.tf32.f32 $0, $1;")
+    rest = arith.subf(x, arith.bitcast(ir.F32Type.get(), big))
+    return big, _ptx([i32_type()], [rest], "cvt.rna.tf32.f32 $0, $1;")
+
+
+def mma_tf32(a: Sequence[ir.Value], b: Sequence[ir.Value], c: Sequence[ir.Value]) -> List[ir.Value]:
+    """D = A . B + C, mma.sync m16n8k8 on tf32 words (A row-major, B column-major, f32 accumulate)."""
+    code = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+            "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+    return list(_ptx([ir.F32Type.get()] * 4, [*a, *b, *c], code))
+
+
+def mma_3xtf32(a: Tuple[List[ir.Value], List[ir.Value]], b: Tuple[List[ir.Value], List[ir.Value]],
+               c: Sequence[ir.Value]) -> List[ir.Value]:
+    """D = A . B + C for f32 A and B, each given as (big, small) tf32 words (tf32_split): the
+    products big.small, small.big and big.big (small.small, below f32's rounding, is left out),
+    small terms first.  The error is that of f32 arithmetic, not tf32's: what cuBLAS and
+    PyTorch's memory-efficient attention compute f32 on tensor cores with."""
+    (a_big, a_small), (b_big, b_small) = a, b
+    c = mma_tf32(a_big, b_small, c)
+    c = mma_tf32(a_small, b_big, c)
+    return mma_tf32(a_big, b_big, c)
+
+
+def _split_all(values: Sequence[ir.Value]) -> Tuple[List[ir.Value], List[ir.Value]]:
+    pairs = [tf32_split(v) for v in values]
+    return [big for big, _ in pairs], [small for _, small in pairs]
+
+
 def _as_words(fragment: ir.Value, count: int) -> List[ir.Value]:
     """vector<count x 2 x f16|bf16> (an ldmatrix result) -> count i32 words."""
     element = ir.VectorType(fragment.type).element_type
@@ -221,7 +255,7 @@ def fence_async_proxy() -> None:
 
 @dataclass
 class SharedTile:
-    """A tile staged in shared memory: buffer[stage?][row][col], rows padded by PITCH_PAD; or,
+    """A tile staged in shared memory: buffer[stage?][row][col], rows padded by PITCH_PAD_BYTES; or,
     `swizzled` (a wgmma operand), buffer[stage?][panel][row][col'] with col' the column's
     place in its panel under the 128-byte swizzle (see PANEL_COLS); `address`: the shared-
     memory address (i64) of its first stage."""
@@ -376,7 +410,7 @@ class WorkGroupKernel:
                 self._check_swizzled(rows, cols, element)
                 shape = ([stages] if stages > 1 else []) + [cols // PANEL_COLS, rows, PANEL_COLS]
             else:
-                shape = ([stages] if stages > 1 else []) + [rows, cols + PITCH_PAD]
+                shape = ([stages] if stages > 1 else []) + [rows, cols + PITCH_PAD_BYTES // _bytes(element)]
             size = _bytes(element)
             for d in shape:
                 size *= d
@@ -782,7 +816,8 @@ class WorkGroupKernel:
         rows, _ = self._staged_shape(op)
         threads = self.geometry.threads
         lead = [vdim for vdim in range(len(shape) - 1) if shape[vdim] != 1] or [0]
-        if len(lead) == 1 and threads % per_row == 0 and rows % (threads // per_row) == 0:
+        lanes = min(per_row, threads)  # threads per row (each copies per_row / lanes chunks of it)
+        if len(lead) == 1 and threads % lanes == 0 and per_row % lanes == 0 and rows % (threads // lanes) == 0:
             # one dim of rows (others of extent 1): strength-reduced
             return self._strided_copies(tile, base, indices, (dims[lead[0]], dims[-1]), rows, per_row, chunk,
                                         not in_bounds[lead[0]])
@@ -821,15 +856,17 @@ class WorkGroupKernel:
     def _strided_copies(self, tile: SharedTile, base, indices, dims, rows: int, per_row: int, chunk: int,
                         checked: bool) -> None:
         """The copies of a tile of `rows` rows along memref dim dims[0] (of columns along dims[1]),
-        strength-reduced: each thread copies one column chunk of
-        rows row0, row0 + step, ... (step = threads / per_row), so its source offsets are one
-        product and then one addition per copy, over a flat view of the memref's buffer
-        (indexing the memref itself costs a 64-bit product per copy), and its shared-memory
-        offsets differ by constants.  `checked`: rows at or past the memref's extent are
-        zero-filled, their copies reading (nothing from) the tile's first row, which is inside."""
-        step = self.geometry.threads // per_row
-        row0 = arith.divui(self.tid, const_index(per_row))
-        col = arith.muli(arith.remui(self.tid, const_index(per_row)), const_index(chunk))
+        strength-reduced: each thread copies one column chunk (or, where a row has more chunks
+        than the block threads, every threads-th chunk) of rows row0, row0 + step, ... (step =
+        threads / per_row, at least 1), so its source offsets are one product and then one
+        addition per copy, over a flat view of the memref's buffer (indexing the memref itself
+        costs a 64-bit product per copy), and its shared-memory offsets differ by constants.
+        `checked`: rows at or past the memref's extent are zero-filled, their copies reading
+        (nothing from) the tile's first row, which is inside."""
+        lanes = min(per_row, self.geometry.threads)
+        step = self.geometry.threads // lanes
+        row0 = arith.divui(self.tid, const_index(lanes))
+        col = arith.muli(arith.remui(self.tid, const_index(lanes)), const_index(chunk))
         metadata = memref.ExtractStridedMetadataOp(base)
         rank = ir.MemRefType(base.type).rank
         offset, strides = metadata.results[1], list(metadata.results[2 + rank:2 + 2 * rank])
@@ -854,17 +891,23 @@ class WorkGroupKernel:
             left = arith.subi(memref.dim(base, const_index(dims[0])), arith.addi(indices[dims[0]], row0))
             # compared in 32 bits (one instruction a copy), clamped first: only left < rows matters
             left = arith.index_cast(ir.IntegerType.get_signless(32), arith.minsi(left, const_index(rows)))
+        across = arith.muli(const_index(lanes * chunk), strides[dims[1]])  # to a thread's next chunk
         for k in range(rows // step):
             if k:
                 linear = arith.addi(linear, advance)
-            source, size = linear, None
-            if checked:
-                valid = arith.cmpi(arith.CmpIPredicate.slt, _i32(k * step), left)
-                source = arith.select(valid, linear, first)
-                size = arith.select(valid, const_index(chunk), const_index(0))
-            nvgpu.device_async_copy(tile.buffer, tile.indices(arith.addi(row0, const_index(k * step)), col),
-                                    flat, [source], ir.IntegerAttr.get(index(), chunk), src_elements=size,
-                                    bypass_l1=True)
+            valid = arith.cmpi(arith.CmpIPredicate.slt, _i32(k * step), left) if checked else None
+            at = linear
+            for c in range(per_row // lanes):
+                if c:
+                    at = arith.addi(at, across)
+                source, size = at, None
+                if checked:
+                    source = arith.select(valid, at, first)
+                    size = arith.select(valid, const_index(chunk), const_index(0))
+                nvgpu.device_async_copy(tile.buffer, tile.indices(arith.addi(row0, const_index(k * step)),
+                                                                  arith.addi(col, const_index(c * lanes * chunk))),
+                                        flat, [source], ir.IntegerAttr.get(index(), chunk), src_elements=size,
+                                        bypass_l1=True)
 
     def _stage(self, op: ir.Operation) -> None:
         result = op.results[0]
@@ -947,13 +990,15 @@ class WorkGroupKernel:
         if k % 16 or n % 16:
             raise CompileError(f"nvvm: contraction extents must be multiples of 16, got k={k} n={n}")
         element = _element(rhs)
-        if not isinstance(element, (ir.F16Type, ir.BF16Type)) or _element(lhs) != element:
-            raise CompileError(f"nvvm: tensor-core contractions take f16 or bf16 operands, got "
-                               f"{_element(lhs)} x {element} (P.V in f32 has no tensor-core path: "
-                               f"use pv_in_f32=False)")
+        if not isinstance(element, (ir.F16Type, ir.BF16Type, ir.F32Type)) or _element(lhs) != element:
+            raise CompileError(f"nvvm: tensor-core contractions take f16, bf16 or f32 operands of one type, got "
+                               f"{_element(lhs)} x {element} (P.V of 16-bit inputs in f32 has no tensor-core "
+                               f"path: use pv_in_f32=False)")
         if rhs not in self.tiles:
             raise CompileError("nvvm: the right operand of a contraction must be a tile read from memory")
         b_rows_are_n = dims[1] == [1, 2]
+        if isinstance(element, ir.F32Type):
+            return self._f32_contract(result, layout, lhs, self.tiles[rhs], acc, k, n, b_rows_are_n)
         a_operand = self._a_operand(lhs, k)
         if self.tiles[rhs].swizzled:
             return self._warpgroup_contract(result, layout, a_operand, self.tiles[rhs], acc, k, n, element,
@@ -997,6 +1042,76 @@ class WorkGroupKernel:
         values = warpgroup_wait(values)
         self.dists[(result, layout)] = {(m, j, i): values[m][4 * j + i]
                                         for m in range(tiles) for j in range(n // 8) for i in range(4)}
+
+    def _f32_contract(self, result, layout, lhs, tile: SharedTile, acc, k: int, n: int, rows_are_n: bool) -> None:
+        """An f32 contraction as mma.sync m16n8k8 on tf32 halves (mma_3xtf32): f32 accuracy on the
+        tensor cores.  The A operand is staged (ldmatrix of 32-bit words) or a register tile in the
+        accumulator layout (P), whose lane holds columns 2t and 2t + 1 where a k8 fragment wants t
+        and t + 4: there the k order is permuted (fragment column t is column 2t, t + 4 is 2t + 1),
+        and B's rows follow it."""
+        a_operand, permuted = self._f32_a_operand(lhs)
+        slots = self.dist(acc, layout)
+        c = {(m, j): [slots[(m, j, i)] for i in range(4)]
+             for m in range(self.geometry.m_tiles) for j in range(n // 8)}
+        for kk in range(k // 8):
+            a = [a_operand(m, kk) for m in range(self.geometry.m_tiles)]
+            for j in range(0, n // 8, 2):
+                b_pair = self._f32_b_fragments(tile, kk, j, rows_are_n, permuted)
+                for m in range(self.geometry.m_tiles):
+                    for jj in (0, 1):
+                        c[(m, j + jj)] = mma_3xtf32(a[m], b_pair[jj], c[(m, j + jj)])
+        self.dists[(result, layout)] = {(m, j, i): values[i] for (m, j), values in c.items() for i in range(4)}
+
+    def _f32_a_operand(self, lhs: ir.Value):
+        """(A fragment (m, kk8) of an f32 left operand as tf32 halves, whether its k order is
+        permuted)."""
+        if lhs in self.tiles:  # staged (Q): ldmatrix x4 of 32-bit words gives a k8 fragment as is
+            tile = self.tiles[lhs]
+
+            def staged(m, kk):
+                row = arith.addi(self.row_base, arith.addi(arith.remui(self.lane, const_index(16)),
+                                                           const_index(16 * m)))
+                col = arith.addi(arith.muli(arith.divui(self.lane, const_index(16)), const_index(4)),
+                                 const_index(8 * kk))
+                loaded = nvgpu.ldmatrix(ir.VectorType.get([4, 1], ir.F32Type.get()), tile.buffer,
+                                        tile.indices(row, col), False, 4)
+                return _split_all([vector.extract(loaded, [], [r, 0]) for r in range(4)])
+            return staged, False
+        (layout,) = self.layouts_of(lhs)  # a register tile in the accumulator layout (P)
+        values = self.dist(lhs, layout)
+
+        def registers(m, kk):
+            return _split_all([values[(m, kk, i)] for i in (0, 2, 1, 3)])
+        return registers, True
+
+    def _f32_b_fragments(self, tile: SharedTile, kk: int, j: int, rows_are_n: bool, permuted: bool):
+        """B fragments (tf32 halves) of n-tiles j and j + 1 for k8 slice kk: fragment rows t and
+        t + 4 (or 2t and 2t + 1, permuted) of column g.  A tile whose rows are n (K) gives them by
+        one ldmatrix x4 of 32-bit words; a tile whose rows are k (V) by a load each (ldmatrix
+        transposes only 16-bit elements)."""
+        if rows_are_n and not permuted:
+            lane = self.lane
+            row = arith.addi(arith.muli(arith.addi(arith.divui(lane, const_index(16)), const_index(j)),
+                                        const_index(8)), arith.remui(lane, const_index(8)))
+            col = arith.addi(arith.muli(arith.remui(arith.divui(lane, const_index(8)), const_index(2)),
+                                        const_index(4)), const_index(8 * kk))
+            loaded = nvgpu.ldmatrix(ir.VectorType.get([4, 1], ir.F32Type.get()), tile.buffer,
+                                    tile.indices(row, col), False, 4)
+            words = [vector.extract(loaded, [], [r, 0]) for r in range(4)]
+            return _split_all(words[0:2]), _split_all(words[2:4])
+        t = arith.remui(self.lane, const_index(4))
+        k_first = arith.muli(t, const_index(2)) if permuted else t
+        k_second = arith.addi(k_first, const_index(1 if permuted else 4))
+        pairs = []
+        for jj in (0, 1):
+            n_at = arith.addi(self.quad, const_index(8 * (j + jj)))
+            loads = []
+            for k_at in (k_first, k_second):
+                k_at = arith.addi(k_at, const_index(8 * kk))
+                row, col = (n_at, k_at) if rows_are_n else (k_at, n_at)
+                loads.append(memref.load(tile.buffer, tile.indices(row, col)))
+            pairs.append(_split_all(loads))
+        return pairs[0], pairs[1]
 
     def _a_operand(self, lhs: ir.Value, k: int) -> Callable[[int, int], List[ir.Value]]:
         """A fragment (m, kk) of a contraction's left operand, produced where it is asked for."""
