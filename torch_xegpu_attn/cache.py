@@ -261,7 +261,7 @@ class KernelCache:
                 limit = knobs.memory_cache_entries()  # a bad bound fails before any work
                 kernel, compiled = self._load_or_build(spec)
                 self._memory[key] = kernel
-                self._bound_memory(limit)
+                self._bound_memory(limit, keep=key)
                 if compiled:
                     return kernel
             else:
@@ -280,11 +280,13 @@ class KernelCache:
     def memory_entries(self) -> int:
         return len(self._memory)
 
-    def _bound_memory(self, limit: int) -> None:
-        """Evict least recently used kernels beyond `limit` (XEGPU_ATTN_MEMORY_CACHE; lock held)."""
-        while len(self._memory) > limit:
+    def _bound_memory(self, limit: int, keep) -> None:
+        """Evict least recently used kernels beyond `limit` (XEGPU_ATTN_MEMORY_CACHE; lock held),
+        never `keep`: the kernel just loaded, which has not run yet (its use time is the oldest)
+        and which its caller is about to launch and record."""
+        while len(self._memory) > max(limit, 1):
             # Replays bypass this dict: the kernels' own use times order them.
-            victim = min(self._memory, key=lambda k: self._memory[k].last_use())
+            victim = min((k for k in self._memory if k != keep), key=lambda k: self._memory[k].last_use())
             self._memory.pop(victim).forget()
             STATS["memory_evictions"] += 1
 

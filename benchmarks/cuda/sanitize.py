@@ -1,6 +1,8 @@
 """Small tail-heavy calls of the nvvm kernels for compute-sanitizer (memcheck / racecheck /
 synccheck): partial tiles, masks, causal straddles, decode splits, each checked then replayed
-(benchmarks/cuda/run_on_gpu.sh)."""
+(benchmarks/cuda/run_on_gpu.sh).  Arguments: substrings of the case names to run (default all)."""
+import sys
+
 import torch
 import torch_xegpu_attn as t
 
@@ -21,8 +23,14 @@ cases = [
     ("decode gqa 2500 (20 splits: the combine's remainder loop)", lambda: t.attention(r(1, 32, 1, 128, dtype=torch.bfloat16), r(1, 8, 2500, 128, dtype=torch.bfloat16), r(1, 8, 2500, 128, dtype=torch.bfloat16), enable_gqa=True)),
     ("decode gqa 63 (prefill class)", lambda: t.attention(r(1, 32, 1, 128, dtype=torch.bfloat16), r(1, 8, 63, 128, dtype=torch.bfloat16), r(1, 8, 63, 128, dtype=torch.bfloat16), enable_gqa=True)),
     ("decode mha 7x7 causal", lambda: t.attention(r(1, 2, 7, 64), r(1, 2, 7, 64), r(1, 2, 7, 64), is_causal=True)),
+    ("f32 prefill e64 causal 100x257", lambda: t.attention(r(1, 2, 100, 64, dtype=torch.float32), r(1, 2, 257, 64, dtype=torch.float32), r(1, 2, 257, 64, dtype=torch.float32), is_causal=True)),
+    ("f32 prefill e64 additive mask 37x70", lambda: t.attention(r(2, 2, 37, 64, dtype=torch.float32), r(2, 2, 70, 64, dtype=torch.float32), r(2, 2, 70, 64, dtype=torch.float32), attn_mask=r(37, 70, dtype=torch.float32))),
+    ("f32 decode e256 1000", lambda: t.attention(r(1, 4, 1, 256, dtype=torch.float32), r(1, 4, 1000, 256, dtype=torch.float32), r(1, 4, 1000, 256, dtype=torch.float32))),
 ]
+wanted = sys.argv[1:]
 for name, fn in cases:
+    if wanted and not any(w in name for w in wanted):
+        continue
     for run in ("checked", "replayed"):  # the second call of a signature is replayed in C++
         out = fn()
         torch.cuda.synchronize()

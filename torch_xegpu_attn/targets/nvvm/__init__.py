@@ -87,7 +87,8 @@ CAUSAL_HEAD_CHUNK = 16
 #: halves (three products per tile: f32 accuracy, never tf32's alone).
 NVVM_DTYPES = ("float16", "bfloat16", "float32")
 #: f32 prefills: 64-row work-groups (4 warps of 16 rows), 64-key tiles (32 above head dim 128):
-#: twice the bytes of a 16-bit tile in shared memory.
+#: twice the bytes of a 16-bit tile in shared memory; f32 decode: 32-key tiles (64 spill at
+#: head dim 128, the tf32 halves of a tile's fragments taking the registers).
 F32_ROW_TILE = 64
 #: which staged tiles of a key loop are copied one step ahead (NvvmOptions.prefetch).
 PREFETCH_MODES = ("keys", "tiles", "tiles-late")
@@ -219,11 +220,10 @@ class NvvmTarget(Target):
         self.check(spec)
         arch = arch or self.runtime_arch()
         widest = max(spec.head_dim, spec.v_head_dim)
-        f32_keys = 64 if widest <= 128 else 32  # f32 tiles take twice the shared memory
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
-            kv_tile = f32_keys if spec.dtype == "float32" else 64
+            kv_tile = 32 if spec.dtype == "float32" else 64
             return NvvmOptions(ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, pack_gqa=True,
                                                kv_splits=DECODE_SPLITS, split_fill=DECODE_FILL,
                                                split_min_keys=DECODE_SPLIT_KEYS, combine_cols=DECODE_COMBINE_COLS,
@@ -244,7 +244,8 @@ class NvvmTarget(Target):
         tail = "peel" if unmasked_e64 else "mask"
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
         if spec.dtype == "float32":
-            return NvvmOptions(ScheduleOptions(row_tile=F32_ROW_TILE, kv_tile=f32_keys, pv_in_f32=False), arch=arch,
+            kv_tile = 64 if widest <= 128 else 32  # f32 tiles take twice the shared memory
+            return NvvmOptions(ScheduleOptions(row_tile=F32_ROW_TILE, kv_tile=kv_tile, pv_in_f32=False), arch=arch,
                                causal_head_chunk=chunk)
         wgmma = self._warpgroup_mma(spec, arch)
         if widest <= 128:

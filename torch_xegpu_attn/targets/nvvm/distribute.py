@@ -1050,16 +1050,31 @@ class WorkGroupKernel:
         and t + 4: there the k order is permuted (fragment column t is column 2t, t + 4 is 2t + 1),
         and B's rows follow it."""
         a_operand, permuted = self._f32_a_operand(lhs)
-        slots = self.dist(acc, layout)
-        c = {(m, j): [slots[(m, j, i)] for i in range(4)]
-             for m in range(self.geometry.m_tiles) for j in range(n // 8)}
+        tiles = [(m, j) for m in range(self.geometry.m_tiles) for j in range(n // 8)]
+        # A contraction from zero (S = Q K^T: the whole reduction over a head dim) sums each k8
+        # slice on its own and adds the sums in f32: the tensor cores' accumulation truncates,
+        # and along a chain of D / 8 slices that error grows one way, where f32 additions round
+        # to nearest.  One into a running value (P.V) chains its few slices.
+        apart = _is_zero(acc)
+        if apart:
+            c = {tile_at: None for tile_at in tiles}
+            with self.entry:
+                zero = [arith.constant(ir.F32Type.get(), 0.0)] * 4
+        else:
+            slots = self.dist(acc, layout)
+            c = {(m, j): [slots[(m, j, i)] for i in range(4)] for m, j in tiles}
         for kk in range(k // 8):
             a = [a_operand(m, kk) for m in range(self.geometry.m_tiles)]
             for j in range(0, n // 8, 2):
                 b_pair = self._f32_b_fragments(tile, kk, j, rows_are_n, permuted)
                 for m in range(self.geometry.m_tiles):
                     for jj in (0, 1):
-                        c[(m, j + jj)] = mma_3xtf32(a[m], b_pair[jj], c[(m, j + jj)])
+                        old = c[(m, j + jj)]
+                        if not apart:
+                            c[(m, j + jj)] = mma_3xtf32(a[m], b_pair[jj], old)
+                            continue
+                        part = mma_3xtf32(a[m], b_pair[jj], zero)
+                        c[(m, j + jj)] = part if old is None else [arith.addf(x, y) for x, y in zip(old, part)]
         self.dists[(result, layout)] = {(m, j, i): values[i] for (m, j), values in c.items() for i in range(4)}
 
     def _f32_a_operand(self, lhs: ir.Value):
