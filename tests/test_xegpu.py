@@ -58,6 +58,16 @@ SPECS = {
     "e96-bf16-causal": replace(BASE, head_dim=96, v_head_dim=96, dtype="bfloat16", causal=True),
     "decode-e128-bf16-padding-mask": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                              length_class="decode", mask=MaskSpec("bool", ("b", "s"), "bool")),
+    # head dims that are not multiples of 32 (16-column messages), above 128 (16-key steps,
+    # Q re-read per step at 192 and 256), Ev != E across the 128 boundary
+    "e16-gqa2": replace(BASE, head_dim=16, v_head_dim=16, group=2),
+    "e48-bf16-causal": replace(BASE, head_dim=48, v_head_dim=48, dtype="bfloat16", causal=True),
+    "e80-ev48-bool-mask-ls": replace(BASE, head_dim=80, v_head_dim=48, mask=MaskSpec("bool", ("l", "s"), "bool")),
+    "e176-ev144-causal": replace(BASE, head_dim=176, v_head_dim=144, causal=True),
+    "e192": replace(BASE, head_dim=192, v_head_dim=192),
+    "e256-bf16-causal": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", causal=True),
+    "decode-e256-bf16-gqa2": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", group=2,
+                                     length_class="decode"),
 }
 
 
@@ -94,13 +104,18 @@ def test_xegpu_ops_with_layouts(compiled, name):
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
     n, rows, kv = geometry.subgroups, geometry.sg_rows, geometry.kv_tile
     e, ev = spec.head_dim, spec.v_head_dim
+    width = 16 if e % 32 else 32  # columns of one Q message
     # the anchors' layouts in XeGPU's terms
     assert re.search(rf"xegpu\.store_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {ev}\]", wg)
-    assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, 32\]", wg)
+    assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, {width}\]", wg)
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[1, 1\], sg_data = \[{kv}, {e}\], order = \[0, 1\]", wg)
+    if geometry.reload_q:  # the Q tile is read inside the key loop
+        loop = wg[wg.index("scf.for"):]
+        assert re.search(r'xegpu\.load_nd[^\n]*attn.xegpu_role = "q"', loop)
     if geometry.prefetch:
-        grid = "4, 2" if n >= 8 else f"{n}, 1"
-        assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid}\]", wg)
+        grid, data, _ = geometry.prefetch_layout(e)
+        assert grid[0] * grid[1] <= n and data[0] * grid[0] == kv and data[1] * grid[1] == e
+        assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid[0]}, {grid[1]}\]", wg)
     # the 2D descriptors take their shape at run time: tails are bounds, not padding
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
     lowered = _stage(folder, "xegpu-lowered")
@@ -217,6 +232,13 @@ CASES = [
     (torch.float16, (128, 64), False, (2, 2, 2), 90, 200),
     (torch.bfloat16, 96, True, (1, 2, 2), 140, 150),
     (torch.float16, (96, 32), False, (1, 2, 2), 70, 100),
+    # head dims that are not multiples of 32 (16-column block messages), 16 (32-byte rows), 256
+    # (16-key steps, Q re-read at every step), Ev != E
+    (torch.float16, 16, False, (1, 4, 2), 150, 90),      # GQA, tails
+    (torch.bfloat16, 48, True, (1, 2, 2), 140, 150),
+    (torch.float16, (80, 48), False, (1, 2, 2), 100, 130),
+    (torch.bfloat16, 256, True, (1, 2, 2), 40, 70),
+    (torch.bfloat16, 256, False, (1, 4, 2), 1, 90),      # decode, GQA (Gemma-like)
 ]
 
 
@@ -300,9 +322,9 @@ def test_emulated_masks_too_narrow_for_block_messages(emulated, fresh_seed, s):
 @pytest.mark.parametrize("what,kwargs,match", [
     ("float32", {"dtype": torch.float32}, "float16 and bfloat16"),
     ("float64", {"dtype": torch.float64}, "float16 and bfloat16"),
-    ("head dim 80", {"e": 80}, "head dims"),
-    ("head dim 256", {"e": 256}, "head dims"),
-    ("head dim 16", {"e": 16}, "head dims"),
+    ("head dim 8", {"e": 8}, "multiples of 16"),
+    ("head dim 24", {"e": 24}, "multiples of 16"),
+    ("head dim 272", {"e": 272}, "multiples of 16"),
 ])
 def test_unsupported_raise_before_any_work(emulated, what, kwargs, match):
     import torch_xegpu_attn

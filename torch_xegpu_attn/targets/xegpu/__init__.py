@@ -21,8 +21,13 @@ How a work-group is distributed: decode-like problems (at most 8 query rows
 per head) take one sub-group of 8 rows per work-group; otherwise 128 query
 rows (one row tile) over sub-groups of 16 lanes; for head dims up to 64, 8 sub-groups of 16 rows and
 64-key steps (the tile sizes of lighthouse's tuned fused attention: Max 1100,
-101.9 TFLOPS); above, 16 sub-groups of 8 rows and 32-key steps (what keeps
-head dim 128 free of spills in the 256-register mode, checked with ocloc).
+101.9 TFLOPS); above, 16 sub-groups of 8 rows and 32-key steps up to head dim
+128, 16-key steps above (with Q re-read at every step where its rows are read
+in 32-column messages): what keeps the kernels free of spills, checked with
+ocloc for pvc and bmg (kv_tile, reload_q).  Head dims are multiples of 16 from
+16 to 256 (Ev != E too): a row of 16 f16 is the narrowest a 2D block message
+reads (32 bytes), and tiles whose width is not a multiple of 32 columns are
+read in 16-column messages.
 Each step reads a K tile (transposed 32-bit block reads) and a V tile
 (VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
 O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
@@ -40,7 +45,7 @@ from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
 from ..base import KernelArtifact, Stage, Target, register, require_matrix_engine_dtype
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 ROW_TILE = 128
 KV_TILE = 64
 #: query rows per head up to which a problem is decode-like: one 8-row DPAS tile, one sub-group.
@@ -64,17 +69,17 @@ class XegpuTarget(Target):
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
                 raise NotImplementedError(
-                    f"the xegpu target supports {name} head dims {SUPPORTED_HEAD_DIMS}; got {dim}")
+                    f"the xegpu target supports {name} head dims that are multiples of 16 from 16 to 256 "
+                    f"(2D block messages read rows of at least 32 bytes; DPAS works on 16 columns); got {dim}")
 
     def schedule_options(self, spec: AttentionSpec) -> ScheduleOptions:
         self.check(spec)
         # K read as loaded and transposed explicitly: convert-vector-to-xegpu makes a dpas of the
         # contraction only in that form (and layouts turn the transpose into a transposed read).
-        kv_tile = KV_TILE if max(spec.head_dim, spec.v_head_dim) <= 64 else KV_TILE // 2
         if spec.length_class not in ("decode", "prefill"):
             raise ValueError(f"the xegpu target has no length class {spec.length_class!r}")
         row_tile = DECODE_ROWS if spec.length_class == "decode" else ROW_TILE
-        return ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
+        return ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile(spec), k_layout="explicit", pv_in_f32=False)
 
     def length_class(self, size: ProblemSize, spec: AttentionSpec) -> str:
         """"decode" (at most DECODE_ROWS query rows per head: one sub-group's 8-row DPAS tile per
@@ -250,7 +255,7 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
                            "supported by the xegpu target yet (XEGPU_ATTN_SCHEDULE asked for them)")
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
     return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-                    sg_rows=subgroup_rows(spec))
+                    sg_rows=subgroup_rows(spec), reload_q=reload_q(spec))
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
@@ -260,6 +265,31 @@ def subgroup_rows(spec: AttentionSpec) -> int:
     if spec.length_class == "decode":
         return DECODE_ROWS
     return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
+
+
+#: keys per step where ocloc's register allocation (pvc and bmg) disagrees with the rule of
+#: kv_tile: at head dim 208, 16-key steps spilled 64-256 bytes (bmg; decode on pvc too), 32-key
+#: steps none.
+KV_TILE_EXCEPTIONS = {208: 32}
+
+
+def kv_tile(spec: AttentionSpec) -> int:
+    """Keys per step: 64 for head dims up to 64 (lighthouse's tuned tile), 32 up to 128, 16
+    above (one DPAS wide: a 32-key K tile of 256 columns alone is all 256 registers; with 32 keys
+    head dims 144-256 spilled 0.25-8 KB)."""
+    widest = max(spec.head_dim, spec.v_head_dim)
+    if widest in KV_TILE_EXCEPTIONS:
+        return KV_TILE_EXCEPTIONS[widest]
+    return KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
+
+
+def reload_q(spec: AttentionSpec) -> bool:
+    """Whether the kernel reads its Q tile at every step (an L1 hit) instead of holding it in
+    registers across the key loop: for head dims above 128 when Q's rows are read in 32-column
+    messages (E a multiple of 32).  ocloc (pvc and bmg) spilled 128-256 bytes at E = 192 and 256
+    holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
+    0.5-4 KB where holding Q spilled at most 256 bytes."""
+    return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
 
 
 def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
