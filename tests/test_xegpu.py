@@ -10,6 +10,7 @@ tensors through the xegpu target and the numerics are held to the cpu
 target's bound (2x SDPA's error plus a floor, poisoned outputs).
 """
 
+import base64
 import os
 import re
 from dataclasses import replace
@@ -68,6 +69,8 @@ SPECS = {
     "e256-bf16-causal": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", causal=True),
     "decode-e256-bf16-gqa2": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", group=2,
                                      length_class="decode"),
+    # the default 128-register mode: one-sub-group decode kernels of head dims up to 32
+    "decode-e32": replace(BASE, head_dim=32, v_head_dim=32, length_class="decode"),
 }
 
 
@@ -182,19 +185,23 @@ _NATIVE_REPORT = []
 @pytest.mark.parametrize("device", ["pvc", "bmg"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_native_code(compiled, name, device):
-    """ocloc's code for the launcher's GRF mode (large): no spills, DPAS in both matmuls,
-    2D block loads and stores."""
+    """ocloc's code in the register-file mode the launcher asks for (the kernel's metadata): no
+    spills, DPAS in both matmuls, 2D block loads and stores."""
     spec, artifact, folder = compiled[name]
-    assert artifact.metadata["large_grf"]
-    found = toolchain.native(artifact.binary, device, large_grf=True)
+    large = artifact.metadata["large_grf"]
+    assert large == xegpu_target.large_grf(spec)
+    found = toolchain.native(artifact.binary, device, large_grf=large)
     assert artifact.metadata["native"][device]  # the entry offers the driver this binary first
+    # ... made in the same mode
+    zeinfo = toolchain.elf_section(base64.b64decode(artifact.metadata["native"][device]), ".ze_info").decode()
+    assert re.findall(r"grf_count:\s*(\d+)", zeinfo) == [str(256 if large else 128)] * len(artifact.metadata["kernels"])
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
     # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x kv/16)
     per_step = geometry.sg_rows // 8 * geometry.kv_tile // 16 * (spec.head_dim // 16 + spec.v_head_dim // 16)
     report = {k: v for k, v in found.items() if k not in ("binary", "asm", "zeinfo")}
     _NATIVE_REPORT.append((name, device, report))
     print(f"\n{name} {device}: {report} (DPAS per step expected {per_step})")
-    assert found["grf"] == 256
+    assert found["grf"] == (256 if large else 128)
     assert found["spill_bytes"] == 0 and found["scratch_messages"] == 0
     assert found["dpas"] >= per_step and found["dpas"] % per_step == 0
     assert found["block_loads"] >= 3 and found["block_stores"] >= 1

@@ -31,7 +31,8 @@ read in 16-column messages.
 Each step reads a K tile (transposed 32-bit block reads) and a V tile
 (VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
 O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
-The kernels are built for the large register file (256 GRF).
+The kernels are built for the large register file (256 registers a thread)
+unless they fit the default 128 (large_grf).
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ class XegpuTarget(Target):
         if keep_dir:
             with open(os.path.join(keep_dir, "kernel.spv"), "wb") as f:
                 f.write(hardware)
-        native = _native_code(hardware, keep_dir) if keep_dir or not self.emulated() else {}
+        native = _native_code(hardware, large_grf(spec), keep_dir) if keep_dir or not self.emulated() else {}
         metadata["imports"] = toolchain.imported_functions(hardware)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
-        metadata["large_grf"] = True
+        metadata["large_grf"] = large_grf(spec)
         metadata["emulated"] = self.emulated()
         metadata["native"] = {} if metadata["emulated"] else {
             device: base64.b64encode(code["binary"]).decode() for device, code in native.items()}
@@ -141,9 +142,10 @@ class XegpuTarget(Target):
         return True, ""
 
 
-def _native_code(spirv: bytes, keep_dir: str) -> Dict[str, Dict]:
-    """Intel's native code of the SPIR-V for NATIVE_DEVICES, compiled once per device when ocloc is
-    installed (scripts/setup_xegpu.sh); {} otherwise.  The launcher offers the binaries to the
+def _native_code(spirv: bytes, large: bool, keep_dir: str) -> Dict[str, Dict]:
+    """Intel's native code of the SPIR-V for NATIVE_DEVICES in the kernel's register-file mode
+    (`large`: 256 registers), compiled once per device when ocloc is installed
+    (scripts/setup_xegpu.sh); {} otherwise.  The launcher offers the binaries to the
     driver first (it refuses one made for another device) and falls back to the SPIR-V; with an IR
     dump directory they are written there too (kernel.<device>.bin and .asm, and a summary in
     native.json)."""
@@ -154,7 +156,7 @@ def _native_code(spirv: bytes, keep_dir: str) -> Dict[str, Dict]:
     if why:
         logging.getLogger("torch_xegpu_attn").info("xegpu: no native code (%s)", why)
         return {}
-    found = {device: toolchain.native(spirv, device, large_grf=True, keep_dir=keep_dir) for device in NATIVE_DEVICES}
+    found = {device: toolchain.native(spirv, device, large_grf=large, keep_dir=keep_dir) for device in NATIVE_DEVICES}
     if keep_dir:
         summary = {device: {k: v for k, v in code.items() if k not in ("binary", "asm", "zeinfo")}
                    for device, code in found.items()}
@@ -290,6 +292,16 @@ def reload_q(spec: AttentionSpec) -> bool:
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
     0.5-4 KB where holding Q spilled at most 256 bytes."""
     return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
+
+
+def large_grf(spec: AttentionSpec) -> bool:
+    """The register file the kernel is built for: the large one (256 registers a thread, half the
+    threads per XVE) unless the kernel fits the default 128 without spills, as the one-sub-group
+    decode kernels and the 8-row masked kernels of head dims up to 32 do (ocloc, pvc and bmg):
+    twice the threads resident to hide the memory latency.  Every other kernel spills in 128
+    registers (16 rows of a 64-key tile spill 1-4 KB even at head dim 16)."""
+    small = spec.length_class == "decode" or spec.mask is not None
+    return not (small and max(spec.head_dim, spec.v_head_dim) <= 32)
 
 
 def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):
