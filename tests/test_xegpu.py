@@ -71,6 +71,10 @@ SPECS = {
                                      length_class="decode"),
     # the default 128-register mode: one-sub-group decode kernels of head dims up to 32
     "decode-e32": replace(BASE, head_dim=32, v_head_dim=32, length_class="decode"),
+    # float32 through bf16-part DPAS (targets/xegpu/f32.py)
+    "f32-e64": replace(BASE, dtype="float32"),
+    "f32-e32-bool-mask-ls": replace(BASE, head_dim=32, v_head_dim=32, dtype="float32",
+                                    mask=MaskSpec("bool", ("l", "s"), "bool")),
 }
 
 
@@ -103,11 +107,16 @@ def test_xegpu_ops_with_layouts(compiled, name):
                          rf'attn.xegpu_role = "mask"', wg)
     elif spec.mask is not None:
         assert "xegpu.load " in wg  # a 1-D mask: a scattered load, lanes past the end masked off
-    assert len(re.findall(r"xegpu\.dpas", wg)) == 2  # Q.K^T and P.V, as work-group ops
+    f32 = spec.dtype == "float32"
+    # Q.K^T and P.V as work-group ops; in f32 each as six DPAS of bf16 parts, no f32 (tf32) operands
+    dpas = re.findall(r"xegpu\.dpas [^\n]*", wg)
+    assert len(dpas) == (12 if f32 else 2)
+    if f32:
+        assert all(re.search(r": vector<\d+x\d+xbf16>, vector<\d+x\d+xbf16>", d) for d in dpas), dpas
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
     n, rows, kv = geometry.subgroups, geometry.sg_rows, geometry.kv_tile
     e, ev = spec.head_dim, spec.v_head_dim
-    width = 16 if e % 32 else 32  # columns of one Q message
+    width = 16 if f32 or e % 32 else 32  # columns of one Q message
     # the anchors' layouts in XeGPU's terms
     assert re.search(rf"xegpu\.store_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {ev}\]", wg)
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, {width}\]", wg)
@@ -172,6 +181,7 @@ def test_spirv_imports_only_emulated_builtins_and_validates(compiled, name):
     assert imports == artifact.metadata["imports"]
     assert any("matrix_mad_k16" in i for i in imports) and any("2d_block_read" in i for i in imports)
     assert any("2d_block_write" in i for i in imports)
+    assert not any("tf32" in i for i in imports)  # float32 is not rounded to tf32 anywhere
     missing = set(imports) - _emulated_exports()
     assert not missing, f"builtins the emulation does not implement: {sorted(missing)}"
     toolchain.validate(spirv)
@@ -196,8 +206,10 @@ def test_native_code(compiled, name, device):
     zeinfo = toolchain.elf_section(base64.b64decode(artifact.metadata["native"][device]), ".ze_info").decode()
     assert re.findall(r"grf_count:\s*(\d+)", zeinfo) == [str(256 if large else 128)] * len(artifact.metadata["kernels"])
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec))
-    # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x kv/16)
+    # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x
+    # kv/16); six per product in float32 (bf16 parts)
     per_step = geometry.sg_rows // 8 * geometry.kv_tile // 16 * (spec.head_dim // 16 + spec.v_head_dim // 16)
+    per_step *= 6 if spec.dtype == "float32" else 1
     report = {k: v for k, v in found.items() if k not in ("binary", "asm", "zeinfo")}
     _NATIVE_REPORT.append((name, device, report))
     print(f"\n{name} {device}: {report} (DPAS per step expected {per_step})")
@@ -326,9 +338,31 @@ def test_emulated_masks_too_narrow_for_block_messages(emulated, fresh_seed, s):
     check(q, k, v, attn_mask=torch.rand(40, s) > 0.3)
 
 
+FLOAT32 = [
+    # (E, causal, (batch..., H, Hkv), L, S, mask shape or None): float32 on DPAS through bf16 parts
+    (64, True, (1, 4, 2), 70, 90, None),        # causal, GQA, tails
+    (64, True, (2, 2, 2), 130, 20, None),       # L > S, fewer keys than one step
+    (64, False, (1, 2, 2), 1, 50, None),        # one query row
+    (32, False, (1, 2, 2), 40, 60, (40, 60)),   # a bool mask (l, s), tails
+    (80, False, (1, 2, 2), 50, 70, None),       # Q re-read at every step
+]
+
+
+@pytest.mark.parametrize("e,causal,heads,l,s,mask", FLOAT32)
+def test_emulated_float32(emulated, fresh_seed, e, causal, heads, l, s, mask):
+    """float32 inputs within 2x SDPA's float32 error (+ 2e-6): the products are as accurate as
+    f32 multiplications, with no tf32 rounding anywhere."""
+    *batch, h, hkv = heads
+    q = torch.randn(*batch, h, l, e)
+    k = torch.randn(*batch, hkv, s, e)
+    v = torch.randn(*batch, hkv, s, e)
+    kwargs = {"attn_mask": torch.rand(mask) > 0.3} if mask else {}
+    check(q, k, v, is_causal=causal, enable_gqa=h != hkv, **kwargs)
+    assert _ran_on_xegpu(e)
+
+
 @pytest.mark.parametrize("what,kwargs,match", [
-    ("float32", {"dtype": torch.float32}, "float16 and bfloat16"),
-    ("float64", {"dtype": torch.float64}, "float16 and bfloat16"),
+    ("float64", {"dtype": torch.float64}, "float64 is not implemented"),
     ("head dim 8", {"e": 8}, "multiples of 16"),
     ("head dim 24", {"e": 24}, "multiples of 16"),
     ("head dim 272", {"e": 272}, "multiples of 16"),

@@ -31,8 +31,9 @@ read in 16-column messages.
 Each step reads a K tile (transposed 32-bit block reads) and a V tile
 (VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
 O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
-The kernels are built for the large register file (256 registers a thread)
-unless they fit the default 128 (large_grf).
+float32 inputs run on bf16 DPAS, each f32 operand split into three bf16 parts
+(f32.py; no tf32 anywhere).  The kernels are built for the large register
+file (256 registers a thread) unless they fit the default 128 (large_grf).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_matrix_engine_dtype(spec, self.name, "DPAS")
+        if spec.dtype == "float64":
+            raise NotImplementedError("the xegpu target computes on DPAS with float16, bfloat16 and float32 "
+                                      "inputs; float64 is not implemented: cast the inputs to float32")
+        if spec.dtype != "float32":  # float32: DPAS on bf16 parts (f32.py)
+            require_matrix_engine_dtype(spec, self.name, "DPAS")
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
                 raise NotImplementedError(
@@ -257,7 +262,8 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
                            "supported by the xegpu target yet (XEGPU_ATTN_SCHEDULE asked for them)")
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
     return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-                    sg_rows=subgroup_rows(spec), reload_q=reload_q(spec))
+                    sg_rows=subgroup_rows(spec), reload_q=reload_q(spec),
+                    element_bytes=4 if spec.dtype == "float32" else 2)
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
@@ -266,6 +272,8 @@ def subgroup_rows(spec: AttentionSpec) -> int:
     plus the mask tile, spill out of 256 registers (ocloc, pvc and bmg)."""
     if spec.length_class == "decode":
         return DECODE_ROWS
+    if spec.dtype == "float32":
+        return 8
     return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
 
 
@@ -278,8 +286,11 @@ KV_TILE_EXCEPTIONS = {208: 32}
 def kv_tile(spec: AttentionSpec) -> int:
     """Keys per step: 64 for head dims up to 64 (lighthouse's tuned tile), 32 up to 128, 16
     above (one DPAS wide: a 32-key K tile of 256 columns alone is all 256 registers; with 32 keys
-    head dims 144-256 spilled 0.25-8 KB)."""
+    head dims 144-256 spilled 0.25-8 KB), 16 for float32 (an f32 element is 4 bytes plus 6 of
+    bf16 parts, f32.py)."""
     widest = max(spec.head_dim, spec.v_head_dim)
+    if spec.dtype == "float32":
+        return KV_TILE // 4
     if widest in KV_TILE_EXCEPTIONS:
         return KV_TILE_EXCEPTIONS[widest]
     return KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
@@ -291,6 +302,8 @@ def reload_q(spec: AttentionSpec) -> bool:
     messages (E a multiple of 32).  ocloc (pvc and bmg) spilled 128-256 bytes at E = 192 and 256
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
     0.5-4 KB where holding Q spilled at most 256 bytes."""
+    if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
+        return max(spec.head_dim, spec.v_head_dim) > 64
     return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
 
 
@@ -301,7 +314,7 @@ def large_grf(spec: AttentionSpec) -> bool:
     twice the threads resident to hide the memory latency.  Every other kernel spills in 128
     registers (16 rows of a 64-key tile spill 1-4 KB even at head dim 16)."""
     small = spec.length_class == "decode" or spec.mask is not None
-    return not (small and max(spec.head_dim, spec.v_head_dim) <= 32)
+    return not (small and max(spec.head_dim, spec.v_head_dim) <= 32 and spec.dtype != "float32")
 
 
 def _to_xegpu(module, spec: AttentionSpec, options: ScheduleOptions):

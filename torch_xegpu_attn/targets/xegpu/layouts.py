@@ -10,7 +10,8 @@ xegpu.dpas; then each anchor op gets a layout in XeGPU's terms, and
 How a work-group is cut (Geometry): R rows (the schedule's row tile) over
 n = R / r sub-groups of 16 lanes, r rows each (16 or 8); every sub-group reads
 the whole K and V tiles of a step.  w below is the columns of one block
-message: 32 for tiles whose width is a multiple of 32, else 16.
+message: 32 for 16-bit tiles whose width is a multiple of 32, else 16 (and 16
+for f32).
 
     op                   sg_layout   sg_data            inst_data
     Q load, Q operand    [n, 1]      [r, E]             [r, w]  (loads only; with reload_q the
@@ -52,6 +53,7 @@ class Geometry:
     prefetch: int = 1
     sg_rows: int = SG_ROWS   # query rows per sub-group (8 or 16: DPAS takes 8 rows at a time)
     reload_q: bool = False   # read the Q tile at every step (from the cache) instead of holding it
+    element_bytes: int = 2   # of Q, K and V (4 for float32)
 
     @property
     def subgroups(self) -> int:
@@ -65,10 +67,10 @@ class Geometry:
         """(sg_layout, sg_data, inst_data) of the prefetch of a K or V tile `width` columns wide,
         shared by the sub-groups.  The tile is cut into column blocks as wide as one message (32
         16-bit columns where they divide the width, else 16: ocloc refuses wider prefetches, and
-        32 bytes is the narrowest message) and row bands; of the grids that fit
+        32 bytes is the narrowest message; 16 32-bit columns) and row bands; of the grids that fit
         the sub-groups, the one with the fewest messages per sub-group (then the most sub-groups
         sharing the work) is taken."""
-        block = _block_width(width)
+        block = _block_width(width, self.element_bytes)
         blocks = width // block
         best = None
         for bands in (b for b in range(1, self.kv_tile + 1) if self.kv_tile % b == 0):
@@ -93,9 +95,12 @@ class Geometry:
                 raise CompileError(f"xegpu: {what} {n} is not a multiple of 16 (the 16-wide block loads)")
 
 
-def _block_width(columns: int) -> int:
-    """Columns of one 2D block message over a tile `columns` wide: 32 (two 16-column blocks of
-    16-bit elements) where they divide it, else 16 (32 bytes, the narrowest a message reads)."""
+def _block_width(columns: int, element_bytes: int = 2) -> int:
+    """Columns of one 2D block message over a tile `columns` wide: for 16-bit elements 32 (two
+    16-column blocks) where they divide it, else 16 (32 bytes, the narrowest a message reads);
+    for 32-bit elements 16 (64 bytes, the widest one block of a load or prefetch holds)."""
+    if element_bytes == 4:
+        return 16
     return 32 if columns % 32 == 0 else 16
 
 
@@ -225,6 +230,9 @@ def assign_layouts(module, geometry: Geometry) -> None:
         if geometry.reload_q:
             reload_q_per_step(kernel)
         roles = tag_roles(kernel)
+        if geometry.element_bytes == 4:
+            from .f32 import split_f32_dpas
+            split_f32_dpas(kernel)
         if "mask" in roles:
             masked, mask_slice = True, _mask_slice(roles["mask"][0])
     n, e, ev, kv = geometry.subgroups, geometry.head_dim, geometry.v_head_dim, geometry.kv_tile
@@ -237,7 +245,7 @@ def assign_layouts(module, geometry: Geometry) -> None:
 
     def layouts(tagged, root):
         txegpu.set_anchor_layout(tagged("o"), sg_layout=[n, 1], sg_data=[rows, ev])
-        q_width, v_width = _block_width(e), _block_width(ev)
+        q_width, v_width = _block_width(e, geometry.element_bytes), _block_width(ev, geometry.element_bytes)
         txegpu.set_anchor_layout(tagged("q"), sg_layout=[n, 1], sg_data=[rows, e], inst_data=[rows, q_width])
         txegpu.set_anchor_layout(tagged("k"), sg_layout=[1, 1], sg_data=[kv, e], order=[0, 1])
         txegpu.set_anchor_layout(tagged("v"), sg_layout=[1, 1], sg_data=[kv, ev], inst_data=[min(kv, 32), v_width])
@@ -264,3 +272,20 @@ def assign_layouts(module, geometry: Geometry) -> None:
         txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, ev], index=2)
 
     _run_script(module, layouts)
+    if geometry.element_bytes == 4:
+        _plain_f32_loads(module)
+
+
+def _plain_f32_loads(module) -> None:
+    """f32 V tiles read as they lie (lane n holds column n): left to layout propagation, the bf16
+    parts' VNNI layout (2 rows a lane) reaches the f32 load, which XeVM then asks to pack (a
+    transformed read), which exists for 8- and 16-bit elements only ("'xevm.blockload2d' op
+    pack_register is only supported for 8 and 16 bit elements")."""
+    from torch_mlir import ir
+    for op in _walk(module.operation, "xegpu.load_nd"):
+        if ROLE not in op.attributes or ir.StringAttr(op.attributes[ROLE]).value != "v":
+            continue
+        text = str(op.attributes["layout"])
+        if not text.endswith(">") or "lane_layout" in text:
+            raise CompileError(f"xegpu: unexpected layout on the V load: {text}")
+        op.attributes["layout"] = ir.Attribute.parse(text[:-1] + ", lane_layout = [1, 16], lane_data = [1, 1]>")
