@@ -278,8 +278,8 @@ def subgroup_rows(spec: AttentionSpec) -> int:
 
 
 #: keys per step where ocloc's register allocation (pvc and bmg) disagrees with the rule of
-#: kv_tile: at head dim 208, 16-key steps spilled 64-256 bytes (bmg; decode on pvc too), 32-key
-#: steps none.
+#: kv_tile, for E = Ev: at 208, 16-key steps spilled 64-256 bytes (bmg; decode on pvc too), 32-key
+#: steps none (with Ev != E, 32-key steps at 208 spilled 0.25-2 KB where 16-key ones mostly did not).
 KV_TILE_EXCEPTIONS = {208: 32}
 
 
@@ -291,7 +291,7 @@ def kv_tile(spec: AttentionSpec) -> int:
     widest = max(spec.head_dim, spec.v_head_dim)
     if spec.dtype == "float32":
         return KV_TILE // 4
-    if widest in KV_TILE_EXCEPTIONS:
+    if spec.head_dim == spec.v_head_dim and widest in KV_TILE_EXCEPTIONS:
         return KV_TILE_EXCEPTIONS[widest]
     return KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
 
