@@ -341,7 +341,7 @@ def test_emulated_masks_too_narrow_for_block_messages(emulated, fresh_seed, s):
 FLOAT32 = [
     # (E, causal, (batch..., H, Hkv), L, S, mask shape or None): float32 on DPAS through bf16 parts
     (64, True, (1, 4, 2), 70, 90, None),        # causal, GQA, tails
-    (64, True, (2, 2, 2), 130, 20, None),       # L > S, fewer keys than one step
+    (64, True, (2, 4, 2), 130, 20, None),       # L > S, fewer keys than one step (the kernel above)
     (64, False, (1, 2, 2), 1, 50, None),        # one query row
     (32, False, (1, 2, 2), 40, 60, (40, 60)),   # a bool mask (l, s), tails
     (80, False, (1, 2, 2), 50, 70, None),       # Q re-read at every step
