@@ -26,7 +26,8 @@ def cli(*args, cache=None, env=None, timeout=300):
 MISTAKES = {
     "mistyped stage": (["compile", "--shape", SHAPE, "--stop-after", "flsh"], "unknown stage 'flsh'"),
     "unknown target": (["compile", "--shape", SHAPE, "--target", "gpu"], "'gpu' target does not exist"),
-    "dtype the target does not take": (["compile", "--shape", SHAPE, "--target", "xegpu"], "float16 and bfloat16"),
+    "dtype the target does not take": (["compile", "--shape", SHAPE, "--target", "xegpu", "--dtype", "float64"],
+                                       "float64 is not implemented"),
     "stages of unknown target": (["stages", "--target", "tpu"], "'tpu' target does not exist"),
     "mask without dims": (["compile", "--shape", SHAPE, "--mask", "bool"], "--mask takes KIND:DIMS"),
     "mask kind": (["compile", "--shape", SHAPE, "--mask", "boolean:ls"], "--mask takes KIND:DIMS"),

@@ -100,8 +100,8 @@ def test_precompile_function_checks_before_compiling(tmp_path, monkeypatch):
     q = torch.empty(1, 2, 64, 64, device="meta")
     with pytest.raises(ValueError, match="compiles for this machine"):
         torch_xegpu_attn.precompile(q, q, q, target="cpu", arch="sm_90a")
-    with pytest.raises(NotImplementedError, match="float16 and bfloat16"):
-        torch_xegpu_attn.precompile(q, q, q, target="nvvm")
+    with pytest.raises(NotImplementedError, match="float64 is not implemented"):
+        torch_xegpu_attn.precompile(*[q.double()] * 3, target="nvvm")
     with pytest.raises(NotImplementedError, match="does not exist"):
         torch_xegpu_attn.precompile(q, q, q, target="tpu")
     assert torch_xegpu_attn.precompile(q[:, :, :0], q, q, target="cpu") is None  # empty result: no kernel

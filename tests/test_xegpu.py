@@ -10,6 +10,7 @@ tensors through the xegpu target and the numerics are held to the cpu
 target's bound (2x SDPA's error plus a floor, poisoned outputs).
 """
 
+import base64
 import os
 import re
 from dataclasses import replace
@@ -59,6 +60,22 @@ SPECS = {
     "e96-bf16-causal": replace(BASE, head_dim=96, v_head_dim=96, dtype="bfloat16", causal=True),
     "decode-e128-bf16-padding-mask": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                              length_class="decode", mask=MaskSpec("bool", ("b", "s"), "bool")),
+    # head dims that are not multiples of 32 (16-column messages), above 128 (16-key steps,
+    # Q re-read per step at 192 and 256), Ev != E across the 128 boundary
+    "e16-gqa2": replace(BASE, head_dim=16, v_head_dim=16, group=2),
+    "e48-bf16-causal": replace(BASE, head_dim=48, v_head_dim=48, dtype="bfloat16", causal=True),
+    "e80-ev48-bool-mask-ls": replace(BASE, head_dim=80, v_head_dim=48, mask=MaskSpec("bool", ("l", "s"), "bool")),
+    "e176-ev144-causal": replace(BASE, head_dim=176, v_head_dim=144, causal=True),
+    "e192": replace(BASE, head_dim=192, v_head_dim=192),
+    "e256-bf16-causal": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", causal=True),
+    "decode-e256-bf16-gqa2": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", group=2,
+                                     length_class="decode"),
+    # the default 128-register mode: one-sub-group decode kernels of head dims up to 32
+    "decode-e32": replace(BASE, head_dim=32, v_head_dim=32, length_class="decode"),
+    # float32 through bf16-part DPAS (targets/xegpu/f32.py)
+    "f32-e64": replace(BASE, dtype="float32"),
+    "f32-e32-bool-mask-ls": replace(BASE, head_dim=32, v_head_dim=32, dtype="float32",
+                                    mask=MaskSpec("bool", ("l", "s"), "bool")),
 }
 
 
@@ -91,17 +108,27 @@ def test_xegpu_ops_with_layouts(compiled, name):
                          rf'attn.xegpu_role = "mask"', wg)
     elif spec.mask is not None:
         assert "xegpu.load " in wg  # a 1-D mask: a scattered load, lanes past the end masked off
-    assert len(re.findall(r"xegpu\.dpas", wg)) == 2  # Q.K^T and P.V, as work-group ops
+    f32 = spec.dtype == "float32"
+    # Q.K^T and P.V as work-group ops; in f32 each as six DPAS of bf16 parts, no f32 (tf32) operands
+    dpas = re.findall(r"xegpu\.dpas [^\n]*", wg)
+    assert len(dpas) == (12 if f32 else 2)
+    if f32:
+        assert all(re.search(r": vector<\d+x\d+xbf16>, vector<\d+x\d+xbf16>", d) for d in dpas), dpas
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec).schedule)
     n, rows, kv = geometry.subgroups, geometry.sg_rows, geometry.kv_tile
     e, ev = spec.head_dim, spec.v_head_dim
+    width = 16 if f32 or e % 32 else 32  # columns of one Q message
     # the anchors' layouts in XeGPU's terms
     assert re.search(rf"xegpu\.store_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {ev}\]", wg)
-    assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, 32\]", wg)
+    assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[{n}, 1\], sg_data = \[{rows}, {e}\], inst_data = \[{rows}, {width}\]", wg)
     assert re.search(rf"xegpu\.load_nd[^\n]*sg_layout = \[1, 1\], sg_data = \[{kv}, {e}\], order = \[0, 1\]", wg)
+    if geometry.reload_q:  # the Q tile is read inside the key loop
+        loop = wg[wg.index("scf.for"):]
+        assert re.search(r'xegpu\.load_nd[^\n]*attn.xegpu_role = "q"', loop)
     if geometry.prefetch:
-        grid = "4, 2" if n >= 8 else f"{n}, 1"
-        assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid}\]", wg)
+        grid, data, _ = geometry.prefetch_layout(e)
+        assert grid[0] * grid[1] <= n and data[0] * grid[0] == kv and data[1] * grid[1] == e
+        assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid[0]}, {grid[1]}\]", wg)
     # the 2D descriptors take their shape at run time: tails are bounds, not padding
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
     lowered = _stage(folder, "xegpu-lowered")
@@ -155,6 +182,7 @@ def test_spirv_imports_only_emulated_builtins_and_validates(compiled, name):
     assert imports == artifact.metadata["imports"]
     assert any("matrix_mad_k16" in i for i in imports) and any("2d_block_read" in i for i in imports)
     assert any("2d_block_write" in i for i in imports)
+    assert not any("tf32" in i for i in imports)  # float32 is not rounded to tf32 anywhere
     missing = set(imports) - _emulated_exports()
     assert not missing, f"builtins the emulation does not implement: {sorted(missing)}"
     toolchain.validate(spirv)
@@ -168,19 +196,25 @@ _NATIVE_REPORT = []
 @pytest.mark.parametrize("device", ["pvc", "bmg"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_native_code(compiled, name, device):
-    """ocloc's code for the launcher's GRF mode (large): no spills, DPAS in both matmuls,
-    2D block loads and stores."""
+    """ocloc's code in the register-file mode the launcher asks for (the kernel's metadata): no
+    spills, DPAS in both matmuls, 2D block loads and stores."""
     spec, artifact, folder = compiled[name]
-    assert artifact.metadata["large_grf"]
-    found = toolchain.native(artifact.binary, device, large_grf=True)
+    large = artifact.metadata["large_grf"]
+    assert large == xegpu_target.large_grf(spec)
+    found = toolchain.native(artifact.binary, device, large_grf=large)
     assert artifact.metadata["native"][device]  # the entry offers the driver this binary first
+    # ... made in the same mode
+    zeinfo = toolchain.elf_section(base64.b64decode(artifact.metadata["native"][device]), ".ze_info").decode()
+    assert re.findall(r"grf_count:\s*(\d+)", zeinfo) == [str(256 if large else 128)] * len(artifact.metadata["kernels"])
     geometry = xegpu_target._geometry(spec, xegpu.options_for(spec).schedule)
-    # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x kv/16)
+    # 8x16x16 DPAS per sub-group and step: Q.K^T (rows/8 x kv/16 x E/16) and P.V (rows/8 x Ev/16 x
+    # kv/16); six per product in float32 (bf16 parts)
     per_step = geometry.sg_rows // 8 * geometry.kv_tile // 16 * (spec.head_dim // 16 + spec.v_head_dim // 16)
+    per_step *= 6 if spec.dtype == "float32" else 1
     report = {k: v for k, v in found.items() if k not in ("binary", "asm", "zeinfo")}
     _NATIVE_REPORT.append((name, device, report))
     print(f"\n{name} {device}: {report} (DPAS per step expected {per_step})")
-    assert found["grf"] == 256
+    assert found["grf"] == (256 if large else 128)
     assert found["spill_bytes"] == 0 and found["scratch_messages"] == 0
     assert found["dpas"] >= per_step and found["dpas"] % per_step == 0
     assert found["block_loads"] >= 3 and found["block_stores"] >= 1
@@ -218,6 +252,13 @@ CASES = [
     (torch.float16, (128, 64), False, (2, 2, 2), 90, 200),
     (torch.bfloat16, 96, True, (1, 2, 2), 140, 150),
     (torch.float16, (96, 32), False, (1, 2, 2), 70, 100),
+    # head dims that are not multiples of 32 (16-column block messages), 16 (32-byte rows), 256
+    # (16-key steps, Q re-read at every step), Ev != E
+    (torch.float16, 16, False, (1, 4, 2), 150, 90),      # GQA, tails
+    (torch.bfloat16, 48, True, (1, 2, 2), 140, 150),
+    (torch.float16, (80, 48), False, (1, 2, 2), 100, 130),
+    (torch.bfloat16, 256, True, (1, 2, 2), 40, 70),
+    (torch.bfloat16, 256, False, (1, 4, 2), 1, 90),      # decode, GQA (Gemma-like)
 ]
 
 
@@ -298,12 +339,34 @@ def test_emulated_masks_too_narrow_for_block_messages(emulated, fresh_seed, s):
     check(q, k, v, attn_mask=torch.rand(40, s) > 0.3)
 
 
+FLOAT32 = [
+    # (E, causal, (batch..., H, Hkv), L, S, mask shape or None): float32 on DPAS through bf16 parts
+    (64, True, (1, 4, 2), 70, 90, None),        # causal, GQA, tails
+    (64, True, (2, 4, 2), 130, 20, None),       # L > S, fewer keys than one step (the kernel above)
+    (64, False, (1, 2, 2), 1, 50, None),        # one query row
+    (32, False, (1, 2, 2), 40, 60, (40, 60)),   # a bool mask (l, s), tails
+    (80, False, (1, 2, 2), 50, 70, None),       # Q re-read at every step
+]
+
+
+@pytest.mark.parametrize("e,causal,heads,l,s,mask", FLOAT32)
+def test_emulated_float32(emulated, fresh_seed, e, causal, heads, l, s, mask):
+    """float32 inputs within 2x SDPA's float32 error (+ 2e-6): the products are as accurate as
+    f32 multiplications, with no tf32 rounding anywhere."""
+    *batch, h, hkv = heads
+    q = torch.randn(*batch, h, l, e)
+    k = torch.randn(*batch, hkv, s, e)
+    v = torch.randn(*batch, hkv, s, e)
+    kwargs = {"attn_mask": torch.rand(mask) > 0.3} if mask else {}
+    check(q, k, v, is_causal=causal, enable_gqa=h != hkv, **kwargs)
+    assert _ran_on_xegpu(e)
+
+
 @pytest.mark.parametrize("what,kwargs,match", [
-    ("float32", {"dtype": torch.float32}, "float16 and bfloat16"),
-    ("float64", {"dtype": torch.float64}, "float16 and bfloat16"),
-    ("head dim 80", {"e": 80}, "head dims"),
-    ("head dim 256", {"e": 256}, "head dims"),
-    ("head dim 16", {"e": 16}, "head dims"),
+    ("float64", {"dtype": torch.float64}, "float64 is not implemented"),
+    ("head dim 8", {"e": 8}, "multiples of 16"),
+    ("head dim 24", {"e": 24}, "multiples of 16"),
+    ("head dim 272", {"e": 272}, "multiples of 16"),
 ])
 def test_unsupported_raise_before_any_work(emulated, what, kwargs, match):
     import torch_xegpu_attn

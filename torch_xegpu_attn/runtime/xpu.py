@@ -5,7 +5,7 @@ interop), built at the first xegpu launch against the SYCL runtime of the
 environment (PyPI's intel-sycl-rt, which torch's XPU build depends on) and
 the Level Zero headers.  On an Intel GPU it builds the module through Level
 Zero (ocloc's native binary for the device when the cache entry has one, else
-the SPIR-V with the large register file), reads the kernels' spill size at
+the SPIR-V in the register-file mode its metadata names), reads the kernels' spill size at
 load (a warning when they spill), and submits on torch's current XPU queue
 with torch's own USM pointers: stream order, no copies.  Under
 XEGPU_ATTN_EMULATE=xpu the same submission runs the emulation-linked SPIR-V

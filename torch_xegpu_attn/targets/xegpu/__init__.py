@@ -21,12 +21,19 @@ How a work-group is distributed: decode-like problems (at most 8 query rows
 per head) take one sub-group of 8 rows per work-group; otherwise 128 query
 rows (one row tile) over sub-groups of 16 lanes; for head dims up to 64, 8 sub-groups of 16 rows and
 64-key steps (the tile sizes of lighthouse's tuned fused attention: Max 1100,
-101.9 TFLOPS); above, 16 sub-groups of 8 rows and 32-key steps (what keeps
-head dim 128 free of spills in the 256-register mode, checked with ocloc).
+101.9 TFLOPS); above, 16 sub-groups of 8 rows and 32-key steps up to head dim
+128, 16-key steps above (with Q re-read at every step where its rows are read
+in 32-column messages): what keeps the kernels free of spills, checked with
+ocloc for pvc and bmg (kv_tile, reload_q).  Head dims are multiples of 16 from
+16 to 256 (Ev != E too): a row of 16 f16 is the narrowest a 2D block message
+reads (32 bytes), and tiles whose width is not a multiple of 32 columns are
+read in 16-column messages.
 Each step reads a K tile (transposed 32-bit block reads) and a V tile
 (VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
 O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
-The kernels are built for the large register file (256 GRF).
+float32 inputs run on bf16 DPAS, each f32 operand split into three bf16 parts
+(f32.py; no tf32 anywhere).  The kernels are built for the large register
+file (256 registers a thread) unless they fit the default 128 (large_grf).
 """
 
 from __future__ import annotations
@@ -41,7 +48,10 @@ from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
 from ..base import Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_matrix_engine_dtype
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
+#: the input dtypes the kernels take: f16 and bf16 on DPAS as they are, f32 as three bf16 parts
+#: of each operand (f32.py: f32 accuracy, never tf32's).
+XEGPU_DTYPES = ("float16", "bfloat16", "float32")
 ROW_TILE = 128
 KV_TILE = 64
 #: query rows per head up to which a problem is decode-like: one 8-row DPAS tile, one sub-group.
@@ -66,9 +76,10 @@ class XegpuOptions(TargetOptions):
 
     chip: str = CHIP
     emulated: bool = False
+    large_grf: bool = True
 
     def own_name(self):
-        return [self.chip] + (["emulated"] if self.emulated else [])
+        return [self.chip] + (["emulated"] if self.emulated else []) + ([] if self.large_grf else ["grf128"])
 
 
 class XegpuTarget(Target):
@@ -78,22 +89,23 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_matrix_engine_dtype(spec, self.name, "DPAS")
+        require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
                 raise NotImplementedError(
-                    f"the xegpu target supports {name} head dims {SUPPORTED_HEAD_DIMS}; got {dim}")
+                    f"the xegpu target supports {name} head dims that are multiples of 16 from 16 to 256 "
+                    f"(2D block messages read rows of at least 32 bytes; DPAS works on 16 columns); got {dim}")
 
     def default_options(self, spec: AttentionSpec, arch: Optional[str]) -> XegpuOptions:
         self.check(spec)
         # K read as loaded and transposed explicitly: convert-vector-to-xegpu makes a dpas of the
         # contraction only in that form (and layouts turn the transpose into a transposed read).
-        kv_tile = KV_TILE if max(spec.head_dim, spec.v_head_dim) <= 64 else KV_TILE // 2
         if spec.length_class not in ("decode", "prefill"):
             raise ValueError(f"the xegpu target has no length class {spec.length_class!r}")
         row_tile = DECODE_ROWS if spec.length_class == "decode" else ROW_TILE
-        schedule = ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, k_layout="explicit", pv_in_f32=False)
-        return XegpuOptions(schedule, chip=arch or CHIP, emulated=knobs.emulate() == "xpu")
+        schedule = ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile(spec), k_layout="explicit", pv_in_f32=False)
+        return XegpuOptions(schedule, chip=arch or CHIP, emulated=knobs.emulate() == "xpu",
+                            large_grf=large_grf(spec))
 
     def length_class(self, size: ProblemSize, spec: AttentionSpec, arch: Optional[str] = None) -> str:
         """"decode" (at most DECODE_ROWS query rows per head: one sub-group's 8-row DPAS tile per
@@ -116,12 +128,12 @@ class XegpuTarget(Target):
         if keep_dir:
             with open(os.path.join(keep_dir, "kernel.spv"), "wb") as f:
                 f.write(hardware)
-        native = _native_code(hardware, keep_dir) if keep_dir or not options.emulated else {}
+        native = _native_code(hardware, options.large_grf, keep_dir) if keep_dir or not options.emulated else {}
         metadata["imports"] = toolchain.imported_functions(hardware)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
-        metadata["large_grf"] = True
+        metadata["large_grf"] = options.large_grf
         metadata["emulated"] = options.emulated
         metadata["native"] = {} if metadata["emulated"] else {
             device: base64.b64encode(code["binary"]).decode() for device, code in native.items()}
@@ -157,9 +169,10 @@ class XegpuTarget(Target):
         return True, ""
 
 
-def _native_code(spirv: bytes, keep_dir: str) -> Dict[str, Dict]:
-    """Intel's native code of the SPIR-V for NATIVE_DEVICES, compiled once per device when ocloc is
-    installed (scripts/setup_xegpu.sh); {} otherwise.  The launcher offers the binaries to the
+def _native_code(spirv: bytes, large: bool, keep_dir: str) -> Dict[str, Dict]:
+    """Intel's native code of the SPIR-V for NATIVE_DEVICES in the kernel's register-file mode
+    (`large`: 256 registers), compiled once per device when ocloc is installed
+    (scripts/setup_xegpu.sh); {} otherwise.  The launcher offers the binaries to the
     driver first (it refuses one made for another device) and falls back to the SPIR-V; with an IR
     dump directory they are written there too (kernel.<device>.bin and .asm, and a summary in
     native.json)."""
@@ -170,7 +183,7 @@ def _native_code(spirv: bytes, keep_dir: str) -> Dict[str, Dict]:
     if why:
         logging.getLogger("torch_xegpu_attn").info("xegpu: no native code (%s)", why)
         return {}
-    found = {device: toolchain.native(spirv, device, large_grf=True, keep_dir=keep_dir) for device in NATIVE_DEVICES}
+    found = {device: toolchain.native(spirv, device, large_grf=large, keep_dir=keep_dir) for device in NATIVE_DEVICES}
     if keep_dir:
         summary = {device: {k: v for k, v in code.items() if k not in ("binary", "asm", "zeinfo")}
                    for device, code in found.items()}
@@ -271,7 +284,8 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
                            "supported by the xegpu target yet (XEGPU_ATTN_SCHEDULE asked for them)")
     rows = options.row_tile * (spec.group if options.pack_gqa else 1)
     return Geometry(rows=rows, kv_tile=options.kv_tile, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-                    sg_rows=subgroup_rows(spec))
+                    sg_rows=subgroup_rows(spec), reload_q=reload_q(spec),
+                    element_bytes=4 if spec.dtype == "float32" else 2)
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
@@ -280,7 +294,49 @@ def subgroup_rows(spec: AttentionSpec) -> int:
     plus the mask tile, spill out of 256 registers (ocloc, pvc and bmg)."""
     if spec.length_class == "decode":
         return DECODE_ROWS
+    if spec.dtype == "float32":
+        return 8
     return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
+
+
+#: keys per step where ocloc's register allocation (pvc and bmg) disagrees with the rule of
+#: kv_tile, for E = Ev: at 208, 16-key steps spilled 64-256 bytes (bmg; decode on pvc too), 32-key
+#: steps none (with Ev != E, 32-key steps at 208 spilled 0.25-2 KB where 16-key ones mostly did not).
+KV_TILE_EXCEPTIONS = {208: 32}
+
+
+def kv_tile(spec: AttentionSpec) -> int:
+    """Keys per step: 64 for head dims up to 64 (lighthouse's tuned tile), 32 up to 128, 16
+    above (one DPAS wide: a 32-key K tile of 256 columns alone is all 256 registers; with 32 keys
+    head dims 144-256 spilled 0.25-8 KB), 16 for float32 (an f32 element is 4 bytes plus 6 of
+    bf16 parts, f32.py)."""
+    widest = max(spec.head_dim, spec.v_head_dim)
+    if spec.dtype == "float32":
+        return KV_TILE // 4
+    if spec.head_dim == spec.v_head_dim and widest in KV_TILE_EXCEPTIONS:
+        return KV_TILE_EXCEPTIONS[widest]
+    return KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
+
+
+def reload_q(spec: AttentionSpec) -> bool:
+    """Whether the kernel reads its Q tile at every step (an L1 hit) instead of holding it in
+    registers across the key loop: for head dims above 128 when Q's rows are read in 32-column
+    messages (E a multiple of 32).  ocloc (pvc and bmg) spilled 128-256 bytes at E = 192 and 256
+    holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
+    0.5-4 KB where holding Q spilled at most 256 bytes."""
+    if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
+        return max(spec.head_dim, spec.v_head_dim) > 64
+    return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
+
+
+def large_grf(spec: AttentionSpec) -> bool:
+    """The register file the kernel is built for: the large one (256 registers a thread, half the
+    threads per XVE) unless the kernel fits the default 128 without spills, as the one-sub-group
+    decode kernels and the 8-row masked kernels of head dims up to 32 do (ocloc, pvc and bmg):
+    twice the threads resident to hide the memory latency.  Every other kernel spills in 128
+    registers (16 rows of a 64-key tile spill 1-4 KB even at head dim 16)."""
+    small = spec.length_class == "decode" or spec.mask is not None
+    return not (small and max(spec.head_dim, spec.v_head_dim) <= 32 and spec.dtype != "float32")
 
 
 def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
