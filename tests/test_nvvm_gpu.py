@@ -1,11 +1,13 @@
 """The nvvm target on a CUDA GPU: numerics against a float64 reference, bounded by SDPA's error.
 
-Skipped without a CUDA device (CI has none); run on the lent H200 (see the
-README).  Every case: fresh random inputs, outputs poisoned with NaN
+Skipped without a CUDA device (CI has none); run on a lent H100 or H200 (see
+docs/testing.md).  Every case: fresh random inputs, outputs poisoned with NaN
 (XEGPU_ATTN_POISON, conftest), the op's max abs error against the float64
-reference at most 2x SDPA's on the same inputs plus a floor.  Also: a CUDA
+reference at most 2x SDPA's on the same inputs plus a floor; float16,
+bfloat16 and float32 (computed at f32 accuracy whatever allow_tf32 says), and
+calls drawn from SDPA's whole input space (tests/sdpa_cases.py).  Also: a CUDA
 graph captures the op, torch.compile(fullgraph=True) traces it, misaligned
-inputs are copied rather than read wrongly, float32 and odd head dims raise,
+inputs are copied rather than read wrongly, float64 and odd head dims raise,
 evicted kernels unload their modules (but kernels a graph captured).
 
 A GPU machine without MLIR runs these from precompiled kernels.  With
@@ -21,11 +23,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import torch_xegpu_attn
 from conftest import reference_attention
-from hypothesis import given
-from hypothesis import strategies as st
 from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, reproducible
 
 PRECOMPILE_ARCH = os.environ.get("XEGPU_ATTN_TEST_PRECOMPILE", "")

@@ -13,10 +13,13 @@ target's bound (2x SDPA's error plus a floor, poisoned outputs).
 import base64
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from torch_xegpu_attn import _C
 from torch_xegpu_attn import cache as cache_module
@@ -28,6 +31,7 @@ from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
 
 from conftest import check
+from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, reproducible
 
 xegpu = get_target("xegpu")
 _OK, _WHY = xegpu.available()
@@ -472,3 +476,39 @@ def test_precompile_for_xegpu_on_meta_tensors(cache_dir):
     key = torch_xegpu_attn.precompile(q, k, k, is_causal=True, enable_gqa=True, target="xegpu")
     assert (cache_dir / f"{key}.spv").exists()
     assert torch_xegpu_attn.precompile(q, k, k, is_causal=True, enable_gqa=True, target="xegpu") == key
+
+
+# ----------------------------------------------------------------------------- drawn calls
+
+#: what the emulated xegpu target takes; calls kept small (the emulation runs DPAS as shuffles).
+XEGPU_CALLS = Target(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=GPU_HEAD_DIMS,
+                     max_work=400_000)
+
+
+@contextmanager
+def _emulating():
+    """XEGPU_ATTN_EMULATE=xpu for the block (hypothesis takes no function-scoped fixture)."""
+    previous = os.environ.get("XEGPU_ATTN_EMULATE")
+    os.environ["XEGPU_ATTN_EMULATE"] = "xpu"
+    _C.clear_recipes()  # calls recorded for the cpu target must not replay here
+    try:
+        yield
+    finally:
+        _C.clear_recipes()
+        if previous is None:
+            os.environ.pop("XEGPU_ATTN_EMULATE")
+        else:
+            os.environ["XEGPU_ATTN_EMULATE"] = previous
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
+@reproducible(max_examples=budget(0.1))
+@given(data=st.data())
+def test_emulated_matches_sdpa_on_drawn_calls(masking, data):
+    """Calls drawn from SDPA's whole input space (tests/sdpa_cases.py) with what the xegpu target
+    takes, run emulated against SDPA on the CPU (a smaller budget than the cpu target's: every
+    new spec is a kernel the OpenCL runtime builds)."""
+    case = data.draw(cases(XEGPU_CALLS, masking), label="case")
+    with _emulating():
+        check_case(case)
+        assert case.q.numel() == 0 or case.k.size(-2) == 0 or _ran_on_xegpu(case.q.size(-1))

@@ -1,12 +1,14 @@
-"""Prefill schedule sweep of the nvvm target: XEGPU_ATTN_SCHEDULE variants next to SDPA's flash.
+"""Prefill schedule sweep of the nvvm target: XEGPU_ATTN_SCHEDULE variants next to SDPA's flash
+(or, --baseline efficient, its memory-efficient backend: what SDPA runs for float32).
 
-Each variant overrides some of the target's ScheduleOptions (the same JSON the
+Each variant overrides fields of the target's options (the same JSON the
 XEGPU_ATTN_SCHEDULE knob takes); each row is timed for every variant and for
 SDPA's flash backend on the same tensors (triton.testing.do_bench medians).
 This is how the target's prefill defaults were chosen.
 
     python benchmarks/cuda/sweep_schedules.py --precompile sm_90a   # here: fill the disk cache
     python benchmarks/cuda/sweep_schedules.py                       # on the GPU machine
+    python benchmarks/cuda/sweep_schedules.py --dtypes float32 --baseline efficient --variants '["", "{\\"kv_tile\\": 32}"]'
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ROUNDS = 3
 DIMS = (64, 128)
 DTYPES = (torch.float16,)
 CAUSAL = (False, True)
+BASELINE = "flash"
 
 
 def rows(lengths):
@@ -71,14 +74,15 @@ def sweep(variants, lengths) -> None:
     import statistics
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
-    print(f"{'dtype':>8} {'D':>4} {'N':>6} {'causal':>6} {'flash':>6} " + " ".join(f"{(v or 'default')[:14]:>14}" for v in variants)
-          + f"   (TFLOPS; ratio to flash; medians of {ROUNDS} interleaved rounds)")
+    print(f"{'dtype':>8} {'D':>4} {'N':>6} {'causal':>6} {BASELINE[:6]:>6} " + " ".join(f"{(v or 'default')[:14]:>14}" for v in variants)
+          + f"   (TFLOPS; ratio to {BASELINE}; medians of {ROUNDS} interleaved rounds)")
     for dtype, d, n, causal in rows(lengths):
         q, k, v = tensors(dtype, d, n, "cuda")
         flops = 4.0 * q.size(0) * q.size(1) * n * n * d / (2 if causal else 1)
 
-        def flash():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        def flash():  # the baseline: SDPA's flash backend, or its efficient one
+            backend = SDPBackend.FLASH_ATTENTION if BASELINE == "flash" else SDPBackend.EFFICIENT_ATTENTION
+            with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         def ours(variant):
@@ -111,16 +115,19 @@ def sweep(variants, lengths) -> None:
 
 
 def main(argv=None) -> int:
-    global DIMS, DTYPES, CAUSAL, ROUNDS
+    global DIMS, DTYPES, CAUSAL, ROUNDS, BASELINE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precompile", metavar="ARCH", default="")
     parser.add_argument("--variants", default="", help="a JSON list of XEGPU_ATTN_SCHEDULE strings")
     parser.add_argument("--lengths", default="2048,4096,16384")
     parser.add_argument("--dims", default="64,128", help="head dims")
-    parser.add_argument("--dtypes", default="float16", help="float16, bfloat16 or both, comma-separated")
+    parser.add_argument("--dtypes", default="float16", help="float16, bfloat16, float32, comma-separated")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds per row")
+    parser.add_argument("--baseline", choices=("flash", "efficient"), default="flash",
+                        help="SDPA's backend next to the variants (flash refuses float32)")
     args = parser.parse_args(argv)
+    BASELINE = args.baseline
     ROUNDS = args.rounds
     DIMS = tuple(int(x) for x in args.dims.split(","))
     DTYPES = tuple(getattr(torch, name) for name in args.dtypes.split(","))

@@ -16,9 +16,9 @@ violations.
 
 The 2D block messages constrain the operands (head bases 64-byte aligned,
 row pitch a multiple of 16 bytes and at least 32, rows at least 32 bytes
-wide, a multiple of 4 bytes): an input that breaks them is copied into a
-layout that keeps them (`conform`) before a launch: a kernel never faults on
-its operands.
+wide, a multiple of 4 bytes): an operand that breaks them is copied into a
+layout that keeps them (`conform`) before a launch (the output is written to
+such a copy and copied back): a kernel never faults on its operands.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def block_io_problems(tensor: torch.Tensor) -> List[str]:
 
 def conform(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, or a copy of it whose rows start 64-byte aligned at a pitch the block messages
-    take, when its own layout breaks their constraints (the GPU would fault on it).
+    take, when its own layout breaks their constraints (the GPU would fault on it).  The output
+    too (the planes of a short one, L * Ev * item bytes apart, may be off the 64-byte grid): the
+    kernel writes the copy, which the launcher copies back.
 
     A mask tile's width is the mask's own key extent (its descriptor's shape): a mask whose rows
     are too narrow or not a multiple of 4 bytes is copied with its key dim widened to whole 64
@@ -156,14 +158,6 @@ def conform(name: str, tensor: torch.Tensor) -> torch.Tensor:
     copy = torch.zeros(*tensor.shape[:-1], padded, dtype=tensor.dtype, device=tensor.device)
     copy[..., :tensor.size(-1)] = tensor
     return copy if name == "mask" else copy[..., :tensor.size(-1)]
-
-
-def check_block_io(name: str, tensor: torch.Tensor) -> None:
-    """Raise when an operand breaks the block-message constraints."""
-    problems = block_io_problems(tensor)
-    if problems:
-        raise ValueError(f"xegpu: operand {name} {tuple(tensor.shape)} (strides {tuple(tensor.stride())}) breaks "
-                         f"the 2D block-message constraints: {'; '.join(problems)}")
 
 
 def describe_status(status: int) -> str:
@@ -193,20 +187,19 @@ class XpuKernel(Kernel):
             [postfix(k["grid"]) for k in kernels], self.emulated)
         self._checked = set()
 
-    def __call__(self, operands: Sequence[torch.Tensor]) -> None:
-        operands = list(operands)
+    def __call__(self, arguments: Sequence[torch.Tensor]) -> None:
+        operands = list(arguments)
         for i, (name, blocks) in enumerate(zip(self._names, self._blocks)):
-            if not blocks:
-                continue
-            if i + 1 < len(operands):
+            if blocks:
                 operands[i] = conform(name, operands[i])
-            else:
-                check_block_io(name, operands[i])  # the frontend's own output: always conforms
         queue = emulation_queue() if self.emulated else torch_queue(operands[0].device)
         status = self._native.run(queue, operands)
         if status:
             raise RuntimeError(f"xegpu (emulated): a 2D block message broke the hardware's constraints "
                                f"{describe_status(status)}; on an Intel GPU this launch would fault")
+        out = operands[-1]
+        if out is not arguments[-1]:  # the output's planes broke the constraints: written to a copy
+            arguments[-1].copy_(out)
         if queue not in self._checked:
             self._checked.add(queue)
             self._check_spills(queue)

@@ -92,12 +92,31 @@ def bridge_llvm_ir(text: str, kernels: Sequence[str]) -> str:
         return ("0xH" if kinds[-1] == "half" else "0xR") + bits
 
     text = re.sub(r"\bf0x([0-9A-Fa-f]+)\b", literal, text)
+    # a float in decimal that only rounds to a float (1.000000e-30): 22 takes decimal float
+    # literals only where the double they spell is a float; its hexadecimal double is exact
+    text = "\n".join(_float_literals(line) for line in text.split("\n"))
     for name in kernels:
         pattern = re.compile(r"(define spir_kernel void @" + re.escape(name) + r"\([^)]*\)[^{]*?)\s*\{")
         if not pattern.search(text):
             raise CompileError(f"xegpu: kernel {name} not found in the LLVM IR")
         text = pattern.sub(lambda m: m.group(1) + " !intel_reqd_sub_group_size !xegpu.sg {", text, count=1)
     return text.replace("!xegpu.sg", "!900") + f"\n!900 = !{{i32 {SUBGROUP_SIZE}}}\n"
+
+
+#: a floating-point literal in decimal, as LLVM prints one.
+_DECIMAL = re.compile(r"(?<![\w.%@$-])-?\d+\.\d+e[-+]\d+\b")
+
+
+def _float_literals(line: str) -> str:
+    """A line of float (not double) values with its decimal literals as the hexadecimal doubles
+    of the floats they round to."""
+    if "float" not in line or "double" in line:
+        return line
+
+    def hexadecimal(match: re.Match) -> str:
+        value = struct.unpack("<f", struct.pack("<f", float(match.group(0))))[0]
+        return "0x%016X" % struct.unpack("<Q", struct.pack("<d", value))[0]
+    return _DECIMAL.sub(hexadecimal, line)
 
 
 #: cl_intel_bfloat16_conversions' float -> bf16 (round to nearest even), as LLVM IR names it;
