@@ -83,7 +83,7 @@ def test_precompile_command_fills_the_cache_for_a_length_class(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--target", "cpu", "--head-dim", "32", "--length-class", "short", "--arch", "sm_90a"], "compiles for this machine"),
     (["--target", "cpu", "--head-dim", "32"], "--length-class"),
-    (["--target", "nvvm", "--head-dim", "64", "--length-class", "prefill", "--dtype", "float32"], "float16"),
+    (["--target", "nvvm", "--head-dim", "64", "--length-class", "prefill", "--dtype", "float64"], "float64"),
     (["--target", "nvvm", "--head-dim", "72", "--length-class", "prefill"], "multiples of 16"),
 ])
 def test_precompile_command_mistakes_are_one_line_errors(tmp_path, args, message):

@@ -90,9 +90,15 @@ def missing_build_tools() -> str:
     """Why a wheel cannot be built and installed here ("" when it can)."""
     if not shutil.which(os.environ.get("CXX", "c++")):
         return "no C++ compiler to build the extension"
-    for module in ("pip", "setuptools", "wheel", "ensurepip", "packaging"):
-        if importlib.util.find_spec(module) is None:
-            return f"no {module} module to build or install a wheel"
+    # installed distributions, not find_spec: setuptools' distutils shim, asked to find "pip",
+    # switches itself off for the rest of the process (and torch.utils.cpp_extension then fails)
+    for package in ("pip", "setuptools", "wheel", "packaging"):
+        try:
+            metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return f"no {package} to build or install a wheel"
+    if importlib.util.find_spec("ensurepip") is None:
+        return "no ensurepip module to make a virtual environment"
     return ""
 
 

@@ -238,6 +238,7 @@ def emulated(monkeypatch):
 
 CASES = [
     # (dtype, E, causal, (batch..., H, Hkv), L, S)
+    (torch.float16, 48, False, (2, 2, 2), 7, 33),        # planes of 7 x 96 bytes: the output padded
     (torch.float16, 64, False, (1, 2, 2), 200, 200),
     (torch.float16, 64, False, (2, 3, 3), 1, 77),        # decode-like, one query row
     (torch.bfloat16, 128, True, (2, 4, 4), 5, 200),      # decode-like, 5 query rows, causal
@@ -293,6 +294,8 @@ MASKS = [
     ((1, 2, 150, 170), torch.float16),
     ((2, 1, 1, 170), torch.float16),
     ((150, 1), torch.float32),
+    ((2, 1, 1, 1), torch.float32),     # (b): one value a batch, read as a scalar
+    ((1, 2, 1, 1), torch.bool),        # (h): a head with every key masked
 ]
 
 

@@ -17,8 +17,9 @@ violations.
 The 2D block messages constrain the operands (head bases 64-byte aligned,
 row pitch a multiple of 16 bytes and at least 32, rows at least 32 bytes
 wide, a multiple of 4 bytes): an operand that breaks them is copied into a
-layout that keeps them (`conform`) before a launch (the output is written to
-such a copy and copied back): a kernel never faults on its operands.
+layout that keeps them (`conform`) before a launch (the output is written to a
+buffer with rows appended, `conform_output`, and copied back): a kernel never
+faults on its operands.
 """
 
 from __future__ import annotations
@@ -138,9 +139,7 @@ def block_io_problems(tensor: torch.Tensor) -> List[str]:
 
 def conform(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, or a copy of it whose rows start 64-byte aligned at a pitch the block messages
-    take, when its own layout breaks their constraints (the GPU would fault on it).  The output
-    too (the planes of a short one, L * Ev * item bytes apart, may be off the 64-byte grid): the
-    kernel writes the copy, which the launcher copies back.
+    take, when its own layout breaks their constraints (the GPU would fault on it).
 
     A mask tile's width is the mask's own key extent (its descriptor's shape): a mask whose rows
     are too narrow or not a multiple of 4 bytes is copied with its key dim widened to whole 64
@@ -158,6 +157,24 @@ def conform(name: str, tensor: torch.Tensor) -> torch.Tensor:
     copy = torch.zeros(*tensor.shape[:-1], padded, dtype=tensor.dtype, device=tensor.device)
     copy[..., :tensor.size(-1)] = tensor
     return copy if name == "mask" else copy[..., :tensor.size(-1)]
+
+
+def conform_output(out: torch.Tensor) -> torch.Tensor:
+    """The frontend's (contiguous) output, or, where its (L, Ev) planes lie off the 64-byte grid
+    (L * Ev * item bytes apart: rows of 32 * odd bytes and an odd L), a contiguous buffer with
+    rows appended until they are on it, for the kernel to write (its output is contiguous: the
+    planes' distance follows from the rows); the launcher copies the first L rows back.  Rows
+    the kernel writes past L (a tile of the last row block) are dropped."""
+    if not block_io_problems(out):
+        return out
+    rows, row_bytes = out.size(-2), out.size(-1) * out.element_size()
+    while rows * row_bytes % BASE_ALIGNMENT:
+        rows += 1
+    padded = torch.empty(*out.shape[:-2], rows, out.size(-1), dtype=out.dtype, device=out.device)
+    if block_io_problems(padded):
+        raise NotImplementedError(f"xegpu: no output layout of {tuple(out.shape)} that 2D block messages can "
+                                  f"write: {'; '.join(block_io_problems(padded))}")
+    return padded
 
 
 def describe_status(status: int) -> str:
@@ -191,7 +208,7 @@ class XpuKernel(Kernel):
         operands = list(arguments)
         for i, (name, blocks) in enumerate(zip(self._names, self._blocks)):
             if blocks:
-                operands[i] = conform(name, operands[i])
+                operands[i] = conform_output(operands[i]) if name == "out" else conform(name, operands[i])
         queue = emulation_queue() if self.emulated else torch_queue(operands[0].device)
         status = self._native.run(queue, operands)
         if status:
@@ -199,7 +216,7 @@ class XpuKernel(Kernel):
                                f"{describe_status(status)}; on an Intel GPU this launch would fault")
         out = operands[-1]
         if out is not arguments[-1]:  # the output's planes broke the constraints: written to a copy
-            arguments[-1].copy_(out)
+            arguments[-1].copy_(out[..., :arguments[-1].size(-2), :])
         if queue not in self._checked:
             self._checked.add(queue)
             self._check_spills(queue)

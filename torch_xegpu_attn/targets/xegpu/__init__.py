@@ -265,6 +265,9 @@ def _gather_vector_reads(module) -> None:
         if len(amap.results) != 1 or str(amap.results[0]) != f"d{mtype.rank - 1}" or len(indices) != mtype.rank:
             raise CompileError(f"xegpu: a 1-D read along another dim than the innermost ({amap})")
         n = vtype.shape[0]
+        if n == 1 and all(ir.BoolAttr(b).value for b in ir.ArrayAttr(read.attributes["in_bounds"])):
+            _scalar_read(read, indices)
+            continue
         with ir.InsertionPoint(read), read.location:
             index_vector = ir.VectorType.get([n], index)
             last = indices[-1]
@@ -275,6 +278,29 @@ def _gather_vector_reads(module) -> None:
                                      vector.broadcast(vtype, pad))
         read.results[0].replace_all_uses_with(gathered)
         read.erase()
+
+
+def _scalar_read(read, indices) -> None:
+    """A one-element read (a mask that varies along neither rows nor keys) as a scalar load whose
+    value its users broadcast themselves: a one-lane vector broadcast to a tile cannot be laid
+    out over sub-groups (upstream's layout propagation finds no even distribution of it)."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import memref, vector
+    with ir.InsertionPoint(read), read.location:
+        scalar = memref.load(read.operands[0], indices)
+        as_vector = None
+        for use in list(read.results[0].uses):
+            user = use.owner
+            if user.name == "vector.broadcast":
+                with ir.InsertionPoint(user), user.location:
+                    direct = vector.broadcast(user.results[0].type, scalar)
+                user.results[0].replace_all_uses_with(direct)
+                user.erase()
+            else:
+                if as_vector is None:
+                    as_vector = vector.broadcast(read.results[0].type, scalar)
+                user.operands[use.operand_number] = as_vector
+    read.erase()
 
 
 def _geometry(spec: AttentionSpec, options: ScheduleOptions):
