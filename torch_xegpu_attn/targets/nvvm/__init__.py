@@ -86,10 +86,13 @@ CAUSAL_HEAD_CHUNK = 16
 #: the input dtypes the kernels take: f16 and bf16 on the tensor cores as they are, f32 as tf32
 #: halves (three products per tile: f32 accuracy, never tf32's alone).
 NVVM_DTYPES = ("float16", "bfloat16", "float32")
-#: f32 prefills: 64-row work-groups (4 warps of 16 rows), 64-key tiles (32 above head dim 128):
-#: twice the bytes of a 16-bit tile in shared memory; f32 decode: 32-key tiles (64 spill at
-#: head dim 128, the tf32 halves of a tile's fragments taking the registers).
+#: f32: 64-row work-groups (4 warps of 16 rows) and 32-key tiles, prefill and decode.  An f32
+#: tile takes twice the shared memory of a 16-bit one; with 64-key tiles a 64-row work-group of
+#: head dim 128 took 165 KB (one per SM): on the H100 (sweep_schedules.py --baseline efficient)
+#: 32-key tiles ran 0.71-0.83x SDPA's efficient backend at D = 128 against 0.51-0.54x with 64, and
+#: 1.23-1.26x against 1.12-1.13x at D = 64; in decode 64-key tiles spilled at D = 128.
 F32_ROW_TILE = 64
+F32_KV_TILE = 32
 #: which staged tiles of a key loop are copied one step ahead (NvvmOptions.prefetch).
 PREFETCH_MODES = ("keys", "tiles", "tiles-late")
 #: the compiler packages whose MLIR makes the PTX (with ptxas, the nvvm toolchain).
@@ -223,7 +226,7 @@ class NvvmTarget(Target):
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
-            kv_tile = 32 if spec.dtype == "float32" else 64
+            kv_tile = F32_KV_TILE if spec.dtype == "float32" else 64
             return NvvmOptions(ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile, pack_gqa=True,
                                                kv_splits=DECODE_SPLITS, split_fill=DECODE_FILL,
                                                split_min_keys=DECODE_SPLIT_KEYS, combine_cols=DECODE_COMBINE_COLS,
@@ -244,9 +247,8 @@ class NvvmTarget(Target):
         tail = "peel" if unmasked_e64 else "mask"
         chunk = CAUSAL_HEAD_CHUNK if spec.causal else 0
         if spec.dtype == "float32":
-            kv_tile = 64 if widest <= 128 else 32  # f32 tiles take twice the shared memory
-            return NvvmOptions(ScheduleOptions(row_tile=F32_ROW_TILE, kv_tile=kv_tile, pv_in_f32=False), arch=arch,
-                               causal_head_chunk=chunk)
+            return NvvmOptions(ScheduleOptions(row_tile=F32_ROW_TILE, kv_tile=F32_KV_TILE, pv_in_f32=False),
+                               arch=arch, causal_head_chunk=chunk)
         wgmma = self._warpgroup_mma(spec, arch)
         if widest <= 128:
             # with wgmma, 128 rows are 8 warps of 16 rows (2 warpgroups); 256 would be 16 warps,
