@@ -5,10 +5,12 @@ spec with `compile_spec(spec, stop_after=<stage>)`, take the stage's IR from
 the CompilationStopped it raises, and run FileCheck on it with the CHECK lines
 written next to the case.  A spec holds no lengths (they are run-time sizes
 of the kernel's arguments); numbers are picked so that each means one thing:
-group 2, head_dim 16, v_head_dim 8, the cpu target's "short" class (row tile 4,
-kv tile 64, K read in place).
+group 2, head_dim 16, v_head_dim 8, the cpu target's "short" class (kv tile 64,
+K read in place), with the row tile pinned to 4 (`small_row_tile`) so that
+the tiles stay readable.
 """
 
+import contextlib
 import functools
 import os
 import shutil
@@ -31,6 +33,22 @@ ADDITIVE = replace(SPEC, mask=MaskSpec("additive", ("l", "s"), "float32"))
 # Many query rows per key/value head: the cpu target materializes K^T once.
 LONG = replace(SPEC, length_class="long")
 DECODE = replace(SPEC, length_class="decode")
+
+
+@contextlib.contextmanager
+def small_row_tile(spec: AttentionSpec):
+    """Prefill specs compile with 4-row work-groups (XEGPU_ATTN_SCHEDULE) so that the tiles stay
+    readable; decode keeps its one-row ones."""
+    before = os.environ.get("XEGPU_ATTN_SCHEDULE")
+    if spec.length_class != "decode":
+        os.environ["XEGPU_ATTN_SCHEDULE"] = '{"row_tile": 4}'
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("XEGPU_ATTN_SCHEDULE", None)
+        else:
+            os.environ["XEGPU_ATTN_SCHEDULE"] = before
 
 
 def _filecheck_binary() -> str:
@@ -56,7 +74,8 @@ def filecheck(ir_text: str, checks: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def stage_ir(spec: AttentionSpec, stage: str) -> str:
-    with pytest.raises(CompilationStopped) as stopped:
+    """The IR after `stage`; prefill classes compiled with 4-row work-groups (small_row_tile)."""
+    with pytest.raises(CompilationStopped) as stopped, small_row_tile(spec):
         compile_spec(spec, stop_after=stage, dump_dir="")
     assert stopped.value.stage == stage
     return stopped.value.ir
@@ -279,18 +298,19 @@ CHECK: vector.transfer_write {{.*}} {in_bounds = [true, true, true]} : vector<2x
 
 
 def test_flash_materialized_k_transpose():
-    # "long": a loop of its own writes K^T tiles into a workspace padded to whole tiles, one
-    # transpose per (64 x 16) K tile; the flash loop reads (16 x 64) tiles of it, in bounds.
+    # "long": a loop of its own writes K^T tiles into a workspace laid out tile by tile
+    # (B, H, tiles, E, T), one transpose per (64 x 16) K tile; the flash loop reads the
+    # (16 x 64) tile j / 64 of it, in bounds.
     filecheck(stage_ir(LONG, "flash"), r"""
 CHECK: %[[TILES:.*]] = arith.ceildivui
-CHECK: %[[PADDED:.*]] = arith.muli %[[TILES]], %c64
-CHECK: tensor.empty(%{{.*}}, %{{.*}}, %[[PADDED]]) : tensor<?x?x16x?xf32>
+CHECK: tensor.empty(%{{.*}}, %{{.*}}, %[[TILES]]) : tensor<?x?x?x16x64xf32>
 CHECK: scf.forall (%{{.*}}, %{{.*}}, %{{.*}}) in (%{{.*}}, %{{.*}}, %[[TILES]])
 CHECK:   vector.transpose {{.*}} [1, 0] : vector<64x16xf32> to vector<16x64xf32>
 CHECK: {attn.k_transpose, mapping = [#gpu.block<linear_dim_2>, #gpu.block<linear_dim_1>, #gpu.block<linear_dim_0>]}
 CHECK: scf.forall
-CHECK:   scf.for
-CHECK:     vector.transfer_read {{.*}} {in_bounds = [true, true]} : tensor<?x?x16x?xf32>, vector<16x64xf32>
+CHECK:   scf.for %[[J:.*]] = %c0
+CHECK:     %[[TILE:.*]] = arith.divui %[[J]], %c64
+CHECK:     vector.transfer_read {{.*}}[%{{.*}}, %{{.*}}, %[[TILE]], %c0, %c0]{{.*}} {in_bounds = [true, true]} : tensor<?x?x?x16x64xf32>, vector<16x64xf32>
 CHECK:     vector.contract {{.*}} : vector<4x16xf32>, vector<16x64xf32> into vector<4x64xf32>
 """)
 
@@ -333,7 +353,7 @@ CHECK-NOT: scf.forall
     # K^T materialized: its transpose grid runs first, into a workspace whose three dynamic
     # sizes (B, H, padded S) the plan computes after the two task counts.
     filecheck(stage_ir(LONG, "cpu-grid"), r"""
-CHECK: module attributes {attn.kernel = {grids = ["attention_grid0", "attention_grid1"], plan = "attention_plan", plan_length = 5 : i64, workspaces = [{dtype = "f32", shape = array<i64: -9223372036854775808, -9223372036854775808, 16, -9223372036854775808>}]}}
+CHECK: module attributes {attn.kernel = {grids = ["attention_grid0", "attention_grid1"], plan = "attention_plan", plan_length = 5 : i64, workspaces = [{dtype = "f32", shape = array<i64: -9223372036854775808, -9223372036854775808, -9223372036854775808, 16, 64>}]}}
 CHECK: func.func @attention_grid0(
 CHECK:   vector.transpose
 CHECK: func.func @attention_grid1(

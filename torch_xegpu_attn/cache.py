@@ -247,9 +247,9 @@ class KernelCache:
         self._dumped: set = set()  # (spec, options, dump dir) whose IR this process wrote
 
     def get(self, spec: AttentionSpec):
-        # The schedule overrides (XEGPU_ATTN_SCHEDULE) and the emulation (XEGPU_ATTN_EMULATE) may
-        # change between calls: they key too.
-        key = (spec, knobs.schedule_overrides_text(), knobs.emulate())
+        # The knobs that choose the kernel (XEGPU_ATTN_SCHEDULE, XEGPU_ATTN_CPU_ISA) and the
+        # emulation (XEGPU_ATTN_EMULATE) may change between calls: they key too.
+        key = (spec, knobs.kernel_choice(), knobs.emulate())
         kernel = self._memory.get(key)
         if kernel is not None:
             STATS["memory_hits"] += 1

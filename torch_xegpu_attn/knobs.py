@@ -21,6 +21,9 @@ XEGPU_ATTN_EMULATE      "xpu": CPU tensors go through the xegpu target, whose SP
                         (proof of the Intel GPU kernels without one; default: unset).  Set it
                         before the process's first call: CPU calls already recorded for replay
                         keep running on the cpu target
+XEGPU_ATTN_CPU_ISA      "avx512", "avx2" or "sse": the vector instruction set the cpu target
+                        builds for, one the host runs (default: the widest the host has); the
+                        register tiling follows it, and it is part of the cache key
 
 They are read at each use, so tests and tools may set them at run time.
 """
@@ -109,6 +112,18 @@ def schedule_overrides() -> Dict:
     if isinstance(overrides.get("transpose_tile"), list):
         overrides["transpose_tile"] = tuple(overrides["transpose_tile"])
     return overrides
+
+
+def cpu_isa() -> str:
+    """The vector ISA the cpu target is asked to build for (XEGPU_ATTN_CPU_ISA), "" for the host's."""
+    return os.environ.get("XEGPU_ATTN_CPU_ISA", "").strip().lower()
+
+
+def kernel_choice() -> str:
+    """The knobs that choose which kernel a spec gets, as one string (csrc/replay.h's
+    kernel_choice reads the same): a kernel or a recorded call made under other values is not
+    reused."""
+    return os.environ.get("XEGPU_ATTN_SCHEDULE", "") + "\n" + os.environ.get("XEGPU_ATTN_CPU_ISA", "")
 
 
 def log_compilations() -> bool:

@@ -172,7 +172,7 @@ struct Recipe {
   WorkspaceLayout workspaces;
   size_t workspace_words = 0;  // where the workspaces' descriptors start in `words`
   std::vector<int64_t> out_shape;
-  std::string schedule;  // XEGPU_ATTN_SCHEDULE when recorded
+  std::string choice;  // the kernel-choosing knobs when recorded
 };
 
 constexpr size_t kMaxRecipes = 4096;
@@ -262,7 +262,7 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
     recipe->device_index = out.device().index();
     recipe->n_inputs = n_inputs;
     recipe->out_shape = out_shape;
-    recipe->schedule = xattn::env("XEGPU_ATTN_SCHEDULE");
+    recipe->choice = xattn::kernel_choice();
     for (int64_t j : aligned_) recipe->aligned_inputs.push_back(static_cast<size_t>(j));
     for (const auto& t : operands) {
       recipe->bases.push_back(recipe->words.size());
@@ -431,7 +431,7 @@ bool replay(const xattn::Call& call, at::Tensor* out) {
     if (found == recipes.end()) return false;
     r = found->second;
   }
-  if (!xattn::knobs_allow_replay(r->schedule)) return false;
+  if (!xattn::knobs_allow_replay(r->choice)) return false;
   const at::Tensor* inputs[4] = {&call.q, &call.k, &call.v, call.mask};
   for (size_t j : r->aligned_inputs) {
     if (!aligned_base(inputs[j]->data_ptr())) return false;  // the checked path copies it

@@ -57,7 +57,7 @@ struct Recipe {
   Descriptors descriptors;  // q, k, v, [mask], out, then workspaces: bases patched per call
   LaunchPlan plan;
   std::vector<int64_t> out_shape;  // the user-facing output, contiguous
-  std::string schedule;            // XEGPU_ATTN_SCHEDULE when recorded (it keys the memory cache)
+  std::string choice;              // the kernel-choosing knobs when recorded (they key the memory cache)
 };
 
 constexpr size_t kMaxRecipes = 4096;
@@ -91,7 +91,7 @@ std::optional<at::Tensor> replay(const Call& call) {
     if (found == recipes.end()) return std::nullopt;
     recipe = found->second;
   }
-  if (!knobs_allow_replay(recipe->schedule)) return std::nullopt;
+  if (!knobs_allow_replay(recipe->choice)) return std::nullopt;
 
   at::Tensor out = at::detail::empty_cpu(recipe->out_shape, call.q.scalar_type());
   if (poison_outputs()) out.fill_(std::nan(""));
@@ -136,7 +136,7 @@ bool record(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   recipe->plan = kernel->plan(recipe->descriptors);
   kernel->add_workspaces(recipe->descriptors, recipe->plan);
   recipe->out_shape = out_shape;
-  recipe->schedule = env("XEGPU_ATTN_SCHEDULE");
+  recipe->choice = kernel_choice();
   std::lock_guard<std::mutex> lock(recipes_mutex);
   if (recipes.size() >= kMaxRecipes) recipes.clear();  // bounded; recording again costs one checked call
   recipes[std::move(key)] = std::move(recipe);

@@ -99,14 +99,20 @@ inline bool poison_outputs() {
   return value == "1" || value == "true" || value == "on" || value == "yes";
 }
 
-// Whether a call recorded under XEGPU_ATTN_SCHEDULE=`schedule` may replay now:
+// The knobs that choose which kernel a spec gets (XEGPU_ATTN_SCHEDULE and
+// XEGPU_ATTN_CPU_ISA; knobs.kernel_choice in Python, which keys the memory
+// cache with the same values), as one string.
+inline std::string kernel_choice() {
+  return env("XEGPU_ATTN_SCHEDULE") + '\n' + env("XEGPU_ATTN_CPU_ISA");
+}
+
+// Whether a call recorded under the kernel choice `recorded` may replay now:
 // XEGPU_ATTN_DUMP_IR is honoured on cache hits by the Python path, and a
-// changed XEGPU_ATTN_SCHEDULE selects another kernel.
-inline bool knobs_allow_replay(const std::string& schedule) {
+// changed choice selects another kernel.
+inline bool knobs_allow_replay(const std::string& recorded) {
   const char* dump = std::getenv("XEGPU_ATTN_DUMP_IR");
   if (dump != nullptr && *dump != '\0') return false;
-  const char* now = std::getenv("XEGPU_ATTN_SCHEDULE");
-  return schedule == (now == nullptr ? "" : now);
+  return recorded == kernel_choice();
 }
 
 // A kernel's last use for the memory cache's least-recently-used order: one

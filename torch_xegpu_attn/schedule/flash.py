@@ -41,7 +41,7 @@ the else branch.  Top-left alignment (row l sees keys <= l), as SDPA.
 K layouts (ScheduleOptions.k_layout): "folded" contracts (m,k) x (n,k) on
 the K tile as read; "explicit" transposes the K tile (vector.transpose) and
 contracts row-major; "materialized" reads (E x T) tiles of K^T from a
-workspace that a loop of its own (tagged attn.k_transpose) fills once.
+workspace, tile by tile, that a loop of its own (tagged attn.k_transpose) fills once.
 
 Split keys (ScheduleOptions.kv_splits = P > 1): work-group (b, h, g, p, r)
 visits only its share of the row tile's key tiles (ceil(tiles / P) each) and
@@ -242,9 +242,9 @@ class _WorkGroup:
     def _k_operand(self, j: ir.Value, r: _KeyRange) -> Tuple[ir.Value, bool]:
         """The K side of QK^T for keys [j, j + tile): (vector, True if laid out (n, k))."""
         zero = arith.constant(self.et, 0.0)
-        if self.kt is not None:  # (E x T) tiles of the materialized K^T
-            offsets = {0: self.ivs["b"], 1: self.ivs["h"], 3: j}
-            return read_tile(self.kt, [(2, self.e, True), (3, r.tile, True)], offsets, zero), False
+        if self.kt is not None:  # the (E x T) tile j / T of the materialized K^T
+            offsets = {0: self.ivs["b"], 1: self.ivs["h"], 2: arith.divui(j, const_index(self.T))}
+            return read_tile(self.kt, [(3, self.e, True), (4, r.tile, True)], offsets, zero), False
         tile = read_tile(self.k, [(2, r.tile, r.in_bounds), (3, self.e, True)], {2: j}, zero)
         if self.options.k_layout == "explicit":
             return vector.transpose(vector_type([self.e, r.tile], self.et), tile, [1, 0]), False
@@ -587,23 +587,25 @@ class _WorkGroup:
     # ------------------------------------------------------------------ K^T workspace
 
     def _materialize_k_transpose(self) -> ir.Value:
-        """forall (b, h, t): each K tile (T x E) -> an (E x T) tile of a K^T workspace padded to
-        whole tiles (one vector.transpose per tile: a target splits it into register-sized
-        pieces if it wants them)."""
+        """forall (b, h, t): each K tile (T x E) -> the (E x T) tile t of a K^T workspace laid out
+        tile by tile, (B, H, tiles, E, T): a tile's rows are contiguous, so reading one walks
+        E * T consecutive elements instead of E rows a whole key length apart (a power-of-two
+        stride maps them all to one cache set).  One vector.transpose per tile: a target splits
+        it into register-sized pieces if it wants them."""
         k, T, e = self.k_full, self.T, self.e
         B, H, S = (tensor.dim(k, const_index(i)) for i in range(3))
         tiles = arith.ceildivui(S, const_index(T))
-        workspace = tensor.empty([B, H, e, arith.muli(tiles, const_index(T))], self.et)
+        workspace = tensor.empty([B, H, tiles, e, T], self.et)
         loop = scf.ForallOp([0] * 3, [B, H, tiles], [1] * 3, [workspace], mapping=block_mapping(3))
         loop.attributes[K_TRANSPOSE_LOOP] = ir.UnitAttr.get()
         b, h, t = loop.induction_variables
         out = loop.inner_iter_args[0]
         with ir.InsertionPoint(loop.body):
             s0 = arith.muli(t, const_index(T))
-            offsets, sizes = [b, h, 0, s0], [1, 1, e, T]
+            offsets, sizes = [b, h, t, 0, 0], [1, 1, 1, e, T]
             rows = read_tile(k, [(2, T, False), (3, e, True)], {0: b, 1: h, 2: s0}, arith.constant(self.et, 0.0))
             transposed = vector.transpose(vector_type([e, T], self.et), rows, [1, 0])
-            tile = write_tile(transposed, slice_of(out, offsets, sizes), [(2, True), (3, True)], {})
+            tile = write_tile(transposed, slice_of(out, offsets, sizes), [(3, True), (4, True)], {})
             in_parallel = scf.InParallelOp()
             with ir.InsertionPoint(in_parallel.block):
                 insert_in_parallel(tile, out, offsets, sizes)

@@ -16,22 +16,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import Kernel, KernelArtifact, Stage, Target, TargetOptions, register
 from . import toolchain
 
-#: rows per work-group; with 64-column chunks the micro-kernel keeps
-#: ROW_TILE * 64 / 16 = 16 accumulator registers (AVX-512 has 32).
-ROW_TILE = 4
+#: rows per work-group of the "long" class, per ISA: each K and V element read from the caches
+#: feeds that many rows' FMAs, which large head dims need (their K and V tiles no longer stay
+#: in L1); a multiple of the register block's 6 rows.  With 16 registers half as many: the
+#: code (and its compile time) grows with the tile over the register width.
+ROW_TILE = {"avx512": 24, "avx2": 12, "sse": 12}
+#: rows per work-group of the "short" class, whose QK^T reads K in place by dot products
+#: (one horizontal sum per row and key: few rows only).
+SHORT_ROW_TILE = 4
+#: k steps per iteration of the micro-kernel's k loop, per ISA: fewer loop branches and more
+#: freedom to schedule the loads, against code size.
+K_UNROLL = {"avx512": 4, "avx2": 2, "sse": 2}
 #: how key tails are handled: "mask" and "peel" measured within noise of each
 #: other on every benchmark row, tails included (README); "mask" is one loop.
 TAIL = "mask"
-#: keys per flash step, and the column chunk of the micro-kernel (f64 lanes are twice as
-#: wide: half the columns keep the same 16 accumulator registers).
+#: keys per flash step.
 KV_TILE = 64
-N_BLOCK = 64
-N_BLOCK_F64 = 32
 
 #: query rows per key/value head (L * G) up to which K is read in place by
 #: dot products instead of being transposed once into a workspace: with so few
@@ -43,21 +49,45 @@ def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
+def register_tile(isa: toolchain.Isa, element_bits: int) -> Tuple[int, int]:
+    """(rows, columns) of the accumulator block the micro-kernel keeps in registers for `isa`.
+
+    One step of its k loop loads columns / lanes vectors of B and broadcasts each of the rows'
+    A elements: rows * columns / lanes accumulators, plus the B vectors and a broadcast, must
+    fit the register file, and the FMAs per load grow with both sides of the block."""
+    b_vectors = 4 if isa.registers >= 32 else 2
+    rows = (isa.registers - b_vectors - 2) // b_vectors
+    return rows, b_vectors * isa.lanes(element_bits)
+
+
 @dataclass(frozen=True)
 class CpuOptions(TargetOptions):
     """The cpu target's options.
 
     cpu, cpu_flags   the host CPU the code is tuned for (llc -mcpu=native): its model and a
                      hash of its feature flags (/proc/cpuinfo)
+    isa              the vector instruction set (toolchain.ISAS) the code may use, the host's
+                     widest unless XEGPU_ATTN_CPU_ISA asks for a narrower one
+    m_block, n_block the micro-kernel's register block: rows and columns of a contraction's
+                     accumulator kept in registers through its k loop (register_tile)
+    k_unroll         k steps per iteration of the micro-kernel's k loop
     transpose_tile   (e, s): a K^T workspace is filled by transposes of (s x e) tiles that
                      fit the registers (cpu-vector splits the schedule's whole-tile ones)
     """
 
     cpu: str = ""
     cpu_flags: str = ""
+    isa: str = "avx2"
+    m_block: int = 6
+    n_block: int = 16
+    k_unroll: int = 1
     transpose_tile: Tuple[int, int] = (16, 16)
 
     def __post_init__(self) -> None:
+        toolchain.isa_named(self.isa)
+        if min(self.m_block, self.n_block, self.k_unroll) < 1:
+            raise ValueError(f"m_block, n_block and k_unroll must be positive, got {self.m_block}, "
+                             f"{self.n_block}, {self.k_unroll}")
         te, ts = self.transpose_tile
         if te < 1 or ts < 1:
             raise ValueError(f"transpose_tile must be positive, got {self.transpose_tile}")
@@ -66,7 +96,8 @@ class CpuOptions(TargetOptions):
                              f"{self.schedule.kv_tile}")
 
     def own_name(self):
-        return []  # the host is the machine, the transpose tile follows from the head dim
+        # the host is the machine, the transpose tile follows from the head dim
+        return [self.isa, f"m{self.m_block}n{self.n_block}"]
 
 
 class CpuTarget(Target):
@@ -86,17 +117,20 @@ class CpuTarget(Target):
         if arch is not None:
             raise ValueError(f"the cpu target compiles for this machine's CPU, not for {arch!r}")
         host = toolchain.host_cpu()
-        return CpuOptions(schedule=self._schedule(spec), cpu=host["cpu"], cpu_flags=host["flags"],
+        isa = toolchain.host_isa(knobs.cpu_isa())
+        m_block, n_block = register_tile(isa, 64 if spec.dtype == "float64" else 32)
+        return CpuOptions(schedule=self._schedule(spec, isa.name), cpu=host["cpu"], cpu_flags=host["flags"],
+                          isa=isa.name, m_block=m_block, n_block=n_block, k_unroll=K_UNROLL[isa.name],
                           transpose_tile=(_largest_divisor(spec.head_dim, 16), 16))
 
     @staticmethod
-    def _schedule(spec: AttentionSpec) -> ScheduleOptions:
+    def _schedule(spec: AttentionSpec, isa: str) -> ScheduleOptions:
         if spec.length_class == "decode":
             return ScheduleOptions(row_tile=1, kv_tile=KV_TILE, pack_gqa=True, tail=TAIL)
         if spec.length_class == "short":
-            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, tail=TAIL)
+            return ScheduleOptions(row_tile=SHORT_ROW_TILE, kv_tile=KV_TILE, tail=TAIL)
         if spec.length_class == "long":
-            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL)
+            return ScheduleOptions(row_tile=ROW_TILE[isa], kv_tile=KV_TILE, k_layout="materialized", tail=TAIL)
         raise ValueError(f"the cpu target has no length class {spec.length_class!r}")
 
     def stage_names(self) -> Sequence[str]:
@@ -114,7 +148,8 @@ class CpuTarget(Target):
         metadata = grid.kernel_metadata(module)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
-        binary = toolchain.llvm_dialect_to_shared_library(str(module), keep_dir=keep_dir)
+        binary = toolchain.llvm_dialect_to_shared_library(str(module), toolchain.isa_named(options.isa),
+                                                          keep_dir=keep_dir)
         return KernelArtifact(binary=binary, metadata=metadata)
 
     def load(self, binary_path: str, metadata: Dict) -> Kernel:

@@ -7,7 +7,7 @@ from mlir.dialects import arith, memref, scf, vector
 
 from ...mlir_utils import CompileError, const_index, ops_named
 from ...spec import AttentionSpec
-from . import N_BLOCK, N_BLOCK_F64, exp, microkernel
+from . import exp, microkernel, toolchain
 
 LLVM_PIPELINE = ",".join([
     "canonicalize", "cse",
@@ -30,7 +30,8 @@ def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options) -> ir.Modu
     """Stage cpu-vector: register-blocked contractions, transposes in register-sized pieces and a
     vectorizable exp (options: the target's CpuOptions)."""
     split_transposes(module, options.transpose_tile)
-    microkernel.lower_contractions(module, N_BLOCK_F64 if spec.dtype == "float64" else N_BLOCK)
+    microkernel.lower_contractions(module, microkernel.RegisterBlock(
+        options.m_block, options.n_block, toolchain.isa_named(options.isa).vector_bits, options.k_unroll))
     exp.expand_exp(module)
     return module
 

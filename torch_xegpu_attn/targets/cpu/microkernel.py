@@ -3,21 +3,21 @@
 A work-group contraction C[M, N] += A[M, K] . B[K, N] (A: the Q tile or the
 probabilities, B: a K^T or V tile) is lowered to
 
-    for k in [0, K):                       scf.for, not unrolled in MLIR
-        b = B[k, n0 : n0 + NB]             one row, contiguous: NB/16 zmm loads
-        for m in [0, M):                   unrolled
-            C[m, n0 : n0 + NB] += broadcast(A[m, k]) * b
+    for each block of MB rows m0 and NB columns n0:      unrolled
+        for k in [0, K):                                 scf.for, not unrolled in MLIR
+            b = B[k, n0 : n0 + NB]                       one row, contiguous: NB/lanes loads
+            for m in [m0, m0 + MB):                      unrolled
+                C[m, n0 : n0 + NB] += broadcast(A[m, k]) * b
 
-with the C rows as loop-carried vectors (M * NB/16 registers) and A[m, k]
-broadcast straight from memory.  This is the register blocking that the
+with the block's C rows as loop-carried vectors (MB * NB/lanes registers) and
+A[m, k] broadcast straight from memory.  This is the register blocking that the
 generic outer-product lowering lacks: it keeps A transposed in registers and
 spills.  An operand that is not already in memory (the probabilities, computed
 in registers) is first stored to a stack buffer; an operand read from memory
 is re-read in place (the transfer_read it came from is left to DCE).
 
-N is processed in chunks of `n_block` columns so that M * n_block / 16 (f32;
-/ 8 for f64) stays within the register file; the target picks M (the row tile)
-and n_block.
+The target picks the register block (MB, NB) for its vector ISA, so that the
+accumulators, the B vectors and a broadcast fit the register file.
 
 Unit dims were folded away before vectorization, so a one-row work-group
 gives C[N] += A[K] . B[K, N] (M absent), a one-key tail C[M] += A[M, K] . B[K]
@@ -143,13 +143,27 @@ def _extended(value: ir.Value, element: ir.Type) -> ir.Value:
     return arith.extf(target, value)
 
 
-def lower_contraction(contract, n_block: int) -> bool:
+@dataclass(frozen=True)
+class RegisterBlock:
+    """The accumulator block kept in registers (m rows, n columns) and the vector width."""
+
+    m: int
+    n: int
+    vector_bits: int
+    k_unroll: int = 1  # k steps per iteration of the k loop (where it divides a static K)
+
+    def lanes(self, element: ir.Type) -> int:
+        """Elements of type `element` in one vector register."""
+        return self.vector_bits // ir.FloatType(element).width
+
+
+def lower_contraction(contract, block: RegisterBlock) -> bool:
     """Lower one vector.contract in place; False (untouched) when it is not of a matmul form."""
     form = _matmul_form(contract)
     if form is None:
         return False
     if form.b_rows_along_k:
-        return _lower_dot_products(contract, form)
+        return _lower_dot_products(contract, form, block)
     lhs, rhs, acc = contract.operands[0], contract.operands[1], contract.operands[2]
     k_size = ir.VectorType(lhs.type).shape[-1]
     m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
@@ -163,51 +177,47 @@ def lower_contraction(contract, n_block: int) -> bool:
         k_end = b_rows if b_rows is not None else const_index(k_size)
         rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
-        for n0 in range(0, n_size, n_block):
-            width = min(n_block, n_size - n0)
+        for n0 in range(0, n_size, block.n):
+            width = min(block.n, n_size - n0)
             chunk_type = ir.VectorType.get([width], acc_type)
             whole = width == n_size
-            chunk = [rows[m] if whole else vector.extract_strided_slice(chunk_type, rows[m], [n0], [width], [1])
-                     for m in range(m_size)]
-            loop = scf.ForOp(const_index(0), k_end, const_index(1), chunk)
-            with ir.InsertionPoint(loop.body):
-                k = loop.induction_variable
-                if form.has_n:
-                    b_type = ir.VectorType.get([width], ir.MemRefType(b_mem.type).element_type)
-                    b = _extended(vector.load(b_type, b_mem, _at(b_idx, [k, const_index(n0)])), acc_type)
-                else:
-                    b = vector.broadcast(chunk_type, _extended(memref.load(b_mem, _at(b_idx, [k])), acc_type))
-                updated = []
-                for m in range(m_size):
-                    a = memref.load(a_mem, _at(a_idx, [const_index(m), k] if form.has_m else [k]))
-                    a = vector.broadcast(chunk_type, _extended(a, acc_type))
-                    updated.append(vector.fma(a, b, loop.inner_iter_args[m]))
-                scf.YieldOp(updated)
-            for m in range(m_size):
-                part = loop.results[m]
-                result_rows[m] = part if whole else vector.insert_strided_slice(part, result_rows[m], [n0], [1])
+            for m0 in range(0, m_size, block.m):
+                block_rows = range(m0, min(m0 + block.m, m_size))
+                chunk = [rows[m] if whole else vector.extract_strided_slice(chunk_type, rows[m], [n0], [width], [1])
+                         for m in block_rows]
+                unroll = block.k_unroll if b_rows is None and k_size % block.k_unroll == 0 else 1
+                loop = scf.ForOp(const_index(0), k_end, const_index(unroll), chunk)
+                with ir.InsertionPoint(loop.body):
+                    acc_rows = list(loop.inner_iter_args)
+                    for u in range(unroll):
+                        k = loop.induction_variable if u == 0 else arith.addi(loop.induction_variable,
+                                                                                 const_index(u))
+                        if form.has_n:
+                            b_type = ir.VectorType.get([width], ir.MemRefType(b_mem.type).element_type)
+                            b = _extended(vector.load(b_type, b_mem, _at(b_idx, [k, const_index(n0)])), acc_type)
+                        else:
+                            b = vector.broadcast(chunk_type, _extended(memref.load(b_mem, _at(b_idx, [k])), acc_type))
+                        for i, m in enumerate(block_rows):
+                            a = memref.load(a_mem, _at(a_idx, [const_index(m), k] if form.has_m else [k]))
+                            a = vector.broadcast(chunk_type, _extended(a, acc_type))
+                            acc_rows[i] = vector.fma(a, b, acc_rows[i])
+                    scf.YieldOp(acc_rows)
+                for i, m in enumerate(block_rows):
+                    part = loop.results[i]
+                    result_rows[m] = part if whole else vector.insert_strided_slice(part, result_rows[m], [n0], [1])
         result = _assemble(acc, form, result_rows)
     contract.results[0].replace_all_uses_with(result)
     contract.erase()
     return True
 
 
-#: bits of one vector register (AVX-512's zmm): the partial sums of a dot product fill one,
-#: 16 lanes of f32 or 8 of f64.
-_REGISTER_BITS = 512
-
-
-def _lanes(element: ir.Type) -> int:
-    return _REGISTER_BITS // ir.FloatType(element).width
-
-
-def _lower_dot_products(contract, form: _Form) -> bool:
+def _lower_dot_products(contract, form: _Form, block: RegisterBlock) -> bool:
     """C[m, n] += sum_k A[m, k] B[n, k], B's rows contiguous along k (K read in place).
 
         for n in [0, N):                      scf.for
             b = B[n, :]                       K/16 loads, shared by all m
             for m in [0, M):                  unrolled
-                C[m, n] += reduce_add(sum_c A[m, c] * b[c])     c: 16-lane chunks
+                C[m, n] += reduce_add(sum_c A[m, c] * b[c])     c: one register's lanes
 
     Used when the work-group has few rows (decode-like problems): reading K
     in place costs less than materializing K^T for them.  Results go through
@@ -218,7 +228,7 @@ def _lower_dot_products(contract, form: _Form) -> bool:
     m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
     n_size = ir.VectorType(rhs.type).shape[0]
     acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
-    lanes = _lanes(acc_type)
+    lanes = block.lanes(acc_type)
     chunks = [(c, min(lanes, k_size - c)) for c in range(0, k_size, lanes)]
     with ir.InsertionPoint(contract), contract.location:
         a_mem, a_idx, _ = _memory_source(lhs) or _spill_to_stack(lhs, contract)
@@ -297,14 +307,14 @@ def _widen_operands(contract) -> None:
                 contract.operands[i] = _extended(operand, acc_element)
 
 
-def lower_contractions(module: ir.Module, n_block: int) -> Tuple[int, int]:
+def lower_contractions(module: ir.Module, block: RegisterBlock) -> Tuple[int, int]:
     """Lower every matmul-form vector.contract; returns (lowered, left to the default lowering).
 
     The ones left (none expected) get operands of the accumulator type for the
     default lowering.
     """
     contracts = walk(module, lambda op: op.name == "vector.contract")
-    left = [c for c in contracts if not lower_contraction(c, n_block)]
+    left = [c for c in contracts if not lower_contraction(c, block)]
     for contract in left:
         _widen_operands(contract)
     return len(contracts) - len(left), len(left)

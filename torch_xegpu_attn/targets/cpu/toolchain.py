@@ -15,7 +15,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Optional
 
 from ...errors import CompileError
 
@@ -80,6 +81,75 @@ def host_cpu() -> Dict[str, str]:
     return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 
+@functools.lru_cache(maxsize=None)
+def host_flags() -> FrozenSet[str]:
+    """The host CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Isa:
+    """A vector instruction set the cpu target generates code for.
+
+    vector_bits   the width of one vector register
+    registers     how many vector registers there are (the micro-kernel's budget)
+    requires      the /proc/cpuinfo flags a CPU must have to run the code
+    mattr         what `opt` and `llc` get on top of -mcpu=native: the wider sets switched off,
+                  so that a host with AVX-512 can build (and run) the AVX2 code
+    """
+
+    name: str
+    vector_bits: int
+    registers: int
+    requires: FrozenSet[str]
+    mattr: str = ""
+
+    def lanes(self, element_bits: int) -> int:
+        """Elements of `element_bits` in one vector register."""
+        return self.vector_bits // element_bits
+
+
+#: widest first: the host gets the first one it can run.
+ISAS = (
+    Isa("avx512", 512, 32, frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"})),
+    Isa("avx2", 256, 16, frozenset({"avx2", "fma"}), mattr="-avx512f"),
+    Isa("sse", 128, 16, frozenset({"sse4_1"}), mattr="-avx,-avx512f"),
+)
+
+
+def isa_named(name: str) -> Isa:
+    for isa in ISAS:
+        if isa.name == name:
+            return isa
+    raise ValueError(f"unknown cpu ISA {name!r}: one of {[i.name for i in ISAS]}")
+
+
+def host_isa(requested: str = "") -> Isa:
+    """The ISA the kernels are built for: `requested` (XEGPU_ATTN_CPU_ISA), which the host must
+    be able to run, else the widest one the host has."""
+    flags = host_flags()
+    if requested:
+        isa = isa_named(requested)
+        if flags and not isa.requires <= flags:
+            raise NotImplementedError(f"XEGPU_ATTN_CPU_ISA={requested}: this CPU lacks "
+                                      f"{sorted(isa.requires - flags)}")
+        return isa
+    for isa in ISAS:
+        if isa.requires <= flags:
+            return isa
+    if not flags:  # unreadable: what every x86-64 has
+        return ISAS[-1]
+    raise NotImplementedError("the cpu target needs SSE4.1 at least; this CPU has "
+                              f"{sorted(flags & {'sse2', 'sse3', 'ssse3'})}")
+
+
 #: LLVM IR that computes on bfloat values (rather than only moving them).
 _BF16_ARITHMETIC = re.compile(r"\b(fpext|fptrunc|fadd|fsub|fmul|fdiv|frem|fneg|fcmp|sitofp|uitofp|fptosi|fptoui)\b"
                               r"[^\n]*\bbfloat\b|0xR[0-9A-Fa-f]{4}|@llvm\.[a-z.]*bf16")
@@ -97,8 +167,9 @@ def bf16_moves_as_i16(llvm_ir: str) -> str:
     return re.sub(r"\bbfloat\b", "i16", llvm_ir)
 
 
-def llvm_dialect_to_shared_library(llvm_dialect_text: str, keep_dir: str = "") -> bytes:
-    """Compile a module in the LLVM dialect to a .so; returns its bytes.
+def llvm_dialect_to_shared_library(llvm_dialect_text: str, isa: Isa, keep_dir: str = "") -> bytes:
+    """Compile a module in the LLVM dialect to a .so for the host CPU restricted to `isa`;
+    returns its bytes.
 
     `keep_dir`, when set, receives the intermediate .ll and the assembly.
     """
@@ -108,7 +179,7 @@ def llvm_dialect_to_shared_library(llvm_dialect_text: str, keep_dir: str = "") -
             f.write(llvm_dialect_text)
         ll, opt_ll = os.path.join(work, "kernel.ll"), os.path.join(work, "kernel.opt.ll")
         obj, so = os.path.join(work, "kernel.o"), os.path.join(work, "kernel.so")
-        target = [f"-mtriple={TRIPLE}", "-mcpu=native"]
+        target = [f"-mtriple={TRIPLE}", "-mcpu=native"] + ([f"-mattr={isa.mattr}"] if isa.mattr else [])
         _run([tool("mlir-translate"), "--mlir-to-llvmir", src, "-o", ll])
         with open(ll) as f:
             text = f.read()

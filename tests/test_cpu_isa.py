@@ -1,0 +1,101 @@
+"""The cpu target's vector ISA: chosen from the host, narrowed by XEGPU_ATTN_CPU_ISA, in the
+cache key, and every ISA this host can run checked for numerics.
+
+An AVX-512 host runs the AVX2 (and SSE) code here as well, so CI on either kind of machine
+checks every path it can execute.  The kernels' instructions are read back from the binary
+(llvm-objdump): code built for AVX2 must not touch a zmm register, code built for SSE no ymm.
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+import torch_xegpu_attn
+from conftest import check
+from torch_xegpu_attn.cache import kernel_key
+from torch_xegpu_attn.compiler import compile_spec
+from torch_xegpu_attn.spec import AttentionSpec
+from torch_xegpu_attn.targets.cpu import CPU, register_tile, toolchain
+
+RUNNABLE = [isa.name for isa in toolchain.ISAS if isa.requires <= toolchain.host_flags()]
+MISSING = [isa.name for isa in toolchain.ISAS if not isa.requires <= toolchain.host_flags()]
+SPEC = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="float32", length_class="long")
+#: a register the code of each ISA must not use (None: anything goes).
+FORBIDDEN = {"avx512": None, "avx2": re.compile(r"%zmm"), "sse": re.compile(r"%[yz]mm")}
+
+
+@pytest.fixture(params=RUNNABLE)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", request.param)
+    return request.param
+
+
+def test_the_host_runs_at_least_one_isa():
+    assert RUNNABLE, f"no ISA of {[i.name for i in toolchain.ISAS]} runs here"
+    assert toolchain.host_isa().name == RUNNABLE[0]  # the widest one by default
+
+
+def test_options_follow_the_isa(isa):
+    options = CPU.options_for(SPEC)
+    assert options.isa == isa
+    assert (options.m_block, options.n_block) == register_tile(toolchain.isa_named(isa), 32)
+    isa_info = toolchain.isa_named(isa)
+    accumulators = options.m_block * options.n_block // isa_info.lanes(32)
+    assert accumulators + options.n_block // isa_info.lanes(32) < isa_info.registers
+
+
+def test_isa_is_part_of_the_cache_key(monkeypatch):
+    keys = set()
+    for name in RUNNABLE:
+        monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", name)
+        keys.add(kernel_key(SPEC))
+    assert len(keys) == len(RUNNABLE)
+
+
+@pytest.mark.parametrize("name", MISSING or ["-"])
+def test_an_isa_the_host_lacks_is_refused(name, monkeypatch):
+    if name == "-":
+        pytest.skip("this host runs every ISA the cpu target knows")
+    monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", name)
+    with pytest.raises(NotImplementedError, match="lacks"):
+        CPU.options_for(SPEC)
+
+
+def test_unknown_isa_is_refused(monkeypatch):
+    monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match="unknown cpu ISA"):
+        CPU.options_for(SPEC)
+
+
+def test_binary_uses_only_its_isa(isa, tmp_path):
+    forbidden = FORBIDDEN[isa]
+    if forbidden is None:
+        pytest.skip("the widest ISA may use every register")
+    library = tmp_path / "kernel.so"
+    library.write_bytes(compile_spec(SPEC).binary)
+    disassembly = subprocess.run([toolchain.tool("llvm-objdump"), "-d", str(library)],
+                                 capture_output=True, text=True, check=True).stdout
+    assert "vfmadd" in disassembly or isa == "sse"
+    assert not forbidden.search(disassembly), f"{isa} code uses registers of a wider ISA"
+
+
+CASES = [  # (B, Hq, Hkv, L, S, E, Ev), dtype, causal
+    ((2, 3, 3, 100, 257, 64, 64), torch.float32, False),   # K^T materialized, key tail
+    ((1, 8, 2, 33, 70, 128, 96), torch.float32, True),     # GQA, Ev != E
+    ((1, 2, 2, 7, 100, 80, 80), torch.float32, False),     # K read in place
+    ((1, 4, 4, 130, 130, 64, 64), torch.bfloat16, True),
+    ((1, 2, 2, 70, 70, 32, 32), torch.float64, False),
+    ((1, 8, 2, 1, 300, 128, 128), torch.float32, False),   # decode, packed query heads
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_numerics_per_isa(isa, case, fresh_seed):
+    (b, hq, hkv, l, s, e, ev), dtype, causal = CASES[case]
+    q = torch.randn(b, hq, l, e, dtype=dtype)
+    k = torch.randn(b, hkv, s, e, dtype=dtype)
+    v = torch.randn(b, hkv, s, ev, dtype=dtype)
+    check(q, k, v, is_causal=causal, enable_gqa=hq != hkv)
