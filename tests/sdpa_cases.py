@@ -45,8 +45,20 @@ from conftest import FLOOR, reference_attention, reference_scores
 
 #: the seed every property test draws from (reproducible runs; XEGPU_ATTN_HYPOTHESIS_SEED overrides).
 SEED = int(os.environ.get("XEGPU_ATTN_HYPOTHESIS_SEED", "20261206"))
+class KeepingDatabase(DirectoryBasedExampleDatabase):
+    """A failure database that saves new shrunk failures and never deletes one: hypothesis drops
+    an entry that passes on replay, but a fixed failure is a regression case to replay on every
+    run (the files are committed)."""
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        pass
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.save(dest, value)
+
+
 #: shrunk failures are kept here and replayed before new examples are drawn.
-DATABASE = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hypothesis-db"))
+DATABASE = KeepingDatabase(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hypothesis-db"))
 
 _COMMON = dict(deadline=None, database=DATABASE, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
