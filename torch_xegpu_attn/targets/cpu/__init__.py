@@ -22,11 +22,10 @@ from ...spec import AttentionSpec, ProblemSize
 from ..base import Kernel, KernelArtifact, Stage, Target, TargetOptions, register
 from . import toolchain
 
-#: rows per work-group of the "long" class, per ISA: each K and V element read from the caches
-#: feeds that many rows' FMAs, which large head dims need (their K and V tiles no longer stay
-#: in L1); a multiple of the register block's 6 rows.  With 16 registers half as many: the
-#: code (and its compile time) grows with the tile over the register width.
-ROW_TILE = {"avx512": 24, "avx2": 12, "sse": 12}
+#: rows per work-group of the "long" class: each K and V element read from the caches feeds
+#: that many rows' FMAs, which large head dims need (their K and V tiles no longer stay in L1);
+#: a multiple of the register blocks' 6 rows.
+ROW_TILE = 24
 #: rows per work-group of the "short" class, whose QK^T reads K in place by dot products
 #: (one horizontal sum per row and key: few rows only).
 SHORT_ROW_TILE = 4
@@ -119,18 +118,18 @@ class CpuTarget(Target):
         host = toolchain.host_cpu()
         isa = toolchain.host_isa(knobs.cpu_isa())
         m_block, n_block = register_tile(isa, 64 if spec.dtype == "float64" else 32)
-        return CpuOptions(schedule=self._schedule(spec, isa.name), cpu=host["cpu"], cpu_flags=host["flags"],
+        return CpuOptions(schedule=self._schedule(spec), cpu=host["cpu"], cpu_flags=host["flags"],
                           isa=isa.name, m_block=m_block, n_block=n_block, k_unroll=K_UNROLL[isa.name],
                           transpose_tile=(_largest_divisor(spec.head_dim, 16), 16))
 
     @staticmethod
-    def _schedule(spec: AttentionSpec, isa: str) -> ScheduleOptions:
+    def _schedule(spec: AttentionSpec) -> ScheduleOptions:
         if spec.length_class == "decode":
             return ScheduleOptions(row_tile=1, kv_tile=KV_TILE, pack_gqa=True, tail=TAIL)
         if spec.length_class == "short":
             return ScheduleOptions(row_tile=SHORT_ROW_TILE, kv_tile=KV_TILE, tail=TAIL)
         if spec.length_class == "long":
-            return ScheduleOptions(row_tile=ROW_TILE[isa], kv_tile=KV_TILE, k_layout="materialized", tail=TAIL)
+            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL)
         raise ValueError(f"the cpu target has no length class {spec.length_class!r}")
 
     def stage_names(self) -> Sequence[str]:
