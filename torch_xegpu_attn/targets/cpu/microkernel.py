@@ -156,6 +156,18 @@ class RegisterBlock:
         """Elements of type `element` in one vector register."""
         return self.vector_bits // ir.FloatType(element).width
 
+    def columns(self, rows: int, element: ir.Type) -> int:
+        """Columns per block for a contraction of `rows` rows (fewer than m: decode's one row or a
+        few packed query heads): the accumulator registers the block has (m * n / lanes) go to
+        more columns, so that enough independent FMA chains hide the FMA latency.  A power of
+        two of vectors: other widths split into slow shuffles."""
+        lanes = self.lanes(element)
+        budget = self.m * self.n // lanes
+        vectors = max(1, self.n // lanes)
+        while vectors * 2 * max(1, rows) <= budget:
+            vectors *= 2
+        return vectors * lanes
+
 
 def lower_contraction(contract, block: RegisterBlock) -> bool:
     """Lower one vector.contract in place; False (untouched) when it is not of a matmul form."""
@@ -177,8 +189,9 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
         k_end = b_rows if b_rows is not None else const_index(k_size)
         rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
-        for n0 in range(0, n_size, block.n):
-            width = min(block.n, n_size - n0)
+        n_block = block.columns(min(m_size, block.m), acc_type)
+        for n0 in range(0, n_size, n_block):
+            width = min(n_block, n_size - n0)
             chunk_type = ir.VectorType.get([width], acc_type)
             whole = width == n_size
             for m0 in range(0, m_size, block.m):
