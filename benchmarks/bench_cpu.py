@@ -183,8 +183,8 @@ def describe_isa() -> str:
 
 
 def bench_problems(repeats: int, rows: list) -> None:
-    ceiling = gemm_ceiling(repeats)
-    print(f"threads: {torch.get_num_threads()}, median of {repeats}; ISA: {describe_isa()}")
+    ceiling, isa = gemm_ceiling(repeats), describe_isa()
+    print(f"threads: {torch.get_num_threads()}, median of {repeats}; ISA: {isa}")
     print(f"f32 GEMM ceiling (torch.mm 2048^3): {ceiling:.1f} GFLOP/s")
     print(f"{'problem':<44} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>9} {'GFLOP/s':>8} {'ceiling':>7} "
           f"{'compile s':>9} {'max err vs SDPA':>15}")
@@ -214,7 +214,7 @@ def bench_problems(repeats: int, rows: list) -> None:
         rows.append({"problem": name, "ours_ms": round(o, 3), "sdpa_ms": round(t_sdpa, 3),
                      "ratio": round(o / t_sdpa, 3), "gflops": round(rate, 1),
                      "ceiling_fraction": round(rate / ceiling, 3), "compile_s": round(compile_s, 3),
-                     "threads": torch.get_num_threads(), "isa": describe_isa()})
+                     "threads": torch.get_num_threads(), "isa": isa})
 
 
 def main(argv=None) -> int:

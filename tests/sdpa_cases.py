@@ -45,6 +45,8 @@ from conftest import FLOOR, reference_attention, reference_scores
 
 #: the seed every property test draws from (reproducible runs; XEGPU_ATTN_HYPOTHESIS_SEED overrides).
 SEED = int(os.environ.get("XEGPU_ATTN_HYPOTHESIS_SEED", "20261206"))
+
+
 class KeepingDatabase(DirectoryBasedExampleDatabase):
     """A failure database that saves new shrunk failures and never deletes one: hypothesis drops
     an entry that passes on replay, but a fixed failure is a regression case to replay on every

@@ -4,7 +4,7 @@ A work-group contraction C[M, N] += A[M, K] . B[K, N] (A: the Q tile or the
 probabilities, B: a K^T or V tile) is lowered to
 
     for each block of MB rows m0 and NB columns n0:      unrolled
-        for k in [0, K):                                 scf.for, not unrolled in MLIR
+        for k in [0, K) step U:                          scf.for, its body unrolled U times
             b = B[k, n0 : n0 + NB]                       one row, contiguous: NB/lanes loads
             for m in [m0, m0 + MB):                      unrolled
                 C[m, n0 : n0 + NB] += broadcast(A[m, k]) * b
@@ -16,8 +16,9 @@ spills.  An operand that is not already in memory (the probabilities, computed
 in registers) is first stored to a stack buffer; an operand read from memory
 is re-read in place (the transfer_read it came from is left to DCE).
 
-The target picks the register block (MB, NB) for its vector ISA, so that the
-accumulators, the B vectors and a broadcast fit the register file.
+The target picks the register block (MB, NB) and U for its vector ISA, so that
+the accumulators, the B vectors and a broadcast fit the register file; U = 1
+where K is not a multiple of U or the k loop stops early at the end of the keys.
 
 Unit dims were folded away before vectorization, so a one-row work-group
 gives C[N] += A[K] . B[K, N] (M absent), a one-key tail C[M] += A[M, K] . B[K]
@@ -190,6 +191,7 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
         rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
         n_block = block.columns(min(m_size, block.m), acc_type)
+        unroll = block.k_unroll if b_rows is None and k_size % block.k_unroll == 0 else 1
         for n0 in range(0, n_size, n_block):
             width = min(n_block, n_size - n0)
             chunk_type = ir.VectorType.get([width], acc_type)
@@ -198,7 +200,6 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
                 block_rows = range(m0, min(m0 + block.m, m_size))
                 chunk = [rows[m] if whole else vector.extract_strided_slice(chunk_type, rows[m], [n0], [width], [1])
                          for m in block_rows]
-                unroll = block.k_unroll if b_rows is None and k_size % block.k_unroll == 0 else 1
                 loop = scf.ForOp(const_index(0), k_end, const_index(unroll), chunk)
                 with ir.InsertionPoint(loop.body):
                     acc_rows = list(loop.inner_iter_args)
@@ -228,7 +229,7 @@ def _lower_dot_products(contract, form: _Form, block: RegisterBlock) -> bool:
     """C[m, n] += sum_k A[m, k] B[n, k], B's rows contiguous along k (K read in place).
 
         for n in [0, N):                      scf.for
-            b = B[n, :]                       K/16 loads, shared by all m
+            b = B[n, :]                       K/lanes loads, shared by all m
             for m in [0, M):                  unrolled
                 C[m, n] += reduce_add(sum_c A[m, c] * b[c])     c: one register's lanes
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Optional
+from typing import Dict, FrozenSet, Optional, Tuple
 
 from ...errors import CompileError
 
@@ -62,12 +62,9 @@ def identity() -> Optional[Dict[str, str]]:
 
 
 @functools.lru_cache(maxsize=None)
-def host_cpu() -> Dict[str, str]:
-    """The CPU the binaries are tuned for (llc -mcpu=native): its model name and a hash of its
-    flags, both from /proc/cpuinfo, so that a machine without the compiler (running kernels
-    precompiled for it) names the CPU as the compiling machine did."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise NotImplementedError(f"the cpu target supports x86-64 hosts, not {platform.machine()}")
+def _cpuinfo() -> Tuple[str, str]:
+    """The first CPU's model name and its whole "flags" line from /proc/cpuinfo ("unknown" and
+    "" where they cannot be read)."""
     model, flags = "unknown", ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,20 +75,24 @@ def host_cpu() -> Dict[str, str]:
                     flags = line
     except OSError:
         pass
-    return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+    return model, flags
 
 
 @functools.lru_cache(maxsize=None)
+def host_cpu() -> Dict[str, str]:
+    """The CPU the binaries are tuned for (llc -mcpu=native): its model name and a hash of its
+    flags, both from /proc/cpuinfo, so that a machine without the compiler (running kernels
+    precompiled for it) names the CPU as the compiling machine did."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise NotImplementedError(f"the cpu target supports x86-64 hosts, not {platform.machine()}")
+    model, flags = _cpuinfo()
+    return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
 def host_flags() -> FrozenSet[str]:
     """The host CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    flags = _cpuinfo()[1]
+    return frozenset(flags.split(":", 1)[1].split()) if flags else frozenset()
 
 
 @dataclass(frozen=True)
