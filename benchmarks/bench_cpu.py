@@ -13,7 +13,12 @@ Reports, in one run:
     median of N runs.
 
     python benchmarks/bench_cpu.py [--repeats 11] [--threads N] [--csv out.csv] [--schedule JSON]
-                                   [--isa avx2|avx512|sse] [--problems-only]
+                                   [--isa avx2|avx512|sse] [--problems-only] [--backward] [--memory]
+
+--backward times training instead (the prefill problems): forward + backward and the backward
+alone, ours next to SDPA's, interleaved, median of N (backward FLOPs: 2.5 x the forward's).
+--memory reports the peak memory a training step adds (resident set growth of a fresh process
+whose kernels are in the disk cache) for growing lengths, ours next to SDPA's.
 
 It prints the vector ISA both sides use and the machine's f32 GEMM ceiling
 (torch.mm of 2048 x 2048 matrices, same threads, median), and per problem
@@ -217,6 +222,102 @@ def bench_problems(repeats: int, rows: list) -> None:
                      "threads": torch.get_num_threads(), "isa": isa})
 
 
+def _training_inputs(b, hq, hkv, l, s, e, dtype):
+    q = torch.randn(b, hq, l, e, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, hkv, s, e, dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, v
+
+
+def bench_backward(repeats: int, rows: list) -> None:
+    """Forward + backward and backward alone of the prefill problems, ours next to SDPA's."""
+    ceiling, isa = gemm_ceiling(repeats), describe_isa()
+    print(f"threads: {torch.get_num_threads()}, median of {repeats}; ISA: {isa}")
+    print(f"f32 GEMM ceiling (torch.mm 2048^3): {ceiling:.1f} GFLOP/s")
+    print(f"{'problem':<44} {'fwd+bwd ours':>12} {'SDPA':>8} {'ratio':>6} {'bwd ours':>9} {'SDPA':>8} "
+          f"{'ratio':>6} {'bwd GFLOP/s':>11} {'ceiling':>7} {'max grad err vs SDPA':>20}")
+    for (b, hq, hkv, l, s, e), dtype, causal in PROBLEMS + TAIL_PROBLEMS:
+        if l == 1:
+            continue  # decode: no training
+        q, k, v = _training_inputs(b, hq, hkv, l, s, e, dtype)
+        gqa = hq != hkv
+        grad = torch.randn(b, hq, l, e, dtype=dtype)
+
+        def forward(fn):
+            return lambda: fn(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+        ours_fwd, sdpa_fwd = forward(torch_xegpu_attn.attention), forward(F.scaled_dot_product_attention)
+
+        def both(fwd):
+            return lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
+
+        def backward_only(fwd):
+            out = fwd()
+            return lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+
+        ours_both, sdpa_both = both(ours_fwd), both(sdpa_fwd)
+        got, expected = ours_both(), sdpa_both()  # compiles (or loads) the kernels
+        err = max((a - b_).abs().max().item() for a, b_ in zip(got, expected))
+        ours_bwd, sdpa_bwd = backward_only(ours_fwd), backward_only(sdpa_fwd)
+        times = {name: [] for name in ("ours_both", "sdpa_both", "ours_bwd", "sdpa_bwd")}
+        for _ in range(repeats):  # interleaved, so both see the same machine state
+            for name, fn in (("ours_both", ours_both), ("sdpa_both", sdpa_both), ("ours_bwd", ours_bwd),
+                             ("sdpa_bwd", sdpa_bwd)):
+                times[name].append(median_ms(fn, 1))
+        t = {name: statistics.median(values) for name, values in times.items()}
+        flops = 2.5 * 4.0 * b * hq * l * s * e / (2 if causal else 1)
+        heads = f"H={hq}" if not gqa else f"Hq={hq} Hkv={hkv}"
+        lengths = f"L=S={l}" if l == s else f"L={l} S={s}"
+        name = f"B={b} {heads} {lengths} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
+        rate = flops / t["ours_bwd"] / 1e6
+        print(f"{name:<44} {t['ours_both']:12.2f} {t['sdpa_both']:8.2f} {t['ours_both'] / t['sdpa_both']:6.2f} "
+              f"{t['ours_bwd']:9.2f} {t['sdpa_bwd']:8.2f} {t['ours_bwd'] / t['sdpa_bwd']:6.2f} {rate:11.1f} "
+              f"{rate / ceiling:7.2f} {err:20.2e}")
+        rows.append({"problem": name, **{f"{k}_ms": round(x, 3) for k, x in t.items()},
+                     "fwd_bwd_ratio": round(t["ours_both"] / t["sdpa_both"], 3),
+                     "bwd_ratio": round(t["ours_bwd"] / t["sdpa_bwd"], 3), "bwd_gflops": round(rate, 1),
+                     "ceiling_fraction": round(rate / ceiling, 3), "threads": torch.get_num_threads(),
+                     "isa": isa})
+
+
+_MEMORY_CHILD = """
+import resource, sys, torch, torch_xegpu_attn
+import torch.nn.functional as F
+which, n = sys.argv[1], int(sys.argv[2])
+fn = torch_xegpu_attn.attention if which == "ours" else F.scaled_dot_product_attention
+def step(n):
+    q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
+    fn(q, k, v, is_causal=True).sum().backward()
+    return q, k, v
+step(64)  # loads the kernels
+q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn(q, k, v, is_causal=True).sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def bench_memory() -> None:
+    """Peak resident memory a causal training step adds (B=1, H=8, E=64, f32), by length: the
+    inputs and their gradients take 6 * 8 * 64 * 4 bytes per position; an L x S score matrix
+    would add 8 * 4 * L * S."""
+    import subprocess
+    lengths = (1024, 2048, 4096, 8192)
+    print("peak memory a causal training step adds (MiB; resident set growth of a fresh process; "
+          "B=1 H=8 E=64 f32; inputs + gradients alone: 6 x 8 x 64 x 4 bytes per position)")
+    print(f"{'L=S':>6} {'ours':>8} {'SDPA':>8} {'inputs+grads':>12} {'L x S scores':>12}")
+    env = dict(os.environ)
+    for n in lengths:
+        got = {}
+        for which in ("ours", "sdpa"):
+            subprocess.run([sys.executable, "-c", _MEMORY_CHILD, which, "64"], env=env, check=True,
+                           capture_output=True)  # the kernels into the disk cache
+            done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, which, str(n)], env=env, check=True,
+                                  capture_output=True, text=True)
+            got[which] = int(done.stdout.split()[-1]) / 1024
+        print(f"{n:>6} {got['ours']:8.1f} {got['sdpa']:8.1f} {6 * 8 * 64 * 4 * n / 2**20:12.1f} "
+              f"{8 * 4 * n * n / 2**20:12.1f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
@@ -227,18 +328,28 @@ def main(argv=None) -> int:
                         help="build for (and restrict torch to) this ISA instead of the host's widest")
     parser.add_argument("--problems-only", action="store_true",
                         help="only the timed problems (no compile, cache-hit and length-loop costs)")
+    parser.add_argument("--backward", action="store_true",
+                        help="time training: forward + backward and the backward alone")
+    parser.add_argument("--memory", action="store_true",
+                        help="the peak memory a training step adds, by length")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.schedule:
         os.environ["XEGPU_ATTN_SCHEDULE"] = args.schedule
         print(f"schedule overrides: {args.schedule}")
-    if not args.problems_only:
-        bench_compile()
-        bench_hits(args.repeats)
-        bench_length_loops()
+    if args.memory:
+        bench_memory()
+        return 0
     rows: list = []
-    bench_problems(args.repeats, rows)
+    if args.backward:
+        bench_backward(args.repeats, rows)
+    else:
+        if not args.problems_only:
+            bench_compile()
+            bench_hits(args.repeats)
+            bench_length_loops()
+        bench_problems(args.repeats, rows)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

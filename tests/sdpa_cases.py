@@ -306,6 +306,16 @@ def check_case(case: Case, run=None, sdpa=None) -> Optional[float]:
     return max(err, errors.max().item())
 
 
+def score_roundoff(case: Case) -> float:
+    """The relative change of a probability when its score is rounded in the accumulator's
+    precision: u * max |s| (u: the unit roundoff of f32, of f64 for float64 inputs)."""
+    roundoff = 2.0 ** -53 if case.q.dtype == torch.float64 else 2.0 ** -24
+    kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()}
+    scores = reference_scores(case.q.cpu(), case.k.cpu(), **kwargs)
+    finite = scores[torch.isfinite(scores)]
+    return 0.0 if finite.numel() == 0 else roundoff * finite.abs().max().item()
+
+
 def score_rounding(case: Case) -> float:
     """What rounding the scores alone may move the output by: a score s computed in the
     accumulator's precision (unit roundoff u: f32, f64 for float64 inputs) is off by about
@@ -320,3 +330,65 @@ def score_rounding(case: Case) -> float:
     if finite.numel() == 0 or case.v.numel() == 0:
         return 0.0
     return 2 * roundoff * finite.abs().max().item() * case.v.double().abs().max().item()
+
+
+def _gradients(fn, case: Case, grad_out: torch.Tensor, dtype=None):
+    """(output, (dq, dk, dv)) of fn on the case's tensors (as given, or converted to `dtype`)."""
+    leaves = [(t.detach() if dtype is None else t.detach().to(dtype)).requires_grad_() for t in (case.q, case.k, case.v)]
+    kwargs = dict(case.kwargs)
+    if isinstance(kwargs.get("attn_mask"), torch.Tensor):
+        kwargs["attn_mask"] = kwargs["attn_mask"].detach()
+    out = fn(*leaves, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    return out, tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
+
+
+def check_gradients(case: Case, run=None, sdpa=None) -> Optional[Dict[str, float]]:
+    """The op's gradients of query, key and value (`run`, default torch_xegpu_attn.attention)
+    against SDPA's (`sdpa`) and those of the float64 reference: each within 2x SDPA's error plus
+    the dtype's floor plus what the rounding of the scores moves it by; where SDPA raises, the op
+    raises the same type.  Gradient elements SDPA leaves NaN do not count toward its error; there
+    the op must be within the floor and the score rounding of the reference.  Returns the op's
+    error per input (None where both raised)."""
+    run = run or torch_xegpu_attn.attention
+    sdpa = sdpa or F.scaled_dot_product_attention
+    out_shape = None
+    try:
+        expected, expected_grads = _gradients(sdpa, case, torch.zeros(()))  # shape only
+        out_shape = expected.shape
+    except Exception as error:  # noqa: BLE001
+        try:
+            _gradients(run, case, torch.zeros(()))
+        except type(error):
+            return None
+        raise AssertionError(f"SDPA raises {type(error).__name__} ({error}), the op does not")
+    generator = torch.Generator().manual_seed(out_shape.numel())
+    grad_out = torch.randn(out_shape, generator=generator, dtype=torch.float64).to(case.q.device)
+    _, expected_grads = _gradients(sdpa, case, grad_out)
+    ours_out, ours_grads = _gradients(run, case, grad_out)
+    cpu_case = Case(case.q.cpu(), case.k.cpu(), case.v.cpu(),
+                    {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()})
+    _, ref_grads = _gradients(reference_attention, cpu_case, grad_out.cpu(), dtype=torch.float64)
+    relative = score_roundoff(case)
+    errors = {}
+    for name, ours, sdpa_grad, ref, leaf in zip("qkv", ours_grads, expected_grads, ref_grads,
+                                                 (case.q, case.k, case.v)):
+        assert ours.shape == leaf.shape and ours.dtype == leaf.dtype, (name, ours.shape, ours.dtype)
+        ours = ours.cpu().double()
+        assert not ours.isnan().any(), f"NaN in the gradient of {name}"
+        if ours.numel() == 0:
+            errors[name] = 0.0
+            continue
+        ref_abs = torch.nan_to_num(ref, nan=0.0).abs().max().item()
+        diff = (ours - ref).abs()
+        sdpa_diff = (sdpa_grad.cpu().double() - ref).abs()
+        failed = sdpa_diff.isnan() | ref.isnan()
+        sdpa_err = torch.nan_to_num(sdpa_diff, nan=0.0).max().item()
+        # rounding a score by u|s| moves a probability, and so every gradient, by that relative
+        # amount times a few terms of the gradient's size
+        bound = 2 * sdpa_err + FLOOR[case.q.dtype] * max(1.0, ref_abs) + 8 * relative * ref_abs
+        err = diff[~failed].max().item() if (~failed).any() else 0.0
+        assert err <= bound, (f"gradient of {name}: error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e}, "
+                              f"largest gradient {ref_abs:.3e})")
+        errors[name] = err
+    return errors

@@ -8,7 +8,8 @@
   run as is and under torch_xegpu_attn.replace_sdpa(), gives SDPA's output,
   and F.scaled_dot_product_attention is restored afterwards;
 - torch_xegpu_attn.attention takes SDPA's positional / keyword signature;
-- backward raises NotImplementedError (forward with grad-requiring inputs works);
+- gradients flow through both entry points (SDPA's gradients; tests/test_gradients.py holds
+  the thorough checks);
 - the fake kernel gives SDPA's output shape without compiling, on FakeTensorMode
   and 'meta' tensors, and rejects what the real kernel rejects.
 
@@ -178,17 +179,17 @@ def test_plain_function_signature(fresh_seed):
 # -------------------------------------------------------------------------------------------- autograd
 
 @pytest.mark.parametrize("entry", ["op", "attention"])
-def test_backward_not_implemented(entry, fresh_seed):
+def test_backward(entry, fresh_seed):
     fn = OP if entry == "op" else torch_xegpu_attn.attention
     q, k, v = (rand(1, 2, 16, 32).requires_grad_() for _ in range(3))
-    out = fn(q, k, v, is_causal=True)  # forward works in grad mode
+    out = fn(q, k, v, is_causal=True)
     assert out.requires_grad
-    with torch.no_grad():
-        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                   rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match=r"no backward"):
-        out.sum().backward()
-    assert q.grad is None and k.grad is None and v.grad is None
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref, is_causal=True).backward(grad)
+    for ours, theirs in zip((q, k, v), ref):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_with_frozen_inputs_needs_no_backward(fresh_seed):

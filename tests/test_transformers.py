@@ -112,6 +112,39 @@ def test_decoder_logits_within_bound(cache_dir, fresh_seed):
     _within_bound(ours[valid], sdpa[valid], reference[valid])
 
 
+def _training_step(model, implementation, **inputs):
+    """(loss, parameter gradients) of one training step (train mode) with `implementation`."""
+    model.train().set_attn_implementation(implementation)
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_decoder_training_step_within_bound(cache_dir, fresh_seed):
+    """A training step of the GQA decoder on a left-padded batch: the loss and every parameter's
+    gradient within 2x the "sdpa" implementation's error of a float64 step, plus a floor."""
+    model = llama(fresh_seed)
+    ids, mask = left_padded([7, 16, 3], model.config.vocab_size, fresh_seed)
+    labels = ids.masked_fill(mask == 0, -100)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    sdpa_loss, sdpa_grads = _training_step(model, "sdpa", **inputs)
+    calls = calls_served()
+    loss, grads = _training_step(model, "xegpu", **inputs)
+    assert calls_served() - calls == 2 * model.config.num_hidden_layers  # a forward and a backward kernel each
+    model.double()
+    try:
+        ref_loss, ref_grads = _training_step(model, "sdpa", **inputs)
+    finally:
+        model.float().eval()
+    _within_bound(loss.reshape(1), sdpa_loss.reshape(1), ref_loss.reshape(1))
+    assert grads.keys() == sdpa_grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = max(1.0, ref_grads[name].abs().max().item())
+        _within_bound(grads[name], sdpa_grads[name], ref_grads[name], floor=2e-6 * scale)
+
+
 def test_set_attn_implementation_and_from_config(fresh_seed):
     model = llama(fresh_seed)
     model.set_attn_implementation("xegpu")

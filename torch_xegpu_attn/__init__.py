@@ -45,15 +45,26 @@ if knobs.log_compilations():
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-              enable_gqa=False):
-    """Same signature and results as torch.nn.functional.scaled_dot_product_attention.
+              enable_gqa=False, *, return_lse=False):
+    """Same signature and results as torch.nn.functional.scaled_dot_product_attention, and
+    differentiable with respect to query, key and value.
 
-    Calls torch.ops.xegpu.attention.  A CPU call whose signature (shapes, strides,
-    dtypes, flags) was checked before is replayed in C++ straight away; in plain
-    eager inference (CPU or CUDA tensors, no input needs a gradient, not tracing)
-    other calls run the op's checked path directly, skipping the dispatcher's
-    round trip (the same kernel either way).
+    With `return_lse=True` it returns (out, lse): lse is each query row's log-sum-exp of its
+    scaled, masked scores, shape (..., Hq, L), float32 (float64 for float64 inputs), -inf for a
+    row that sees no key; it is differentiable too (`merge_attention` combines partial results
+    over key chunks by it).
+
+    Calls torch.ops.xegpu.attention (torch.ops.xegpu.attention_with_lse for return_lse).  A CPU
+    call whose signature (shapes, strides, dtypes, flags) was checked before is replayed in C++
+    straight away; in plain eager inference (CPU or CUDA tensors, no input needs a gradient, not
+    tracing) other calls run the op's checked path directly, skipping the dispatcher's round
+    trip (the same kernel either way).
     """
+    if return_lse:
+        if isinstance(scale, torch.Tensor) and scale.dim() == 0:
+            scale = scale.item()
+        return torch.ops.xegpu.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                  enable_gqa)
     if not torch.compiler.is_compiling():
         out = _C.replay(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
@@ -84,6 +95,27 @@ def _plain_eager(query, key, value, attn_mask, *flags) -> bool:
         if type(t) is not torch.Tensor or t.device.type not in _DIRECT_DEVICES or (grad and t.requires_grad):
             return False
     return True
+
+
+def merge_attention(outputs, lses):
+    """Merge attention over disjoint key chunks into attention over all of them.
+
+    outputs[i], lses[i]: what `attention(q, k_i, v_i, ..., return_lse=True)` returned for the
+    i-th chunk of the keys (the same queries).  The result is (out, lse) of attention over the
+    concatenated keys: out = sum_i exp(lse_i - lse) * out_i with lse = logsumexp_i(lse_i), the
+    building block of ring and context-parallel attention.  Differentiable (torch ops); rows
+    that see no key in any chunk give 0 and lse -inf, as attention itself does.
+    """
+    if len(outputs) != len(lses) or not outputs:
+        raise ValueError(f"merge_attention: one lse per output, at least one; got {len(outputs)} outputs "
+                         f"and {len(lses)} lses")
+    stacked = torch.stack([l.to(torch.float64 if l.dtype == torch.float64 else torch.float32) for l in lses])
+    lse = torch.logsumexp(stacked, dim=0)
+    finite = torch.isfinite(lse)
+    shift = torch.where(finite, lse, torch.zeros_like(lse))
+    weights = torch.where(finite, torch.exp(stacked - shift), torch.zeros_like(stacked))
+    out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outputs))
+    return out.to(outputs[0].dtype), lse
 
 
 def precompile(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
@@ -201,5 +233,5 @@ def replace_sdpa(warn_if_unused: bool = True):
                           stacklevel=3)
 
 
-__all__ = ["attention", "precompile", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
+__all__ = ["attention", "merge_attention", "precompile", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
            "CompilationStopped", "CompileReport", "CACHE", "COUNTERS", "stats"]

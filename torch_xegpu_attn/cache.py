@@ -280,6 +280,11 @@ class KernelCache:
     def memory_entries(self) -> int:
         return len(self._memory)
 
+    def specs(self):
+        """The specs of the kernels in the memory cache."""
+        with self._lock:
+            return [key[0] for key in self._memory]
+
     def _bound_memory(self, limit: int, keep) -> None:
         """Evict least recently used kernels beyond `limit` (XEGPU_ATTN_MEMORY_CACHE; lock held),
         never `keep`: the kernel just loaded, which has not run yet (its use time is the oldest)

@@ -45,9 +45,11 @@ class Plan:
 
     out_shape: Tuple[int, ...]
     spec: Optional[AttentionSpec] = None
-    operands: Optional[List[torch.Tensor]] = None   # q, k, v, [mask], out in canonical shapes
+    operands: Optional[List[torch.Tensor]] = None   # the kernel's operands (spec.operand_names()) in
+                                                    # canonical shapes
     output: Optional[torch.Tensor] = None           # the user-facing view of `out`
     result: Optional[torch.Tensor] = None           # set for empty problems
+    lse: Optional[torch.Tensor] = None              # forward_lse: the user-facing view of `lse`
 
 
 def check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -203,12 +205,23 @@ def output_shape(query, key, value, enable_gqa, layout_=None) -> Tuple[int, ...]
     return (*batch, *heads, query.size(-2), value.size(-1))
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of log-sum-exps: the kernels' accumulator type (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_shape(out_shape: Sequence[int]) -> Tuple[int, ...]:
+    """The user-facing log-sum-exp's shape: the output's without its last dim, (..., Hq, L)."""
+    return tuple(out_shape[:-1])
+
+
 def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-               target: Optional[str] = None, arch: Optional[str] = None) -> Plan:
+               target: Optional[str] = None, arch: Optional[str] = None, kernel: str = "forward") -> Plan:
     """Check everything, then build the spec and the canonical operands (output allocated).
 
     `target` overrides the target of the tensors' device and `arch` the machine it compiles for
-    (precompiling for another device, from meta tensors for instance)."""
+    (precompiling for another device, from meta tensors for instance); `kernel` is "forward" or
+    "forward_lse" (the log-sum-exp allocated and written too)."""
     check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     check_tensors(query, key, value, attn_mask, is_causal)
     batch, h, g = layout(query, key, value, enable_gqa)
@@ -216,10 +229,14 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     l, s, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
     if attn_mask is not None:
         check_mask_shape(attn_mask, (*batch, h * g, l, s))  # even when the result is empty
+    with_lse = kernel == "forward_lse"
     if math.prod(out_shape) == 0:
-        return Plan(out_shape, result=query.new_empty(out_shape))
-    if s == 0:  # no keys: SDPA gives zeros
-        return Plan(out_shape, result=query.new_zeros(out_shape))
+        lse = query.new_empty(lse_shape(out_shape), dtype=lse_dtype(query.dtype)) if with_lse else None
+        return Plan(out_shape, result=query.new_empty(out_shape), lse=lse)
+    if s == 0:  # no keys: SDPA gives zeros; no key seen, so the log-sum-exp is -inf
+        lse = (query.new_full(lse_shape(out_shape), float("-inf"), dtype=lse_dtype(query.dtype))
+               if with_lse else None)
+        return Plan(out_shape, result=query.new_zeros(out_shape), lse=lse)
     if e == 0:
         raise NotImplementedError("xegpu::attention does not support a query/key head dimension of 0")
     # A lazily negated view (torch._neg_view) holds the un-negated data: materialize it.
@@ -241,11 +258,15 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     chosen = get_target(target)  # an unknown target raises here
     out = _new_output(out_shape, query)
     operands.append(out.view(math.prod(batch), h, g, l, ev))
+    lse = None
+    if with_lse:
+        lse = _new_output(lse_shape(out_shape), query, lse_dtype(query.dtype))
+        operands.append(lse.view(math.prod(batch), h, g, l))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
-                         scale=scale, mask=mask_spec, target=target)
+                         scale=scale, mask=mask_spec, target=target, kernel=kernel)
     spec = chosen.classified(spec, size, arch)
     chosen.check(spec)  # what the target does not take raises before any work
-    return Plan(out_shape, spec=spec, operands=operands, output=out)
+    return Plan(out_shape, spec=spec, operands=operands, output=out, lse=lse)
 
 
 def _target_for(device_type: str) -> str:
@@ -267,15 +288,15 @@ def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=No
     return plan.spec
 
 
-def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+def _new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
     if knobs.poison_outputs():
         out.fill_(float("nan"))
     return out
 
 
 def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-         enable_gqa=False) -> Plan:
+         enable_gqa=False, kernel: str = "forward") -> Plan:
     """The plan of one call: every check, then the spec and the canonical operands.
 
     A call whose canonical operands are plain views of its inputs is recorded
@@ -283,7 +304,93 @@ def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     (shapes, strides, dtypes, flags) repeats: the checks and the mapping depend
     on nothing else.
     """
-    return _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kernel=kernel)
+
+
+# --------------------------------------------------------------------------- the backward
+
+
+@dataclass
+class BackwardPlan:
+    """What a backward call does: run `spec` on `operands` (q, k, v, [mask], out, lse, dout,
+    dlse, dq, dk, dv in canonical shapes) and return `gradients()`, or return `result`."""
+
+    spec: Optional[AttentionSpec] = None
+    operands: Optional[List[torch.Tensor]] = None
+    gradients: Optional[callable] = None              # () -> (dquery, dkey, dvalue) after the run
+    result: Optional[Tuple[torch.Tensor, ...]] = None  # set when no kernel is needed
+
+
+def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
+                  enable_gqa) -> BackwardPlan:
+    """The backward of one forward call: the same checks and mapping as the forward (`out` and
+    `lse` are what it returned), the gradients allocated in canonical shapes and mapped back to
+    the inputs' shapes afterwards (summed over what the forward broadcast: batch dims, shared
+    key/value heads, heads GQA repeated)."""
+    check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    check_tensors(query, key, value, attn_mask, is_causal)
+    batch, h, g = layout(query, key, value, enable_gqa)
+    out_shape = output_shape(query, key, value, enable_gqa, (batch, h, g))
+    if tuple(grad_out.shape) != tuple(out_shape) or tuple(out.shape) != tuple(out_shape):
+        raise RuntimeError(f"attention backward: the output and its gradient have shape {tuple(out_shape)}, "
+                           f"got {tuple(out.shape)} and {tuple(grad_out.shape)}")
+    if grad_lse is not None and tuple(grad_lse.shape) != lse_shape(out_shape):
+        raise RuntimeError(f"attention backward: the log-sum-exp's gradient has shape {lse_shape(out_shape)}, "
+                           f"got {tuple(grad_lse.shape)}")
+    l, s, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    if math.prod(out_shape) == 0 or s == 0:  # nothing depends on the inputs
+        return BackwardPlan(result=(query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)))
+    query, key, value = query.resolve_neg(), key.resolve_neg(), value.resolve_neg()
+    target = _target_for(query.device.type)
+    B = math.prod(batch)
+    q = _canonical(query, batch, h * g, split=(h, g))
+    k, v = _kv_heads(key, batch, h), _kv_heads(value, batch, h)
+    operands = [q, k, v]
+    mask_spec = None
+    if attn_mask is not None:
+        check_mask_shape(attn_mask, (*batch, h * g, l, s))
+        compact, dims = _compact_mask(attn_mask.resolve_neg(), batch, h, g, l, s)
+        kind = "bool" if attn_mask.dtype == torch.bool else "additive"
+        mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
+        operands.append(compact)
+    rows = (B, h, g, l)
+    operands.append(out.reshape(B, h, g, l, ev).contiguous())
+    operands.append(lse.to(lse_dtype(query.dtype)).reshape(rows).contiguous())
+    dout = grad_out.reshape(B, h, g, l, ev)
+    operands.append(dout if dout.stride(-1) == 1 else dout.contiguous())
+    operands.append(torch.zeros(rows, dtype=lse_dtype(query.dtype), device=query.device) if grad_lse is None
+                    else grad_lse.to(lse_dtype(query.dtype)).reshape(rows).contiguous())
+    grads = [_new_output(q.shape, query), _new_output(k.shape, key), _new_output(v.shape, value)]
+    operands += grads
+    size = ProblemSize(batch=B, kv_heads=h, q_len=l, kv_len=s)
+    chosen = get_target(target)
+    spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
+                         scale=scale, mask=mask_spec, target=target, kernel="backward")
+    spec = chosen.classified(spec, size)
+    chosen.check(spec)
+
+    def gradients():
+        dq = _reduce_to(grads[0].reshape(*batch, h * g, l, e), query)
+        return dq, _kv_gradient(grads[1], key, batch, h), _kv_gradient(grads[2], value, batch, h)
+    return BackwardPlan(spec=spec, operands=operands, gradients=gradients)
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`grad` (the input expanded to (*batch, heads, n, d)) summed back to `like`'s shape."""
+    if like.dim() == 2:
+        return grad.sum_to_size(1, *like.shape).reshape(like.shape)
+    return grad.sum_to_size(like.shape)
+
+
+def _kv_gradient(grad: torch.Tensor, like: torch.Tensor, batch, h: int) -> torch.Tensor:
+    """The canonical (B, H, S, d) gradient of a key or value summed back to its input's shape
+    (its heads repeated up to H by GQA are summed first)."""
+    n, d = grad.shape[-2], grad.shape[-1]
+    grad = grad.reshape(*batch, h, n, d)
+    have = _heads(like)
+    if have not in (1, h):
+        grad = grad.unflatten(-3, (have, h // have)).sum(-3)
+    return _reduce_to(grad, like)
 
 
 assert set(_DTYPE_NAMES.values()) == set(DTYPES)

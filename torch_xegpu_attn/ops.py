@@ -1,4 +1,4 @@
-"""The torch op `xegpu::attention`, with SDPA's schema.
+"""The torch ops: `xegpu::attention` (SDPA's schema), its log-sum-exp form and its backward.
 
     torch.ops.xegpu.attention(query, key, value, attn_mask=None, dropout_p=0.0,
                               is_causal=False, *, scale=None, enable_gqa=False)
@@ -8,14 +8,26 @@ loaded with `_C`): one kernel for CPU, CUDA and XPU tensors replays a call
 whose signature was recorded (CPU calls by _C, CUDA calls by the CUDA
 launcher), and otherwise calls `checked_call` here, which runs the frontend's
 checks, fetches (or compiles) the kernel of the problem's spec, launches it and
-records the call.  The autograd kernel lets calls that need no gradient through
-and gives the others a backward that raises (the backward pass is not
-implemented).  Registered here: a fake (meta) kernel that runs the same checks
+records the call.  Registered here: a fake (meta) kernel that runs the same checks
 and returns an empty output of the right shape, so torch.compile traces the
 op without a graph break.
+
+Training goes through two more ops, defined here with torch.library:
+
+    xegpu::attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        -> (out, lse)         the forward that also writes each query row's log-sum-exp
+    xegpu::attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse,
+                              dropout_p, is_causal, scale, enable_gqa) -> (dquery, dkey, dvalue)
+
+`attention_with_lse` has its autograd registered (`register_autograd`: the forward saves
+the inputs, out and lse; the backward calls `attention_backward`).  The autograd kernel of
+`xegpu::attention` (C++) sends calls that need a gradient to `attention_with_lse` and returns
+its output, and the rest straight to the inference kernel, which writes no log-sum-exp.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,3 +63,91 @@ def _fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
         batch, h, g = layout
         frontend.check_mask_shape(attn_mask, (*batch, h * g, query.size(-2), key.size(-2)))
     return query.new_empty(frontend.output_shape(query, key, value, enable_gqa, layout))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _launch(spec, operands) -> None:
+    kernel = CACHE.get(spec)
+    kernel(operands)
+    if not kernel.counts_launches:
+        _C.count_launch()
+
+
+@torch.library.custom_op("xegpu::attention_with_lse", mutates_args=())
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
+                       scale: Optional[float] = None, enable_gqa: bool = False
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output and each query row's log-sum-exp of its scaled, masked scores, (..., Hq, L),
+    float32 (float64 for float64 inputs); -inf for a row that sees no key."""
+    plan = frontend.plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                         kernel="forward_lse")
+    if plan.result is not None:
+        _C.count_empty_result()
+        return plan.result, plan.lse
+    _launch(plan.spec, plan.operands)
+    return plan.output, plan.lse
+
+
+@attention_with_lse.register_fake
+def _fake_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    out = _fake(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out, query.new_empty(frontend.lse_shape(out.shape), dtype=frontend.lse_dtype(query.dtype))
+
+
+@torch.library.custom_op("xegpu::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query: torch.Tensor,
+                       key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                       out: torch.Tensor, lse: torch.Tensor, dropout_p: float, is_causal: bool,
+                       scale: Optional[float], enable_gqa: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of query, key and value of a forward call that returned (out, lse), given
+    the gradients of out and (optionally) of lse."""
+    plan = frontend.backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p,
+                                  is_causal, scale, enable_gqa)
+    if plan.result is not None:
+        return tuple(t.contiguous() for t in plan.result)
+    _launch(plan.spec, plan.operands)
+    return tuple(t.contiguous() for t in plan.gradients())
+
+
+@attention_backward.register_fake
+def _fake_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
+                   enable_gqa):
+    # contiguous, as the real kernel's gradients (whatever the inputs' strides)
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.flags = (dropout_p, is_causal, scale, enable_gqa)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    # The dispatcher drops trailing arguments equal to their defaults: needs_input_grad covers
+    # the arguments given, and the backward returns one gradient for each of them.
+    needs = ctx.needs_input_grad
+    if len(needs) > 3 and needs[3]:
+        raise NotImplementedError("xegpu::attention: the gradient with respect to attn_mask is not implemented; "
+                                  "detach the mask (attn_mask.detach()) or compute the masked attention with SDPA")
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dropout_p, is_causal, scale, enable_gqa = ctx.flags
+    dq, dk, dv = attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p,
+                                    is_causal, scale, enable_gqa)
+    return (dq, dk, dv, None, None, None, None, None)[:len(needs)]
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("xegpu::attention: the backward pass is not differentiable (no double backward)")
+
+
+torch.library.register_autograd("xegpu::attention_with_lse", _backward, setup_context=_setup_context)
+torch.library.register_autograd("xegpu::attention_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -20,6 +20,27 @@ The payload states SDPA's mathematics; two conventions of the fused kernel are
 not visible here: a row whose keys are all masked gives 0 (linalg.softmax
 would give NaN), and masked keys never contribute (not just exp(-inf) = 0).
 The flash stage implements both.
+
+Other kernels of the spec (AttentionSpec.kernel):
+
+  forward_lse  also lse[b,h,g,l] = log(sum_s exp(scores - max_s scores)) + max_s scores, the
+               row's log-sum-exp (three generics tagged lse_max, lse_sum, lse), written to
+               the lse argument; the flash stage takes it from its running max and sum.
+  backward     standard attention's backward (`_backward`): the probabilities recomputed
+               from the saved log-sum-exp, then the five contractions of dV, dP, dQ, dK
+               and the row terms Delta = rowsum(dOut * Out) - dLSE:
+
+    scores = the forward's score chain (QK^T, scale, mask | causal)
+    P      = exp(scores - lse)                 probs
+    dV     = P^T . dOut                        dv      (summed over g and l)
+    dP     = dOut . V^T                        dp
+    Delta  = rowsum(dOut * Out) - dLSE         delta
+    dS     = P * (dP - Delta)                  ds
+    dQ     = scale * dS . K                    dq
+    dK     = scale * dS^T . Q                  dk      (summed over g and l)
+
+  A row whose keys are all masked (lse = -inf) has gradient 0 (here exp(-inf + inf)
+  would be NaN); the flash stage implements that.
 """
 
 from __future__ import annotations
@@ -27,7 +48,7 @@ from __future__ import annotations
 from typing import Dict
 
 from mlir import ir
-from mlir.dialects import arith, bufferization, func, linalg, tensor
+from mlir.dialects import arith, bufferization, func, linalg, math, tensor
 
 from .mlir_utils import (accumulator_type, affine_map, contiguous_memref, element_type, linalg_generic,
                          set_tag, strided_memref)
@@ -41,28 +62,43 @@ _B, _H, _G, _L, _S, _E = range(6)
 
 def build_attention_payload(spec: AttentionSpec) -> ir.Module:
     """Build the payload module for `spec` (in the current MLIR context)."""
-    et = element_type(spec.dtype)
-    dims = spec.operand_dims()
-    arg_types = [strided_memref(dims["q"], et), strided_memref(dims["k"], et),
-                 strided_memref(dims["v"], et)]
-    if spec.mask is not None:
-        arg_types.append(strided_memref(dims["mask"], element_type(spec.mask.dtype)))
-    arg_types.append(contiguous_memref(dims["out"], et))
+    names = spec.operand_names()
+    written = spec.writes()
+    arg_types = [_argument_type(spec, name, dims) for name, dims, _ in spec.operands()]
 
     module = ir.Module.create()
     with ir.InsertionPoint(module.body):
         fn = func.FuncOp(FUNC_NAME, (arg_types, []))
         entry = fn.add_entry_block()
         with ir.InsertionPoint(entry):
-            args = list(entry.arguments)
-            tensors = [_as_tensor(a, writable=(i == len(args) - 1)) for i, a in enumerate(args)]
-            q, k, v = tensors[:3]
-            mask = tensors[3] if spec.mask is not None else None
-            out = tensors[-1]
-            result = _attention(spec, q, k, v, mask, out)
-            bufferization.materialize_in_destination(None, result, args[-1], restrict=True, writable=True)
+            args = dict(zip(names, entry.arguments))
+            t = {name: _as_tensor(arg, writable=name in written) for name, arg in args.items()}
+            if spec.kernel == "backward":
+                results = _backward(spec, t)
+            else:
+                results = {"out": _attention(spec, t["q"], t["k"], t["v"], t.get("mask"), t["out"])}
+                if spec.kernel == "forward_lse":
+                    results["lse"] = _log_sum_exp(spec, t["q"], t["k"], t.get("mask"), t["lse"])
+            for name in written:
+                bufferization.materialize_in_destination(None, results[name], args[name], restrict=True,
+                                                         writable=True)
             func.ReturnOp([])
     return module
+
+
+#: arguments read with the caller's strides (any layout with a contiguous last dim); the others
+#: are buffers this package allocates, contiguous.
+_STRIDED = ("q", "k", "v", "mask", "dout")
+
+
+def _argument_type(spec: AttentionSpec, name: str, dims) -> ir.Type:
+    if name == "mask":
+        et = element_type(spec.mask.dtype)
+    elif name in ("lse", "dlse"):
+        et = accumulator_type(spec.dtype)
+    else:
+        et = element_type(spec.dtype)
+    return strided_memref(dims, et) if name in _STRIDED else contiguous_memref(dims, et)
 
 
 def _as_tensor(buffer: ir.Value, writable: bool) -> ir.Value:
@@ -86,32 +122,44 @@ def _empty(shape, symbols: Dict[str, ir.Value], et: ir.Type) -> ir.Value:
     return tensor.empty([symbols[d] if isinstance(d, str) else d for d in shape], et)
 
 
-def _attention(spec, q, k, v, mask, out):
+def _scores(spec, q, k, mask, sym, tag_prefix=""):
+    """The score chain: QK^T (accumulated in the accumulator type), scale, mask or causal; its ops'
+    tags start with `tag_prefix`."""
     et = element_type(spec.dtype)
     acc = accumulator_type(spec.dtype)
     g, e = spec.group, spec.head_dim
-    sym = extents(q, k)
     score_shape = ["B", "H", g, "L", "S"]
     zero = arith.constant(acc, 0.0)
 
     # K^T: (b, h, s, e) -> (b, h, e, s)
     kt = linalg.transpose(k, outs=[_empty(["B", "H", e, "S"], sym, et)], permutation=[0, 1, 3, 2])
-    set_tag(kt, "k_transpose")
+    set_tag(kt, tag_prefix + "k_transpose")
 
     # scores[b,h,g,l,s] = sum_e q[b,h,g,l,e] * kt[b,h,e,s], accumulated in acc
     qk_init = linalg.fill(zero, outs=[_empty(score_shape, sym, acc)])
-    set_tag(qk_init.owner, "qk_init")
+    set_tag(qk_init.owner, tag_prefix + "qk_init")
     scores = linalg.contract(q, kt.result, outs=[qk_init], indexing_maps=[
         affine_map(6, [_B, _H, _G, _L, _E]), affine_map(6, [_B, _H, _E, _S]),
         affine_map(6, [_B, _H, _G, _L, _S])])
-    set_tag(scores.owner, "qk")
+    set_tag(scores.owner, tag_prefix + "qk")
 
-    scores = _elementwise(scores, [], score_shape, sym, "scale",
+    scores = _elementwise(scores, [], score_shape, sym, tag_prefix + "scale",
                           lambda x: arith.mulf(x, arith.constant(acc, spec.scale)))
     if spec.mask is not None:
-        scores = _apply_mask(spec, scores, mask, score_shape, sym)
+        scores = _apply_mask(spec, scores, mask, score_shape, sym, tag_prefix)
     if spec.causal:
-        scores = _elementwise(scores, [], score_shape, sym, "causal", _causal_body)
+        scores = _elementwise(scores, [], score_shape, sym, tag_prefix + "causal", _causal_body)
+    return scores
+
+
+def _attention(spec, q, k, v, mask, out):
+    et = element_type(spec.dtype)
+    acc = accumulator_type(spec.dtype)
+    g = spec.group
+    sym = extents(q, k)
+    score_shape = ["B", "H", g, "L", "S"]
+    zero = arith.constant(acc, 0.0)
+    scores = _scores(spec, q, k, mask, sym)
 
     probs = linalg.softmax([scores.type], scores, _empty(score_shape, sym, acc), 4)
     set_tag(probs.owner, "softmax")
@@ -133,6 +181,90 @@ def _attention(spec, q, k, v, mask, out):
     return result
 
 
+def _log_sum_exp(spec, q, k, mask, lse_out):
+    """lse = max_s X + log(sum_s exp(X - max_s X)) of the scores X.  X is stated again by its
+    own chain (tags "lse_qk", "lse_scale", ...): the output's chain is fused into the work-group
+    loop, and one shared with this reduction would make the loop hand out the whole score
+    tensor.  The flash stage computes lse from its running max and sum instead."""
+    acc = accumulator_type(spec.dtype)
+    scores = _scores(spec, q, k, mask, extents(q, k), tag_prefix="lse_")
+    rows, row = affine_map(5, range(5)), affine_map(5, range(4))
+    neg_inf = arith.constant(acc, float("-inf"))
+    init_max = linalg.fill(neg_inf, outs=[lse_out])
+    row_max = linalg_generic([scores], [init_max], [rows, row], ["parallel"] * 4 + ["reduction"],
+                             lambda x, m: arith.maximumf(x, m), "lse_max")
+    init_sum = linalg.fill(arith.constant(acc, 0.0), outs=[lse_out])
+    total = linalg_generic([scores, row_max], [init_sum], [rows, row, row], ["parallel"] * 4 + ["reduction"],
+                           lambda x, m, t: arith.addf(t, math.exp(arith.subf(x, m))), "lse_sum")
+    row4 = affine_map(4, range(4))
+    return linalg_generic([row_max, total], [lse_out], [row4, row4, row4], ["parallel"] * 4,
+                          lambda m, t, _: arith.addf(m, math.log(t)), "lse")
+
+
+def _backward(spec, t):
+    """dq, dk, dv of standard attention (the module docstring's equations), by name."""
+    et = element_type(spec.dtype)
+    acc = accumulator_type(spec.dtype)
+    g, e, ev = spec.group, spec.head_dim, spec.v_head_dim
+    q, k, v, out, lse, dout, dlse = (t[n] for n in ("q", "k", "v", "out", "lse", "dout", "dlse"))
+    sym = extents(q, k)
+    score_shape = ["B", "H", g, "L", "S"]
+    zero = arith.constant(acc, 0.0)
+    scores = _scores(spec, q, k, t.get("mask"), sym)
+    ident5, rows = affine_map(5, range(5)), affine_map(5, range(4))
+
+    probs = linalg_generic([scores, lse], [_empty(score_shape, sym, acc)], [ident5, rows, ident5],
+                           ["parallel"] * 5, lambda x, m, _: math.exp(arith.subf(x, m)), "probs")
+
+    # dV[b,h,s,ev] = sum_{g,l} P[b,h,g,l,s] * dOut[b,h,g,l,ev]; loop dims (b, h, g, l, s, ev)
+    dv = _contract_to(probs, dout, ["B", "H", "S", ev], sym, acc, "dv",
+                      [[_B, _H, _G, _L, _S], [_B, _H, _G, _L, _E], [_B, _H, _S, _E]])
+    # dP[b,h,g,l,s] = sum_ev dOut[b,h,g,l,ev] * V[b,h,s,ev]
+    dp = _contract_to(dout, t["v"], score_shape, sym, acc, "dp",
+                      [[_B, _H, _G, _L, _E], [_B, _H, _S, _E], [_B, _H, _G, _L, _S]])
+    # Delta[b,h,g,l] = sum_ev dOut * Out - dLSE
+    products = linalg_generic(
+        [dout, out], [linalg.fill(zero, outs=[_empty(["B", "H", g, "L"], sym, acc)])], [ident5, ident5, rows],
+        ["parallel"] * 4 + ["reduction"],
+        lambda d, o, total: arith.addf(total, arith.mulf(_extended(acc, d), _extended(acc, o))), "delta_dot")
+    row4 = affine_map(4, range(4))
+    delta = linalg_generic([products, dlse], [_empty(["B", "H", g, "L"], sym, acc)], [row4, row4, row4],
+                           ["parallel"] * 4, lambda x, d, _: arith.subf(x, d), "delta")
+    ds = linalg_generic([probs, dp, delta], [_empty(score_shape, sym, acc)], [ident5, ident5, rows, ident5],
+                        ["parallel"] * 5, lambda p, d, r, _: arith.mulf(p, arith.subf(d, r)), "ds")
+    # dQ[b,h,g,l,e] = scale * sum_s dS * K[b,h,s,e];  dK[b,h,s,e] = scale * sum_{g,l} dS * Q
+    dq = _contract_to(ds, k, ["B", "H", g, "L", e], sym, acc, "dq",
+                      [[_B, _H, _G, _L, _S], [_B, _H, _S, _E], [_B, _H, _G, _L, _E]])
+    dk = _contract_to(ds, q, ["B", "H", "S", e], sym, acc, "dk",
+                      [[_B, _H, _G, _L, _S], [_B, _H, _G, _L, _E], [_B, _H, _S, _E]])
+    scale = arith.constant(acc, spec.scale)
+    results = {}
+    for name, value, rank in (("dq", dq, 5), ("dk", dk, 4), ("dv", dv, 4)):
+        ident = affine_map(rank, range(rank))
+        factor = None if name == "dv" else scale
+        results[name] = linalg_generic(
+            [value], [t[name]], [ident, ident], ["parallel"] * rank,
+            lambda x, _, f=factor: _cast(et, x if f is None else arith.mulf(x, f)), f"{name}_out")
+    return results
+
+
+def _extended(acc, x):
+    return x if x.type == acc else arith.extf(acc, x)
+
+
+def _cast(et, x):
+    return x if x.type == et else arith.truncf(et, x)
+
+
+def _contract_to(lhs, rhs, shape, sym, acc, tag, dims):
+    """linalg.contract of lhs and rhs into a zero-filled `shape` tensor of the accumulator type;
+    dims: the loop dims of lhs, rhs and the result over (b, h, g, l, s, e)."""
+    init = linalg.fill(arith.constant(acc, 0.0), outs=[_empty(shape, sym, acc)])
+    result = linalg.contract(lhs, rhs, outs=[init], indexing_maps=[affine_map(6, d) for d in dims])
+    set_tag(result.owner, tag)
+    return result
+
+
 def _elementwise(x, extra_inputs, shape, sym, tag, fn, extra_maps=()):
     """scores-shaped elementwise op: fn(score, *extra scalars) -> score (in the scores' type)."""
     ident = affine_map(5, range(5))
@@ -151,7 +283,7 @@ def _causal_body(x):
     return arith.select(visible, x, arith.constant(x.type, float("-inf")))
 
 
-def _apply_mask(spec, scores, mask, shape, sym):
+def _apply_mask(spec, scores, mask, shape, sym, tag_prefix=""):
     # The mask operand has only the dims it varies along; broadcast the rest.
     mask_map = affine_map(5, [MASK_DIMS.index(d) for d in spec.mask.dims])
     if spec.mask.kind == "bool":
@@ -161,4 +293,4 @@ def _apply_mask(spec, scores, mask, shape, sym):
     else:
         def body(x, m):
             return arith.addf(x, m if m.type == x.type else arith.extf(x.type, m))
-    return _elementwise(scores, [mask], shape, sym, "mask", body, extra_maps=[mask_map])
+    return _elementwise(scores, [mask], shape, sym, tag_prefix + "mask", body, extra_maps=[mask_map])

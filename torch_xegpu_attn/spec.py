@@ -41,6 +41,14 @@ MASK_DIMS = ("b", "h", "g", "l", "s")
 #: this table that is not registered is planned.
 TARGET_DEVICES = {"cpu": "cpu", "nvvm": "cuda", "xegpu": "xpu"}
 
+#: what a kernel computes (AttentionSpec.kernel):
+#:   "forward"      out = softmax(scores) . V, nothing else (inference)
+#:   "forward_lse"  the same and each query row's log-sum-exp of its scores, what the
+#:                  backward and the merge of partial results over key chunks need
+#:   "backward"     dQ, dK, dV from dOut (and dLSE), recomputing the probabilities
+#:                  from the saved log-sum-exp
+KERNELS = ("forward", "forward_lse", "backward")
+
 #: run-time extents: the symbols that stand for them in operand shapes.
 RUNTIME_SYMBOLS = {"b": "B", "h": "H", "l": "L", "s": "S"}
 
@@ -106,6 +114,7 @@ class AttentionSpec:
     mask: Optional[MaskSpec] = None
     target: str = "cpu"
     length_class: str = "any"
+    kernel: str = "forward"
 
     def __post_init__(self) -> None:
         for name in ("group", "head_dim", "v_head_dim"):
@@ -118,6 +127,8 @@ class AttentionSpec:
             raise ValueError(f"AttentionSpec.target must be one of {tuple(TARGET_DEVICES)}, got {self.target!r}")
         if self.causal and self.mask is not None:
             raise ValueError("a spec has either a mask or causal, not both")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"AttentionSpec.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if not isinstance(self.length_class, str) or not self.length_class:
             raise ValueError(f"AttentionSpec.length_class must be a non-empty str, got {self.length_class!r}")
         if self.scale is None:
@@ -135,24 +146,51 @@ class AttentionSpec:
             "v": ("B", "H", "S", ev),
             "out": ("B", "H", g, "L", ev),
         }
+        if self.kernel != "forward":
+            dims["lse"] = ("B", "H", g, "L")
+        if self.kernel == "backward":
+            dims.update({"dout": dims["out"], "dlse": dims["lse"], "dq": dims["q"], "dk": dims["k"],
+                         "dv": dims["v"]})
         if self.mask is not None:
             extent = {"b": "B", "h": "H", "g": g, "l": "L", "s": "S"}
             dims["mask"] = tuple(extent[d] for d in self.mask.dims)
         return dims
 
-    def operands(self) -> List[Tuple[str, Tuple[Dim, ...], str]]:
-        """The kernel's arguments in order: (name, dims, element dtype) of q, k, v, [mask], out.
+    def operand_names(self) -> List[str]:
+        """The kernel's arguments in order, by kernel:
 
-        A bool mask travels as bytes ("uint8").
+            forward      q, k, v, [mask], out
+            forward_lse  q, k, v, [mask], out, lse
+            backward     q, k, v, [mask], out, lse, dout, dlse, dq, dk, dv
+
+        Inputs first, then what the kernel writes (out and lse of the forwards; dq, dk, dv of the
+        backward)."""
+        names = ["q", "k", "v"] + (["mask"] if self.mask is not None else []) + ["out"]
+        if self.kernel != "forward":
+            names.append("lse")
+        if self.kernel == "backward":
+            names += ["dout", "dlse", "dq", "dk", "dv"]
+        return names
+
+    def operands(self) -> List[Tuple[str, Tuple[Dim, ...], str]]:
+        """The kernel's arguments in order (`operand_names`): (name, dims, element dtype).
+
+        A bool mask travels as bytes ("uint8"); log-sum-exps (lse, dlse) are in the accumulator's
+        type: float64 for float64 inputs, float32 otherwise.
         """
         dims = self.operand_dims()
-        names = ["q", "k", "v"] + (["mask"] if self.mask is not None else []) + ["out"]
 
         def dtype(name):
-            if name != "mask":
-                return self.dtype
-            return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
-        return [(name, dims[name], dtype(name)) for name in names]
+            if name == "mask":
+                return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
+            if name in ("lse", "dlse"):
+                return "float64" if self.dtype == "float64" else "float32"
+            return self.dtype
+        return [(name, dims[name], dtype(name)) for name in self.operand_names()]
+
+    def writes(self) -> List[str]:
+        """The operands the kernel writes, in order."""
+        return {"forward": ["out"], "forward_lse": ["out", "lse"], "backward": ["dq", "dk", "dv"]}[self.kernel]
 
     def shapes(self, size: ProblemSize) -> Dict[str, Tuple[int, ...]]:
         """Concrete operand shapes of one problem."""
@@ -186,5 +224,6 @@ class AttentionSpec:
         """A readable name for logs, dumps and kernel symbols."""
         m = "" if self.mask is None else f"_{self.mask.kind}{''.join(self.mask.dims)}"
         c = "_causal" if self.causal else ""
+        kind = "" if self.kernel == "forward" else f"_{self.kernel}"
         return (f"g{self.group}_e{self.head_dim}v{self.v_head_dim}_{self.dtype}{m}{c}"
-                f"_{self.length_class}")
+                f"_{self.length_class}{kind}")

@@ -46,6 +46,10 @@ void call(uintptr_t fn, const std::vector<Word>& a, Lead... lead) {
 #define XATTN_ARGS_10 XATTN_ARGS_9, a[9]
 #define XATTN_ARGS_11 XATTN_ARGS_10, a[10]
 #define XATTN_ARGS_12 XATTN_ARGS_11, a[11]
+#define XATTN_ARGS_13 XATTN_ARGS_12, a[12]
+#define XATTN_ARGS_14 XATTN_ARGS_13, a[13]
+#define XATTN_ARGS_15 XATTN_ARGS_14, a[14]
+#define XATTN_ARGS_16 XATTN_ARGS_15, a[15]
     XATTN_CASE(4, Word, Word, Word, Word)
     XATTN_CASE(5, Word, Word, Word, Word, Word)
     XATTN_CASE(6, Word, Word, Word, Word, Word, Word)
@@ -55,9 +59,13 @@ void call(uintptr_t fn, const std::vector<Word>& a, Lead... lead) {
     XATTN_CASE(10, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
     XATTN_CASE(11, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
     XATTN_CASE(12, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
+    XATTN_CASE(13, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
+    XATTN_CASE(14, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
+    XATTN_CASE(15, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
+    XATTN_CASE(16, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word, Word)
 #undef XATTN_CASE
     default:
-      TORCH_CHECK(false, "torch_xegpu_attn: kernel functions take 4 to 12 memrefs, got ", a.size());
+      TORCH_CHECK(false, "torch_xegpu_attn: kernel functions take 4 to 16 memrefs, got ", a.size());
   }
 }
 

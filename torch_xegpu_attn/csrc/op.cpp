@@ -23,8 +23,8 @@
 // Two entry points replay: the op's kernel (torch.ops.xegpu.attention,
 // through the dispatcher) and `replay` (torch_xegpu_attn.attention, straight
 // from Python, which returns None when the call is not recorded).  The
-// autograd kernel lets calls that need no gradient through and gives the rest
-// a backward that raises.
+// autograd kernel lets calls that need no gradient through and sends the rest
+// to xegpu::attention_with_lse, whose autograd (ops.py) runs the backward.
 
 #include "kernel.h"
 #include "replay.h"
@@ -41,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <tuple>
 #include <unordered_map>
 
 namespace xattn {
@@ -183,29 +184,32 @@ at::Tensor attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::
   return out.cast<at::Tensor>();
 }
 
-class NoBackward : public torch::autograd::Function<NoBackward> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const std::optional<at::Tensor>& mask, double dropout_p,
-                            bool is_causal, std::optional<double> scale, bool enable_gqa) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return attention_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
-                                                 torch::autograd::variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "xegpu::attention has no backward pass yet; use it for inference "
-                                       "(torch.no_grad / torch.inference_mode) or detach its inputs");
-  }
-};
+// xegpu::attention_with_lse (defined and given its autograd in ops.py): the forward that also
+// returns the log-sum-exp the backward needs.
+c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const std::optional<at::Tensor>&, double, bool,
+                                                            std::optional<double>, bool)>
+attention_with_lse_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("xegpu::attention_with_lse", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 double, bool, std::optional<double>, bool)>();
+  return op;
+}
 
-// The autograd kernel: calls that need no gradient go straight below autograd.
+// The autograd kernel: calls that need a gradient go to attention_with_lse (whose autograd saves
+// the output and the log-sum-exp and runs the backward kernel); the rest go straight below
+// autograd to the inference kernel, which writes no log-sum-exp.
 at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                               std::optional<double> scale, bool enable_gqa) {
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
                            (mask && mask->defined() && mask->requires_grad()));
-  if (needs_grad) return NoBackward::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
+  if (needs_grad) {
+    return std::get<0>(attention_with_lse_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa));
+  }
   at::AutoDispatchBelowADInplaceOrView guard;
   return attention_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
 }

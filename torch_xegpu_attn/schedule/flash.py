@@ -70,22 +70,31 @@ from .vector_tiles import (BodyTranslator, broadcast_rows, expand_to, flatten_ro
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 #: loop dims of the score-shaped ops.
 _G, _L, _S = 2, 3, 4
 #: tags of the score ops that compare indices: applied only on tiles that need them.
 INDEX_MASK_TAGS = ("causal",)
 K_TRANSPOSE_LOOP = "attn.k_transpose"
+V_TRANSPOSE_LOOP = "attn.v_transpose"
 COMBINE_LOOP = "attn.combine"
 
 
 def flash_rewrite(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
     """Rewrite the work-group loop of `module` into the online-softmax form."""
     loops = walk(module, lambda op: op.name == "scf.forall" and WORK_GROUPS in op.attributes)
-    if len(loops) != 1:
+    if len(loops) != 1 and spec.kernel != "backward":
         raise CompileError(f"flash: expected one work-group loop (attn.work_groups), found {len(loops)}; "
                            "run the tiling stage first")
     if options.kv_splits > 1 and options.tail != "mask":
         raise CompileError("flash: split keys need tail='mask'")
+    if spec.kernel == "backward":
+        from .flash_backward import build_backward
+        build_backward(module, spec, options)
+        cleanup(module)
+        return module
+    if spec.kernel == "forward_lse" and options.kv_splits > 1:
+        raise CompileError("flash: the log-sum-exp output (forward_lse) is not implemented with split keys")
     work_group = _WorkGroup(loops[0], spec, options)
     work_group.build()
     cleanup(module)
@@ -224,8 +233,51 @@ class _WorkGroup:
             m, l, acc = self._online_softmax()
             if self.options.kv_splits == 1:
                 self.insert.operands[0] = self._write_output(self._normalized(acc, l))
-                return
+                lse = self._log_sum_exp(m, l) if self.spec.kernel == "forward_lse" else None
+        if self.options.kv_splits == 1:
+            if lse is not None:
+                self._write_log_sum_exp(lse)
+            return
         self._split(m, l, acc)
+
+    # ------------------------------------------------------------------ log-sum-exp
+
+    def _log_sum_exp(self, m: ir.Value, l: ir.Value) -> ir.Value:
+        """Each row's natural log-sum-exp from the running max and sum: (m * factor + log2(l)) *
+        ln(2), m in the exponent's units; a row that saw no key gives -inf (log2(0) = -inf)."""
+        if self.exponent_factor is not None:
+            m = arith.mulf(m, splat([self.rows], self.acc, self.exponent_factor))
+        base2 = arith.addf(m, mmath.log2(l))
+        return arith.mulf(base2, splat([self.rows], self.acc, _LN2))
+
+    def _write_log_sum_exp(self, lse: ir.Value) -> None:
+        """Add the lse argument to the work-group loop's shared outs and write each work-group's
+        rows (past L not written); the payload's log-sum-exp chain (outside the loop) goes."""
+        chain = [op for op in walk(self.loop.parent, lambda o: tag_of(o) == "lse")]
+        if len(chain) != 1:
+            raise CompileError(f"flash: a forward_lse payload has one op tagged 'lse', found {len(chain)}")
+        payload_lse = chain[0]
+        destination = payload_lse.operands[len(payload_lse.operands) - 1]
+        loop = rebuild_forall(self.loop, forall_upper_bounds(self.loop), [0, 1, 2, 3, 4],
+                              list(self.loop.opview.outputs) + [destination], block_mapping(5))
+        self.loop = loop.operation
+        ivs = dict(zip("bhgpr", loop.induction_variables))
+        terminator = loop.body.operations[len(loop.body.operations) - 1].operation
+        with ir.InsertionPoint(terminator), loop.location:
+            g0 = const_index(0) if self.packed else ivs["g"]
+            row0 = arith.muli(ivs["r"], const_index(self.R))  # (values of the old loop may be its ivs)
+            length = tensor.dim(loop.inner_iter_args[1], const_index(3))
+            valid = arith.minui(const_index(self.R), arith.subi(length, row0))
+            offsets = [ivs["b"], ivs["h"], g0, row0]
+            sizes = [1, 1, self.groups, valid]
+            dest = slice_of(loop.inner_iter_args[1], offsets, sizes)
+            tile = unflatten_rows(lse, self.groups) if self.packed else lse
+            dims = ([(2, True)] if self.packed else []) + [(3, False)]
+            written = write_tile(tile, dest, dims, {})
+        with ir.InsertionPoint(terminator.regions[0].blocks[0]):
+            insert_in_parallel(written, loop.inner_iter_args[1], offsets, sizes)
+        payload_lse.results[0].replace_all_uses_with(loop.results[1])
+        payload_lse.erase()
 
     # ------------------------------------------------------------------ tiles
 
@@ -587,29 +639,35 @@ class _WorkGroup:
     # ------------------------------------------------------------------ K^T workspace
 
     def _materialize_k_transpose(self) -> ir.Value:
-        """forall (b, h, t): each K tile (T x E) -> the (E x T) tile t of a K^T workspace laid out
-        tile by tile, (B, H, tiles, E, T): a tile's rows are contiguous, so reading one walks
-        E * T consecutive elements instead of E rows a whole key length apart (a power-of-two
-        stride maps them all to one cache set).  One vector.transpose per tile: a target splits
-        it into register-sized pieces if it wants them."""
-        k, T, e = self.k_full, self.T, self.e
-        B, H, S = (tensor.dim(k, const_index(i)) for i in range(3))
-        tiles = arith.ceildivui(S, const_index(T))
-        workspace = tensor.empty([B, H, tiles, e, T], self.et)
-        loop = scf.ForallOp([0] * 3, [B, H, tiles], [1] * 3, [workspace], mapping=block_mapping(3))
-        loop.attributes[K_TRANSPOSE_LOOP] = ir.UnitAttr.get()
-        b, h, t = loop.induction_variables
-        out = loop.inner_iter_args[0]
-        with ir.InsertionPoint(loop.body):
-            s0 = arith.muli(t, const_index(T))
-            offsets, sizes = [b, h, t, 0, 0], [1, 1, 1, e, T]
-            rows = read_tile(k, [(2, T, False), (3, e, True)], {0: b, 1: h, 2: s0}, arith.constant(self.et, 0.0))
-            transposed = vector.transpose(vector_type([e, T], self.et), rows, [1, 0])
-            tile = write_tile(transposed, slice_of(out, offsets, sizes), [(3, True), (4, True)], {})
-            in_parallel = scf.InParallelOp()
-            with ir.InsertionPoint(in_parallel.block):
-                insert_in_parallel(tile, out, offsets, sizes)
-        return loop.results[0]
+        return materialize_transposed(self.k_full, self.T, self.e, K_TRANSPOSE_LOOP)
+
+
+def materialize_transposed(source: ir.Value, T: int, width: int, attribute: str) -> ir.Value:
+    """forall (b, h, t): each (T x width) tile of `source` (a (B, H, S, width) K or V) -> the
+    (width x T) tile t of a workspace laid out tile by tile, (B, H, tiles, width, T): a tile's
+    rows are contiguous, so reading one walks width * T consecutive elements instead of width
+    rows a whole key length apart (a power-of-two stride maps them all to one cache set).  One
+    vector.transpose per tile: a target splits it into register-sized pieces if it wants them.
+    The loop carries `attribute`."""
+    element = ir.RankedTensorType(source.type).element_type
+    B, H, S = (tensor.dim(source, const_index(i)) for i in range(3))
+    tiles = arith.ceildivui(S, const_index(T))
+    workspace = tensor.empty([B, H, tiles, width, T], element)
+    loop = scf.ForallOp([0] * 3, [B, H, tiles], [1] * 3, [workspace], mapping=block_mapping(3))
+    loop.attributes[attribute] = ir.UnitAttr.get()
+    b, h, t = loop.induction_variables
+    out = loop.inner_iter_args[0]
+    with ir.InsertionPoint(loop.body):
+        s0 = arith.muli(t, const_index(T))
+        offsets, sizes = [b, h, t, 0, 0], [1, 1, 1, width, T]
+        rows = read_tile(source, [(2, T, False), (3, width, True)], {0: b, 1: h, 2: s0},
+                         arith.constant(element, 0.0))
+        transposed = vector.transpose(vector_type([width, T], element), rows, [1, 0])
+        tile = write_tile(transposed, slice_of(out, offsets, sizes), [(3, True), (4, True)], {})
+        in_parallel = scf.InParallelOp()
+        with ir.InsertionPoint(in_parallel.block):
+            insert_in_parallel(tile, out, offsets, sizes)
+    return loop.results[0]
 
 
 # --------------------------------------------------------------------------- small pieces

@@ -49,7 +49,16 @@ def block_mapping(rank: int) -> ir.ArrayAttr:
 
 
 def tile_and_fuse(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> ir.Module:
-    """Run the tiling schedule on `module` in place and return it."""
+    """Run the tiling schedule on `module` in place and return it.
+
+    A backward payload is checked and left as it is: its work-groups are cut by the flash stage
+    (schedule/flash_backward.py), since its two loops tile different dims of one recomputed
+    probability tile (query rows for dQ, keys for dK and dV) and fusion into one loop would
+    compute that tile once per loop from scratch anyway."""
+    if spec.kernel == "backward":
+        from .flash_backward import check_backward_payload
+        check_backward_payload(module)
+        return module
     _decompose_softmax(module)
     producers = _mark_producers(module)
     with TransformScript() as script:
@@ -86,9 +95,22 @@ def _decompose_softmax(module: ir.Module) -> None:
 
 
 def _mark_producers(module: ir.Module) -> int:
-    """Number the linalg ops of the function (all but the result) for one-by-one fusion."""
+    """Number the linalg ops of the function that the result depends on (all but the result) for
+    one-by-one fusion.  Ops the result does not depend on (a forward_lse kernel's log-sum-exp
+    chain) stay outside: the flash stage replaces them."""
+    roots = walk(module, lambda o: "attn.root" in o.attributes)
+    needed = set()
+    stack = [operand for root in roots for operand in root.operands]
+    while stack:
+        owner = stack.pop().owner
+        if isinstance(owner, ir.Block):
+            continue
+        op = owner.operation
+        if op not in needed:
+            needed.add(op)
+            stack.extend(op.operands)
     ops = walk(module, lambda o: o.name.startswith("linalg.") and o.parent.name == "func.func"
-               and "attn.root" not in o.attributes)
+               and "attn.root" not in o.attributes and o in needed)
     for i, op in enumerate(ops):
         op.attributes[_PRODUCER] = ir.StringAttr.get(str(i))
     return len(ops)

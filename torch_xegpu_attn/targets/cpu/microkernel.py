@@ -1,7 +1,8 @@
 """CPU stage piece: vector.contract -> broadcast-FMA micro-kernel (the CPU's "layout").
 
 A work-group contraction C[M, N] += A[M, K] . B[K, N] (A: the Q tile or the
-probabilities, B: a K^T or V tile) is lowered to
+probabilities, B: a K^T or V tile; or A[K, M], the backward's P^T and dS^T, whose
+elements are broadcast from their transposed places) is lowered to
 
     for each block of MB rows m0 and NB columns n0:      unrolled
         for k in [0, K) step U:                          scf.for, its body unrolled U times
@@ -44,6 +45,7 @@ class _Form:
     has_m: bool
     has_n: bool
     b_rows_along_k: bool = False  # B[n, k] (K read in place) instead of B[k, n]
+    a_rows_along_k: bool = False  # A[k, m] (P^T, dS^T of the backward) instead of A[m, k]
 
 
 def _matmul_form(contract) -> Optional[_Form]:
@@ -57,9 +59,13 @@ def _matmul_form(contract) -> Optional[_Form]:
     k = reductions[0]
     m = [d for d in lhs if d != k]
     n = [d for d in rhs if d != k]
-    if len(m) > 1 or len(n) > 1 or acc != m + n or lhs != m + [k] or rhs not in ([k] + n, n + [k]):
+    if len(m) > 1 or len(n) > 1 or acc != m + n or lhs not in (m + [k], [k] + m) or rhs not in ([k] + n, n + [k]):
         return None
-    return _Form(has_m=bool(m), has_n=bool(n), b_rows_along_k=bool(n) and rhs == n + [k])
+    a_rows_along_k = bool(m) and lhs == [k] + m
+    b_rows_along_k = bool(n) and rhs == n + [k]
+    if a_rows_along_k and b_rows_along_k:
+        return None  # (A^T B^T: no such contraction in the kernels)
+    return _Form(has_m=bool(m), has_n=bool(n), b_rows_along_k=b_rows_along_k, a_rows_along_k=a_rows_along_k)
 
 
 def _memory_source(value: ir.Value, allow_short_rows: bool = False
@@ -178,8 +184,9 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
     if form.b_rows_along_k:
         return _lower_dot_products(contract, form, block)
     lhs, rhs, acc = contract.operands[0], contract.operands[1], contract.operands[2]
-    k_size = ir.VectorType(lhs.type).shape[-1]
-    m_size = ir.VectorType(lhs.type).shape[0] if form.has_m else 1
+    lhs_shape = ir.VectorType(lhs.type).shape
+    k_size = lhs_shape[0] if form.a_rows_along_k else lhs_shape[-1]
+    m_size = (lhs_shape[-1] if form.a_rows_along_k else lhs_shape[0]) if form.has_m else 1
     n_size = ir.VectorType(rhs.type).shape[-1] if form.has_n else 1
     acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
     with ir.InsertionPoint(contract), contract.location:
@@ -212,7 +219,9 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
                         else:
                             b = vector.broadcast(chunk_type, _extended(memref.load(b_mem, _at(b_idx, [k])), acc_type))
                         for i, m in enumerate(block_rows):
-                            a = memref.load(a_mem, _at(a_idx, [const_index(m), k] if form.has_m else [k]))
+                            at = [k] if not form.has_m else (
+                                [k, const_index(m)] if form.a_rows_along_k else [const_index(m), k])
+                            a = memref.load(a_mem, _at(a_idx, at))
                             a = vector.broadcast(chunk_type, _extended(a, acc_type))
                             acc_rows[i] = vector.fma(a, b, acc_rows[i])
                     scf.YieldOp(acc_rows)

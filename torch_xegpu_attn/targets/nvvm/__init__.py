@@ -193,6 +193,11 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
+        if spec.kernel != "forward":
+            raise NotImplementedError(
+                f"the nvvm target compiles the forward pass only: the gradient and the log-sum-exp "
+                f"({spec.kernel}) of xegpu::attention on CUDA tensors are not implemented yet; "
+                f"train on CPU tensors, or call it under torch.no_grad() for inference")
         require_matrix_engine_dtype(spec, self.name, "tensor cores", NVVM_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:

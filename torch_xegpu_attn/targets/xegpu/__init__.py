@@ -89,6 +89,11 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
+        if spec.kernel != "forward":
+            raise NotImplementedError(
+                f"the xegpu target compiles the forward pass only: the gradient and the log-sum-exp "
+                f"({spec.kernel}) of xegpu::attention on XPU tensors are not implemented yet; "
+                f"train on CPU tensors, or call it under torch.no_grad() for inference")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:

@@ -1,0 +1,371 @@
+"""Shared stage "flash" of a backward kernel: standard attention's backward -> three work-group loops.
+
+Input: the backward payload (payload.py `_backward`): the score chain, P = exp(scores - lse),
+and the contractions of dV, dP, dQ, dK with the row terms Delta, each tagged.  Output: three
+normalized, mapped work-group loops on vectors of full static tiles, none of which holds an
+L x S tensor:
+
+    delta   forall (b, h, g, 0, r)      Delta[rows] = rowsum(dOut * Out) - dLSE  -> a workspace
+    dq      forall (b, h, g, 0, r)      row_tile query rows, an scf.for over key tiles:
+                                            s = score chain (q . K^T) ; P = exp2((s - lse) log2 e)
+                                            dS = P * (dOut . V^T - Delta) ; dQ += dS . K
+                                        dQ * scale written once
+    dkv     forall (b, h, 0, 0, t)      kv_tile keys, scf.for over the G query heads and over the
+                                        row tiles that see the keys:
+                                            s, P, dS as above (the same tile, transposed roles)
+                                            dV += P^T . dOut ; dK += dS^T . Q
+                                        dK * scale and dV written once
+
+dQ is computed by a second pass over the key tiles instead of being accumulated atomically
+from the dK/dV loop: every output element is written by one work-group, so results are
+deterministic and no target needs float atomics.  The cost is the recomputation of the score
+tile and dP in both loops (the backward's 2.5 forward matmuls become 3.5).
+
+Conventions of the fused kernel that the payload does not show: rows past L read lse as +inf
+(P = 0: they contribute nothing), a row that saw no key has lse = -inf and gradient 0 (its lse
+is taken as +inf), keys at or past S are masked to -inf in the dQ loop and never written in
+the dK/dV loop; causal loops visit only the tiles that hold a visible (row, key) pair.
+Accumulation is in the accumulator type (f32, f64 for float64); tiles of f16/bf16 inputs are
+extended to it before their contractions.  K and V enter Q . K^T and dOut . V^T as
+ScheduleOptions.k_layout says: as read ("folded"), transposed per tile ("explicit"), or from
+transposed copies made once by loops of their own (attn.k_transpose, attn.v_transpose:
+"materialized").  The backward reads row_tile, kv_tile and k_layout of the schedule options.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from mlir import ir
+from mlir.dialects import arith, math as mmath, scf, tensor, vector
+
+from ..mlir_utils import (CompileError, accumulator_type, const_index, insert_in_parallel, slice_of, tag_of,
+                          walk)
+from ..payload import FUNC_NAME
+from ..spec import AttentionSpec
+from .options import ScheduleOptions
+from .tiling import block_mapping
+from .vector_tiles import (BodyTranslator, broadcast_rows, expand_to, i32, iota_i32, read_tile, splat, to_i32,
+                           vector_type, write_tile)
+
+_LOG2E = 1.4426950408889634
+#: tags the backward payload must hold, one op each.
+BACKWARD_TAGS = ("qk", "probs", "dv", "dp", "delta_dot", "delta", "ds", "dq", "dk", "dq_out", "dk_out",
+                 "dv_out")
+#: unit attributes of the three loops.
+DELTA_LOOP, DQ_LOOP, DKV_LOOP = "attn.backward_delta", "attn.backward_dq", "attn.backward_dkv"
+#: loop dims of the score-shaped ops.
+_B, _H, _G, _L, _S = range(5)
+
+
+def check_backward_payload(module: ir.Module) -> None:
+    """The backward payload holds each tagged op the flash stage builds on, once."""
+    for tag in BACKWARD_TAGS:
+        found = walk(module, lambda o, t=tag: tag_of(o) == t)
+        if len(found) != 1:
+            raise CompileError(f"backward: expected one op tagged {tag!r} in the payload, found {len(found)}")
+
+
+def build_backward(module: ir.Module, spec: AttentionSpec, options: ScheduleOptions) -> None:
+    """Replace the backward payload's ops by the delta, dq and dkv work-group loops."""
+    check_backward_payload(module)
+    _Backward(module, spec, options).build()
+
+
+def _score_chain(probs: ir.Operation) -> List[ir.Operation]:
+    """The elementwise score ops between QK^T and P, in order."""
+    from .flash import _score_ops
+    _, ops = _score_ops(probs.operands[0])
+    return ops
+
+
+def _contract(lhs, rhs, acc, maps) -> ir.Value:
+    """vector.contract over dims (m, n, k) with the given (lhs, rhs, acc) dim lists."""
+    amaps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims]) for dims in maps]
+    iterators = ir.ArrayAttr.get([ir.Attribute.parse(f"#vector.iterator_type<{k}>")
+                                  for k in ("parallel", "parallel", "reduction")])
+    return vector.contract(acc.type, lhs, rhs, acc, ir.ArrayAttr.get([ir.AffineMapAttr.get(m) for m in amaps]),
+                           iterators)
+
+
+#: C[m, n] += A[m, k] B[n, k] (B's rows along k: a K or V tile as read)
+_FOLDED = ([0, 2], [1, 2], [0, 1])
+#: C[m, n] += A[m, k] B[k, n]
+_ROW_MAJOR = ([0, 2], [2, 1], [0, 1])
+#: C[m, n] += A[k, m] B[k, n] (A transposed: P^T . dOut, dS^T . Q)
+_A_TRANSPOSED = ([2, 0], [2, 1], [0, 1])
+
+
+def _extend(value: ir.Value, element: ir.Type) -> ir.Value:
+    vt = ir.VectorType(value.type)
+    if vt.element_type == element:
+        return value
+    target = vector_type(vt.shape, element)
+    if ir.FloatType(element).width > ir.FloatType(vt.element_type).width:
+        return arith.extf(target, value)
+    return arith.truncf(target, value)
+
+
+def _row_sum(value: ir.Value, rows: int, element: ir.Type) -> ir.Value:
+    return vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), value, splat([rows], element, 0.0), [1])
+
+
+class _Backward:
+    """The backward payload of one function and the loops that replace it."""
+
+    def __init__(self, module: ir.Module, spec: AttentionSpec, options: ScheduleOptions):
+        self.spec, self.options = spec, options
+        fn = next(op.operation for op in module.body.operations if op.operation.name == "func.func"
+                  and ir.StringAttr(op.operation.attributes["sym_name"]).value == FUNC_NAME)
+        self.block = fn.regions[0].blocks[0]
+        self.args = dict(zip(spec.operand_names(), self.block.arguments))
+        self.tensors: Dict[str, ir.Value] = {}
+        self.materialize: Dict[str, ir.Operation] = {}
+        for op in self.block.operations:
+            op = op.operation
+            if op.name == "bufferization.to_tensor":
+                name = next(n for n, a in self.args.items() if a == op.operands[0])
+                self.tensors[name] = op.results[0]
+            elif op.name == "bufferization.materialize_in_destination":
+                name = next(n for n, a in self.args.items() if a == op.operands[1])
+                self.materialize[name] = op
+        self.probs = walk(module, lambda o: tag_of(o) == "probs")[0]
+        self.score_ops = _score_chain(self.probs)
+        self.R, self.T = options.row_tile, options.kv_tile
+        self.G, self.E, self.EV = spec.group, spec.head_dim, spec.v_head_dim
+        self.et = element_type_of(self.tensors["q"])
+        self.acc = accumulator_type(spec.dtype)
+
+    def build(self) -> None:
+        anchor = self.materialize["dq"]
+        with ir.InsertionPoint(anchor), anchor.location:
+            q, k = self.tensors["q"], self.tensors["k"]
+            self.B, self.H = tensor.dim(q, const_index(0)), tensor.dim(q, const_index(1))
+            self.L, self.S = tensor.dim(q, const_index(3)), tensor.dim(k, const_index(2))
+            self.row_tiles = arith.ceildivui(self.L, const_index(self.R))
+            self.transposed = {}
+            if self.options.k_layout == "materialized":
+                from .flash import K_TRANSPOSE_LOOP, V_TRANSPOSE_LOOP, materialize_transposed
+                self.transposed = {"k": materialize_transposed(k, self.T, self.E, K_TRANSPOSE_LOOP),
+                                   "v": materialize_transposed(self.tensors["v"], self.T, self.EV, V_TRANSPOSE_LOOP)}
+            delta = self._delta_loop()
+            dq = self._dq_loop(delta)
+            dk, dv = self._dkv_loop(delta)
+        for name, value in (("dq", dq), ("dk", dk), ("dv", dv)):
+            self.materialize[name].operands[0] = value
+
+    # ------------------------------------------------------------------ pieces
+
+    def _loop(self, bounds, outs, attribute: str):
+        loop = scf.ForallOp([0] * 5, list(bounds), [1] * 5, list(outs), mapping=block_mapping(5))
+        loop.attributes[attribute] = ir.UnitAttr.get()
+        return loop, dict(zip("bhgpr", loop.induction_variables))
+
+    def _rows(self, name: str, width: Optional[int], b, h, g, row0, padding: float) -> ir.Value:
+        """R rows of a (B, H, G, L[, width]) operand from row0, in the accumulator type; rows
+        past L read `padding`."""
+        source = self.tensors[name] if isinstance(name, str) else name
+        dims = [(3, self.R, False)] + ([(4, width, True)] if width is not None else [])
+        element = element_type_of(source)
+        tile = read_tile(source, dims, {0: b, 1: h, 2: g, 3: row0}, arith.constant(element, padding))
+        return _extend(tile, self.acc)
+
+    def _keys(self, name: str, width: int, b, h, j) -> ir.Value:
+        """T rows of K or V from key j, in the accumulator type (past S: zeros)."""
+        source = self.tensors[name]
+        tile = read_tile(source, [(2, self.T, False), (3, width, True)], {0: b, 1: h, 2: j},
+                         arith.constant(self.et, 0.0))
+        return _extend(tile, self.acc)
+
+    def _lse_base(self, b, h, g, row0) -> ir.Value:
+        """lse of the rows, with +inf for rows past L and for rows that saw no key (lse = -inf):
+        exp(s - base) is then 0 for them."""
+        lse = self._rows("lse", None, b, h, g, row0, float("inf"))
+        empty = arith.cmpf(arith.CmpFPredicate.OEQ, lse, splat([self.R], self.acc, float("-inf")))
+        return arith.select(empty, splat([self.R], self.acc, float("inf")), lse)
+
+    def _index_vectors(self, b, h, g, row0, j):
+        """linalg.index d of a score op, as (R x T) i32 vectors of the global indices."""
+        R, T = self.R, self.T
+        shape = vector_type([R, T], i32())
+
+        def make(d: int) -> ir.Value:
+            if d == _S:
+                keys = arith.addi(iota_i32(T), vector.broadcast(vector_type([T], i32()), to_i32(j)))
+                return vector.broadcast(shape, keys)
+            if d == _L:
+                rows = arith.addi(iota_i32(R), vector.broadcast(vector_type([R], i32()), to_i32(row0)))
+                return broadcast_rows(rows, T)
+            return vector.broadcast(shape, to_i32({_B: b, _H: h, _G: g}[d]))
+        return make
+
+    def _mask_tile(self, generic: ir.Operation, index: int, b, h, g, row0, j) -> ir.Value:
+        """Operand `index` of a score op (a mask) as an (R x T) vector, broadcast where it is."""
+        value = generic.operands[index]
+        amap = ir.AffineMapAttr(ir.ArrayAttr(generic.attributes["indexing_maps"])[index]).value
+        loop_dims = [ir.AffineDimExpr(e).position for e in amap.results]
+        starts = {_B: b, _H: h, _G: g, _L: row0, _S: j}
+        offsets = {i: starts[d] for i, d in enumerate(loop_dims)}
+        sizes = {_L: self.R, _S: self.T}
+        dims = [(loop_dims.index(d), sizes[d], False) for d in (_L, _S) if d in loop_dims]
+        present = [d in loop_dims for d in (_L, _S)]
+        if not dims:  # varies along neither rows nor keys: read its one element
+            dims = [(len(loop_dims) - 1, 1, True)]
+        element = element_type_of(value)
+        padding = arith.constant(element, 0 if isinstance(element, ir.IntegerType) else 0.0)
+        return expand_to(read_tile(value, dims, offsets, padding), present, [self.R, self.T])
+
+    def _transposed_operand(self, name: str, width: int, b, h, j):
+        """K or V as the right operand of Q . K^T or dOut . V^T for keys j..: (the tile, the
+        contraction's maps), by ScheduleOptions.k_layout: the (T x width) tile as read
+        ("folded"), transposed in registers ("explicit"), or the (width x T) tile of the
+        transposed copy ("materialized")."""
+        if self.options.k_layout == "materialized":
+            tile = read_tile(self.transposed[name], [(3, width, True), (4, self.T, True)],
+                             {0: b, 1: h, 2: arith.divui(j, const_index(self.T))}, arith.constant(self.et, 0.0))
+            return _extend(tile, self.acc), _ROW_MAJOR
+        tile = self._keys(name, width, b, h, j)
+        if self.options.k_layout == "explicit":
+            return vector.transpose(vector_type([width, self.T], self.acc), tile, [1, 0]), _ROW_MAJOR
+        return tile, _FOLDED
+
+    def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool) -> ir.Value:
+        """The score chain on the (R x T) tile of rows row0.. and keys j..; with `mask_keys`,
+        keys at or past S are -inf."""
+        R, T = self.R, self.T
+        s = _contract(q_tile, k_operand[0], splat([R, T], self.acc, 0.0), k_operand[1])
+        index_vectors = self._index_vectors(b, h, g, row0, j)
+        translator = BodyTranslator([R, T], index_vectors)
+        for op in self.score_ops:
+            extra = [self._mask_tile(op, i, b, h, g, row0, j) for i in range(1, len(op.operands) - 1)]
+            s = translator.translate(op, [s, *extra, None])
+        if mask_keys:
+            inside = arith.cmpi(arith.CmpIPredicate.slt, index_vectors(_S),
+                                vector.broadcast(vector_type([R, T], i32()), to_i32(self.S)))
+            s = arith.select(inside, s, splat([R, T], self.acc, float("-inf")))
+        return s
+
+    def _probabilities(self, s, lse_base) -> ir.Value:
+        """P = exp2((s - lse) * log2(e))."""
+        shifted = arith.subf(s, broadcast_rows(lse_base, self.T))
+        return mmath.exp2(arith.mulf(shifted, splat([self.R, self.T], self.acc, _LOG2E)))
+
+    def _score_gradient(self, p, do_tile, v_operand, delta) -> ir.Value:
+        """dS = P * (dOut . V^T - Delta)."""
+        dp = _contract(do_tile, v_operand[0], splat([self.R, self.T], self.acc, 0.0), v_operand[1])
+        return arith.mulf(p, arith.subf(dp, broadcast_rows(delta, self.T)))
+
+    def _scaled_out(self, value, rows: int, width: int) -> ir.Value:
+        return _extend(arith.mulf(value, splat([rows, width], self.acc, self.spec.scale)), self.et)
+
+    # ------------------------------------------------------------------ the loops
+
+    def _delta_loop(self) -> ir.Value:
+        """Delta = rowsum(dOut * Out) - dLSE per query row, into a (B, H, G, L) workspace."""
+        workspace = _new_tensor([self.B, self.H, self.G, self.L], self.acc)
+        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [workspace], DELTA_LOOP)
+        with ir.InsertionPoint(loop.body):
+            b, h, g = iv["b"], iv["h"], iv["g"]
+            row0 = arith.muli(iv["r"], const_index(self.R))
+            out = self._rows("out", self.EV, b, h, g, row0, 0.0)
+            dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
+            dlse = self._rows("dlse", None, b, h, g, row0, 0.0)
+            delta = arith.subf(_row_sum(arith.mulf(out, dout), self.R, self.acc), dlse)
+            self._write_rows(loop, delta, [b, h, g, row0], None)
+        return loop.results[0]
+
+    def _write_rows(self, loop, value, offsets, width: Optional[int], out_index: int = 0) -> None:
+        """Write R rows (past L clipped) of `value` into shared out `out_index` at offsets."""
+        arg = loop.inner_iter_args[out_index]
+        valid = arith.minui(const_index(self.R), arith.subi(self.L, offsets[3]))
+        sizes = [1, 1, 1, valid] + ([width] if width is not None else [])
+        offsets = list(offsets) + ([0] if width is not None else [])
+        dest = slice_of(arg, offsets, sizes)
+        dims = [(3, False)] + ([(4, True)] if width is not None else [])
+        written = write_tile(value, dest, dims, {})
+        in_parallel = scf.InParallelOp()
+        with ir.InsertionPoint(in_parallel.block):
+            insert_in_parallel(written, arg, offsets, sizes)
+
+    def _dq_loop(self, delta_ws: ir.Value) -> ir.Value:
+        R, T, E = self.R, self.T, self.E
+        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP)
+        with ir.InsertionPoint(loop.body):
+            b, h, g = iv["b"], iv["h"], iv["g"]
+            row0 = arith.muli(iv["r"], const_index(R))
+            q = self._rows("q", E, b, h, g, row0, 0.0)
+            dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
+            base = self._lse_base(b, h, g, row0)
+            delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
+            end = self.S
+            if self.spec.causal:  # the last valid row sees keys up to it
+                last = arith.minui(arith.addi(row0, const_index(R)), self.L)
+                end = arith.minui(end, last)
+            end = arith.muli(arith.ceildivui(end, const_index(T)), const_index(T))
+            steps = scf.ForOp(const_index(0), end, const_index(T), [splat([R, E], self.acc, 0.0)])
+            with ir.InsertionPoint(steps.body):
+                j = steps.induction_variable
+                k = self._keys("k", E, b, h, j)
+                s = self._scores(q, self._transposed_operand("k", E, b, h, j), b, h, g, row0, j, mask_keys=True)
+                v = self._transposed_operand("v", self.EV, b, h, j)
+                ds = self._score_gradient(self._probabilities(s, base), dout, v, delta)
+                scf.YieldOp([_contract(ds, k, steps.inner_iter_args[0], _ROW_MAJOR)])
+            dq = self._scaled_out(steps.results[0], R, E)
+            self._write_rows(loop, dq, [b, h, g, row0], E)
+        return loop.results[0]
+
+    def _dkv_loop(self, delta_ws: ir.Value):
+        R, T, E, EV = self.R, self.T, self.E, self.EV
+        key_tiles = arith.ceildivui(self.S, const_index(T))
+        loop, iv = self._loop([self.B, self.H, 1, 1, key_tiles], [self.tensors["dk"], self.tensors["dv"]],
+                              DKV_LOOP)
+        with ir.InsertionPoint(loop.body):
+            b, h = iv["b"], iv["h"]
+            j = arith.muli(iv["r"], const_index(T))
+            k = self._transposed_operand("k", E, b, h, j)
+            v = self._transposed_operand("v", EV, b, h, j)
+            first = const_index(0)
+            if self.spec.causal:  # rows before the tile's first key see none of it
+                first = arith.muli(arith.divui(j, const_index(R)), const_index(R))
+            carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0)]
+            heads = scf.ForOp(const_index(0), const_index(self.G), const_index(1), carried)
+            with ir.InsertionPoint(heads.body):
+                g = heads.induction_variable
+                rows = scf.ForOp(first, self.L, const_index(R), list(heads.inner_iter_args))
+                with ir.InsertionPoint(rows.body):
+                    row0 = rows.induction_variable
+                    dk_acc, dv_acc = rows.inner_iter_args
+                    q = self._rows("q", E, b, h, g, row0, 0.0)
+                    dout = self._rows("dout", EV, b, h, g, row0, 0.0)
+                    base = self._lse_base(b, h, g, row0)
+                    delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
+                    s = self._scores(q, k, b, h, g, row0, j, mask_keys=False)
+                    p = self._probabilities(s, base)
+                    dv_acc = _contract(p, dout, dv_acc, _A_TRANSPOSED)
+                    ds = self._score_gradient(p, dout, v, delta)
+                    dk_acc = _contract(ds, q, dk_acc, _A_TRANSPOSED)
+                    scf.YieldOp([dk_acc, dv_acc])
+                scf.YieldOp(list(rows.results))
+            dk = self._scaled_out(heads.results[0], T, E)
+            dv = _extend(heads.results[1], self.et)
+            valid = arith.minui(const_index(T), arith.subi(self.S, j))
+            writes = []
+            for index, value, width in ((0, dk, E), (1, dv, EV)):
+                arg = loop.inner_iter_args[index]
+                offsets, sizes = [b, h, j, 0], [1, 1, valid, width]
+                written = write_tile(value, slice_of(arg, offsets, sizes), [(2, False), (3, True)], {})
+                writes.append((written, arg, offsets, sizes))
+            in_parallel = scf.InParallelOp()
+            with ir.InsertionPoint(in_parallel.block):
+                for written, arg, offsets, sizes in writes:
+                    insert_in_parallel(written, arg, offsets, sizes)
+        return loop.results[0], loop.results[1]
+
+
+def element_type_of(value: ir.Value) -> ir.Type:
+    return ir.ShapedType(value.type).element_type
+
+
+def _new_tensor(shape, element: ir.Type) -> ir.Value:
+    from .flash import _new_tensor as new_tensor
+    return new_tensor(shape, element)
