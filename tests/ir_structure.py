@@ -25,6 +25,8 @@ class WorkGroupIR:
     q_reads_inside_loops: int = 0
     allocations_in_loops: int = 0
     transposes_in_flash_loops: int = 0
+    carried_by_loops: List[dict] = field(default_factory=list)  # per scf.forall: its attrs and the
+    #                                                             vector types its scf.fors carry
 
 
 def _shape(value: ir.Value) -> Tuple[int, ...]:
@@ -71,6 +73,11 @@ def describe(ir_text: str) -> WorkGroupIR:
                     report.q_reads_inside_loops += 1
                 else:
                     report.q_reads_outside_loops += 1
+        for loop in foralls:
+            carried = sorted({str(v.type) for inner in walk(loop, lambda op: op.name == "scf.for")
+                              for v in inner.results if isinstance(v.type, ir.VectorType)})
+            report.carried_by_loops.append({"attrs": sorted(a for a in loop.attributes if a.startswith("attn.")),
+                                            "carried": carried})
         report.allocations_in_loops = len(walk(module, lambda op: op.name in ("memref.alloc", "memref.alloca")
                                                and any(is_inside(op, loop) for loop in foralls)))
     return report

@@ -302,3 +302,69 @@ def test_spec_holds_no_lengths():
     assert not fields & {"batch", "kv_heads", "q_len", "kv_len"}
     spec = replace(SPECS["plain"], length_class="long")
     assert spec.operand_dims()["q"] == ("B", "H", 1, "L", 64)
+
+
+# ------------------------------------------------------------------------------------ backward
+
+#: option sets the backward is checked with: GPU-like tiles (and their k layouts) and the cpu's.
+BACKWARD_OPTION_SETS = ["gpu-64x64-folded-lowp", "gpu-128x64-explicit-lowp", "16x32-materialized",
+                        "8x16-split3", "gpu-64x32-explicit-packed"]
+BACKWARD_SPECS = {
+    "causal-gqa": AttentionSpec(group=4, head_dim=64, v_head_dim=32, dtype="bfloat16", causal=True,
+                                length_class="long", kernel="backward"),
+    "mask": AttentionSpec(group=1, head_dim=32, v_head_dim=32, dtype="float32",
+                          mask=MaskSpec("bool", ("b", "l", "s"), "bool"), length_class="long", kernel="backward"),
+}
+
+
+@pytest.mark.parametrize("backward_dq", ["second_pass", "per_head"])
+@pytest.mark.parametrize("spec_name", list(BACKWARD_SPECS))
+@pytest.mark.parametrize("option_set", BACKWARD_OPTION_SETS)
+def test_backward_structure(option_set, spec_name, backward_dq):
+    """The shared backward stages with every target's kind of options: normalized, mapped
+    work-group loops only (delta, dq, dkv, and the K^T / V^T copies of the materialized layout),
+    no allocation inside them, the gradients' accumulators carried by their loops in the
+    accumulator type, every contraction on full static tiles."""
+    spec = BACKWARD_SPECS[spec_name]
+    opts = replace(options(option_set), backward_dq=backward_dq)
+    ir = describe(bufferized_ir(spec, opts))
+    expected = ["attn.backward_delta", "attn.backward_dkv", "attn.backward_dq"]
+    if opts.k_layout == "materialized":
+        expected += ["attn.k_transpose", "attn.v_transpose"]
+    assert sorted(a for loop in ir.loops for a in loop["attrs"]) == sorted(expected)
+    for loop in ir.loops:
+        assert loop["normalized"] and loop["mapping"] is not None
+        if "attn.k_transpose" not in loop["attrs"] and "attn.v_transpose" not in loop["attrs"]:
+            assert loop["rank"] == 5 and loop["mapping"] == MAPPING
+    assert ir.allocations_in_loops == 0
+    carried = {tuple(loop["attrs"]): loop["carried"] for loop in ir.carried_by_loops}
+    r, t, e, ev = opts.row_tile, opts.kv_tile, spec.head_dim, spec.v_head_dim
+    assert f"vector<{t}x{e}xf32>" in carried[("attn.backward_dkv",)]  # dK
+    assert f"vector<{t}x{ev}xf32>" in carried[("attn.backward_dkv",)]  # dV
+    if backward_dq == "second_pass":
+        assert carried[("attn.backward_dq",)] == [f"vector<{r}x{e}xf32>"]  # dQ
+    shapes = {s for c in ir.contractions for s in c}
+    assert all(len(s) == 2 and all(d in (r, t, e, ev) for d in s) for s in shapes), ir.contractions
+
+
+BACKWARD_NUMERICS = [("gpu-64x64-folded-lowp", "second_pass"), ("gpu-128x64-explicit-lowp", "per_head"),
+                     ("16x32-materialized", "second_pass"), ("8x16-split3", "per_head")]
+
+
+@pytest.mark.parametrize("option_set,backward_dq", BACKWARD_NUMERICS)
+@pytest.mark.parametrize("case", ["causal-gqa", "mask"])
+def test_backward_numerics(option_set, backward_dq, case, monkeypatch, fresh_seed):
+    """Gradients through the cpu target with other targets' tiles, against SDPA and the fp64
+    reference (tails of rows and keys, several tiles, GQA)."""
+    from sdpa_cases import Case, check_gradients
+    fields = dict(OPTION_SETS[option_set], backward_dq=backward_dq)
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(fields))
+    if case == "causal-gqa":
+        q, k, v = rand(2, 8, 150, 64), rand(2, 2, 150, 64), rand(2, 2, 150, 32)
+        kwargs = {"is_causal": True, "enable_gqa": True}
+    else:
+        q, k, v = rand(2, 3, 77, 32), rand(2, 3, 140, 32), rand(2, 3, 140, 32)
+        mask = torch.rand(2, 1, 77, 140) > 0.4
+        mask[:, :, 5] = False
+        kwargs = {"attn_mask": mask}
+    check_gradients(Case(q, k, v, kwargs))

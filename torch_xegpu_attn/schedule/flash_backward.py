@@ -149,8 +149,11 @@ class _Backward:
                 self.transposed = {"k": materialize_transposed(k, self.T, self.E, K_TRANSPOSE_LOOP),
                                    "v": materialize_transposed(self.tensors["v"], self.T, self.EV, V_TRANSPOSE_LOOP)}
             delta = self._delta_loop()
-            dq = self._dq_loop(delta)
-            dk, dv = self._dkv_loop(delta)
+            if self.options.backward_dq == "per_head":
+                dq, dk, dv = self._head_loop(delta)
+            else:
+                dq = self._dq_loop(delta)
+                dk, dv = self._dkv_loop(delta)
         for name, value in (("dq", dq), ("dk", dk), ("dv", dv)):
             self.materialize[name].operands[0] = value
 
@@ -360,6 +363,98 @@ class _Backward:
                 for written, arg, offsets, sizes in writes:
                     insert_in_parallel(written, arg, offsets, sizes)
         return loop.results[0], loop.results[1]
+
+
+    def _head_loop(self, delta_ws: ir.Value):
+        """backward_dq = "per_head": forall (b, h): the key tiles in turn, for each the G heads'
+        row tiles that see them; dK and dV of the tile in registers, dQ accumulated into an f32
+        (B, H, G, L, E) workspace, which a last loop scales into dQ."""
+        R, T, E, EV, G = self.R, self.T, self.E, self.EV, self.G
+        workspace = _new_tensor([self.B, self.H, G, self.L, E], self.acc)
+        outs = [workspace, self.tensors["dk"], self.tensors["dv"]]
+        loop, iv = self._loop([self.B, self.H, 1, 1, 1], outs, DKV_LOOP)
+        with ir.InsertionPoint(loop.body):
+            b, h = iv["b"], iv["h"]
+            ws_arg, dk_arg, dv_arg = loop.inner_iter_args
+            head = ([b, h, 0, 0, 0], [1, 1, G, self.L, E])
+            keys = ([b, h, 0, 0], [1, 1, self.S, E]), ([b, h, 0, 0], [1, 1, self.S, EV])
+            ws = slice_of(ws_arg, *head)
+            dk_head, dv_head = slice_of(dk_arg, *keys[0]), slice_of(dv_arg, *keys[1])
+            zero = splat([R, E], self.acc, 0.0)
+            ws = self._over_rows(ws, const_index(0), lambda ws, g, row0: _write_rows_at(zero, ws, g, row0))
+
+            steps = scf.ForOp(const_index(0), self.S, const_index(T), [ws, dk_head, dv_head])
+            with ir.InsertionPoint(steps.body):
+                j = steps.induction_variable
+                ws, dk_head, dv_head = steps.inner_iter_args
+                k_op = self._transposed_operand("k", E, b, h, j)
+                v_op = self._transposed_operand("v", EV, b, h, j)
+                k = self._keys("k", E, b, h, j)
+                first = const_index(0)
+                if self.spec.causal:  # rows before the tile's first key see none of it
+                    first = arith.muli(arith.divui(j, const_index(R)), const_index(R))
+                carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0), ws]
+
+                def step(state, g, row0):
+                    dk_acc, dv_acc, ws = state
+                    q = self._rows("q", E, b, h, g, row0, 0.0)
+                    dout = self._rows("dout", EV, b, h, g, row0, 0.0)
+                    base = self._lse_base(b, h, g, row0)
+                    delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
+                    s = self._scores(q, k_op, b, h, g, row0, j, mask_keys=True)
+                    p = self._probabilities(s, base)
+                    dv_acc = _contract(p, dout, dv_acc, _A_TRANSPOSED)
+                    ds = self._score_gradient(p, dout, v_op, delta)
+                    dk_acc = _contract(ds, q, dk_acc, _A_TRANSPOSED)
+                    rows = read_tile(ws, [(3, R, False), (4, E, True)], {2: g, 3: row0}, arith.constant(self.acc, 0.0))
+                    ws = _write_rows_at(_contract(ds, k, rows, _ROW_MAJOR), ws, g, row0)
+                    return [dk_acc, dv_acc, ws]
+
+                dk_acc, dv_acc, ws = self._over_rows(carried, first, step)
+                dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _extend(dv_acc, self.et)
+                dk_head = write_tile(dk_tile, dk_head, [(2, False), (3, True)], {2: j})
+                dv_head = write_tile(dv_tile, dv_head, [(2, False), (3, True)], {2: j})
+                scf.YieldOp([ws, dk_head, dv_head])
+            ws, dk_head, dv_head = steps.results
+
+            in_parallel = scf.InParallelOp()
+            with ir.InsertionPoint(in_parallel.block):
+                for value, arg, (offsets, sizes) in ((ws, ws_arg, head), (dk_head, dk_arg, keys[0]),
+                                                     (dv_head, dv_arg, keys[1])):
+                    insert_in_parallel(value, arg, offsets, sizes)
+        return self._dq_from_workspace(loop.results[0]), loop.results[1], loop.results[2]
+
+    def _dq_from_workspace(self, workspace: ir.Value) -> ir.Value:
+        """forall (b, h, g, 0, r): dQ = scale * the accumulated workspace rows, in the inputs' type."""
+        R, E = self.R, self.E
+        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP)
+        with ir.InsertionPoint(loop.body):
+            b, h, g = iv["b"], iv["h"], iv["g"]
+            row0 = arith.muli(iv["r"], const_index(R))
+            rows = self._rows(workspace, E, b, h, g, row0, 0.0)
+            self._write_rows(loop, self._scaled_out(rows, R, E), [b, h, g, row0], E)
+        return loop.results[0]
+
+    def _over_rows(self, state, first, body):
+        """scf.for g in [0, G), scf.for row0 in [first, L) by row_tile, carrying `state` (a value
+        or a list): state = body(state, g, row0)."""
+        single = not isinstance(state, list)
+        carried = [state] if single else list(state)
+        heads = scf.ForOp(const_index(0), const_index(self.G), const_index(1), carried)
+        with ir.InsertionPoint(heads.body):
+            rows = scf.ForOp(first, self.L, const_index(self.R), list(heads.inner_iter_args))
+            with ir.InsertionPoint(rows.body):
+                inner = list(rows.inner_iter_args)
+                result = body(inner[0] if single else inner, heads.induction_variable, rows.induction_variable)
+                scf.YieldOp([result] if single else list(result))
+            scf.YieldOp(list(rows.results))
+        return heads.results[0] if single else list(heads.results)
+
+
+def _write_rows_at(value: ir.Value, dest: ir.Value, g, row0) -> ir.Value:
+    """Write an (R x width) tile into rows row0.. of head g of a (1, 1, G, L, width) tensor (rows
+    past L not written)."""
+    return write_tile(value, dest, [(3, False), (4, True)], {2: g, 3: row0})
 
 
 def element_type_of(value: ir.Value) -> ir.Type:

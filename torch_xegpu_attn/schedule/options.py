@@ -14,6 +14,8 @@ from dataclasses import dataclass
 K_LAYOUTS = ("folded", "explicit", "materialized")
 #: how key tails are handled (ScheduleOptions.tail).
 TAIL_MODES = ("mask", "peel")
+#: how a backward kernel computes dQ (ScheduleOptions.backward_dq).
+BACKWARD_DQ = ("second_pass", "per_head")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,20 @@ class ScheduleOptions:
                     Rows that kept their maximum keep their accumulator as is
                     (a select: a GPU target skips the rescale where no row of
                     a warp grew, as FlashAttention-4 does with t = 8).
+    backward_dq     how a backward kernel gets dQ; both are deterministic (every
+                    gradient element written by one work-group, no atomics):
+                      "second_pass"  a loop of its own over (b, h, g, row tile)
+                                     work-groups, each over the key tiles,
+                                     recomputing the scores and dP (seven
+                                     tile contractions per (rows, keys) tile
+                                     pair instead of five; every work-group
+                                     count a GPU wants);
+                      "per_head"     a work-group owns a key/value head: it
+                                     goes over the key tiles once, and dQ is
+                                     accumulated in an f32 workspace as they
+                                     go by (five contractions; B * H
+                                     work-groups, what a CPU's few threads
+                                     fill).
     """
 
     row_tile: int
@@ -82,6 +98,7 @@ class ScheduleOptions:
     split_min_keys: int = 1
     combine_cols: int = 0
     rescale_threshold: float = 0.0
+    backward_dq: str = "second_pass"
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -94,6 +111,8 @@ class ScheduleOptions:
             raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
         if self.split_fill < 0 or self.split_min_keys < 1 or self.combine_cols < 0:
             raise ValueError(f"split_fill and combine_cols must be >= 0 and split_min_keys >= 1: {self}")
+        if self.backward_dq not in BACKWARD_DQ:
+            raise ValueError(f"backward_dq must be one of {BACKWARD_DQ}, got {self.backward_dq!r}")
         if not 0 <= self.rescale_threshold <= 15:  # exponentials up to 2^t must fit f16 (P.V operand)
             raise ValueError(f"rescale_threshold must be in [0, 15], got {self.rescale_threshold}")
 
@@ -115,4 +134,6 @@ class ScheduleOptions:
             parts.append("pv-lowp")
         if self.rescale_threshold:
             parts.append(f"lazy{self.rescale_threshold:g}")
+        if self.backward_dq != "second_pass":
+            parts.append(self.backward_dq.replace("_", "-"))
         return "_".join(parts)

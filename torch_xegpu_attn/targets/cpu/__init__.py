@@ -37,6 +37,8 @@ K_UNROLL = {"avx512": 4, "avx2": 2, "sse": 2}
 TAIL = "mask"
 #: keys per flash step.
 KV_TILE = 64
+#: how a backward kernel gets dQ (ScheduleOptions.backward_dq).
+BACKWARD_DQ = "per_head"
 
 #: query rows per key/value head (L * G) up to which K is read in place by
 #: dot products instead of being transposed once into a workspace: with so few
@@ -124,6 +126,11 @@ class CpuTarget(Target):
 
     @staticmethod
     def _schedule(spec: AttentionSpec) -> ScheduleOptions:
+        if spec.kernel == "backward":
+            # K^T and V^T made once, and work-groups of a whole key/value head: the scores and dP
+            # of each tile pair computed once (B * H work-groups fill a CPU's threads)
+            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL,
+                                   backward_dq=BACKWARD_DQ)
         if spec.length_class == "decode":
             return ScheduleOptions(row_tile=1, kv_tile=KV_TILE, pack_gqa=True, tail=TAIL)
         if spec.length_class == "short":

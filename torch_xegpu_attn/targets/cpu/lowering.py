@@ -38,9 +38,9 @@ def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options) -> ir.Modu
 
 def split_transposes(module: ir.Module, tile) -> int:
     """Each copy that transposes a 2-D tile (transfer_read -> vector.transpose -> transfer_write,
-    the K^T workspace's fill) larger than `tile` = (te, ts) -> loops over (te x ts) pieces of it:
-    an (S x E) tile unrolled whole is far more than the registers hold.  te must divide the
-    result's rows and ts its columns.  Returns the copies split."""
+    the K^T and V^T workspaces' fills) larger than `tile` = (te, ts) -> loops over pieces of it
+    of at most (te x ts), the largest that divide it: an (S x E) tile unrolled whole is far more
+    than the registers hold.  Returns the copies split."""
     te, ts = tile
     split = 0
     for transpose in ops_named(module, "vector.transpose"):
@@ -51,9 +51,10 @@ def split_transposes(module: ir.Module, tile) -> int:
                 or isinstance(read, ir.Block) or read.name != "vector.transfer_read" or len(users) != 1
                 or users[0].owner.name != "vector.transfer_write" or (shape[0] <= te and shape[1] <= ts)):
             continue
-        if shape[0] % te or shape[1] % ts:
-            raise CompileError(f"cpu: a {shape} transpose does not split into {te} x {ts} pieces")
-        _split_transpose(read, transpose, users[0].owner, te, ts)
+        # pieces of at most (te x ts) that divide this copy (K^T's rows are E, V^T's Ev)
+        piece_e = max(d for d in range(1, min(te, shape[0]) + 1) if shape[0] % d == 0)
+        piece_s = max(d for d in range(1, min(ts, shape[1]) + 1) if shape[1] % d == 0)
+        _split_transpose(read, transpose, users[0].owner, piece_e, piece_s)
         split += 1
     return split
 
