@@ -198,9 +198,9 @@ def test_opcheck_with_gradients(op, fresh_seed):
     q, k, v = (rand(2, 4, 20, 16).requires_grad_() for _ in range(3))
     mask = torch.rand(20, 20) > 0.3
     if op == "attention_backward":
-        out, lse = torch.ops.xegpu.attention_with_lse(q, k, v, mask)
+        out, lse, seed = torch.ops.xegpu.attention_with_lse(q, k, v, mask, 0.1)
         args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), mask, out.detach(), lse.detach(),
-                0.0, False, None, False)
+                seed, 0.1, False, None, False)
         torch.library.opcheck(torch.ops.xegpu.attention_backward.default, args)
         return
     torch.library.opcheck(getattr(torch.ops.xegpu, op).default, (q, k, v, mask), {"scale": 0.3})

@@ -123,12 +123,20 @@ def test_multihead_attention_need_weights_true_warns(fresh_seed):
     torch.testing.assert_close(weights, expected_weights, **TOL)
 
 
-def test_training_dropout_is_not_served_silently(fresh_seed):
+def test_training_dropout_is_served(fresh_seed):
+    # In training, MultiheadAttention passes its dropout to SDPA: the op applies it (its own
+    # generator: the output differs from SDPA's draw, but is reproducible) and trains.
     mha = nn.MultiheadAttention(D, HEADS, dropout=0.1, batch_first=True).train()
     x = torch.randn(2, 9, D)
-    with torch_xegpu_attn.replace_sdpa(warn_if_unused=False):
-        with pytest.raises(NotImplementedError, match="dropout"):
-            mha(x, x, x, need_weights=False)
+    with torch_xegpu_attn.replace_sdpa() as swap:
+        torch.manual_seed(1)
+        first, _ = mha(x, x, x, need_weights=False)
+        torch.manual_seed(1)
+        again, _ = mha(x, x, x, need_weights=False)
+        first.sum().backward()
+    assert swap.calls == 3  # two forwards and a backward
+    assert torch.equal(first, again)
+    assert all(p.grad is not None for p in mha.parameters())
 
 
 def test_name_imported_before_the_block_is_named(tmp_path, fresh_seed):

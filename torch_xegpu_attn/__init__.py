@@ -63,8 +63,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if return_lse:
         if isinstance(scale, torch.Tensor) and scale.dim() == 0:
             scale = scale.item()
-        return torch.ops.xegpu.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                  enable_gqa)
+        out, lse, _ = torch.ops.xegpu.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal,
+                                                         scale, enable_gqa)
+        return out, lse
     if not torch.compiler.is_compiling():
         out = _C.replay(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
@@ -116,6 +117,28 @@ def merge_attention(outputs, lses):
     weights = torch.where(finite, torch.exp(stacked - shift), torch.zeros_like(stacked))
     out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outputs))
     return out.to(outputs[0].dtype), lse
+
+
+def dropout_mask(shape, dropout_p: float) -> torch.Tensor:
+    """The keep-mask the op's dropout draws next: a bool tensor of `shape` = (*batch, Hq, L, S),
+    True where a probability is kept (then scaled by 1 / (1 - dropout_p)).
+
+    A debugging aid: the mask depends only on the seed a call draws from torch's default
+    generator and on each element's (batch, query head, row, key), so
+
+        torch.manual_seed(n); out = attention(q, k, v, dropout_p=p, ...)
+        torch.manual_seed(n); keep = dropout_mask((*batch, Hq, L, S), p)
+
+    gives the mask that call applied (any mask, causal or GQA layout).  It is read from the
+    kernels themselves: attention of zero queries and keys (uniform probabilities 1 / S) over
+    the identity as values gives keep / (S (1 - p)).
+    """
+    *lead, length, keys = shape
+    q = torch.zeros(*lead, length, 1, dtype=torch.float64)
+    k = torch.zeros(*lead, keys, 1, dtype=torch.float64)
+    v = torch.eye(keys, dtype=torch.float64).expand(*lead, keys, keys)
+    with torch.no_grad():
+        return attention(q, k, v, dropout_p=dropout_p) > 0
 
 
 def precompile(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
@@ -233,5 +256,5 @@ def replace_sdpa(warn_if_unused: bool = True):
                           stacklevel=3)
 
 
-__all__ = ["attention", "merge_attention", "precompile", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
+__all__ = ["attention", "merge_attention", "dropout_mask", "precompile", "replace_sdpa", "SdpaSwap", "register_transformers", "AttentionSpec", "MaskSpec", "compile_spec", "stage_names",
            "CompilationStopped", "CompileReport", "CACHE", "COUNTERS", "stats"]

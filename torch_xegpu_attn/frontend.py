@@ -50,6 +50,7 @@ class Plan:
     output: Optional[torch.Tensor] = None           # the user-facing view of `out`
     result: Optional[torch.Tensor] = None           # set for empty problems
     lse: Optional[torch.Tensor] = None              # forward_lse: the user-facing view of `lse`
+    seed: Optional[torch.Tensor] = None             # dropout: the generator's key (two int32)
 
 
 def check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -69,9 +70,6 @@ def check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         raise TypeError(f"attention(): argument 'scale' must be float or None, not {type(scale).__name__}")
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if dropout_p > 0.0:
-        raise NotImplementedError("xegpu::attention does not implement dropout yet: pass dropout_p=0.0 "
-                                  "(dropout is only active in training)")
 
 
 def check_tensors(query, key, value, attn_mask, is_causal) -> None:
@@ -254,6 +252,10 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
+    seed = None
+    if dropout_p > 0:
+        seed = draw_seed(query.device)
+        operands.append(seed)
     size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=l, kv_len=s)
     chosen = get_target(target)  # an unknown target raises here
     out = _new_output(out_shape, query)
@@ -263,10 +265,16 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         lse = _new_output(lse_shape(out_shape), query, lse_dtype(query.dtype))
         operands.append(lse.view(math.prod(batch), h, g, l))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
-                         scale=scale, mask=mask_spec, target=target, kernel=kernel)
+                         scale=scale, mask=mask_spec, target=target, kernel=kernel, dropout_p=float(dropout_p))
     spec = chosen.classified(spec, size, arch)
     chosen.check(spec)  # what the target does not take raises before any work
-    return Plan(out_shape, spec=spec, operands=operands, output=out, lse=lse)
+    return Plan(out_shape, spec=spec, operands=operands, output=out, lse=lse, seed=seed)
+
+
+def draw_seed(device) -> torch.Tensor:
+    """The dropout generator's key for one call: two int32 drawn from torch's default CPU generator
+    (torch.manual_seed reproduces a run), on `device`."""
+    return torch.randint(-2**31, 2**31 - 1, (2,), dtype=torch.int32).to(device)
 
 
 def _target_for(device_type: str) -> str:
@@ -321,7 +329,7 @@ class BackwardPlan:
     result: Optional[Tuple[torch.Tensor, ...]] = None  # set when no kernel is needed
 
 
-def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
+def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, seed, dropout_p, is_causal, scale,
                   enable_gqa) -> BackwardPlan:
     """The backward of one forward call: the same checks and mapping as the forward (`out` and
     `lse` are what it returned), the gradients allocated in canonical shapes and mapped back to
@@ -353,6 +361,10 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dr
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
+    if dropout_p > 0:
+        if seed is None or seed.shape != (2,) or seed.dtype != torch.int32:
+            raise RuntimeError("attention backward: dropout needs the forward's seed (two int32)")
+        operands.append(seed.to(query.device))
     rows = (B, h, g, l)
     operands.append(out.reshape(B, h, g, l, ev).contiguous())
     operands.append(lse.to(lse_dtype(query.dtype)).reshape(rows).contiguous())
@@ -365,7 +377,7 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dr
     size = ProblemSize(batch=B, kv_heads=h, q_len=l, kv_len=s)
     chosen = get_target(target)
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
-                         scale=scale, mask=mask_spec, target=target, kernel="backward")
+                         scale=scale, mask=mask_spec, target=target, kernel="backward", dropout_p=float(dropout_p))
     spec = chosen.classified(spec, size)
     chosen.check(spec)
 

@@ -15,8 +15,9 @@ op without a graph break.
 Training goes through two more ops, defined here with torch.library:
 
     xegpu::attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        -> (out, lse)         the forward that also writes each query row's log-sum-exp
-    xegpu::attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse,
+        -> (out, lse, seed)   the forward that also writes each query row's log-sum-exp (and
+                              returns the dropout's seed)
+    xegpu::attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, seed,
                               dropout_p, is_causal, scale, enable_gqa) -> (dquery, dkey, dvalue)
 
 `attention_with_lse` has its autograd registered (`register_autograd`: the forward saves
@@ -43,8 +44,9 @@ def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         _C.count_empty_result()
         return plan.result
     kernel = CACHE.get(plan.spec)
-    kernel.record(query, key, value, attn_mask, float(dropout_p), is_causal,
-                  None if scale is None else float(scale), enable_gqa, plan.operands, plan.out_shape)
+    if plan.seed is None:  # (a replay would reuse the recorded call's dropout seed)
+        kernel.record(query, key, value, attn_mask, float(dropout_p), is_causal,
+                      None if scale is None else float(scale), enable_gqa, plan.operands, plan.out_shape)
     kernel(plan.operands)
     if not kernel.counts_launches:
         _C.count_launch()
@@ -79,34 +81,42 @@ def _launch(spec, operands) -> None:
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
                        scale: Optional[float] = None, enable_gqa: bool = False
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's output and each query row's log-sum-exp of its scaled, masked scores, (..., Hq, L),
-    float32 (float64 for float64 inputs); -inf for a row that sees no key."""
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDPA's output, each query row's log-sum-exp of its scaled, masked scores, (..., Hq, L),
+    float32 (float64 for float64 inputs; -inf for a row that sees no key), and the dropout's
+    seed (two int32 drawn from torch's default generator; empty without dropout), which the
+    backward needs to regenerate the dropout mask."""
     plan = frontend.plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                          kernel="forward_lse")
+    seed = plan.seed if plan.seed is not None else _no_seed(query)
     if plan.result is not None:
         _C.count_empty_result()
-        return plan.result, plan.lse
+        return plan.result, plan.lse, seed
     _launch(plan.spec, plan.operands)
-    return plan.output, plan.lse
+    return plan.output, plan.lse, seed
+
+
+def _no_seed(query) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int32, device=query.device)
 
 
 @attention_with_lse.register_fake
 def _fake_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
     out = _fake(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    return out, query.new_empty(frontend.lse_shape(out.shape), dtype=frontend.lse_dtype(query.dtype))
+    seed = query.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int32)
+    return out, query.new_empty(frontend.lse_shape(out.shape), dtype=frontend.lse_dtype(query.dtype)), seed
 
 
 @torch.library.custom_op("xegpu::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query: torch.Tensor,
                        key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                       out: torch.Tensor, lse: torch.Tensor, dropout_p: float, is_causal: bool,
-                       scale: Optional[float], enable_gqa: bool
+                       out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                       is_causal: bool, scale: Optional[float], enable_gqa: bool
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of query, key and value of a forward call that returned (out, lse), given
-    the gradients of out and (optionally) of lse."""
-    plan = frontend.backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p,
+    """The gradients of query, key and value of a forward call that returned (out, lse, seed),
+    given the gradients of out and (optionally) of lse."""
+    plan = frontend.backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, seed, dropout_p,
                                   is_causal, scale, enable_gqa)
     if plan.result is not None:
         return tuple(t.contiguous() for t in plan.result)
@@ -115,7 +125,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
 
 
 @attention_backward.register_fake
-def _fake_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale,
+def _fake_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, seed, dropout_p, is_causal, scale,
                    enable_gqa):
     # contiguous, as the real kernel's gradients (whatever the inputs' strides)
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape))
@@ -123,13 +133,14 @@ def _fake_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, d
 
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    out, lse, seed = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
+    ctx.mark_non_differentiable(seed)
     ctx.flags = (dropout_p, is_causal, scale, enable_gqa)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, _grad_seed):
+    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
     # The dispatcher drops trailing arguments equal to their defaults: needs_input_grad covers
     # the arguments given, and the backward returns one gradient for each of them.
     needs = ctx.needs_input_grad
@@ -139,7 +150,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dropout_p, is_causal, scale, enable_gqa = ctx.flags
-    dq, dk, dv = attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, dropout_p,
+    dq, dk, dv = attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, seed, dropout_p,
                                     is_causal, scale, enable_gqa)
     return (dq, dk, dv, None, None, None, None, None)[:len(needs)]
 

@@ -76,7 +76,7 @@ def build_attention_payload(spec: AttentionSpec) -> ir.Module:
             if spec.kernel == "backward":
                 results = _backward(spec, t)
             else:
-                results = {"out": _attention(spec, t["q"], t["k"], t["v"], t.get("mask"), t["out"])}
+                results = {"out": _attention(spec, t["q"], t["k"], t["v"], t.get("mask"), t["out"], t.get("seed"))}
                 if spec.kernel == "forward_lse":
                     results["lse"] = _log_sum_exp(spec, t["q"], t["k"], t.get("mask"), t["lse"])
             for name in written:
@@ -94,6 +94,8 @@ _STRIDED = ("q", "k", "v", "mask", "dout")
 def _argument_type(spec: AttentionSpec, name: str, dims) -> ir.Type:
     if name == "mask":
         et = element_type(spec.mask.dtype)
+    elif name == "seed":
+        et = ir.IntegerType.get_signless(32)
     elif name in ("lse", "dlse"):
         et = accumulator_type(spec.dtype)
     else:
@@ -152,7 +154,7 @@ def _scores(spec, q, k, mask, sym, tag_prefix=""):
     return scores
 
 
-def _attention(spec, q, k, v, mask, out):
+def _attention(spec, q, k, v, mask, out, seed=None):
     et = element_type(spec.dtype)
     acc = accumulator_type(spec.dtype)
     g = spec.group
@@ -163,6 +165,8 @@ def _attention(spec, q, k, v, mask, out):
 
     probs = linalg.softmax([scores.type], scores, _empty(score_shape, sym, acc), 4)
     set_tag(probs.owner, "softmax")
+    if spec.dropout_p > 0:
+        probs = _dropout(spec, probs, seed, sym, "dropout")
 
     # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in acc
     accumulate_in_out = et == acc
@@ -215,13 +219,16 @@ def _backward(spec, t):
 
     probs = linalg_generic([scores, lse], [_empty(score_shape, sym, acc)], [ident5, rows, ident5],
                            ["parallel"] * 5, lambda x, m, _: math.exp(arith.subf(x, m)), "probs")
+    dropped = probs if spec.dropout_p == 0 else _dropout(spec, probs, t["seed"], sym, "dropout")
 
-    # dV[b,h,s,ev] = sum_{g,l} P[b,h,g,l,s] * dOut[b,h,g,l,ev]; loop dims (b, h, g, l, s, ev)
-    dv = _contract_to(probs, dout, ["B", "H", "S", ev], sym, acc, "dv",
+    # dV[b,h,s,ev] = sum_{g,l} Z * P[b,h,g,l,s] * dOut[b,h,g,l,ev]; loop dims (b, h, g, l, s, ev)
+    dv = _contract_to(dropped, dout, ["B", "H", "S", ev], sym, acc, "dv",
                       [[_B, _H, _G, _L, _S], [_B, _H, _G, _L, _E], [_B, _H, _S, _E]])
-    # dP[b,h,g,l,s] = sum_ev dOut[b,h,g,l,ev] * V[b,h,s,ev]
+    # dP[b,h,g,l,s] = Z * sum_ev dOut[b,h,g,l,ev] * V[b,h,s,ev]
     dp = _contract_to(dout, t["v"], score_shape, sym, acc, "dp",
                       [[_B, _H, _G, _L, _E], [_B, _H, _S, _E], [_B, _H, _G, _L, _S]])
+    if spec.dropout_p > 0:
+        dp = _dropout(spec, dp, t["seed"], sym, "dp_dropout")
     # Delta[b,h,g,l] = sum_ev dOut * Out - dLSE
     products = linalg_generic(
         [dout, out], [linalg.fill(zero, outs=[_empty(["B", "H", g, "L"], sym, acc)])], [ident5, ident5, rows],
@@ -246,6 +253,65 @@ def _backward(spec, t):
             [value], [t[name]], [ident, ident], ["parallel"] * rank,
             lambda x, _, f=factor: _cast(et, x if f is None else arith.mulf(x, f)), f"{name}_out")
     return results
+
+
+#: Philox4x32's round multipliers and key increments (Salmon et al., "Parallel random numbers:
+#: as easy as 1, 2, 3", SC 2011), and its number of rounds.
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUNDS = 10
+
+
+def _dropout(spec, x, seed, sym, tag):
+    """x * Z with Z = keep / (1 - p): keep is whether the first 32-bit word of Philox4x32-10 at
+    counter (s, l, b * Hq + h * G + g, 0) under the key (seed[0], seed[1]), shifted right by 8,
+    is at least p * 2^24 (the element kept with probability 1 - p).  The same (batch, query
+    head, row, key) element gets the same draw in every kernel: the backward regenerates the
+    forward's mask instead of storing it."""
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    element = ir.RankedTensorType(x.type).element_type
+    keys = [tensor.extract(seed, [_index(i)]) for i in (0, 1)]
+    heads = arith.index_cast(i32, sym["H"])
+    threshold = min(int(round(spec.dropout_p * 2 ** 24)), 2 ** 24)
+    factor = 0.0 if spec.dropout_p >= 1.0 else 1.0 / (1.0 - spec.dropout_p)
+
+    def body(value, _):
+        index = [arith.index_cast(i32, linalg.IndexOp(d).result) for d in range(5)]
+        group = arith.constant(i32, spec.group)
+        head = arith.addi(arith.muli(arith.addi(arith.muli(index[_B], heads), index[_H]), group), index[_G])
+        counter = [index[_S], index[_L], head, arith.constant(i32, 0)]
+        word = _philox(counter, list(keys), i32, i64)
+        draw = arith.shrui(word, arith.constant(i32, 8))
+        keep = arith.cmpi(arith.CmpIPredicate.uge, draw, arith.constant(i32, threshold))
+        return arith.select(keep, arith.mulf(value, arith.constant(element, factor)), arith.constant(element, 0.0))
+    ident = affine_map(5, range(5))
+    return linalg_generic([x], [_empty(["B", "H", spec.group, "L", "S"], sym, element)], [ident, ident],
+                          ["parallel"] * 5, body, tag)
+
+
+def _i32_constant(i32, value: int) -> ir.Value:
+    """A 32-bit constant given as an unsigned value."""
+    return arith.constant(i32, value - (1 << 32) if value >= 1 << 31 else value)
+
+
+def _philox(counter, key, i32, i64) -> ir.Value:
+    """The first output word of Philox4x32-10 of `counter` (four i32) under `key` (two i32)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    shift = arith.constant(i64, 32)
+
+    def mulhilo(a, m):
+        product = arith.muli(arith.extui(i64, a), arith.constant(i64, m))
+        return arith.trunci(i32, arith.shrui(product, shift)), arith.trunci(i32, product)
+
+    for round_ in range(_PHILOX_ROUNDS):
+        hi0, lo0 = mulhilo(c0, _PHILOX_M[0])
+        hi1, lo1 = mulhilo(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = (arith.xori(arith.xori(hi1, c1), k0), lo1, arith.xori(arith.xori(hi0, c3), k1), lo0)
+        if round_ + 1 < _PHILOX_ROUNDS:
+            k0 = arith.addi(k0, _i32_constant(i32, _PHILOX_W[0]))
+            k1 = arith.addi(k1, _i32_constant(i32, _PHILOX_W[1]))
+    return c0
 
 
 def _extended(acc, x):

@@ -115,6 +115,7 @@ class AttentionSpec:
     target: str = "cpu"
     length_class: str = "any"
     kernel: str = "forward"
+    dropout_p: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("group", "head_dim", "v_head_dim"):
@@ -127,6 +128,9 @@ class AttentionSpec:
             raise ValueError(f"AttentionSpec.target must be one of {tuple(TARGET_DEVICES)}, got {self.target!r}")
         if self.causal and self.mask is not None:
             raise ValueError("a spec has either a mask or causal, not both")
+        if not isinstance(self.dropout_p, (int, float)) or not 0.0 <= self.dropout_p <= 1.0:
+            raise ValueError(f"AttentionSpec.dropout_p must be in [0, 1], got {self.dropout_p!r}")
+        object.__setattr__(self, "dropout_p", float(self.dropout_p))
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionSpec.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if not isinstance(self.length_class, str) or not self.length_class:
@@ -146,6 +150,8 @@ class AttentionSpec:
             "v": ("B", "H", "S", ev),
             "out": ("B", "H", g, "L", ev),
         }
+        if self.dropout_p > 0:
+            dims["seed"] = (2,)
         if self.kernel != "forward":
             dims["lse"] = ("B", "H", g, "L")
         if self.kernel == "backward":
@@ -159,13 +165,14 @@ class AttentionSpec:
     def operand_names(self) -> List[str]:
         """The kernel's arguments in order, by kernel:
 
-            forward      q, k, v, [mask], out
-            forward_lse  q, k, v, [mask], out, lse
-            backward     q, k, v, [mask], out, lse, dout, dlse, dq, dk, dv
+            forward      q, k, v, [mask], [seed], out
+            forward_lse  q, k, v, [mask], [seed], out, lse
+            backward     q, k, v, [mask], [seed], out, lse, dout, dlse, dq, dk, dv
 
         Inputs first, then what the kernel writes (out and lse of the forwards; dq, dk, dv of the
-        backward)."""
-        names = ["q", "k", "v"] + (["mask"] if self.mask is not None else []) + ["out"]
+        backward).  seed (two int32, with dropout) keys the dropout's generator."""
+        names = ["q", "k", "v"] + (["mask"] if self.mask is not None else [])
+        names += (["seed"] if self.dropout_p > 0 else []) + ["out"]
         if self.kernel != "forward":
             names.append("lse")
         if self.kernel == "backward":
@@ -185,6 +192,8 @@ class AttentionSpec:
                 return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
             if name in ("lse", "dlse"):
                 return "float64" if self.dtype == "float64" else "float32"
+            if name == "seed":
+                return "int32"
             return self.dtype
         return [(name, dims[name], dtype(name)) for name in self.operand_names()]
 
@@ -208,6 +217,7 @@ class AttentionSpec:
         """A stable text form: the spec part of the cache key (floats exact, via hex)."""
         data = dataclasses.asdict(self)
         data["scale"] = float(self.scale).hex()
+        data["dropout_p"] = float(self.dropout_p).hex()
         return json.dumps(data, sort_keys=True)
 
     @staticmethod
@@ -215,6 +225,8 @@ class AttentionSpec:
         """The spec of `to_json`'s text, parsed (json.loads) into a dict (cache listings)."""
         fields = dict(data)
         fields["scale"] = float.fromhex(fields["scale"])
+        if "dropout_p" in fields:
+            fields["dropout_p"] = float.fromhex(fields["dropout_p"])
         if fields.get("mask") is not None:
             mask = fields["mask"]
             fields["mask"] = MaskSpec(mask["kind"], tuple(mask["dims"]), mask["dtype"])
@@ -225,5 +237,6 @@ class AttentionSpec:
         m = "" if self.mask is None else f"_{self.mask.kind}{''.join(self.mask.dims)}"
         c = "_causal" if self.causal else ""
         kind = "" if self.kernel == "forward" else f"_{self.kernel}"
+        kind += f"_dropout{self.dropout_p:g}" if self.dropout_p > 0 else ""
         return (f"g{self.group}_e{self.head_dim}v{self.v_head_dim}_{self.dtype}{m}{c}"
                 f"_{self.length_class}{kind}")

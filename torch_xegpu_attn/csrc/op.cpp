@@ -186,13 +186,13 @@ at::Tensor attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::
 
 // xegpu::attention_with_lse (defined and given its autograd in ops.py): the forward that also
 // returns the log-sum-exp the backward needs.
-c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                             const std::optional<at::Tensor>&, double, bool,
                                                             std::optional<double>, bool)>
 attention_with_lse_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("xegpu::attention_with_lse", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const std::optional<at::Tensor>&,
                                                                  double, bool, std::optional<double>, bool)>();
   return op;

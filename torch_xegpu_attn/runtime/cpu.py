@@ -18,7 +18,7 @@ from ..targets.base import Kernel
 #: element sizes of workspaces (MLIR element types) and of operands (dtype names of
 #: AttentionSpec.operands).
 _WORKSPACE_ITEM_SIZES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i8": 1}
-_OPERAND_ITEM_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
+_OPERAND_ITEM_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int32": 4}
 #: run-time extents as the launcher numbers them.
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
 

@@ -111,9 +111,9 @@ def _expect_generic(op, what: str, body: Tuple[str, ...]):
     return op
 
 
-def _softmax_scores(pv) -> ir.Value:
-    """Walk from P.V's P operand back through the decomposed softmax to the scores X."""
-    div = _expect_generic(defining_op(pv.operands[0]), "softmax normalization", ("arith.divf",))
+def _softmax_scores(probabilities: ir.Value) -> ir.Value:
+    """Walk from the probabilities back through the decomposed softmax to the scores X."""
+    div = _expect_generic(defining_op(probabilities), "softmax normalization", ("arith.divf",))
     exp = _expect_generic(defining_op(div.operands[0]), "softmax exponential", ("arith.subf", "math.exp"))
     _expect_generic(defining_op(div.operands[1]), "softmax row sum", ("arith.addf",))
     rowmax = _expect_generic(defining_op(exp.operands[1]), "softmax row max", ("arith.maxnumf",))
@@ -192,7 +192,13 @@ class _WorkGroup:
         if len(pvs) != 1:
             raise CompileError(f"flash: expected one P.V contraction (tag 'pv'), found {len(pvs)}")
         self.pv = pvs[0]
-        self.qk, self.score_ops = _score_ops(_softmax_scores(self.pv))
+        probabilities = self.pv.operands[0]
+        self.dropout = defining_op(probabilities)  # dropout (tag "dropout") between softmax and P.V
+        if self.dropout is not None and tag_of(self.dropout) == "dropout":
+            probabilities = self.dropout.operands[0]
+        else:
+            self.dropout = None
+        self.qk, self.score_ops = _score_ops(_softmax_scores(probabilities))
         self.q = self.qk.operands[0]
         q_slice = _slice_source(self.q, "Q")
         k_transpose = defining_op(self.qk.operands[1])
@@ -508,6 +514,9 @@ class _WorkGroup:
         new_sum = arith.addf(arith.mulf(l, alpha, fastmath=_contract_flag()), tile_sum, fastmath=_contract_flag())
         v = read_tile(self.v, [(2, tile, r.in_bounds), (3, self.ev, True)], {2: j},
                       arith.constant(self.et, 0.0))
+        if self.dropout is not None:  # the row sum keeps every key; P.V only the kept ones, scaled
+            # (a translator of its own: the score chain's may hold index vectors of an scf.if)
+            p = BodyTranslator([rows, tile], self._index_vectors(j, tile)).translate(self.dropout, [p, None])
         if self.options.pv_in_f32 or self.et == self.acc:
             v = _convert(v, self.acc)
         else:

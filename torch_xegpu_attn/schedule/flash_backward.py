@@ -21,6 +21,9 @@ from the dK/dV loop: every output element is written by one work-group, so resul
 deterministic and no target needs float atomics.  The cost is the recomputation of the score
 tile and dP in both loops (the backward's 2.5 forward matmuls become 3.5).
 
+With dropout, the payload's dropout ops (tags "dropout" on P, "dp_dropout" on dP) are re-emitted
+per tile: dV takes Z * P, dS = P * (Z * dP - Delta), Z regenerated from the seed.
+
 Conventions of the fused kernel that the payload does not show: rows past L read lse as +inf
 (P = 0: they contribute nothing), a row that saw no key has lse = -inf and gradient 0 (its lse
 is taken as +inf), keys at or past S are masked to -inf in the dQ loop and never written in
@@ -130,6 +133,8 @@ class _Backward:
                 name = next(n for n, a in self.args.items() if a == op.operands[1])
                 self.materialize[name] = op
         self.probs = walk(module, lambda o: tag_of(o) == "probs")[0]
+        dropout = {tag: walk(module, lambda o, t=tag: tag_of(o) == t) for tag in ("dropout", "dp_dropout")}
+        self.dropout = {tag: ops[0] if ops else None for tag, ops in dropout.items()}
         self.score_ops = _score_chain(self.probs)
         self.R, self.T = options.row_tile, options.kv_tile
         self.G, self.E, self.EV = spec.group, spec.head_dim, spec.v_head_dim
@@ -239,6 +244,7 @@ class _Backward:
         s = _contract(q_tile, k_operand[0], splat([R, T], self.acc, 0.0), k_operand[1])
         index_vectors = self._index_vectors(b, h, g, row0, j)
         translator = BodyTranslator([R, T], index_vectors)
+        self.translator = translator  # the tile's: the dropout's body runs on it too
         for op in self.score_ops:
             extra = [self._mask_tile(op, i, b, h, g, row0, j) for i in range(1, len(op.operands) - 1)]
             s = translator.translate(op, [s, *extra, None])
@@ -253,9 +259,15 @@ class _Backward:
         shifted = arith.subf(s, broadcast_rows(lse_base, self.T))
         return mmath.exp2(arith.mulf(shifted, splat([self.R, self.T], self.acc, _LOG2E)))
 
+    def _dropped(self, value: ir.Value, tag: str) -> ir.Value:
+        """value * Z on the current tile (the payload's dropout op `tag`), or value without dropout."""
+        op = self.dropout[tag]
+        return value if op is None else self.translator.translate(op, [value, None])
+
     def _score_gradient(self, p, do_tile, v_operand, delta) -> ir.Value:
-        """dS = P * (dOut . V^T - Delta)."""
+        """dS = P * (Z * dOut . V^T - Delta)."""
         dp = _contract(do_tile, v_operand[0], splat([self.R, self.T], self.acc, 0.0), v_operand[1])
+        dp = self._dropped(dp, "dp_dropout")
         return arith.mulf(p, arith.subf(dp, broadcast_rows(delta, self.T)))
 
     def _scaled_out(self, value, rows: int, width: int) -> ir.Value:
@@ -344,7 +356,7 @@ class _Backward:
                     delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
                     s = self._scores(q, k, b, h, g, row0, j, mask_keys=False)
                     p = self._probabilities(s, base)
-                    dv_acc = _contract(p, dout, dv_acc, _A_TRANSPOSED)
+                    dv_acc = _contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
                     ds = self._score_gradient(p, dout, v, delta)
                     dk_acc = _contract(ds, q, dk_acc, _A_TRANSPOSED)
                     scf.YieldOp([dk_acc, dv_acc])
@@ -403,7 +415,7 @@ class _Backward:
                     delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
                     s = self._scores(q, k_op, b, h, g, row0, j, mask_keys=True)
                     p = self._probabilities(s, base)
-                    dv_acc = _contract(p, dout, dv_acc, _A_TRANSPOSED)
+                    dv_acc = _contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
                     ds = self._score_gradient(p, dout, v_op, delta)
                     dk_acc = _contract(ds, q, dk_acc, _A_TRANSPOSED)
                     rows = read_tile(ws, [(3, R, False), (4, E, True)], {2: g, 3: row0}, arith.constant(self.acc, 0.0))

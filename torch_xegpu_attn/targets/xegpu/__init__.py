@@ -94,6 +94,10 @@ class XegpuTarget(Target):
                 f"the xegpu target compiles the forward pass only: the gradient and the log-sum-exp "
                 f"({spec.kernel}) of xegpu::attention on XPU tensors are not implemented yet; "
                 f"train on CPU tensors, or call it under torch.no_grad() for inference")
+        if spec.dropout_p > 0:
+            raise NotImplementedError(
+                f"the xegpu target does not implement dropout yet (dropout_p={spec.dropout_p}); it runs on "
+                f"CPU tensors")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
