@@ -46,6 +46,8 @@ from ..mlir_utils import (CompileError, accumulator_type, const_index, insert_in
                           walk)
 from ..payload import FUNC_NAME
 from ..spec import AttentionSpec
+from .flash import (K_TRANSPOSE_LOOP, V_TRANSPOSE_LOOP, _contract as contract, _convert, _new_tensor, _score_ops,
+                    materialize_transposed)
 from .options import ScheduleOptions
 from .tiling import block_mapping
 from .vector_tiles import (BodyTranslator, broadcast_rows, expand_to, i32, iota_i32, read_tile, splat, to_i32,
@@ -77,18 +79,13 @@ def build_backward(module: ir.Module, spec: AttentionSpec, options: ScheduleOpti
 
 def _score_chain(probs: ir.Operation) -> List[ir.Operation]:
     """The elementwise score ops between QK^T and P, in order."""
-    from .flash import _score_ops
     _, ops = _score_ops(probs.operands[0])
     return ops
 
 
-def _contract(lhs, rhs, acc, maps) -> ir.Value:
-    """vector.contract over dims (m, n, k) with the given (lhs, rhs, acc) dim lists."""
-    amaps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims]) for dims in maps]
-    iterators = ir.ArrayAttr.get([ir.Attribute.parse(f"#vector.iterator_type<{k}>")
-                                  for k in ("parallel", "parallel", "reduction")])
-    return vector.contract(acc.type, lhs, rhs, acc, ir.ArrayAttr.get([ir.AffineMapAttr.get(m) for m in amaps]),
-                           iterators)
+def _contract(lhs, rhs, acc, dims) -> ir.Value:
+    """vector.contract over (m, n, k) with the (lhs, rhs, acc) dim lists `dims`."""
+    return contract(lhs, rhs, acc, [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in ds]) for ds in dims])
 
 
 #: C[m, n] += A[m, k] B[n, k] (B's rows along k: a K or V tile as read)
@@ -97,16 +94,6 @@ _FOLDED = ([0, 2], [1, 2], [0, 1])
 _ROW_MAJOR = ([0, 2], [2, 1], [0, 1])
 #: C[m, n] += A[k, m] B[k, n] (A transposed: P^T . dOut, dS^T . Q)
 _A_TRANSPOSED = ([2, 0], [2, 1], [0, 1])
-
-
-def _extend(value: ir.Value, element: ir.Type) -> ir.Value:
-    vt = ir.VectorType(value.type)
-    if vt.element_type == element:
-        return value
-    target = vector_type(vt.shape, element)
-    if ir.FloatType(element).width > ir.FloatType(vt.element_type).width:
-        return arith.extf(target, value)
-    return arith.truncf(target, value)
 
 
 def _row_sum(value: ir.Value, rows: int, element: ir.Type) -> ir.Value:
@@ -150,7 +137,6 @@ class _Backward:
             self.row_tiles = arith.ceildivui(self.L, const_index(self.R))
             self.transposed = {}
             if self.options.k_layout == "materialized":
-                from .flash import K_TRANSPOSE_LOOP, V_TRANSPOSE_LOOP, materialize_transposed
                 self.transposed = {"k": materialize_transposed(k, self.T, self.E, K_TRANSPOSE_LOOP),
                                    "v": materialize_transposed(self.tensors["v"], self.T, self.EV, V_TRANSPOSE_LOOP)}
             delta = self._delta_loop()
@@ -176,14 +162,14 @@ class _Backward:
         dims = [(3, self.R, False)] + ([(4, width, True)] if width is not None else [])
         element = element_type_of(source)
         tile = read_tile(source, dims, {0: b, 1: h, 2: g, 3: row0}, arith.constant(element, padding))
-        return _extend(tile, self.acc)
+        return _convert(tile, self.acc)
 
     def _keys(self, name: str, width: int, b, h, j) -> ir.Value:
         """T rows of K or V from key j, in the accumulator type (past S: zeros)."""
         source = self.tensors[name]
         tile = read_tile(source, [(2, self.T, False), (3, width, True)], {0: b, 1: h, 2: j},
                          arith.constant(self.et, 0.0))
-        return _extend(tile, self.acc)
+        return _convert(tile, self.acc)
 
     def _lse_base(self, b, h, g, row0) -> ir.Value:
         """lse of the rows, with +inf for rows past L and for rows that saw no key (lse = -inf):
@@ -231,7 +217,7 @@ class _Backward:
         if self.options.k_layout == "materialized":
             tile = read_tile(self.transposed[name], [(3, width, True), (4, self.T, True)],
                              {0: b, 1: h, 2: arith.divui(j, const_index(self.T))}, arith.constant(self.et, 0.0))
-            return _extend(tile, self.acc), _ROW_MAJOR
+            return _convert(tile, self.acc), _ROW_MAJOR
         tile = self._keys(name, width, b, h, j)
         if self.options.k_layout == "explicit":
             return vector.transpose(vector_type([width, self.T], self.acc), tile, [1, 0]), _ROW_MAJOR
@@ -271,7 +257,7 @@ class _Backward:
         return arith.mulf(p, arith.subf(dp, broadcast_rows(delta, self.T)))
 
     def _scaled_out(self, value, rows: int, width: int) -> ir.Value:
-        return _extend(arith.mulf(value, splat([rows, width], self.acc, self.spec.scale)), self.et)
+        return _convert(arith.mulf(value, splat([rows, width], self.acc, self.spec.scale)), self.et)
 
     # ------------------------------------------------------------------ the loops
 
@@ -339,30 +325,14 @@ class _Backward:
             j = arith.muli(iv["r"], const_index(T))
             k = self._transposed_operand("k", E, b, h, j)
             v = self._transposed_operand("v", EV, b, h, j)
-            first = const_index(0)
-            if self.spec.causal:  # rows before the tile's first key see none of it
-                first = arith.muli(arith.divui(j, const_index(R)), const_index(R))
             carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0)]
-            heads = scf.ForOp(const_index(0), const_index(self.G), const_index(1), carried)
-            with ir.InsertionPoint(heads.body):
-                g = heads.induction_variable
-                rows = scf.ForOp(first, self.L, const_index(R), list(heads.inner_iter_args))
-                with ir.InsertionPoint(rows.body):
-                    row0 = rows.induction_variable
-                    dk_acc, dv_acc = rows.inner_iter_args
-                    q = self._rows("q", E, b, h, g, row0, 0.0)
-                    dout = self._rows("dout", EV, b, h, g, row0, 0.0)
-                    base = self._lse_base(b, h, g, row0)
-                    delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
-                    s = self._scores(q, k, b, h, g, row0, j, mask_keys=False)
-                    p = self._probabilities(s, base)
-                    dv_acc = _contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
-                    ds = self._score_gradient(p, dout, v, delta)
-                    dk_acc = _contract(ds, q, dk_acc, _A_TRANSPOSED)
-                    scf.YieldOp([dk_acc, dv_acc])
-                scf.YieldOp(list(rows.results))
-            dk = self._scaled_out(heads.results[0], T, E)
-            dv = _extend(heads.results[1], self.et)
+
+            def step(state, g, row0):
+                return list(self._key_tile_step(state, b, h, g, row0, j, k, v, delta_ws, mask_keys=False)[:2])
+
+            dk_acc, dv_acc = self._over_rows(carried, self._first_row(j), step)
+            dk = self._scaled_out(dk_acc, T, E)
+            dv = _convert(dv_acc, self.et)
             valid = arith.minui(const_index(T), arith.subi(self.S, j))
             writes = []
             for index, value, width in ((0, dk, E), (1, dv, EV)):
@@ -402,28 +372,17 @@ class _Backward:
                 k_op = self._transposed_operand("k", E, b, h, j)
                 v_op = self._transposed_operand("v", EV, b, h, j)
                 k = self._keys("k", E, b, h, j)
-                first = const_index(0)
-                if self.spec.causal:  # rows before the tile's first key see none of it
-                    first = arith.muli(arith.divui(j, const_index(R)), const_index(R))
                 carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0), ws]
 
                 def step(state, g, row0):
-                    dk_acc, dv_acc, ws = state
-                    q = self._rows("q", E, b, h, g, row0, 0.0)
-                    dout = self._rows("dout", EV, b, h, g, row0, 0.0)
-                    base = self._lse_base(b, h, g, row0)
-                    delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
-                    s = self._scores(q, k_op, b, h, g, row0, j, mask_keys=True)
-                    p = self._probabilities(s, base)
-                    dv_acc = _contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
-                    ds = self._score_gradient(p, dout, v_op, delta)
-                    dk_acc = _contract(ds, q, dk_acc, _A_TRANSPOSED)
+                    dk_acc, dv_acc, ds = self._key_tile_step(state[:2], b, h, g, row0, j, k_op, v_op, delta_ws,
+                                                             mask_keys=True)
+                    ws = state[2]
                     rows = read_tile(ws, [(3, R, False), (4, E, True)], {2: g, 3: row0}, arith.constant(self.acc, 0.0))
-                    ws = _write_rows_at(_contract(ds, k, rows, _ROW_MAJOR), ws, g, row0)
-                    return [dk_acc, dv_acc, ws]
+                    return [dk_acc, dv_acc, _write_rows_at(_contract(ds, k, rows, _ROW_MAJOR), ws, g, row0)]
 
-                dk_acc, dv_acc, ws = self._over_rows(carried, first, step)
-                dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _extend(dv_acc, self.et)
+                dk_acc, dv_acc, ws = self._over_rows(carried, self._first_row(j), step)
+                dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _convert(dv_acc, self.et)
                 dk_head = write_tile(dk_tile, dk_head, [(2, False), (3, True)], {2: j})
                 dv_head = write_tile(dv_tile, dv_head, [(2, False), (3, True)], {2: j})
                 scf.YieldOp([ws, dk_head, dv_head])
@@ -446,6 +405,24 @@ class _Backward:
             rows = self._rows(workspace, E, b, h, g, row0, 0.0)
             self._write_rows(loop, self._scaled_out(rows, R, E), [b, h, g, row0], E)
         return loop.results[0]
+
+    def _key_tile_step(self, accumulators, b, h, g, row0, j, k_operand, v_operand, delta_ws, mask_keys: bool):
+        """One (rows, keys) tile pair of the dK/dV loops: (dK + dS^T Q, dV + (Z P)^T dOut, dS)."""
+        dk_acc, dv_acc = accumulators
+        q = self._rows("q", self.E, b, h, g, row0, 0.0)
+        dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
+        base = self._lse_base(b, h, g, row0)
+        delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
+        p = self._probabilities(self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys), base)
+        dv_acc = _contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
+        ds = self._score_gradient(p, dout, v_operand, delta)
+        return _contract(ds, q, dk_acc, _A_TRANSPOSED), dv_acc, ds
+
+    def _first_row(self, j) -> ir.Value:
+        """The first row tile that sees key j: 0, or with causal the tile holding row j."""
+        if not self.spec.causal:
+            return const_index(0)
+        return arith.muli(arith.divui(j, const_index(self.R)), const_index(self.R))
 
     def _over_rows(self, state, first, body):
         """scf.for g in [0, G), scf.for row0 in [first, L) by row_tile, carrying `state` (a value
@@ -471,8 +448,3 @@ def _write_rows_at(value: ir.Value, dest: ir.Value, g, row0) -> ir.Value:
 
 def element_type_of(value: ir.Value) -> ir.Type:
     return ir.ShapedType(value.type).element_type
-
-
-def _new_tensor(shape, element: ir.Type) -> ir.Value:
-    from .flash import _new_tensor as new_tensor
-    return new_tensor(shape, element)

@@ -213,6 +213,19 @@ def require_matrix_engine_dtype(spec: AttentionSpec, target: str, engine: str,
             f"implemented there: cast the inputs to one of those")
 
 
+def require_inference(spec: AttentionSpec, target: str, tensors: str) -> None:
+    """Raise NotImplementedError for a training kernel (log-sum-exp, backward) or dropout on a
+    target that compiles the inference forward only (`tensors`: its tensors' kind)."""
+    if spec.kernel != "forward":
+        raise NotImplementedError(
+            f"the {target} target compiles the forward pass only: the gradient and the log-sum-exp "
+            f"({spec.kernel}) of xegpu::attention on {tensors} tensors are not implemented yet; train on "
+            f"CPU tensors, or call it under torch.no_grad() for inference")
+    if spec.dropout_p > 0:
+        raise NotImplementedError(f"the {target} target does not implement dropout yet (dropout_p="
+                                  f"{spec.dropout_p}); dropout runs on CPU tensors")
+
+
 _REGISTRY: Dict[str, Target] = {}
 
 

@@ -38,7 +38,7 @@ from typing import Dict, Optional, Sequence
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, package_versions, register,
-                    require_matrix_engine_dtype)
+                    require_inference, require_matrix_engine_dtype)
 
 #: the compiled-for architecture unless a precompile names another.
 DEFAULT_ARCH = "sm_90a"
@@ -193,15 +193,7 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        if spec.kernel != "forward":
-            raise NotImplementedError(
-                f"the nvvm target compiles the forward pass only: the gradient and the log-sum-exp "
-                f"({spec.kernel}) of xegpu::attention on CUDA tensors are not implemented yet; "
-                f"train on CPU tensors, or call it under torch.no_grad() for inference")
-        if spec.dropout_p > 0:
-            raise NotImplementedError(
-                f"the nvvm target does not implement dropout yet (dropout_p={spec.dropout_p}); it runs on "
-                f"CPU tensors")
+        require_inference(spec, self.name, "CUDA")
         require_matrix_engine_dtype(spec, self.name, "tensor cores", NVVM_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:

@@ -46,7 +46,8 @@ from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
-from ..base import Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_matrix_engine_dtype
+from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_inference,
+                    require_matrix_engine_dtype)
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 #: the input dtypes the kernels take: f16 and bf16 on DPAS as they are, f32 as three bf16 parts
@@ -89,15 +90,7 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        if spec.kernel != "forward":
-            raise NotImplementedError(
-                f"the xegpu target compiles the forward pass only: the gradient and the log-sum-exp "
-                f"({spec.kernel}) of xegpu::attention on XPU tensors are not implemented yet; "
-                f"train on CPU tensors, or call it under torch.no_grad() for inference")
-        if spec.dropout_p > 0:
-            raise NotImplementedError(
-                f"the xegpu target does not implement dropout yet (dropout_p={spec.dropout_p}); it runs on "
-                f"CPU tensors")
+        require_inference(spec, self.name, "XPU")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
