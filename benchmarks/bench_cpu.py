@@ -187,10 +187,22 @@ def describe_isa() -> str:
     return f"ours {ours}, torch {torch.backends.cpu.get_cpu_capability()}; CPU {toolchain.host_cpu()['cpu']}"
 
 
-def bench_problems(repeats: int, rows: list) -> None:
+def _machine(repeats: int):
+    """Print the threads, the ISA of both sides and the GEMM ceiling; return (ceiling, ISA text)."""
     ceiling, isa = gemm_ceiling(repeats), describe_isa()
     print(f"threads: {torch.get_num_threads()}, median of {repeats}; ISA: {isa}")
     print(f"f32 GEMM ceiling (torch.mm 2048^3): {ceiling:.1f} GFLOP/s")
+    return ceiling, isa
+
+
+def _problem_name(b, hq, hkv, l, s, e, dtype, causal) -> str:
+    heads = f"H={hq}" if hq == hkv else f"Hq={hq} Hkv={hkv}"
+    lengths = f"L=S={l}" if l == s else f"L={l} S={s}"
+    return f"B={b} {heads} {lengths} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
+
+
+def bench_problems(repeats: int, rows: list) -> None:
+    ceiling, isa = _machine(repeats)
     print(f"{'problem':<44} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>9} {'GFLOP/s':>8} {'ceiling':>7} "
           f"{'compile s':>9} {'max err vs SDPA':>15}")
     for (b, hq, hkv, l, s, e), dtype, causal in PROBLEMS + TAIL_PROBLEMS:
@@ -210,9 +222,7 @@ def bench_problems(repeats: int, rows: list) -> None:
             sdpa_t.append(median_ms(sdpa_fn, 1))
         o, t_sdpa = statistics.median(ours_t), statistics.median(sdpa_t)
         flops = 4.0 * b * hq * l * s * e / (2 if causal else 1)
-        heads = f"H={hq}" if not gqa else f"Hq={hq} Hkv={hkv}"
-        lengths = f"L=S={l}" if l == s else f"L={l} S={s}"
-        name = f"B={b} {heads} {lengths} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
+        name = _problem_name(b, hq, hkv, l, s, e, dtype, causal)
         rate = flops / o / 1e6
         print(f"{name:<44} {o:9.2f} {t_sdpa:9.2f} {o / t_sdpa:9.2f} {rate:8.1f} {rate / ceiling:7.2f} "
               f"{compile_s:9.2f} {err:15.2e}")
@@ -230,9 +240,7 @@ def _training_inputs(b, hq, hkv, l, s, e, dtype):
 
 def bench_backward(repeats: int, rows: list) -> None:
     """Forward + backward and backward alone of the prefill problems, ours next to SDPA's."""
-    ceiling, isa = gemm_ceiling(repeats), describe_isa()
-    print(f"threads: {torch.get_num_threads()}, median of {repeats}; ISA: {isa}")
-    print(f"f32 GEMM ceiling (torch.mm 2048^3): {ceiling:.1f} GFLOP/s")
+    ceiling, isa = _machine(repeats)
     print(f"{'problem':<44} {'fwd+bwd ours':>12} {'SDPA':>8} {'ratio':>6} {'bwd ours':>9} {'SDPA':>8} "
           f"{'ratio':>6} {'bwd GFLOP/s':>11} {'ceiling':>7} {'max grad err vs SDPA':>20}")
     for (b, hq, hkv, l, s, e), dtype, causal in PROBLEMS + TAIL_PROBLEMS:
@@ -265,9 +273,7 @@ def bench_backward(repeats: int, rows: list) -> None:
                 times[name].append(median_ms(fn, 1))
         t = {name: statistics.median(values) for name, values in times.items()}
         flops = 2.5 * 4.0 * b * hq * l * s * e / (2 if causal else 1)
-        heads = f"H={hq}" if not gqa else f"Hq={hq} Hkv={hkv}"
-        lengths = f"L=S={l}" if l == s else f"L={l} S={s}"
-        name = f"B={b} {heads} {lengths} E={e} {str(dtype)[6:]}{' causal' if causal else ''}"
+        name = _problem_name(b, hq, hkv, l, s, e, dtype, causal)
         rate = flops / t["ours_bwd"] / 1e6
         print(f"{name:<44} {t['ours_both']:12.2f} {t['sdpa_both']:8.2f} {t['ours_both'] / t['sdpa_both']:6.2f} "
               f"{t['ours_bwd']:9.2f} {t['sdpa_bwd']:8.2f} {t['ours_bwd'] / t['sdpa_bwd']:6.2f} {rate:11.1f} "
