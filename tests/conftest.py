@@ -21,9 +21,9 @@ os.environ["XEGPU_ATTN_POISON"] = "1"
 import torch_xegpu_attn  # noqa: E402,F401  (registers torch.ops.xegpu.attention)
 
 
-def reference_scores(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """The scaled, masked scores of standard attention in float64 (-inf where masked)."""
-    q, k = q.double(), k.double()
+def reference_scores(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dtype=torch.float64):
+    """The scaled, masked scores of standard attention in float64 (or `dtype`; -inf where masked)."""
+    q, k = q.to(dtype), k.to(dtype)
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
     scale = 1.0 / q.size(-1) ** 0.5 if scale is None else scale
@@ -35,15 +35,20 @@ def reference_scores(q, k, attn_mask=None, is_causal=False, scale=None, enable_g
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.double()
+            scores = scores + attn_mask.to(dtype)
     return scores
 
 
-def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                        dropout_p=0.0, keep=None):
     """Standard attention in float64, written out (not SDPA): the ground truth of the tests.
 
-    Fully masked rows give 0, as SDPA does.
+    Fully masked rows give 0, as SDPA does.  With dropout, `keep` is the boolean keep-mask of
+    the probabilities (`torch_xegpu_attn.dropout_mask` draws the op's); kept ones are scaled by
+    1 / (1 - dropout_p).
     """
+    if dropout_p > 0 and keep is None:
+        raise ValueError("the reference of a dropout call needs its keep-mask")
     scores = reference_scores(q, k, attn_mask, is_causal, scale, enable_gqa)
     v = v.double()
     if enable_gqa and q.dim() >= 3 and v.size(-3) != q.size(-3):
@@ -55,7 +60,12 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
     dead = torch.isneginf(row_max)
     weights = torch.exp(scores - torch.where(dead, torch.zeros_like(row_max), row_max))
     total = weights.sum(-1, keepdim=True)
-    out = (weights / torch.where(total == 0, torch.ones_like(total), total)) @ v
+    probs = weights / torch.where(total == 0, torch.ones_like(total), total)
+    if dropout_p >= 1:
+        probs = torch.zeros_like(probs)
+    elif dropout_p > 0:
+        probs = probs * keep / (1 - dropout_p)
+    out = probs @ v
     return torch.where(dead, torch.zeros_like(out), out)
 
 

@@ -262,16 +262,50 @@ def _sdpa(case: Case, sdpa):
         return error
 
 
-def check_case(case: Case, run=None, sdpa=None) -> Optional[float]:
+def _dropout_p(case: Case, keep) -> float:
+    """The case's dropout probability; a dropout case is compared under its keep-mask `keep`."""
+    p = case.kwargs.get("dropout_p", 0.0)
+    if p > 0 and keep is None:
+        raise ValueError("a dropout case is compared under the op's keep-mask: pass keep")
+    return p
+
+
+def sdpa_with_keep(keep: torch.Tensor):
+    """SDPA's math backend applying the keep-mask `keep` to its dropout (its testing entry)."""
+    def sdpa(q, k, v, **kwargs):
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, dropout_mask=keep, **kwargs)[0]
+    return sdpa
+
+
+def _on_cpu(kwargs: Dict) -> Dict:
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+def _score_kwargs(case: Case) -> Dict:
+    """The case's keyword arguments that shape the scores (no dropout), on the CPU."""
+    return {k: v for k, v in _on_cpu(case.kwargs).items() if k != "dropout_p"}
+
+
+def _reference(case: Case, keep):
+    """The float64 reference of the case (dropout applied by `keep`), a function of (q, k, v, **kwargs)."""
+    def reference(q, k, v, **kwargs):
+        return reference_attention(q, k, v, keep=None if keep is None else keep.cpu(), **_on_cpu(kwargs))
+    return reference
+
+
+def check_case(case: Case, run=None, sdpa=None, keep=None) -> Optional[float]:
     """The op (`run`, default torch_xegpu_attn.attention) against SDPA (`sdpa`, default
     F.scaled_dot_product_attention) and the float64 reference:
     the op's max abs error at most 2x SDPA's plus the dtype's floor; where SDPA raises, the op
     raises the same type.  Elements SDPA leaves NaN (its math backend on rows with every key
     masked; its f16 CPU kernel with scale=0 and is_causal) do not count toward SDPA's error:
-    there the op must give the reference correctly rounded.  Returns the op's error (None where
-    both raised)."""
+    there the op must give the reference correctly rounded.  A case with dropout is compared
+    under the keep-mask `keep` the op draws (`run` must draw it: reseed before each call): the
+    reference and SDPA's math backend (the default `sdpa` then) apply it.  Returns the op's
+    error (None where both raised)."""
     run = run or torch_xegpu_attn.attention
-    expected = _sdpa(case, sdpa or F.scaled_dot_product_attention)
+    p = _dropout_p(case, keep)
+    expected = _sdpa(case, sdpa or (sdpa_with_keep(keep) if p > 0 else F.scaled_dot_product_attention))
     if isinstance(expected, Exception):
         try:
             run(case.q, case.k, case.v, **case.kwargs)
@@ -281,8 +315,7 @@ def check_case(case: Case, run=None, sdpa=None) -> Optional[float]:
     ours = run(case.q, case.k, case.v, **case.kwargs)
     if ours.device.type == "cuda":
         torch.cuda.synchronize()
-    ref = reference_attention(case.q.cpu(), case.k.cpu(), case.v.cpu(),
-                              **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()})
+    ref = _reference(case, keep)(case.q.cpu(), case.k.cpu(), case.v.cpu(), **case.kwargs)
     assert ours.shape == expected.shape == ref.shape, (ours.shape, expected.shape, ref.shape)
     assert ours.dtype == case.q.dtype and ours.device == case.q.device
     ours = ours.cpu().double()
@@ -293,7 +326,7 @@ def check_case(case: Case, run=None, sdpa=None) -> Optional[float]:
     sdpa_errors = (expected.cpu().double() - ref).abs()
     failed = sdpa_errors.isnan()
     sdpa_err = torch.nan_to_num(sdpa_errors, nan=0.0).max().item()
-    rounding = score_rounding(case)
+    rounding = score_rounding(case) / (1 - p if p < 1 else 1)
     bound = 2 * sdpa_err + FLOOR[case.q.dtype] + rounding
     err = errors[~failed].max().item() if (~failed).any() else 0.0
     assert err <= bound, (f"error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e}, score rounding "
@@ -306,14 +339,17 @@ def check_case(case: Case, run=None, sdpa=None) -> Optional[float]:
     return max(err, errors.max().item())
 
 
+def _unit_roundoff(case: Case) -> float:
+    """The unit roundoff of the accumulator: f64 for float64 inputs, f32 otherwise."""
+    return 2.0 ** -53 if case.q.dtype == torch.float64 else 2.0 ** -24
+
+
 def score_roundoff(case: Case) -> float:
     """The relative change of a probability when its score is rounded in the accumulator's
     precision: u * max |s| (u: the unit roundoff of f32, of f64 for float64 inputs)."""
-    roundoff = 2.0 ** -53 if case.q.dtype == torch.float64 else 2.0 ** -24
-    kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()}
-    scores = reference_scores(case.q.cpu(), case.k.cpu(), **kwargs)
+    scores = reference_scores(case.q.cpu(), case.k.cpu(), **_score_kwargs(case))
     finite = scores[torch.isfinite(scores)]
-    return 0.0 if finite.numel() == 0 else roundoff * finite.abs().max().item()
+    return 0.0 if finite.numel() == 0 else _unit_roundoff(case) * finite.abs().max().item()
 
 
 def score_rounding(case: Case) -> float:
@@ -323,56 +359,124 @@ def score_rounding(case: Case) -> float:
     (large inputs or scale) this is the error of any implementation, SDPA's included, but
     which of two implementations rounds a given score worse is chance: the floor keeps a
     2x comparison of two such draws from failing at random."""
-    roundoff = 2.0 ** -53 if case.q.dtype == torch.float64 else 2.0 ** -24
-    kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()}
-    scores = reference_scores(case.q.cpu(), case.k.cpu(), **kwargs)
-    finite = scores[torch.isfinite(scores)]
-    if finite.numel() == 0 or case.v.numel() == 0:
+    if case.v.numel() == 0:
         return 0.0
-    return 2 * roundoff * finite.abs().max().item() * case.v.double().abs().max().item()
+    return 2 * score_roundoff(case) * case.v.double().abs().max().item()
+
+
+class _FlashBackward(torch.autograd.Function):
+    """Attention whose backward is a flash backward's arithmetic, in torch ops: P recomputed
+    from the saved log-sum-exp, delta = rowsum(dO * O) from the saved output, dS = P (dP -
+    delta).  On (batch, heads, n, d) operands of one shape, in the accumulator's type."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, factor, kwargs):
+        scores = reference_scores(q, k, dtype=q.dtype, **kwargs)
+        lse = torch.logsumexp(scores, -1, keepdim=True)
+        probs = _probabilities(scores, lse)
+        out = (probs * factor) @ v
+        ctx.save_for_backward(q, k, v, factor, out, lse)
+        ctx.kwargs = kwargs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, factor, out, lse = ctx.saved_tensors
+        scale = ctx.kwargs.get("scale")
+        scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+        probs = _probabilities(reference_scores(q, k, dtype=q.dtype, **ctx.kwargs), lse)
+        dv = (probs * factor).transpose(-1, -2) @ grad_out
+        dp = (grad_out @ v.transpose(-1, -2)) * factor
+        delta = (grad_out * out).sum(-1, keepdim=True)
+        ds = probs * (dp - delta)
+        return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, dv, None, None
+
+
+def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(scores - lse); 0 on rows that see no key (lse = -inf)."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(scores), torch.exp(scores - lse))
+
+
+def flash_algorithm(keep=None):
+    """A function like SDPA's (q, k, v, **kwargs) that computes attention's gradients as a flash
+    backward does, in torch ops in the accumulator's type (f32; f64 for float64 inputs): the
+    error of that algorithm on a case, whichever backend SDPA picks for it.  Dropout by the
+    keep-mask `keep`."""
+    def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        k, v = _repeat_heads(k, q, enable_gqa), _repeat_heads(v, q, enable_gqa)
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
+        factor = torch.ones((), dtype=acc)
+        if dropout_p >= 1:
+            factor = torch.zeros((), dtype=acc)
+        elif dropout_p > 0:
+            factor = keep.to(acc) / (1 - dropout_p)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(acc)
+        kwargs = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": scale}
+        return _FlashBackward.apply(q, k, v, factor, kwargs)
+    return attention
+
+
+def _repeat_heads(t: torch.Tensor, q: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """A key or value with its heads repeated up to the query's (GQA), as the reference does."""
+    if enable_gqa and q.dim() >= 3 and t.size(-3) != q.size(-3):
+        return t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3)
+    return t
 
 
 def _gradients(fn, case: Case, grad_out: torch.Tensor, dtype=None):
-    """(output, (dq, dk, dv)) of fn on the case's tensors (as given, or converted to `dtype`)."""
+    """(output, (dq, dk, dv)) of fn on the case's tensors (as given, or converted to `dtype`),
+    back-propagating `grad_out` (ones where None)."""
     leaves = [(t.detach() if dtype is None else t.detach().to(dtype)).requires_grad_() for t in (case.q, case.k, case.v)]
     kwargs = dict(case.kwargs)
     if isinstance(kwargs.get("attn_mask"), torch.Tensor):
         kwargs["attn_mask"] = kwargs["attn_mask"].detach()
     out = fn(*leaves, **kwargs)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    grad_out = torch.ones_like(out) if grad_out is None else grad_out.to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     return out, tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
 
 
-def check_gradients(case: Case, run=None, sdpa=None) -> Optional[Dict[str, float]]:
+def check_gradients(case: Case, run=None, sdpa=None, keep=None) -> Optional[Dict[str, float]]:
     """The op's gradients of query, key and value (`run`, default torch_xegpu_attn.attention)
-    against SDPA's (`sdpa`) and those of the float64 reference: each within 2x SDPA's error plus
-    the dtype's floor plus what the rounding of the scores moves it by; where SDPA raises, the op
-    raises the same type.  Gradient elements SDPA leaves NaN do not count toward its error; there
-    the op must be within the floor and the score rounding of the reference.  Returns the op's
-    error per input (None where both raised)."""
+    against the float64 reference's: each within 2x SDPA's error (`sdpa`) plus the dtype's
+    floor plus what the rounding of the scores moves it by; where SDPA raises, the op raises
+    the same type.  SDPA's error is its backend's: on the CPU a flash backward (P from the
+    log-sum-exp, delta = rowsum(dO * O)) for 4-D inputs, the math backend's autograd (P kept,
+    delta from P and dP) for the rest, which is more accurate where a row's probabilities
+    peak (dP and delta cancel there).  So the flash algorithm's own error on the case
+    (`flash_algorithm`, torch ops in the accumulator's type) counts as SDPA's too, whichever
+    backend SDPA picked.  Gradient elements SDPA leaves NaN do not count toward its error.
+    Dropout as in `check_case` (`keep`).  Returns the op's error per input (None where both
+    raised)."""
     run = run or torch_xegpu_attn.attention
-    sdpa = sdpa or F.scaled_dot_product_attention
-    out_shape = None
+    p = _dropout_p(case, keep)
+    sdpa = sdpa or (sdpa_with_keep(keep) if p > 0 else F.scaled_dot_product_attention)
     try:
-        expected, expected_grads = _gradients(sdpa, case, torch.zeros(()))  # shape only
-        out_shape = expected.shape
+        with torch.no_grad():
+            out_shape = sdpa(case.q, case.k, case.v, **case.kwargs).shape
+        generator = torch.Generator().manual_seed(out_shape.numel())
+        grad_out = torch.randn(out_shape, generator=generator, dtype=torch.float64).to(case.q.device)
+        _, expected_grads = _gradients(sdpa, case, grad_out)
     except Exception as error:  # noqa: BLE001
         try:
-            _gradients(run, case, torch.zeros(()))
+            _gradients(run, case, None)
         except type(error):
             return None
         raise AssertionError(f"SDPA raises {type(error).__name__} ({error}), the op does not")
-    generator = torch.Generator().manual_seed(out_shape.numel())
-    grad_out = torch.randn(out_shape, generator=generator, dtype=torch.float64).to(case.q.device)
-    _, expected_grads = _gradients(sdpa, case, grad_out)
-    ours_out, ours_grads = _gradients(run, case, grad_out)
-    cpu_case = Case(case.q.cpu(), case.k.cpu(), case.v.cpu(),
-                    {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()})
-    _, ref_grads = _gradients(reference_attention, cpu_case, grad_out.cpu(), dtype=torch.float64)
+    _, ours_grads = _gradients(run, case, grad_out)
+    cpu_case = Case(case.q.cpu(), case.k.cpu(), case.v.cpu(), _on_cpu(case.kwargs))
+    _, ref_grads = _gradients(_reference(case, keep), cpu_case, grad_out.cpu(), dtype=torch.float64)
+    # the flash algorithm sees the op's inputs and output gradient: rounded to the dtype
+    _, flash_grads = _gradients(flash_algorithm(None if keep is None else keep.cpu()), cpu_case,
+                                grad_out.cpu().to(case.q.dtype))
     relative = score_roundoff(case)
     errors = {}
-    for name, ours, sdpa_grad, ref, leaf in zip("qkv", ours_grads, expected_grads, ref_grads,
-                                                 (case.q, case.k, case.v)):
+    for name, ours, sdpa_grad, flash_grad, ref, leaf in zip("qkv", ours_grads, expected_grads, flash_grads,
+                                                             ref_grads, (case.q, case.k, case.v)):
         assert ours.shape == leaf.shape and ours.dtype == leaf.dtype, (name, ours.shape, ours.dtype)
         ours = ours.cpu().double()
         assert not ours.isnan().any(), f"NaN in the gradient of {name}"
@@ -384,11 +488,12 @@ def check_gradients(case: Case, run=None, sdpa=None) -> Optional[Dict[str, float
         sdpa_diff = (sdpa_grad.cpu().double() - ref).abs()
         failed = sdpa_diff.isnan() | ref.isnan()
         sdpa_err = torch.nan_to_num(sdpa_diff, nan=0.0).max().item()
+        flash_err = torch.nan_to_num((flash_grad.double() - ref).abs(), nan=0.0).max().item()
         # rounding a score by u|s| moves a probability, and so every gradient, by that relative
         # amount times a few terms of the gradient's size
-        bound = 2 * sdpa_err + FLOOR[case.q.dtype] * max(1.0, ref_abs) + 8 * relative * ref_abs
+        bound = 2 * max(sdpa_err, flash_err) + FLOOR[case.q.dtype] * max(1.0, ref_abs) + 8 * relative * ref_abs
         err = diff[~failed].max().item() if (~failed).any() else 0.0
         assert err <= bound, (f"gradient of {name}: error {err:.3e} > bound {bound:.3e} (SDPA error {sdpa_err:.3e}, "
-                              f"largest gradient {ref_abs:.3e})")
+                              f"flash algorithm's {flash_err:.3e}, largest gradient {ref_abs:.3e})")
         errors[name] = err
     return errors

@@ -65,7 +65,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
             scale = scale.item()
         out, lse, _ = torch.ops.xegpu.attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal,
                                                          scale, enable_gqa)
-        return out, lse
+        return out.to(query.dtype), lse
     if not torch.compiler.is_compiling():
         out = _C.replay(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:

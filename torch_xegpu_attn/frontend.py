@@ -203,8 +203,10 @@ def output_shape(query, key, value, enable_gqa, layout_=None) -> Tuple[int, ...]
     return (*batch, *heads, query.size(-2), value.size(-1))
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of log-sum-exps: the kernels' accumulator type (float64 for float64 inputs)."""
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulator type (float64 for float64 inputs, else float32): that of the
+    log-sum-exps and of the output the training forward saves for the backward
+    (AttentionSpec.operands says why)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -228,13 +230,14 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if attn_mask is not None:
         check_mask_shape(attn_mask, (*batch, h * g, l, s))  # even when the result is empty
     with_lse = kernel == "forward_lse"
+    out_dtype = accumulator_dtype(query.dtype) if with_lse else query.dtype
     if math.prod(out_shape) == 0:
-        lse = query.new_empty(lse_shape(out_shape), dtype=lse_dtype(query.dtype)) if with_lse else None
-        return Plan(out_shape, result=query.new_empty(out_shape), lse=lse)
+        lse = query.new_empty(lse_shape(out_shape), dtype=accumulator_dtype(query.dtype)) if with_lse else None
+        return Plan(out_shape, result=query.new_empty(out_shape, dtype=out_dtype), lse=lse)
     if s == 0:  # no keys: SDPA gives zeros; no key seen, so the log-sum-exp is -inf
-        lse = (query.new_full(lse_shape(out_shape), float("-inf"), dtype=lse_dtype(query.dtype))
+        lse = (query.new_full(lse_shape(out_shape), float("-inf"), dtype=accumulator_dtype(query.dtype))
                if with_lse else None)
-        return Plan(out_shape, result=query.new_zeros(out_shape), lse=lse)
+        return Plan(out_shape, result=query.new_zeros(out_shape, dtype=out_dtype), lse=lse)
     if e == 0:
         raise NotImplementedError("xegpu::attention does not support a query/key head dimension of 0")
     # A lazily negated view (torch._neg_view) holds the un-negated data: materialize it.
@@ -258,11 +261,11 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         operands.append(seed)
     size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=l, kv_len=s)
     chosen = get_target(target)  # an unknown target raises here
-    out = _new_output(out_shape, query)
+    out = _new_output(out_shape, query, out_dtype)
     operands.append(out.view(math.prod(batch), h, g, l, ev))
     lse = None
     if with_lse:
-        lse = _new_output(lse_shape(out_shape), query, lse_dtype(query.dtype))
+        lse = _new_output(lse_shape(out_shape), query, accumulator_dtype(query.dtype))
         operands.append(lse.view(math.prod(batch), h, g, l))
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
                          scale=scale, mask=mask_spec, target=target, kernel=kernel, dropout_p=float(dropout_p))
@@ -366,12 +369,12 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
             raise RuntimeError("attention backward: dropout needs the forward's seed (two int32)")
         operands.append(seed.to(query.device))
     rows = (B, h, g, l)
-    operands.append(out.reshape(B, h, g, l, ev).contiguous())
-    operands.append(lse.to(lse_dtype(query.dtype)).reshape(rows).contiguous())
-    dout = grad_out.reshape(B, h, g, l, ev)
+    operands.append(out.to(accumulator_dtype(query.dtype)).reshape(B, h, g, l, ev).contiguous())
+    operands.append(lse.to(accumulator_dtype(query.dtype)).reshape(rows).contiguous())
+    dout = grad_out.to(query.dtype).reshape(B, h, g, l, ev)
     operands.append(dout if dout.stride(-1) == 1 else dout.contiguous())
-    operands.append(torch.zeros(rows, dtype=lse_dtype(query.dtype), device=query.device) if grad_lse is None
-                    else grad_lse.to(lse_dtype(query.dtype)).reshape(rows).contiguous())
+    operands.append(torch.zeros(rows, dtype=accumulator_dtype(query.dtype), device=query.device) if grad_lse is None
+                    else grad_lse.to(accumulator_dtype(query.dtype)).reshape(rows).contiguous())
     grads = [_new_output(q.shape, query), _new_output(k.shape, key), _new_output(v.shape, value)]
     operands += grads
     size = ProblemSize(batch=B, kv_heads=h, q_len=l, kv_len=s)

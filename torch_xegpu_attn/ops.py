@@ -16,14 +16,16 @@ Training goes through two more ops, defined here with torch.library:
 
     xegpu::attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         -> (out, lse, seed)   the forward that also writes each query row's log-sum-exp (and
-                              returns the dropout's seed)
+                              returns the dropout's seed); out in the accumulator's type
+                              (float32 for 16-bit inputs), what the backward needs
     xegpu::attention_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse, seed,
                               dropout_p, is_causal, scale, enable_gqa) -> (dquery, dkey, dvalue)
 
 `attention_with_lse` has its autograd registered (`register_autograd`: the forward saves
 the inputs, out and lse; the backward calls `attention_backward`).  The autograd kernel of
 `xegpu::attention` (C++) sends calls that need a gradient to `attention_with_lse` and returns
-its output, and the rest straight to the inference kernel, which writes no log-sum-exp.
+its output converted to the inputs' dtype, and the rest straight to the inference kernel, which
+writes no log-sum-exp.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
                        scale: Optional[float] = None, enable_gqa: bool = False
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SDPA's output, each query row's log-sum-exp of its scaled, masked scores, (..., Hq, L),
-    float32 (float64 for float64 inputs; -inf for a row that sees no key), and the dropout's
+    """SDPA's output in the accumulator's type (float32, float64 for float64 inputs: the
+    backward's delta needs it unrounded), each query row's log-sum-exp of its scaled, masked
+    scores, (..., Hq, L), in the same type (-inf for a row that sees no key), and the dropout's
     seed (two int32 drawn from torch's default generator; empty without dropout), which the
     backward needs to regenerate the dropout mask."""
     plan = frontend.plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -105,7 +108,8 @@ def _fake_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                    enable_gqa=False):
     out = _fake(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     seed = query.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int32)
-    return out, query.new_empty(frontend.lse_shape(out.shape), dtype=frontend.lse_dtype(query.dtype)), seed
+    acc = frontend.accumulator_dtype(query.dtype)
+    return out.to(acc), query.new_empty(frontend.lse_shape(out.shape), dtype=acc), seed
 
 
 @torch.library.custom_op("xegpu::attention_backward", mutates_args=())

@@ -64,7 +64,7 @@ def build_attention_payload(spec: AttentionSpec) -> ir.Module:
     """Build the payload module for `spec` (in the current MLIR context)."""
     names = spec.operand_names()
     written = spec.writes()
-    arg_types = [_argument_type(spec, name, dims) for name, dims, _ in spec.operands()]
+    arg_types = [_argument_type(name, dims, dtype) for name, dims, dtype in spec.operands()]
 
     module = ir.Module.create()
     with ir.InsertionPoint(module.body):
@@ -91,15 +91,13 @@ def build_attention_payload(spec: AttentionSpec) -> ir.Module:
 _STRIDED = ("q", "k", "v", "mask", "dout")
 
 
-def _argument_type(spec: AttentionSpec, name: str, dims) -> ir.Type:
-    if name == "mask":
-        et = element_type(spec.mask.dtype)
-    elif name == "seed":
-        et = ir.IntegerType.get_signless(32)
-    elif name in ("lse", "dlse"):
-        et = accumulator_type(spec.dtype)
+def _argument_type(name: str, dims, dtype: str) -> ir.Type:
+    """The memref of one kernel argument (`spec.operands`: a bool mask as bytes, the seed as
+    int32, log-sum-exps and the training kernels' output in the accumulator's type)."""
+    if dtype in ("uint8", "int32"):
+        et = ir.IntegerType.get_signless(8 if dtype == "uint8" else 32)
     else:
-        et = element_type(spec.dtype)
+        et = element_type(dtype)
     return strided_memref(dims, et) if name in _STRIDED else contiguous_memref(dims, et)
 
 
@@ -155,7 +153,6 @@ def _scores(spec, q, k, mask, sym, tag_prefix=""):
 
 
 def _attention(spec, q, k, v, mask, out, seed=None):
-    et = element_type(spec.dtype)
     acc = accumulator_type(spec.dtype)
     g = spec.group
     sym = extents(q, k)
@@ -168,8 +165,10 @@ def _attention(spec, q, k, v, mask, out, seed=None):
     if spec.dropout_p > 0:
         probs = _dropout(spec, probs, seed, sym, "dropout")
 
-    # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in acc
-    accumulate_in_out = et == acc
+    # out[b,h,g,l,ev] = sum_s P[b,h,g,l,s] * v[b,h,s,ev], accumulated in acc (the training
+    # forward's out is in acc already: spec.operands)
+    out_et = ir.RankedTensorType(out.type).element_type
+    accumulate_in_out = out_et == acc
     out_shape = ["B", "H", g, "L", spec.v_head_dim]
     pv_init = linalg.fill(zero, outs=[out if accumulate_in_out else _empty(out_shape, sym, acc)])
     set_tag(pv_init.owner, "pv_init")
@@ -180,7 +179,7 @@ def _attention(spec, q, k, v, mask, out, seed=None):
     if not accumulate_in_out:
         ident = affine_map(5, range(5))
         result = linalg_generic([result], [out], [ident, ident], ["parallel"] * 5,
-                                lambda x, _: arith.truncf(et, x), "out_cast")
+                                lambda x, _: arith.truncf(out_et, x), "out_cast")
     result.owner.attributes["attn.root"] = ir.UnitAttr.get()
     return result
 

@@ -183,14 +183,17 @@ class AttentionSpec:
         """The kernel's arguments in order (`operand_names`): (name, dims, element dtype).
 
         A bool mask travels as bytes ("uint8"); log-sum-exps (lse, dlse) are in the accumulator's
-        type: float64 for float64 inputs, float32 otherwise.
+        type: float64 for float64 inputs, float32 otherwise.  So is the output of the training
+        kernels (forward_lse writes it, backward reads it): the backward's
+        delta = rowsum(dO * O) cancels against dP = dO . V^T where a row's probabilities peak, and
+        an output rounded to a 16-bit type would leave those rows' gradients mostly rounding error.
         """
         dims = self.operand_dims()
 
         def dtype(name):
             if name == "mask":
                 return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
-            if name in ("lse", "dlse"):
+            if name in ("lse", "dlse") or (name == "out" and self.kernel != "forward"):
                 return "float64" if self.dtype == "float64" else "float32"
             if name == "seed":
                 return "int32"

@@ -208,7 +208,9 @@ at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at
                           (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
                            (mask && mask->defined() && mask->requires_grad()));
   if (needs_grad) {
-    return std::get<0>(attention_with_lse_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa));
+    // its output is in the accumulator's type (what the backward reads): the caller's is q's
+    return std::get<0>(attention_with_lse_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa))
+        .to(q.scalar_type());
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return attention_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);

@@ -218,6 +218,7 @@ class _WorkGroup:
         self.splits = forall_upper_bounds(loop)[3]   # P: an int, or a size computed at run time
         self.e, self.ev = spec.head_dim, spec.v_head_dim
         self.et = ir.RankedTensorType(self.q.type).element_type
+        self.out_et = ir.RankedTensorType(self.out_arg.type).element_type  # the training forward's is acc
         self.acc = accumulator_type(spec.dtype)  # scores, m, l and acc: f64 for float64, else f32
         for op in self.score_ops:
             if tag_of(op) in INDEX_MASK_TAGS and any(tag_of(o) not in INDEX_MASK_TAGS
@@ -249,12 +250,13 @@ class _WorkGroup:
     # ------------------------------------------------------------------ log-sum-exp
 
     def _log_sum_exp(self, m: ir.Value, l: ir.Value) -> ir.Value:
-        """Each row's natural log-sum-exp from the running max and sum: (m * factor + log2(l)) *
-        ln(2), m in the exponent's units; a row that saw no key gives -inf (log2(0) = -inf)."""
-        if self.exponent_factor is not None:
-            m = arith.mulf(m, splat([self.rows], self.acc, self.exponent_factor))
-        base2 = arith.addf(m, mmath.log2(l))
-        return arith.mulf(base2, splat([self.rows], self.acc, _LN2))
+        """Each row's natural log-sum-exp from the running max and sum: m * factor * ln(2) +
+        log(l), m in the exponent's units (factor * ln(2) folded into one constant: m rounds
+        once on its way to natural units, not twice); a row that saw no key gives -inf
+        (log(0) = -inf)."""
+        factor = _LN2 if self.exponent_factor is None else self.exponent_factor * _LN2
+        natural = arith.mulf(m, splat([self.rows], self.acc, factor))
+        return arith.addf(natural, mmath.log(l))
 
     def _write_log_sum_exp(self, lse: ir.Value) -> None:
         """Add the lse argument to the work-group loop's shared outs and write each work-group's
@@ -533,7 +535,7 @@ class _WorkGroup:
 
     def _normalized(self, acc: ir.Value, l: ir.Value) -> ir.Value:
         """acc / l per row as one reciprocal per row; rows with no visible key give 0."""
-        return _normalize(acc, l, self.ev, self.et)
+        return _normalize(acc, l, self.ev, self.out_et)
 
     def _out_dims(self):
         dims = [(2, True)] if self.packed else []
@@ -633,7 +635,7 @@ class _WorkGroup:
                 new_acc = arith.addf(arith.mulf(acc, broadcast_rows(a, cols)),
                                      arith.mulf(acc_p, broadcast_rows(w, cols)))
                 scf.YieldOp([new_max, new_sum, new_acc])
-            out = _normalize(merge.results[2], merge.results[1], cols, self.et)
+            out = _normalize(merge.results[2], merge.results[1], cols, self.out_et)
             if self.packed:
                 out = unflatten_rows(out, self.groups)
             offsets = [ivs["b"], ivs["h"], g0, row0, col0]

@@ -131,12 +131,15 @@ class CpuTarget(Target):
             # of each tile pair computed once (B * H work-groups fill a CPU's threads)
             return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL,
                                    backward_dq=BACKWARD_DQ)
+        if spec.kernel == "forward_lse" or spec.length_class == "long":
+            # The training forward computes its scores as the backward recomputes them (K^T
+            # materialized: each score one FMA chain over the head dim, in the same order), so
+            # the backward's probabilities are the forward's to the bit where a row peaks.
+            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL)
         if spec.length_class == "decode":
             return ScheduleOptions(row_tile=1, kv_tile=KV_TILE, pack_gqa=True, tail=TAIL)
         if spec.length_class == "short":
             return ScheduleOptions(row_tile=SHORT_ROW_TILE, kv_tile=KV_TILE, tail=TAIL)
-        if spec.length_class == "long":
-            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL)
         raise ValueError(f"the cpu target has no length class {spec.length_class!r}")
 
     def stage_names(self) -> Sequence[str]:
