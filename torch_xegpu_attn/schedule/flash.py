@@ -412,9 +412,8 @@ class _WorkGroup:
         is None: scores in base-2 units.
         """
         k, k_rows = self._k_operand(j, r)
-        maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
-                for dims in ([0, 2], [1, 2] if k_rows else [2, 1], [0, 1])]
-        s = _contract(self.q_tile, k, splat([self.rows, r.tile], self.acc, 0.0), maps)
+        dims = ([0, 2], [1, 2] if k_rows else [2, 1], [0, 1])
+        s = contract(self.q_tile, k, splat([self.rows, r.tile], self.acc, 0.0), dims)
         translator = BodyTranslator([self.rows, r.tile], self._index_vectors(j, r.tile))
         additive = self.spec.mask is not None and self.spec.mask.kind == "additive"
         fold_after = "mask" if additive else "scale"
@@ -526,9 +525,7 @@ class _WorkGroup:
         scaled = arith.mulf(acc, broadcast_rows(alpha, self.ev))
         if grown is not None:
             scaled = arith.select(broadcast_rows(grown, self.ev), scaled, acc)
-        maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in dims])
-                for dims in ([0, 2], [2, 1], [0, 1])]
-        new_acc = _contract(p, v, scaled, maps)
+        new_acc = contract(p, v, scaled, ([0, 2], [2, 1], [0, 1]))
         return new_max, new_sum, new_acc
 
     # ------------------------------------------------------------------ results
@@ -702,7 +699,10 @@ def _new_tensor(shape, element: ir.Type) -> ir.Value:
     return bufferization.alloc_tensor(ir.RankedTensorType.get(static, element), dynamic)
 
 
-def _contract(lhs, rhs, acc, maps) -> ir.Value:
+def contract(lhs, rhs, acc, dims) -> ir.Value:
+    """vector.contract over loop dims (m, n, k) = (0, 1, 2), k reduced; `dims` lists the loop
+    dims of lhs, rhs and acc in their vector dims' order (([0, 2], [2, 1], [0, 1]): A . B)."""
+    maps = [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in ds]) for ds in dims]
     iterators = ir.ArrayAttr.get([ir.Attribute.parse(f"#vector.iterator_type<{k}>")
                                   for k in ("parallel", "parallel", "reduction")])
     return vector.contract(acc.type, lhs, rhs, acc, ir.ArrayAttr.get([ir.AffineMapAttr.get(m) for m in maps]),

@@ -46,7 +46,7 @@ from ..mlir_utils import (CompileError, accumulator_type, const_index, insert_in
                           walk)
 from ..payload import FUNC_NAME
 from ..spec import AttentionSpec
-from .flash import (K_TRANSPOSE_LOOP, V_TRANSPOSE_LOOP, _contract as contract, _convert, _new_tensor, _score_ops,
+from .flash import (K_TRANSPOSE_LOOP, V_TRANSPOSE_LOOP, contract, _convert, _new_tensor, _score_ops,
                     materialize_transposed)
 from .options import ScheduleOptions
 from .tiling import block_mapping
@@ -83,11 +83,6 @@ def _score_chain(probs: ir.Operation) -> List[ir.Operation]:
     return ops
 
 
-def _contract(lhs, rhs, acc, dims) -> ir.Value:
-    """vector.contract over (m, n, k) with the (lhs, rhs, acc) dim lists `dims`."""
-    return contract(lhs, rhs, acc, [ir.AffineMap.get(3, 0, [ir.AffineExpr.get_dim(d) for d in ds]) for ds in dims])
-
-
 #: C[m, n] += A[m, k] B[n, k] (B's rows along k: a K or V tile as read)
 _FOLDED = ([0, 2], [1, 2], [0, 1])
 #: C[m, n] += A[m, k] B[k, n]
@@ -96,8 +91,19 @@ _ROW_MAJOR = ([0, 2], [2, 1], [0, 1])
 _A_TRANSPOSED = ([2, 0], [2, 1], [0, 1])
 
 
-def _row_sum(value: ir.Value, rows: int, element: ir.Type) -> ir.Value:
-    return vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), value, splat([rows], element, 0.0), [1])
+def _row_dot(a: ir.Value, b: ir.Value, rows: int, width: int, element: ir.Type) -> ir.Value:
+    """sum_e a[r, e] * b[r, e] of two (rows x width) tiles as one FMA chain over e from zero.
+
+    The chain sums in the order the targets' register blocks sum dOut . V^T, so that where
+    Out is one key's V (a row with one visible key) Delta equals dP bit for bit and the
+    score gradient P * (dP - Delta) is exactly 0, as the softmax's own backward gives."""
+    columns = vector_type([width, rows], element)
+    a_columns = vector.transpose(columns, a, [1, 0])
+    b_columns = vector.transpose(columns, b, [1, 0])
+    total = splat([rows], element, 0.0)
+    for e in range(width):
+        total = vector.fma(vector.extract(a_columns, [], [e]), vector.extract(b_columns, [], [e]), total)
+    return total
 
 
 class _Backward:
@@ -227,7 +233,7 @@ class _Backward:
         """The score chain on the (R x T) tile of rows row0.. and keys j..; with `mask_keys`,
         keys at or past S are -inf."""
         R, T = self.R, self.T
-        s = _contract(q_tile, k_operand[0], splat([R, T], self.acc, 0.0), k_operand[1])
+        s = contract(q_tile, k_operand[0], splat([R, T], self.acc, 0.0), k_operand[1])
         index_vectors = self._index_vectors(b, h, g, row0, j)
         translator = BodyTranslator([R, T], index_vectors)
         self.translator = translator  # the tile's: the dropout's body runs on it too
@@ -252,7 +258,7 @@ class _Backward:
 
     def _score_gradient(self, p, do_tile, v_operand, delta) -> ir.Value:
         """dS = P * (Z * dOut . V^T - Delta)."""
-        dp = _contract(do_tile, v_operand[0], splat([self.R, self.T], self.acc, 0.0), v_operand[1])
+        dp = contract(do_tile, v_operand[0], splat([self.R, self.T], self.acc, 0.0), v_operand[1])
         dp = self._dropped(dp, "dp_dropout")
         return arith.mulf(p, arith.subf(dp, broadcast_rows(delta, self.T)))
 
@@ -271,7 +277,7 @@ class _Backward:
             out = self._rows("out", self.EV, b, h, g, row0, 0.0)
             dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
             dlse = self._rows("dlse", None, b, h, g, row0, 0.0)
-            delta = arith.subf(_row_sum(arith.mulf(out, dout), self.R, self.acc), dlse)
+            delta = arith.subf(_row_dot(dout, out, self.R, self.EV, self.acc), dlse)
             self._write_rows(loop, delta, [b, h, g, row0], None)
         return loop.results[0]
 
@@ -310,7 +316,7 @@ class _Backward:
                 s = self._scores(q, self._transposed_operand("k", E, b, h, j), b, h, g, row0, j, mask_keys=True)
                 v = self._transposed_operand("v", self.EV, b, h, j)
                 ds = self._score_gradient(self._probabilities(s, base), dout, v, delta)
-                scf.YieldOp([_contract(ds, k, steps.inner_iter_args[0], _ROW_MAJOR)])
+                scf.YieldOp([contract(ds, k, steps.inner_iter_args[0], _ROW_MAJOR)])
             dq = self._scaled_out(steps.results[0], R, E)
             self._write_rows(loop, dq, [b, h, g, row0], E)
         return loop.results[0]
@@ -379,7 +385,7 @@ class _Backward:
                                                              mask_keys=True)
                     ws = state[2]
                     rows = read_tile(ws, [(3, R, False), (4, E, True)], {2: g, 3: row0}, arith.constant(self.acc, 0.0))
-                    return [dk_acc, dv_acc, _write_rows_at(_contract(ds, k, rows, _ROW_MAJOR), ws, g, row0)]
+                    return [dk_acc, dv_acc, _write_rows_at(contract(ds, k, rows, _ROW_MAJOR), ws, g, row0)]
 
                 dk_acc, dv_acc, ws = self._over_rows(carried, self._first_row(j), step)
                 dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _convert(dv_acc, self.et)
@@ -414,9 +420,9 @@ class _Backward:
         base = self._lse_base(b, h, g, row0)
         delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
         p = self._probabilities(self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys), base)
-        dv_acc = _contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
+        dv_acc = contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
         ds = self._score_gradient(p, dout, v_operand, delta)
-        return _contract(ds, q, dk_acc, _A_TRANSPOSED), dv_acc, ds
+        return contract(ds, q, dk_acc, _A_TRANSPOSED), dv_acc, ds
 
     def _first_row(self, j) -> ir.Value:
         """The first row tile that sees key j: 0, or with causal the tile holding row j."""
