@@ -4,6 +4,7 @@ results over key chunks, the ops' registrations (opcheck), and what a forward th
 gradient pays (nothing: the inference kernel, no log-sum-exp).
 """
 
+import json
 import math
 
 import pytest
@@ -90,9 +91,19 @@ def test_gradcheck_log_sum_exp(fresh_seed):
         lambda q, k, v: torch_xegpu_attn.attention(q, k, v, is_causal=True, return_lse=True)[1], (q, k, v))
 
 
+#: schedules of the log-sum-exp kernel: the cpu target's own, and keys split over three
+#: work-groups whose partials a combine loop merges (query heads packed, the combine in two
+#: tiles of value columns: the log-sum-exp comes from the first).
+LSE_SCHEDULES = {"default": None,
+                 "split3-packed": dict(row_tile=8, kv_tile=16, kv_splits=3, pack_gqa=True, combine_cols=8)}
+
+
+@pytest.mark.parametrize("schedule", LSE_SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_log_sum_exp(dtype, causal, fresh_seed):
+def test_log_sum_exp(dtype, causal, schedule, monkeypatch, fresh_seed):
+    if LSE_SCHEDULES[schedule] is not None:
+        monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(LSE_SCHEDULES[schedule]))
     q, k, v = rand(2, 4, 70, 32, dtype=dtype), rand(2, 2, 90, 32, dtype=dtype), rand(2, 2, 90, 16, dtype=dtype)
     mask = None if causal else torch.rand(70, 90) > 0.5
     if mask is not None:

@@ -48,7 +48,8 @@ visits only its share of the row tile's key tiles (ceil(tiles / P) each) and
 writes its (m, l, acc) to workspaces; a combine loop (tagged attn.combine)
 over (b, h, g, r, c) merges the P partials exactly (log-sum-exp merge) and
 normalizes, each of its work-groups one tile of ScheduleOptions.combine_cols
-value columns (c).
+value columns (c); a forward_lse kernel's combine also writes each row's
+log-sum-exp from the merged max and sum (from its c = 0 work-groups).
 """
 
 from __future__ import annotations
@@ -93,8 +94,6 @@ def flash_rewrite(module: ir.Module, spec: AttentionSpec, options: ScheduleOptio
         build_backward(module, spec, options)
         cleanup(module)
         return module
-    if spec.kernel == "forward_lse" and options.kv_splits > 1:
-        raise CompileError("flash: the log-sum-exp output (forward_lse) is not implemented with split keys")
     work_group = _WorkGroup(loops[0], spec, options)
     work_group.build()
     cleanup(module)
@@ -249,22 +248,27 @@ class _WorkGroup:
 
     # ------------------------------------------------------------------ log-sum-exp
 
-    def _log_sum_exp(self, m: ir.Value, l: ir.Value) -> ir.Value:
+    def _log_sum_exp(self, m: ir.Value, l: ir.Value, base2: bool = False) -> ir.Value:
         """Each row's natural log-sum-exp from the running max and sum: m * factor * ln(2) +
-        log(l), m in the exponent's units (factor * ln(2) folded into one constant: m rounds
-        once on its way to natural units, not twice); a row that saw no key gives -inf
-        (log(0) = -inf)."""
-        factor = _LN2 if self.exponent_factor is None else self.exponent_factor * _LN2
+        log(l), m in the exponent's units, or in base-2 units with `base2` (factor * ln(2)
+        folded into one constant: m rounds once on its way to natural units, not twice); a
+        row that saw no key gives -inf (log(0) = -inf)."""
+        factor = _LN2 if base2 or self.exponent_factor is None else self.exponent_factor * _LN2
         natural = arith.mulf(m, splat([self.rows], self.acc, factor))
         return arith.addf(natural, mmath.log(l))
+
+    def _payload_log_sum_exp(self) -> ir.Operation:
+        """The payload's op tagged 'lse' (outside the work-group loop), which the flash
+        kernel's own log-sum-exp output replaces."""
+        chain = [op for op in walk(self.loop.parent, lambda o: tag_of(o) == "lse")]
+        if len(chain) != 1:
+            raise CompileError(f"flash: a forward_lse payload has one op tagged 'lse', found {len(chain)}")
+        return chain[0]
 
     def _write_log_sum_exp(self, lse: ir.Value) -> None:
         """Add the lse argument to the work-group loop's shared outs and write each work-group's
         rows (past L not written); the payload's log-sum-exp chain (outside the loop) goes."""
-        chain = [op for op in walk(self.loop.parent, lambda o: tag_of(o) == "lse")]
-        if len(chain) != 1:
-            raise CompileError(f"flash: a forward_lse payload has one op tagged 'lse', found {len(chain)}")
-        payload_lse = chain[0]
+        payload_lse = self._payload_log_sum_exp()
         destination = payload_lse.operands[len(payload_lse.operands) - 1]
         loop = rebuild_forall(self.loop, forall_upper_bounds(self.loop), [0, 1, 2, 3, 4],
                               list(self.loop.opview.outputs) + [destination], block_mapping(5))
@@ -555,6 +559,8 @@ class _WorkGroup:
         P, R, ev = self.splits, self.R, self.ev
         b_ub, h_ub, g_ub, _, r_ub = forall_upper_bounds(self.loop)
         out_init = self.loop.opview.outputs[0]
+        payload_lse = self._payload_log_sum_exp() if spec.kernel == "forward_lse" else None
+        lse_init = None if payload_lse is None else payload_lse.operands[len(payload_lse.operands) - 1]
         with ir.InsertionPoint(self.loop), self.loop.location:
             batch, heads = (tensor.dim(out_init, const_index(i)) for i in (0, 1))
             padded_rows = arith.muli(_value(r_ub), const_index(R))
@@ -587,17 +593,23 @@ class _WorkGroup:
                 insert_in_parallel(tile, arg, offsets, sizes)
         partials = list(loop.results)[1:]
         with ir.InsertionPoint.after(loop), loop.location:
-            combine = self._combine(partials, out_init, [b_ub, h_ub, g_ub, r_ub])
+            combine = self._combine(partials, out_init, [b_ub, h_ub, g_ub, r_ub], lse_init)
         loop.results[0].replace_all_uses_with(combine.results[0])
+        if payload_lse is not None:
+            payload_lse.results[0].replace_all_uses_with(combine.results[1])
+            payload_lse.erase()
 
-    def _combine(self, partials, out_init, upper_bounds):
+    def _combine(self, partials, out_init, upper_bounds, lse_init: Optional[ir.Value] = None):
         """forall (b, h, g, r, c): merge the P partials of each row tile's c-th tile of value
-        columns (ScheduleOptions.combine_cols), normalize, write."""
+        columns (ScheduleOptions.combine_cols), normalize, write; with `lse_init` (forward_lse)
+        also the rows' log-sum-exp from the merged max and sum, written by the c = 0
+        work-groups (the others insert an empty slice)."""
         R, ev, P = self.R, self.ev, self.splits
         cols = self.options.combine_cols
         cols = cols if 0 < cols < ev and ev % cols == 0 else ev
         bounds = list(upper_bounds) + [ev // cols]
-        loop = scf.ForallOp([0] * 5, bounds, [1] * 5, [out_init], mapping=block_mapping(5))
+        outs = [out_init] + ([lse_init] if lse_init is not None else [])
+        loop = scf.ForallOp([0] * 5, bounds, [1] * 5, outs, mapping=block_mapping(5))
         loop.attributes[COMBINE_LOOP] = ir.UnitAttr.get()
         ivs = dict(zip("bhgrc", loop.induction_variables))
         out_arg = loop.inner_iter_args[0]
@@ -639,10 +651,31 @@ class _WorkGroup:
             sizes = [1, 1, self.groups, valid, cols]
             dest = slice_of(out_arg, offsets, sizes)
             written = write_tile(out, dest, self._out_dims(), {})
+            lse_write = None
+            if lse_init is not None:
+                lse_write = self._combined_log_sum_exp(merge.results[0], merge.results[1], loop, ivs, g0, row0,
+                                                       valid)
             in_parallel = scf.InParallelOp()
             with ir.InsertionPoint(in_parallel.block):
                 insert_in_parallel(written, out_arg, offsets, sizes)
+                if lse_write is not None:
+                    insert_in_parallel(*lse_write)
         return loop
+
+    def _combined_log_sum_exp(self, m, l, loop, ivs, g0, row0, valid):
+        """The merged rows' log-sum-exp (m in base-2 units) as a tile written into the combine
+        loop's second shared out: (tile, out, offsets, sizes), `valid` rows from the c = 0
+        work-group and none from the others."""
+        lse_arg = loop.inner_iter_args[1]
+        first = arith.cmpi(arith.CmpIPredicate.eq, ivs["c"], const_index(0))
+        rows = arith.select(first, valid, const_index(0))
+        offsets = [ivs["b"], ivs["h"], g0, row0]
+        sizes = [1, 1, self.groups, rows]
+        lse = self._log_sum_exp(m, l, base2=True)
+        tile = unflatten_rows(lse, self.groups) if self.packed else lse
+        dims = ([(2, True)] if self.packed else []) + [(3, False)]
+        written = write_tile(tile, slice_of(lse_arg, offsets, sizes), dims, {})
+        return written, lse_arg, offsets, sizes
 
     # ------------------------------------------------------------------ K^T workspace
 
