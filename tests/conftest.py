@@ -21,11 +21,17 @@ os.environ["XEGPU_ATTN_POISON"] = "1"
 import torch_xegpu_attn  # noqa: E402,F401  (registers torch.ops.xegpu.attention)
 
 
+def repeat_heads(t: torch.Tensor, q: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """A key or value with its heads repeated up to the query's (GQA: query head i reads
+    key/value head i // group), as SDPA's enable_gqa does."""
+    if enable_gqa and q.dim() >= 3 and t.size(-3) != q.size(-3):
+        return t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3)
+    return t
+
+
 def reference_scores(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dtype=torch.float64):
     """The scaled, masked scores of standard attention in float64 (or `dtype`; -inf where masked)."""
-    q, k = q.to(dtype), k.to(dtype)
-    if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
-        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+    q, k = q.to(dtype), repeat_heads(k.to(dtype), q, enable_gqa)
     scale = 1.0 / q.size(-1) ** 0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
     L, S = scores.shape[-2:]
@@ -50,9 +56,7 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
     if dropout_p > 0 and keep is None:
         raise ValueError("the reference of a dropout call needs its keep-mask")
     scores = reference_scores(q, k, attn_mask, is_causal, scale, enable_gqa)
-    v = v.double()
-    if enable_gqa and q.dim() >= 3 and v.size(-3) != q.size(-3):
-        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+    v = repeat_heads(v.double(), q, enable_gqa)
     if scores.size(-1) == 0:  # no keys: every row is fully masked
         row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     else:

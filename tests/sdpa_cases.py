@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 import torch_xegpu_attn
-from conftest import FLOOR, reference_attention, reference_scores
+from conftest import FLOOR, reference_attention, reference_scores, repeat_heads
 
 #: the seed every property test draws from (reproducible runs; XEGPU_ATTN_HYPOTHESIS_SEED overrides).
 SEED = int(os.environ.get("XEGPU_ATTN_HYPOTHESIS_SEED", "20261206"))
@@ -405,7 +405,7 @@ def flash_algorithm(keep=None):
     def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        k, v = _repeat_heads(k, q, enable_gqa), _repeat_heads(v, q, enable_gqa)
+        k, v = repeat_heads(k, q, enable_gqa), repeat_heads(v, q, enable_gqa)
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
         factor = torch.ones((), dtype=acc)
@@ -418,13 +418,6 @@ def flash_algorithm(keep=None):
         kwargs = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": scale}
         return _FlashBackward.apply(q, k, v, factor, kwargs)
     return attention
-
-
-def _repeat_heads(t: torch.Tensor, q: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    """A key or value with its heads repeated up to the query's (GQA), as the reference does."""
-    if enable_gqa and q.dim() >= 3 and t.size(-3) != q.size(-3):
-        return t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3)
-    return t
 
 
 def _gradients(fn, case: Case, grad_out: torch.Tensor, dtype=None):
