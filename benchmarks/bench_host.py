@@ -8,7 +8,11 @@ the report is the median over batches.  The kernel is compiled and the call
 recorded before timing: every timed call is a cache hit (a replay).
 
     python benchmarks/bench_host.py [--shape 1,1,8,16] [--batches 31] [--calls 500] [--dtype float32]
-                                    [--device cpu|cuda]
+                                    [--device cpu|cuda] [--training]
+
+--training times a training step instead: the forward of inputs that require gradients and
+`torch.autograd.grad` of its output, ours next to SDPA's (a call that needs a gradient is not
+replayed: it goes through the Python frontend each time).
 
 On CUDA the launches are asynchronous: the time is the host's alone (the
 device is synchronized between batches).
@@ -45,13 +49,27 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(q, k, v, batches: int, calls: int, sync=lambda: None) -> dict:
-    """Medians (us) of the three entry points, interleaved batch by batch (`sync` after each)."""
-    entries = {
+def inference_entries(q, k, v) -> dict:
+    return {
         "torch_xegpu_attn.attention": lambda: torch_xegpu_attn.attention(q, k, v),
         "torch.ops.xegpu.attention": lambda: torch.ops.xegpu.attention(q, k, v),
         "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(q, k, v),
     }
+
+
+def training_entries(q, k, v) -> dict:
+    """A forward and backward of each (inputs that require gradients, one output gradient)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
+    return {"torch_xegpu_attn.attention fwd+bwd": step(torch_xegpu_attn.attention),
+            "F.scaled_dot_product_attention fwd+bwd": step(F.scaled_dot_product_attention)}
+
+
+def measure(entries: dict, batches: int, calls: int, sync=lambda: None) -> dict:
+    """Medians (us) of the entry points, interleaved batch by batch (`sync` after each)."""
     for fn in entries.values():  # warm up: compile, record, fill caches
         for _ in range(50):
             fn()
@@ -70,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=31)
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--training", action="store_true", help="time a forward and backward step")
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
@@ -81,10 +100,12 @@ def main(argv=None) -> int:
             print(f"{name}: output differs from SDPA", file=sys.stderr)
             return 1
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
-    medians = measure(q, k, v, args.batches, args.calls, sync)
+    entries = (training_entries if args.training else inference_entries)(q, k, v)
+    medians = measure(entries, args.batches, args.calls, sync)
     replays = torch_xegpu_attn.stats()["replays"]
-    base = medians["F.scaled_dot_product_attention"]
-    print(f"cache-hit host cost, {args.shape} {args.dtype} on {args.device}, {torch.get_num_threads()} threads, "
+    base = medians[list(entries)[-1]]
+    what = "training step" if args.training else "cache-hit host cost"
+    print(f"{what}, {args.shape} {args.dtype} on {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.batches} interleaved batches of {args.calls} calls ({replays} replays):")
     for name, us in medians.items():
         print(f"  {name:<32} {us:6.2f} us  ({us / base:.2f} x SDPA)")
