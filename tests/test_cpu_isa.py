@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torch_xegpu_attn
-from conftest import check
+from conftest import check, reference_attention
 from torch_xegpu_attn.cache import kernel_key
 from torch_xegpu_attn.compiler import compile_spec
 from torch_xegpu_attn.spec import AttentionSpec
@@ -99,3 +99,28 @@ def test_numerics_per_isa(isa, case, fresh_seed):
     k = torch.randn(b, hkv, s, e, dtype=dtype)
     v = torch.randn(b, hkv, s, ev, dtype=dtype)
     check(q, k, v, is_causal=causal, enable_gqa=hq != hkv)
+
+
+NAN_CASES = [  # (B, Hq, Hkv, L, S, E), causal: a NaN in one query row and in one key
+    ((1, 2, 2, 200, 200, 64), True),    # K^T materialized ("long")
+    ((2, 4, 2, 200, 130, 64), False),   # GQA, key tail
+    ((1, 2, 2, 7, 100, 32), False),     # K read in place ("short")
+    ((1, 8, 2, 1, 300, 128), False),    # decode
+]
+
+
+@pytest.mark.parametrize("case", range(len(NAN_CASES)))
+def test_a_nan_reaches_exactly_its_rows(isa, case, fresh_seed):
+    """A NaN score makes its row NaN, as in standard attention, whichever row maximum the
+    kernel computes (its maxima need not carry NaN: the NaN's probability does)."""
+    (b, hq, hkv, l, s, e), causal = NAN_CASES[case]
+    q, k, v = torch.randn(b, hq, l, e), torch.randn(b, hkv, s, e), torch.randn(b, hkv, s, e)
+    q[0, hq - 1, l // 2, 3] = float("nan")
+    k[b - 1, 0, s // 3, 5] = float("nan")
+    gqa = hq != hkv
+    ours = torch_xegpu_attn.attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    ref = reference_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    nan = ref.isnan()
+    assert nan.any() and not nan.all()
+    assert torch.equal(ours.isnan(), nan)
+    torch.testing.assert_close(ours.double()[~nan], ref[~nan], rtol=1e-4, atol=1e-5)

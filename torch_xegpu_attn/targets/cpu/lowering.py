@@ -33,7 +33,64 @@ def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options) -> ir.Modu
     microkernel.lower_contractions(module, microkernel.RegisterBlock(
         options.m_block, options.n_block, toolchain.isa_named(options.isa).vector_bits, options.k_unroll))
     exp.expand_exp(module)
+    lower_row_maxima(module, toolchain.isa_named(options.isa).vector_bits)
     return module
+
+
+_MAX_KINDS = ("#vector.kind<maximumf>", "#vector.kind<maxnumf>")
+
+
+def _greater(a: ir.Value, b: ir.Value) -> ir.Value:
+    """a > b ? a : b, the semantics of x86's max instructions (b where either is NaN)."""
+    return arith.select(arith.cmpf(arith.CmpFPredicate.OGT, a, b), a, b)
+
+
+def _register_maximum(row: ir.Value, lanes: int) -> ir.Value:
+    """The maximum of a 1-D vector: a balanced tree of elementwise maxima over its register-wide
+    pieces, then halves of the last register down to one element (a scalar)."""
+    width = ir.VectorType(row.type).shape[0]
+    element = ir.VectorType(row.type).element_type
+    lanes = min(lanes, width & -width)  # a power of two that divides the row
+    pieces = [vector.extract_strided_slice(ir.VectorType.get([lanes], element), row, [c], [lanes], [1])
+              for c in range(0, width, lanes)]
+    while len(pieces) > 1:
+        pieces = [_greater(pieces[i], pieces[i + 1]) if i + 1 < len(pieces) else pieces[i]
+                  for i in range(0, len(pieces), 2)]
+    v = pieces[0]
+    while lanes > 1:
+        lanes //= 2
+        half = ir.VectorType.get([lanes], element)
+        v = _greater(vector.extract_strided_slice(half, v, [0], [lanes], [1]),
+                     vector.extract_strided_slice(half, v, [lanes], [lanes], [1]))
+    return vector.extract(v, [], [0])
+
+
+def lower_row_maxima(module: ir.Module, vector_bits: int) -> int:
+    """Each row maximum of a 2-D tile (vector.multi_reduction <maximumf> or <maxnumf> over its
+    last dim: the online softmax's) -> trees of x86-style maxima (`_greater`), register by
+    register.  LLVM expands a NaN-propagating reduction (llvm.vector.reduce.fmaximum) into
+    compare-and-blend chains, element by element; the tree is one max instruction per register.
+
+    Where a row holds a NaN, its maximum may come out as another of its values (or NaN): the
+    probability of the NaN score, exp2(NaN - m), is NaN whatever m is, and carries it into the
+    row's sum and output, as the NaN-propagating maximum would.  Returns the reductions
+    rewritten."""
+    rewritten = 0
+    for op in ops_named(module, "vector.multi_reduction"):
+        source = ir.VectorType(op.operands[0].type)
+        if (str(op.attributes["kind"]) not in _MAX_KINDS or source.rank != 2
+                or list(ir.DenseI64ArrayAttr(op.attributes["reduction_dims"])) != [1]):
+            continue
+        lanes = vector_bits // ir.FloatType(source.element_type).width
+        with ir.InsertionPoint(op), op.location:
+            rows = [_greater(vector.extract(op.operands[1], [], [r]),
+                             _register_maximum(vector.extract(op.operands[0], [], [r]), lanes))
+                    for r in range(source.shape[0])]
+            result = vector.from_elements(op.results[0].type, rows)
+        op.results[0].replace_all_uses_with(result)
+        op.erase()
+        rewritten += 1
+    return rewritten
 
 
 def split_transposes(module: ir.Module, tile) -> int:
