@@ -31,7 +31,7 @@ ROW_TILE = 24
 SHORT_ROW_TILE = 4
 #: k steps per iteration of the micro-kernel's k loop, per ISA: fewer loop branches and more
 #: freedom to schedule the loads, against code size.
-K_UNROLL = {"avx512": 4, "avx2": 2, "sse": 2}
+K_UNROLL = {"avx512": 4, "avx2": 4, "sse": 2}
 #: how key tails are handled: "mask" and "peel" measured within noise of each
 #: other on every benchmark row, tails included (README); "mask" is one loop.
 TAIL = "mask"

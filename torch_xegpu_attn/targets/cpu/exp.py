@@ -15,17 +15,20 @@ about 1 ulp.  f64: P the Taylor polynomial of (e^r - 1 - r) / r^2 up to r^11
 5e-18 on |r| <= ln2/2, far under f64's half ulp (1.1e-16), so the error is
 that of the Horner evaluation, about 1 ulp; ln 2 is split as in Cephes' exp.
 
-Inputs are clamped first, so that the exponent bits saturate: x at or below
+Inputs are clamped first, so that n stays in [-bias, bias + 1]: x at or below
 the lower bound (including -inf, i.e. a masked score) gives exactly 0 (results
 that would be denormal flush to 0), NaN stays NaN.  f32: [-88, 88.7]; f64:
-[-745, 709.78].  At the top, 2^n is assembled only for n <= bias: a result
+[-709.08, 709.78].  n is rounded by adding 1.5 * 2^mantissa_bits, which leaves
+n in the low bits of the sum: the exponent bits of 2^n are those bits plus the
+bias, shifted; no float-to-int conversion (poison for NaN in LLVM), no
+clamping of integers.  At the top, 2^n is assembled only for n <= bias: a result
 above 2^(bias + 0.5) (x above 127.5 in base 2 for f32, 1023.5 for f64) is inf,
 although the format reaches a little further; the flash loop only
 exponentiates scores minus their running maximum (<= 0).
 
 2^x (the flash loop works in base 2) reduces exactly instead: n = round(x),
 r = x - n (exact), 2^r = e^(r ln2) with the same polynomial (|r ln 2| <=
-ln2/2); inputs clamped to [-127, 128] (f32), [-1075, 1024] (f64).
+ln2/2); inputs clamped to [-127, 128] (f32), [-1023, 1024] (f64).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ _F32 = _Format(int_bits=32, bias=127, mantissa_bits=23, ln2_hi=0.693359375, ln2_
 _F64 = _Format(int_bits=64, bias=1023, mantissa_bits=52, ln2_hi=6.93145751953125e-1,
                ln2_lo=1.42860682030941723212e-6,
                p=tuple(1.0 / math.factorial(k) for k in range(13, 1, -1)),
-               exp_range=(-745.0, 709.78), exp2_range=(-1075.0, 1024.0))
+               exp_range=(-709.08, 709.78), exp2_range=(-1023.0, 1024.0))
 
 
 def _element(ty: ir.Type) -> ir.Type:
@@ -103,19 +106,30 @@ def _exp_of_reduced(r: ir.Value) -> ir.Value:
     return mmath.fma(p, arith.mulf(r, r), arith.addf(r, c(1.0)))
 
 
-def _times_two_to(er: ir.Value, n: ir.Value) -> ir.Value:
-    """er * 2^n for an integral float n, assembled in the exponent bits."""
-    ty = er.type
-    fmt = _format(ty)
-    ity = _int_type(ty)
-    c = lambda v: _splat(ty, v)
-    ci = lambda v: _splat(ity, v)
-    # fptosi of NaN is poison in LLVM: convert 0 instead (er is NaN already, so is the result).
-    n = arith.select(arith.cmpf(arith.CmpFPredicate.UNO, n, n), c(0.0), n)
-    biased = arith.addi(arith.fptosi(ity, n), ci(fmt.bias))
-    top = 2 * fmt.bias + 1
-    biased = arith.minsi(arith.maxsi(biased, ci(0)), ci(top))  # 0 -> +0.0, all ones -> inf
-    two_n = arith.bitcast(ty, arith.shli(biased, ci(fmt.mantissa_bits)))
+def _clamp(x: ir.Value, low: float, high: float) -> ir.Value:
+    """x limited to [low, high]; NaN stays NaN."""
+    c = lambda v: _splat(x.type, v)
+    return arith.minimumf(arith.maximumf(x, c(low)), c(high))
+
+
+def _rounded(x: ir.Value) -> Tuple[ir.Value, ir.Value]:
+    """(t, n): t = x + 1.5 * 2^mantissa_bits, whose low bits hold n = round(x) as an integer
+    (round to nearest even; |x| < 2^(mantissa_bits - 1)), and n as a float (t - the same
+    constant, exact).  No float-to-int conversion, which LLVM makes poison for NaN."""
+    fmt = _format(x.type)
+    magic = _splat(x.type, 1.5 * 2.0 ** fmt.mantissa_bits)
+    t = arith.addf(x, magic)
+    return t, arith.subf(t, magic)
+
+
+def _times_two_to(er: ir.Value, t: ir.Value) -> ir.Value:
+    """er * 2^n, 2^n assembled in the exponent bits from t of `_rounded` (n in [-bias, bias + 1]:
+    -bias gives +0.0, bias + 1 inf).  The shift keeps the low bits of t's integer, where the
+    constant added has zeros: n + bias exactly."""
+    fmt = _format(er.type)
+    ity = _int_type(er.type)
+    biased = arith.addi(arith.bitcast(ity, t), _splat(ity, fmt.bias))
+    two_n = arith.bitcast(er.type, arith.shli(biased, _splat(ity, fmt.mantissa_bits)))
     return arith.mulf(er, two_n)
 
 
@@ -123,23 +137,21 @@ def emit_exp(x: ir.Value) -> ir.Value:
     """e^x for an f32 or f64 scalar or vector `x`, at the current insertion point."""
     fmt = _format(x.type)
     c = lambda v: _splat(x.type, v)
-    low, high = fmt.exp_range
-    x = arith.minimumf(arith.maximumf(x, c(low)), c(high))
-    n = mmath.floor(mmath.fma(x, c(_LOG2E), c(0.5)))
+    x = _clamp(x, *fmt.exp_range)
+    t, n = _rounded(arith.mulf(x, c(_LOG2E)))
     r = mmath.fma(n, c(-fmt.ln2_hi), x)
     r = mmath.fma(n, c(-fmt.ln2_lo), r)
-    return _times_two_to(_exp_of_reduced(r), n)
+    return _times_two_to(_exp_of_reduced(r), t)
 
 
 def emit_exp2(x: ir.Value) -> ir.Value:
     """2^x for an f32 or f64 scalar or vector `x`, at the current insertion point."""
     fmt = _format(x.type)
     c = lambda v: _splat(x.type, v)
-    low, high = fmt.exp2_range
-    x = arith.minimumf(arith.maximumf(x, c(low)), c(high))
-    n = mmath.floor(arith.addf(x, c(0.5)))
+    x = _clamp(x, *fmt.exp2_range)
+    t, n = _rounded(x)
     r = arith.subf(x, n)  # exact
-    return _times_two_to(_exp_of_reduced(arith.mulf(r, c(_LN2))), n)
+    return _times_two_to(_exp_of_reduced(arith.mulf(r, c(_LN2))), t)
 
 
 def _expandable(ty: ir.Type) -> bool:

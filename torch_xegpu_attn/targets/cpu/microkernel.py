@@ -18,8 +18,9 @@ in registers) is first stored to a stack buffer; an operand read from memory
 is re-read in place (the transfer_read it came from is left to DCE).
 
 The target picks the register block (MB, NB) and U for its vector ISA, so that
-the accumulators, the B vectors and a broadcast fit the register file; U = 1
-where K is not a multiple of U or the k loop stops early at the end of the keys.
+the accumulators, the B vectors and a broadcast fit the register file.  Where K
+is not a multiple of U, or the k loop stops early at the end of the keys (a
+run-time bound), a second loop does the remaining k steps one by one.
 
 Unit dims were folded away before vectorization, so a one-row work-group
 gives C[N] += A[K] . B[K, N] (M absent), a one-key tail C[M] += A[M, K] . B[K]
@@ -198,7 +199,33 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
         rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
         n_block = block.columns(min(m_size, block.m), acc_type)
-        unroll = block.k_unroll if b_rows is None and k_size % block.k_unroll == 0 else 1
+        unroll = min(block.k_unroll, k_size)
+        # k steps [0, unrolled_end) in iterations of `unroll` steps, the rest one by one
+        if b_rows is None:
+            unrolled_end = const_index(k_size - k_size % unroll)
+            rest = k_size % unroll != 0
+        else:
+            unrolled_end = arith.muli(arith.divui(k_end, const_index(unroll)), const_index(unroll))
+            rest = unroll > 1
+
+        def k_steps(k0: ir.Value, count: int, acc_rows: List[ir.Value], n0: int, width: int, block_rows):
+            """`count` k steps from k0: each loads a row of B and does one FMA per block row."""
+            chunk_type = ir.VectorType.get([width], acc_type)
+            acc_rows = list(acc_rows)
+            for u in range(count):
+                k = k0 if u == 0 else arith.addi(k0, const_index(u))
+                if form.has_n:
+                    b_type = ir.VectorType.get([width], ir.MemRefType(b_mem.type).element_type)
+                    b = _extended(vector.load(b_type, b_mem, _at(b_idx, [k, const_index(n0)])), acc_type)
+                else:
+                    b = vector.broadcast(chunk_type, _extended(memref.load(b_mem, _at(b_idx, [k])), acc_type))
+                for i, m in enumerate(block_rows):
+                    at = [k] if not form.has_m else (
+                        [k, const_index(m)] if form.a_rows_along_k else [const_index(m), k])
+                    a = vector.broadcast(chunk_type, _extended(memref.load(a_mem, _at(a_idx, at)), acc_type))
+                    acc_rows[i] = vector.fma(a, b, acc_rows[i])
+            return acc_rows
+
         for n0 in range(0, n_size, n_block):
             width = min(n_block, n_size - n0)
             chunk_type = ir.VectorType.get([width], acc_type)
@@ -207,26 +234,15 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
                 block_rows = range(m0, min(m0 + block.m, m_size))
                 chunk = [rows[m] if whole else vector.extract_strided_slice(chunk_type, rows[m], [n0], [width], [1])
                          for m in block_rows]
-                loop = scf.ForOp(const_index(0), k_end, const_index(unroll), chunk)
-                with ir.InsertionPoint(loop.body):
-                    acc_rows = list(loop.inner_iter_args)
-                    for u in range(unroll):
-                        k = loop.induction_variable if u == 0 else arith.addi(loop.induction_variable,
-                                                                                 const_index(u))
-                        if form.has_n:
-                            b_type = ir.VectorType.get([width], ir.MemRefType(b_mem.type).element_type)
-                            b = _extended(vector.load(b_type, b_mem, _at(b_idx, [k, const_index(n0)])), acc_type)
-                        else:
-                            b = vector.broadcast(chunk_type, _extended(memref.load(b_mem, _at(b_idx, [k])), acc_type))
-                        for i, m in enumerate(block_rows):
-                            at = [k] if not form.has_m else (
-                                [k, const_index(m)] if form.a_rows_along_k else [const_index(m), k])
-                            a = memref.load(a_mem, _at(a_idx, at))
-                            a = vector.broadcast(chunk_type, _extended(a, acc_type))
-                            acc_rows[i] = vector.fma(a, b, acc_rows[i])
-                    scf.YieldOp(acc_rows)
+                loops = [(const_index(0), unrolled_end, unroll)] + ([(unrolled_end, k_end, 1)] if rest else [])
+                for start, end, step in loops:
+                    loop = scf.ForOp(start, end, const_index(step), chunk)
+                    with ir.InsertionPoint(loop.body):
+                        scf.YieldOp(k_steps(loop.induction_variable, step, list(loop.inner_iter_args),
+                                            n0, width, block_rows))
+                    chunk = list(loop.results)
                 for i, m in enumerate(block_rows):
-                    part = loop.results[i]
+                    part = chunk[i]
                     result_rows[m] = part if whole else vector.insert_strided_slice(part, result_rows[m], [n0], [1])
         result = _assemble(acc, form, result_rows)
     contract.results[0].replace_all_uses_with(result)
