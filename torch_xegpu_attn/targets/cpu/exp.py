@@ -27,8 +27,10 @@ although the format reaches a little further; the flash loop only
 exponentiates scores minus their running maximum (<= 0).
 
 2^x (the flash loop works in base 2) reduces exactly instead: n = round(x),
-r = x - n (exact), 2^r = e^(r ln2) with the same polynomial (|r ln 2| <=
-ln2/2); inputs clamped to [-127, 128] (f32), [-1023, 1024] (f64).
+r = x - n (exact); f32 takes 2^r from a degree-6 polynomial in r (least squares
+of the relative error on |r| <= 1/2, Horner in f32: 0.66 ulp at most, checked
+in f64 on 200001 points), f64 as e^(r ln2) with the exp polynomial; inputs
+clamped to [-127, 128] (f32), [-1023, 1024] (f64).
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ class _Format:
     p: Tuple[float, ...]   # P's coefficients, highest degree first
     exp_range: Tuple[float, float]
     exp2_range: Tuple[float, float]
+    p2: Tuple[float, ...] = ()  # 2^r on |r| <= 1/2 directly, highest degree first (() -> e^(r ln 2))
 
 
 _F32 = _Format(int_bits=32, bias=127, mantissa_bits=23, ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,
                p=(1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
                   5.0000001201e-1),
-               exp_range=(-88.0, 88.7), exp2_range=(-127.0, 128.0))
+               exp_range=(-88.0, 88.7), exp2_range=(-127.0, 128.0),
+               p2=(1.5370704932138324e-4, 1.3399848248809576e-3, 9.618373587727547e-3, 5.550329014658928e-2,
+                   2.4022647738456726e-1, 6.931471824645996e-1, 1.0))
 _F64 = _Format(int_bits=64, bias=1023, mantissa_bits=52, ln2_hi=6.93145751953125e-1,
                ln2_lo=1.42860682030941723212e-6,
                p=tuple(1.0 / math.factorial(k) for k in range(13, 1, -1)),
@@ -151,7 +156,12 @@ def emit_exp2(x: ir.Value) -> ir.Value:
     x = _clamp(x, *fmt.exp2_range)
     t, n = _rounded(x)
     r = arith.subf(x, n)  # exact
-    return _times_two_to(_exp_of_reduced(arith.mulf(r, c(_LN2))), t)
+    if not fmt.p2:
+        return _times_two_to(_exp_of_reduced(arith.mulf(r, c(_LN2))), t)
+    two_r = c(fmt.p2[0])
+    for coefficient in fmt.p2[1:]:
+        two_r = mmath.fma(two_r, r, c(coefficient))
+    return _times_two_to(two_r, t)
 
 
 def _expandable(ty: ir.Type) -> bool:
