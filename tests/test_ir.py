@@ -372,6 +372,29 @@ CHECK: func.func @attention_grid1(
 """)
 
 
+def test_cpu_vector_softmax_row_by_row():
+    # The step's elementwise tile code (scores minus the row maximum, exp2, the row sums) is one
+    # loop over the 4 rows: the score tile through a stack buffer, one row of it per iteration,
+    # each probability row stored into the micro-kernel's copy of P (its left operand).
+    filecheck(stage_ir(LONG, "cpu-vector"), r"""
+CHECK: func.func @attention_grid1(
+CHECK:   vector.transfer_write %{{.*}}, %[[S:[a-z_0-9]+]][%{{.*}}] {in_bounds = [true, true]} : vector<4x64xf32>, memref<4x64xf32>
+CHECK:   scf.for %[[R:[a-z_0-9]+]] = %{{.*}} to %c4{{.*}} step %c1
+CHECK:     vector.load %[[S]][%[[R]], %{{.*}}] : memref<4x64xf32>, vector<64xf32>
+CHECK:     math.fma %{{.*}} : vector<64xf32>
+CHECK:     vector.store %{{.*}}, %[[P:[a-z_0-9]+]][%[[R]], %{{.*}}] : memref<4x64xf32>, vector<64xf32>
+CHECK:     vector.reduction <add>, %{{.*}} : vector<64xf32> into f32
+CHECK:   }
+CHECK:   memref.load %[[P]]
+""")
+    filecheck(stage_ir(LONG, "cpu-vector"), r"""
+CHECK: func.func @attention_grid1(
+CHECK-NOT: math.fma {{.*}} : vector<4x64xf32>
+CHECK-NOT: vector.multi_reduction {{.*}} : vector<4x64xf32>
+CHECK: func.func @attention_plan(
+""")
+
+
 def test_dump_dir_one_file_per_stage(tmp_path, monkeypatch):
     monkeypatch.delenv("XEGPU_ATTN_STOP_AFTER", raising=False)
     spec = replace(SPEC, head_dim=32)

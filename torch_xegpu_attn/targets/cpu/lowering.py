@@ -7,7 +7,7 @@ from mlir.dialects import arith, memref, scf, vector
 
 from ...mlir_utils import CompileError, const_index, ops_named
 from ...spec import AttentionSpec
-from . import exp, microkernel, toolchain
+from . import exp, microkernel, rows, toolchain
 
 LLVM_PIPELINE = ",".join([
     "canonicalize", "cse",
@@ -34,6 +34,7 @@ def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options) -> ir.Modu
         options.m_block, options.n_block, toolchain.isa_named(options.isa).vector_bits, options.k_unroll))
     exp.expand_exp(module)
     lower_row_maxima(module, toolchain.isa_named(options.isa).vector_bits)
+    rows.emit_row_by_row(module)
     return module
 
 

@@ -110,6 +110,14 @@ def _function_entry(op: ir.Operation) -> ir.Block:
     return op.parent.regions[0].blocks[0]
 
 
+def stack_buffer(anchor: ir.Operation, vector_type: ir.VectorType) -> ir.Value:
+    """A 64-byte aligned stack buffer of `vector_type`'s shape and element type, allocated at the
+    entry of `anchor`'s function (once per call, not per loop iteration)."""
+    with ir.InsertionPoint.at_block_begin(_function_entry(anchor)), anchor.location:
+        return memref.alloca(ir.MemRefType.get(vector_type.shape, vector_type.element_type), [], [],
+                             alignment=64)
+
+
 def _spill_to_stack(value: ir.Value, anchor: ir.Operation, at_definition: bool = True):
     """Store a 1-D or 2-D vector (row by row) into a stack buffer allocated at function entry.
 
@@ -118,8 +126,7 @@ def _spill_to_stack(value: ir.Value, anchor: ir.Operation, at_definition: bool =
     every use; else (a buffer the caller then updates) right before `anchor`.
     """
     vt = ir.VectorType(value.type)
-    with ir.InsertionPoint.at_block_begin(_function_entry(anchor)):
-        buffer = memref.alloca(ir.MemRefType.get(vt.shape, vt.element_type), [], [], alignment=64)
+    buffer = stack_buffer(anchor, vt)
     producer = defining_op(value)
     if not at_definition:
         where = ir.InsertionPoint(anchor)

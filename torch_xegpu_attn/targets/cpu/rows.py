@@ -1,0 +1,320 @@
+"""CPU stage piece: elementwise code on 2-D tiles as loops over their rows.
+
+A work-group step computes on whole (rows x columns) tiles: the softmax's
+subtraction of the row maximum, the exp2 polynomial, the row sums.  Lowered as they are, each op becomes one op
+per row, and llc interleaves the whole tile's worth of them: intermediate tiles
+(rows x columns / lanes registers, far more than a register file holds) go to
+the stack and back between ops.  This piece turns each such run of ops into a
+loop whose body computes one row:
+
+    segment = a run of elementwise ops on (R x N) vectors in one block, and the
+              reductions over the columns of their results
+    at the segment's first op:
+        tiles and per-row values the segment reads from outside -> stack buffers
+        for r in [0, R):                      scf.for
+            for op in segment:                in their order
+                op on row r (N-wide vectors); a reduction -> element r of a buffer
+        reductions' results <- their buffers
+
+so one row's values stay in registers from the segment's first op to its last.
+A tile that the micro-kernel copies to the stack row by row (the probabilities,
+P.V's left operand) is stored into that copy by the loop, row r at a time.  A
+segment whose results are used otherwise after it (a tile written to the
+output) is left as it is: reading the tile back whole would cost what the
+loop saves.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from mlir import ir
+from mlir.dialects import arith, memref, scf, vector
+
+from ...mlir_utils import const_index, defining_op
+from .microkernel import stack_buffer
+
+#: dialects whose ops on vectors are elementwise (all operands and results of one shape).
+_ELEMENTWISE_DIALECTS = ("arith.", "math.")
+_ELEMENTWISE_OPS = ("vector.fma",)
+
+
+def _tile_shape(value: ir.Value) -> Optional[List[int]]:
+    t = value.type
+    if isinstance(t, ir.VectorType) and t.rank == 2 and not t.scalable:
+        return list(t.shape)
+    return None
+
+
+def _is_elementwise(op: ir.Operation, shape: List[int]) -> bool:
+    name = op.name
+    if name == "arith.constant" or not (name.startswith(_ELEMENTWISE_DIALECTS) or name in _ELEMENTWISE_OPS):
+        return False
+    if len(op.results) != 1 or len(op.regions):
+        return False
+    values = list(op.operands) + list(op.results)
+    return all(_tile_shape(v) == shape for v in values)
+
+
+def _is_splat(constant: ir.Operation) -> bool:
+    value = constant.attributes["value"]
+    return isinstance(value, ir.DenseElementsAttr) and value.is_splat
+
+
+def _is_row_reduction(op: ir.Operation) -> bool:
+    return (op.name == "vector.multi_reduction"
+            and list(ir.DenseI64ArrayAttr(op.attributes["reduction_dims"])) == [1]
+            and _tile_shape(op.operands[0]) is not None)
+
+
+class _Segment:
+    """A run of elementwise tile ops of one shape in a block, and the row reductions of them."""
+
+    def __init__(self, first: ir.Operation, shape: List[int], position: Dict):
+        self.first = first
+        self.shape = shape
+        self.position = position  # op -> its index in the block
+        self.ops: List[ir.Operation] = []
+        self.values = set()
+
+    def admits(self, op: ir.Operation) -> bool:
+        """Whether `op` can join: every operand is a segment value or defined before the first op
+        (so that all rows can be computed at the first op's place)."""
+        if _is_row_reduction(op):
+            return (_tile_shape(op.operands[0]) == self.shape and op.operands[0] in self.values
+                    and self._before(op.operands[1]))
+        if not _is_elementwise(op, self.shape):
+            return False
+        return all(v in self.values or self._before(v) for v in op.operands)
+
+    def _before(self, value: ir.Value) -> bool:
+        """Defined before the first op, or a splat constant (made again per row)."""
+        op = defining_op(value)
+        if op is not None and op.name == "arith.constant" and _is_splat(op):
+            return True
+        return op is None or op not in self.position or self.position[op] < self.position[self.first]
+
+    def add(self, op: ir.Operation) -> None:
+        self.ops.append(op)
+        if not _is_row_reduction(op):
+            self.values.add(op.results[0])
+
+
+def _starts_segment(op: ir.Operation) -> Optional[List[int]]:
+    """The tile shape of an elementwise op on tiles of several rows, else None."""
+    shape = _tile_shape(op.results[0]) if len(op.results) == 1 else None
+    return shape if shape is not None and shape[0] > 1 and _is_elementwise(op, shape) else None
+
+
+def _segments(block: ir.Block) -> List[_Segment]:
+    """The block's segments of at least two ops, in block order."""
+    ops = [view.operation for view in block.operations]
+    position = {op: i for i, op in enumerate(ops)}
+    found: List[_Segment] = []
+    current: Optional[_Segment] = None
+    for op in ops:
+        if current is not None and current.admits(op):
+            current.add(op)
+            continue
+        shape = _starts_segment(op)
+        if shape is None:
+            continue
+        if current is not None and len(current.ops) >= 2:
+            found.append(current)
+        current = _Segment(op, shape, position)
+        current.add(op)
+    if current is not None and len(current.ops) >= 2:
+        found.append(current)
+    return found
+
+
+def _zeros(n: int) -> List[ir.Value]:
+    return [const_index(0)] * n
+
+
+def _identity(rank: int) -> ir.AffineMapAttr:
+    return ir.AffineMapAttr.get(ir.AffineMap.get_minor_identity(rank, rank))
+
+
+def _write_whole(value: ir.Value, buffer: ir.Value) -> None:
+    """value -> the buffer of its shape (a transfer: n-D vector.store has no LLVM lowering)."""
+    rank = value.type.rank
+    vector.transfer_write(None, value, buffer, _zeros(rank), _identity(rank), in_bounds=[True] * rank)
+
+
+def _read_whole(vector_type: ir.VectorType, buffer: ir.Value) -> ir.Value:
+    rank = vector_type.rank
+    padding = arith.constant(vector_type.element_type, _zero(vector_type.element_type))
+    return vector.transfer_read(vector_type, buffer, _zeros(rank), _identity(rank), padding,
+                                in_bounds=[True] * rank)
+
+
+def _zero(element: ir.Type) -> ir.Attribute:
+    if isinstance(element, ir.IntegerType):
+        return ir.IntegerAttr.get(element, 0)
+    return ir.FloatAttr.get(element, 0.0)
+
+
+class _Loop:
+    """The loop over a segment's rows: row r of the values it reads, made inside the loop body
+    (tiles and per-row vectors from outside go through stack buffers written before it)."""
+
+    def __init__(self, segment: _Segment, r: ir.Value, before: ir.InsertionPoint):
+        self.segment = segment
+        self.r = r
+        self.before = before
+        self.rows: Dict = {}
+        self.cache: Dict = {}
+
+    def row(self, value: ir.Value) -> ir.Value:
+        if value in self.rows:
+            return self.rows[value]
+        if value not in self.cache:
+            self.cache[value] = self._outside_row(value)
+        return self.cache[value]
+
+    def _outside_row(self, value: ir.Value) -> ir.Value:
+        shape = _tile_shape(value)
+        row_type = ir.VectorType.get(shape[1:], value.type.element_type)
+        op = defining_op(value)
+        if op is not None and op.name == "arith.constant":
+            splat = ir.DenseElementsAttr(op.attributes["value"]).get_splat_value()
+            return arith.constant(row_type, ir.DenseElementsAttr.get_splat(row_type, splat))
+        if op is not None and op.name == "vector.broadcast":
+            source = op.operands[0]
+            if not isinstance(source.type, ir.VectorType):              # a scalar
+                return vector.broadcast(row_type, source)
+            if source.type.rank == 1:                                   # one row, repeated
+                return source
+            if list(source.type.shape) == [shape[0], 1]:                # one value per row
+                return vector.broadcast(row_type, self.element(source))
+        return vector.load(row_type, self._buffered(value), [self.r, const_index(0)])
+
+    def element(self, value: ir.Value) -> ir.Value:
+        """Element r of a per-row vector (shape [R] or [R, 1]) from outside the loop."""
+        op = defining_op(value)
+        if op is not None and op.name == "arith.constant" and _is_splat(op):
+            splat = ir.DenseElementsAttr(op.attributes["value"]).get_splat_value()
+            return arith.constant(value.type.element_type, splat)
+        buffer = self._buffered(value)
+        return memref.load(buffer, [self.r] + _zeros(ir.VectorType(value.type).rank - 1))
+
+    def _buffered(self, value: ir.Value) -> ir.Value:
+        key = ("buffer", value)
+        if key not in self.cache:
+            buffer = stack_buffer(self.segment.first, value.type)
+            with self.before:
+                _write_whole(value, buffer)
+            self.cache[key] = buffer
+        return self.cache[key]
+
+
+def _row_op(op: ir.Operation, operands: List[ir.Value], columns: int) -> ir.Value:
+    result = ir.VectorType(op.results[0].type)
+    row_type = ir.VectorType.get([columns], result.element_type)
+    attributes = {name: op.attributes[name] for name in op.attributes}
+    return ir.Operation.create(op.name, results=[row_type], operands=operands, attributes=attributes).results[0]
+
+
+def _emit(segment: _Segment) -> bool:
+    """The segment as one scf.for over its rows, at its first op; False (untouched) where a
+    result is used after the segment other than by row stores into stack buffers: reading a
+    whole tile back would cost the copies the loop saves."""
+    rows_count, columns = segment.shape
+    inside = set(segment.ops)
+    stores = {}
+    for op in segment.ops:
+        if not _is_row_reduction(op):
+            outside = [use.owner for use in op.results[0].uses if use.owner not in inside]
+            stores[op] = _row_stores(op.results[0], rows_count, inside) if outside else {}
+            if stores[op] is None:
+                return False
+    with segment.first.location:
+        with ir.InsertionPoint(segment.first):
+            loop = scf.ForOp(const_index(0), const_index(rows_count), const_index(1))
+        rows = _Loop(segment, loop.induction_variable, ir.InsertionPoint(loop.operation))
+        reduced = []  # (reduction result, buffer of its elements)
+        with ir.InsertionPoint(loop.body):
+            for op in segment.ops:
+                if _is_row_reduction(op):
+                    element = ir.VectorType(op.operands[0].type).element_type
+                    value = vector.ReductionOp(element, op.attributes["kind"], rows.row(op.operands[0]),
+                                               acc=rows.element(op.operands[1])).result
+                    buffer = stack_buffer(segment.first, op.results[0].type)
+                    memref.store(value, buffer, [rows.r])
+                    reduced.append((op.results[0], buffer))
+                    continue
+                value = _row_op(op, [rows.row(v) for v in op.operands], columns)
+                rows.rows[op.results[0]] = value
+                for buffer in stores[op]:
+                    vector.store(value, buffer, [rows.r, const_index(0)])
+            scf.YieldOp([])
+        with ir.InsertionPoint(segment.first):
+            for value, buffer in reduced:
+                value.replace_all_uses_with(_read_whole(value.type, buffer))
+    for row_stores in stores.values():
+        for extract, store in (pair for pairs in row_stores.values() for pair in pairs):
+            store.erase()
+            extract.erase()
+    for op in reversed(segment.ops):
+        op.erase()
+    return True
+
+
+def _row_stores(value: ir.Value, rows_count: int, inside: set) -> Optional[Dict]:
+    """{stack buffer: [(extract, store)]} when every use of `value` outside the segment's ops
+    (`inside`) is a store of one of its rows
+    into row r of a stack buffer (the micro-kernel's copies of an operand), each buffer getting
+    every row; else None."""
+    found: Dict = {}
+    for use in value.uses:
+        extract = use.owner
+        if extract in inside:
+            continue
+        if extract.name != "vector.extract" or len(extract.operands) != 1:
+            return None
+        position = list(ir.DenseI64ArrayAttr(extract.attributes["static_position"]))
+        users = [u.owner for u in extract.results[0].uses]
+        if len(position) != 1 or len(users) != 1:
+            return None
+        store = users[0]
+        if store.name != "vector.store" or not _row_store(store, position[0]):
+            return None
+        found.setdefault(store.operands[1], []).append((extract, store))
+    if any(sorted(_row_of(s) for _, s in pairs) != list(range(rows_count)) for pairs in found.values()):
+        return None
+    return found
+
+
+def _row_of(store: ir.Operation) -> int:
+    return ir.IntegerAttr(defining_op(store.operands[2]).attributes["value"]).value
+
+
+def _row_store(store: ir.Operation, r: int) -> bool:
+    """A store of row r at [r, 0] of a 2-D stack buffer."""
+    base = defining_op(store.operands[1])
+    indices = [defining_op(i) for i in store.operands[2:]]
+    if base is None or base.name != "memref.alloca" or len(indices) != 2:
+        return False
+    if any(i is None or i.name != "arith.constant" for i in indices):
+        return False
+    return [ir.IntegerAttr(i.attributes["value"]).value for i in indices] == [r, 0]
+
+
+def emit_row_by_row(module: ir.Module) -> int:
+    """Rewrite every segment of elementwise tile code as a loop over rows; returns how many."""
+    blocks = []
+
+    def collect(op):
+        for region in op.regions:
+            for block in region.blocks:
+                blocks.append(block)
+                for inner in block.operations:
+                    collect(inner.operation)
+
+    collect(module.operation)
+    done = 0
+    for block in blocks:
+        for segment in _segments(block):
+            done += _emit(segment)
+    return done
