@@ -1,8 +1,10 @@
 """Where a cpu kernel's time goes: `perf record` of a loop of calls, split by the grid's loops.
 
-    python benchmarks/profile_cpu.py [--shape 2,8,1024,64] [--causal] [--isa avx2] [--seconds 8]
+    python benchmarks/profile_cpu.py [--shape 2,8,1024,64] [--causal] [--backward] [--isa avx2]
+                                     [--seconds 8]
 
 Runs the op on a B,H,L=S,E float32 problem for a few seconds under `perf record`
+(with --backward: training steps, forward and backward, whose hottest grid is the backward's)
 (Debian's `perf`; in a VM without counters it samples on the CPU clock), then
 reads `perf annotate` of the hottest grid function and groups its samples by
 the innermost loop they fall in (a backward jump spans a loop):
@@ -30,16 +32,23 @@ import time
 _LINE = re.compile(r"\s*([\d.]+)\s*:\s*([0-9a-f]+):\s*(\S+)\s*(.*)")
 
 
-def _worker(shape, causal: bool, seconds: float) -> None:
+def _worker(shape, causal: bool, backward: bool, seconds: float) -> None:
     import torch
     import torch_xegpu_attn
     b, h, n, e = shape
-    q, k, v = (torch.randn(b, h, n, e) for _ in range(3))
+    q, k, v = (torch.randn(b, h, n, e, requires_grad=backward) for _ in range(3))
+    grad = torch.randn(b, h, n, e)
+
+    def call():
+        out = torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), grad)
+
     for _ in range(3):
-        torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+        call()
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+        call()
         calls += 1
     print(f"{(time.perf_counter() - start) / calls * 1e3:.2f} ms per call ({calls} calls)")
 
@@ -91,25 +100,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="2,8,1024,64", help="B,H,L=S,E")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--backward", action="store_true", help="profile training steps' backward")
     parser.add_argument("--isa", default="", help="XEGPU_ATTN_CPU_ISA for our kernels")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     if args.worker:
-        _worker(shape, args.causal, args.seconds)
+        _worker(shape, args.causal, args.backward, args.seconds)
         return 0
     env = dict(os.environ, **({"XEGPU_ATTN_CPU_ISA": args.isa} if args.isa else {}))
     with tempfile.TemporaryDirectory() as folder:
         data = os.path.join(folder, "perf.data")
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", args.shape,
-                   "--seconds", str(args.seconds)] + (["--causal"] if args.causal else [])
+                   "--seconds", str(args.seconds)] + (["--causal"] if args.causal else []) \
+            + (["--backward"] if args.backward else [])
         subprocess.run(["perf", "record", "-q", "-o", data, "--"] + command, env=env, check=True)
         grid = _hottest_grid(data)
         annotated = subprocess.run(["perf", "annotate", "-i", data, "--stdio", "-s", grid],
                                    capture_output=True, text=True, check=True).stdout
     shares = split(annotated)
-    print(f"{grid} of B,H,L=S,E = {args.shape}{' causal' if args.causal else ''}, ISA "
+    print(f"{grid} of B,H,L=S,E = {args.shape}{' causal' if args.causal else ''}{' backward' if args.backward else ''}, ISA "
           f"{args.isa or 'the host widest'}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     return 0
 
