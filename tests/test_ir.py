@@ -440,3 +440,39 @@ def test_only_documented_markers_reach_the_shared_ir():
         shared = set(re.findall(r"attn\.[a-z_]+", stage_ir(spec, "bufferized")))
         assert shared <= {"attn.work_groups", "attn.flash_loop", "attn.k_transpose", "attn.combine"}, shared
         assert set(re.findall(r"attn\.[a-z_]+", stage_ir(spec, "cpu-llvm"))) == {"attn.kernel"}
+
+
+def test_cpu_rows_constant_tiles():
+    # A splat constant is made again per row; a constant of differing elements, defined before
+    # the segment, is read row by row from a stack buffer like any other tile.
+    from mlir import ir
+
+    from torch_xegpu_attn.mlir_utils import mlir_context
+    from torch_xegpu_attn.targets.cpu.rows import emit_row_by_row
+
+    with mlir_context():
+        module = ir.Module.parse("""
+func.func @f(%x: vector<2x8xf32>) -> vector<2xf32> {
+  %table = arith.constant dense<[[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+                                 [8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0]]> : vector<2x8xf32>
+  %two = arith.constant dense<2.0> : vector<2x8xf32>
+  %zero = arith.constant dense<0.0> : vector<2xf32>
+  %a = arith.addf %x, %table : vector<2x8xf32>
+  %b = arith.mulf %a, %two : vector<2x8xf32>
+  %s = vector.multi_reduction <add>, %b, %zero [1] : vector<2x8xf32> to vector<2xf32>
+  return %s : vector<2xf32>
+}
+""")
+        assert emit_row_by_row(module) == 1
+        assert module.operation.verify()
+        text = str(module)
+    filecheck(text, r"""
+CHECK: func.func @f(
+CHECK:   %[[T:[a-z_0-9]+]] = memref.alloca() {alignment = 64 : i64} : memref<2x8xf32>
+CHECK:   vector.transfer_write %{{.*}}, %[[T]]
+CHECK:   scf.for %[[R:[a-z_0-9]+]] =
+CHECK:     %[[ROW:[a-z_0-9]+]] = vector.load %[[T]][%[[R]], %{{.*}}] : memref<2x8xf32>, vector<8xf32>
+CHECK:     arith.addf %{{.*}}, %[[ROW]] : vector<8xf32>
+CHECK:     arith.constant dense<2.000000e+00> : vector<8xf32>
+CHECK:     vector.reduction <add>
+""")

@@ -1,8 +1,9 @@
 """CPU stage piece: elementwise code on 2-D tiles as loops over their rows.
 
 A work-group step computes on whole (rows x columns) tiles: the softmax's
-subtraction of the row maximum, the exp2 polynomial, the row sums.  Lowered as they are, each op becomes one op
-per row, and llc interleaves the whole tile's worth of them: intermediate tiles
+subtraction of the row maximum, the exp2 polynomial, the row sums.  Lowered as
+they are, each op becomes one op per row, and llc interleaves the whole tile's
+worth of them: intermediate tiles
 (rows x columns / lanes registers, far more than a register file holds) go to
 the stack and back between ops.  This piece turns each such run of ops into a
 loop whose body computes one row:
@@ -31,7 +32,7 @@ from typing import Dict, List, Optional
 from mlir import ir
 from mlir.dialects import arith, memref, scf, vector
 
-from ...mlir_utils import const_index, defining_op
+from ...mlir_utils import const_index, defining_op, walk
 from .microkernel import stack_buffer
 
 #: dialects whose ops on vectors are elementwise (all operands and results of one shape).
@@ -56,9 +57,15 @@ def _is_elementwise(op: ir.Operation, shape: List[int]) -> bool:
     return all(_tile_shape(v) == shape for v in values)
 
 
-def _is_splat(constant: ir.Operation) -> bool:
-    value = constant.attributes["value"]
-    return isinstance(value, ir.DenseElementsAttr) and value.is_splat
+def _splat(value: ir.Value) -> Optional[ir.Attribute]:
+    """The element of a splat arith.constant vector, else None (made again wherever needed)."""
+    op = defining_op(value)
+    if op is None or op.name != "arith.constant":
+        return None
+    attribute = op.attributes["value"]
+    if not isinstance(attribute, ir.DenseElementsAttr) or not attribute.is_splat:
+        return None
+    return ir.DenseElementsAttr(attribute).get_splat_value()
 
 
 def _is_row_reduction(op: ir.Operation) -> bool:
@@ -89,9 +96,9 @@ class _Segment:
 
     def _before(self, value: ir.Value) -> bool:
         """Defined before the first op, or a splat constant (made again per row)."""
-        op = defining_op(value)
-        if op is not None and op.name == "arith.constant" and _is_splat(op):
+        if _splat(value) is not None:
             return True
+        op = defining_op(value)
         return op is None or op not in self.position or self.position[op] < self.position[self.first]
 
     def add(self, op: ir.Operation) -> None:
@@ -176,10 +183,10 @@ class _Loop:
     def _outside_row(self, value: ir.Value) -> ir.Value:
         shape = _tile_shape(value)
         row_type = ir.VectorType.get(shape[1:], value.type.element_type)
-        op = defining_op(value)
-        if op is not None and op.name == "arith.constant":
-            splat = ir.DenseElementsAttr(op.attributes["value"]).get_splat_value()
+        splat = _splat(value)
+        if splat is not None:
             return arith.constant(row_type, ir.DenseElementsAttr.get_splat(row_type, splat))
+        op = defining_op(value)
         if op is not None and op.name == "vector.broadcast":
             source = op.operands[0]
             if not isinstance(source.type, ir.VectorType):              # a scalar
@@ -192,9 +199,8 @@ class _Loop:
 
     def element(self, value: ir.Value) -> ir.Value:
         """Element r of a per-row vector (shape [R] or [R, 1]) from outside the loop."""
-        op = defining_op(value)
-        if op is not None and op.name == "arith.constant" and _is_splat(op):
-            splat = ir.DenseElementsAttr(op.attributes["value"]).get_splat_value()
+        splat = _splat(value)
+        if splat is not None:
             return arith.constant(value.type.element_type, splat)
         buffer = self._buffered(value)
         return memref.load(buffer, [self.r] + _zeros(ir.VectorType(value.type).rank - 1))
@@ -253,7 +259,7 @@ def _emit(segment: _Segment) -> bool:
             for value, buffer in reduced:
                 value.replace_all_uses_with(_read_whole(value.type, buffer))
     for row_stores in stores.values():
-        for extract, store in (pair for pairs in row_stores.values() for pair in pairs):
+        for _, extract, store in (entry for entries in row_stores.values() for entry in entries):
             store.erase()
             extract.erase()
     for op in reversed(segment.ops):
@@ -262,10 +268,9 @@ def _emit(segment: _Segment) -> bool:
 
 
 def _row_stores(value: ir.Value, rows_count: int, inside: set) -> Optional[Dict]:
-    """{stack buffer: [(extract, store)]} when every use of `value` outside the segment's ops
-    (`inside`) is a store of one of its rows
-    into row r of a stack buffer (the micro-kernel's copies of an operand), each buffer getting
-    every row; else None."""
+    """{stack buffer: [(row, extract, store)]} when every use of `value` outside the segment's
+    ops (`inside`) is a store of one of its rows into the same row of a stack buffer (the
+    micro-kernel's copies of an operand), each buffer getting every row; else None."""
     found: Dict = {}
     for use in value.uses:
         extract = use.owner
@@ -280,14 +285,10 @@ def _row_stores(value: ir.Value, rows_count: int, inside: set) -> Optional[Dict]
         store = users[0]
         if store.name != "vector.store" or not _row_store(store, position[0]):
             return None
-        found.setdefault(store.operands[1], []).append((extract, store))
-    if any(sorted(_row_of(s) for _, s in pairs) != list(range(rows_count)) for pairs in found.values()):
+        found.setdefault(store.operands[1], []).append((position[0], extract, store))
+    if any(sorted(row for row, _, _ in entries) != list(range(rows_count)) for entries in found.values()):
         return None
     return found
-
-
-def _row_of(store: ir.Operation) -> int:
-    return ir.IntegerAttr(defining_op(store.operands[2]).attributes["value"]).value
 
 
 def _row_store(store: ir.Operation, r: int) -> bool:
@@ -303,16 +304,8 @@ def _row_store(store: ir.Operation, r: int) -> bool:
 
 def emit_row_by_row(module: ir.Module) -> int:
     """Rewrite every segment of elementwise tile code as a loop over rows; returns how many."""
-    blocks = []
-
-    def collect(op):
-        for region in op.regions:
-            for block in region.blocks:
-                blocks.append(block)
-                for inner in block.operations:
-                    collect(inner.operation)
-
-    collect(module.operation)
+    blocks = [block for op in walk(module, lambda op: len(op.regions) > 0)
+              for region in op.regions for block in region.blocks]
     done = 0
     for block in blocks:
         for segment in _segments(block):
