@@ -368,13 +368,13 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
         if seed is None or seed.shape != (2,) or seed.dtype != torch.int32:
             raise RuntimeError("attention backward: dropout needs the forward's seed (two int32)")
         operands.append(seed.to(query.device))
-    rows = (B, h, g, l)
-    operands.append(out.to(accumulator_dtype(query.dtype)).reshape(B, h, g, l, ev).contiguous())
-    operands.append(lse.to(accumulator_dtype(query.dtype)).reshape(rows).contiguous())
+    rows, acc = (B, h, g, l), accumulator_dtype(query.dtype)
+    operands.append(out.to(acc).reshape(B, h, g, l, ev).contiguous())
+    operands.append(lse.to(acc).reshape(rows).contiguous())
     dout = grad_out.to(query.dtype).reshape(B, h, g, l, ev)
     operands.append(dout if dout.stride(-1) == 1 else dout.contiguous())
-    operands.append(torch.zeros(rows, dtype=accumulator_dtype(query.dtype), device=query.device) if grad_lse is None
-                    else grad_lse.to(accumulator_dtype(query.dtype)).reshape(rows).contiguous())
+    operands.append(torch.zeros(rows, dtype=acc, device=query.device) if grad_lse is None
+                    else grad_lse.to(acc).reshape(rows).contiguous())
     grads = [_new_output(q.shape, query), _new_output(k.shape, key), _new_output(v.shape, value)]
     operands += grads
     size = ProblemSize(batch=B, kv_heads=h, q_len=l, kv_len=s)

@@ -257,19 +257,29 @@ class _WorkGroup:
         natural = arith.mulf(m, splat([self.rows], self.acc, factor))
         return arith.addf(natural, mmath.log(l))
 
-    def _payload_log_sum_exp(self) -> ir.Operation:
+    def _payload_log_sum_exp(self) -> Tuple[ir.Operation, ir.Value]:
         """The payload's op tagged 'lse' (outside the work-group loop), which the flash
-        kernel's own log-sum-exp output replaces."""
+        kernel's own log-sum-exp output replaces, and its destination tensor (its last operand)."""
         chain = [op for op in walk(self.loop.parent, lambda o: tag_of(o) == "lse")]
         if len(chain) != 1:
             raise CompileError(f"flash: a forward_lse payload has one op tagged 'lse', found {len(chain)}")
-        return chain[0]
+        return chain[0], list(chain[0].operands)[-1]
+
+    def _lse_tile(self, lse: ir.Value, lse_out: ir.Value, ivs: Dict, g0: ir.Value, row0: ir.Value,
+                  rows: ir.Value) -> Tuple:
+        """Rows [row0, row0 + rows) of a work-group's log-sum-exp written into its slice of the
+        (B, H, G, L) shared out `lse_out`: (tile, lse_out, offsets, sizes), what
+        insert_in_parallel takes."""
+        offsets = [ivs["b"], ivs["h"], g0, row0]
+        sizes = [1, 1, self.groups, rows]
+        tile = unflatten_rows(lse, self.groups) if self.packed else lse
+        dims = ([(2, True)] if self.packed else []) + [(3, False)]
+        return write_tile(tile, slice_of(lse_out, offsets, sizes), dims, {}), lse_out, offsets, sizes
 
     def _write_log_sum_exp(self, lse: ir.Value) -> None:
         """Add the lse argument to the work-group loop's shared outs and write each work-group's
         rows (past L not written); the payload's log-sum-exp chain (outside the loop) goes."""
-        payload_lse = self._payload_log_sum_exp()
-        destination = payload_lse.operands[len(payload_lse.operands) - 1]
+        payload_lse, destination = self._payload_log_sum_exp()
         loop = rebuild_forall(self.loop, forall_upper_bounds(self.loop), [0, 1, 2, 3, 4],
                               list(self.loop.opview.outputs) + [destination], block_mapping(5))
         self.loop = loop.operation
@@ -280,14 +290,9 @@ class _WorkGroup:
             row0 = arith.muli(ivs["r"], const_index(self.R))  # (values of the old loop may be its ivs)
             length = tensor.dim(loop.inner_iter_args[1], const_index(3))
             valid = arith.minui(const_index(self.R), arith.subi(length, row0))
-            offsets = [ivs["b"], ivs["h"], g0, row0]
-            sizes = [1, 1, self.groups, valid]
-            dest = slice_of(loop.inner_iter_args[1], offsets, sizes)
-            tile = unflatten_rows(lse, self.groups) if self.packed else lse
-            dims = ([(2, True)] if self.packed else []) + [(3, False)]
-            written = write_tile(tile, dest, dims, {})
+            written = self._lse_tile(lse, loop.inner_iter_args[1], ivs, g0, row0, valid)
         with ir.InsertionPoint(terminator.regions[0].blocks[0]):
-            insert_in_parallel(written, loop.inner_iter_args[1], offsets, sizes)
+            insert_in_parallel(*written)
         payload_lse.results[0].replace_all_uses_with(loop.results[1])
         payload_lse.erase()
 
@@ -559,8 +564,7 @@ class _WorkGroup:
         P, R, ev = self.splits, self.R, self.ev
         b_ub, h_ub, g_ub, _, r_ub = forall_upper_bounds(self.loop)
         out_init = self.loop.opview.outputs[0]
-        payload_lse = self._payload_log_sum_exp() if spec.kernel == "forward_lse" else None
-        lse_init = None if payload_lse is None else payload_lse.operands[len(payload_lse.operands) - 1]
+        payload_lse, lse_init = self._payload_log_sum_exp() if spec.kernel == "forward_lse" else (None, None)
         with ir.InsertionPoint(self.loop), self.loop.location:
             batch, heads = (tensor.dim(out_init, const_index(i)) for i in (0, 1))
             padded_rows = arith.muli(_value(r_ub), const_index(R))
@@ -666,16 +670,10 @@ class _WorkGroup:
         """The merged rows' log-sum-exp (m in base-2 units) as a tile written into the combine
         loop's second shared out: (tile, out, offsets, sizes), `valid` rows from the c = 0
         work-group and none from the others."""
-        lse_arg = loop.inner_iter_args[1]
         first = arith.cmpi(arith.CmpIPredicate.eq, ivs["c"], const_index(0))
         rows = arith.select(first, valid, const_index(0))
-        offsets = [ivs["b"], ivs["h"], g0, row0]
-        sizes = [1, 1, self.groups, rows]
         lse = self._log_sum_exp(m, l, base2=True)
-        tile = unflatten_rows(lse, self.groups) if self.packed else lse
-        dims = ([(2, True)] if self.packed else []) + [(3, False)]
-        written = write_tile(tile, slice_of(lse_arg, offsets, sizes), dims, {})
-        return written, lse_arg, offsets, sizes
+        return self._lse_tile(lse, loop.inner_iter_args[1], ivs, g0, row0, rows)
 
     # ------------------------------------------------------------------ K^T workspace
 

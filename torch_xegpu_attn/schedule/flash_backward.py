@@ -94,9 +94,11 @@ _A_TRANSPOSED = ([2, 0], [2, 1], [0, 1])
 def _row_dot(a: ir.Value, b: ir.Value, rows: int, width: int, element: ir.Type) -> ir.Value:
     """sum_e a[r, e] * b[r, e] of two (rows x width) tiles as one FMA chain over e from zero.
 
-    The chain sums in the order the targets' register blocks sum dOut . V^T, so that where
-    Out is one key's V (a row with one visible key) Delta equals dP bit for bit and the
-    score gradient P * (dP - Delta) is exactly 0, as the softmax's own backward gives."""
+    The chain sums e in order from zero, as a contraction lowered to one FMA per k step (the
+    cpu target's micro-kernel) sums dOut . V^T: there, where Out is one key's V (a row with
+    one visible key), Delta equals dP bit for bit and the score gradient P * (dP - Delta) is
+    exactly 0, as the softmax's own backward gives.  A target that sums dP in another order
+    (tensor-core MMAs) gets that 0 to within rounding."""
     columns = vector_type([width, rows], element)
     a_columns = vector.transpose(columns, a, [1, 0])
     b_columns = vector.transpose(columns, b, [1, 0])
