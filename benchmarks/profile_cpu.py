@@ -15,15 +15,21 @@ the innermost loop they fall in (a backward jump spans a loop):
     rest          everything else: row maxima, rescales, K^T transposes, loop set-up
 
 The split is by instruction pattern, so it is a reading aid, not an exact
-attribution.  --isa builds our kernels for a narrower ISA (XEGPU_ATTN_CPU_ISA).
+attribution.  For a non-causal forward it also prints the micro-kernel loops'
+rate per thread: the contractions' FLOPs (4 B H L S E per call) over the CPU
+time their samples stand for (the process's CPU time times their share of all
+samples), the figure to set next to a micro-kernel library's
+(benchmarks/ukernel/run.sh).  --isa builds our kernels for a narrower ISA (XEGPU_ATTN_CPU_ISA).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,15 +57,18 @@ def _worker(shape, causal: bool, backward: bool, seconds: float) -> None:
         call()
         calls += 1
     print(f"{(time.perf_counter() - start) / calls * 1e3:.2f} ms per call ({calls} calls)")
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    print("WORKER " + json.dumps({"calls": calls + 3, "cpu_seconds": sum(u.ru_utime + u.ru_stime for u in usage)}))
 
 
-def _hottest_grid(data: str) -> str:
+def _hottest_grid(data: str):
+    """(name, share of all samples) of the grid function with the most samples."""
     report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "sym"],
                             capture_output=True, text=True, check=True).stdout
     for line in report.splitlines():
-        m = re.search(r"\[\.\] (attention_grid\d+)", line)
+        m = re.search(r"([\d.]+)%.*\[\.\] (attention_grid\d+)", line)
         if m:
-            return m.group(1)
+            return m.group(2), float(m.group(1)) / 100
     raise SystemExit("no attention_grid function among the samples")
 
 
@@ -115,13 +124,21 @@ def main(argv=None) -> int:
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", args.shape,
                    "--seconds", str(args.seconds)] + (["--causal"] if args.causal else []) \
             + (["--backward"] if args.backward else [])
-        subprocess.run(["perf", "record", "-q", "-o", data, "--"] + command, env=env, check=True)
-        grid = _hottest_grid(data)
+        worker = subprocess.run(["perf", "record", "-q", "-o", data, "--"] + command, env=env, check=True,
+                                capture_output=True, text=True).stdout
+        print(worker.split("WORKER ", 1)[0].strip())
+        grid, grid_share = _hottest_grid(data)
         annotated = subprocess.run(["perf", "annotate", "-i", data, "--stdio", "-s", grid],
                                    capture_output=True, text=True, check=True).stdout
     shares = split(annotated)
     print(f"{grid} of B,H,L=S,E = {args.shape}{' causal' if args.causal else ''}{' backward' if args.backward else ''}, ISA "
           f"{args.isa or 'the host widest'}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    if not (args.causal or args.backward):
+        run = json.loads(worker.split("WORKER ", 1)[1])
+        b, h, n, e = shape
+        seconds = run["cpu_seconds"] * grid_share * shares["micro-kernel"]
+        print(f"micro-kernel loops: {4 * b * h * n * n * e * run['calls'] / seconds * 1e-9:.1f} GFLOP/s per thread "
+              f"({grid_share:.0%} of the samples in {grid})")
     return 0
 
 
