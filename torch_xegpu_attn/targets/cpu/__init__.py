@@ -39,6 +39,10 @@ TAIL = "mask"
 KV_TILE = 64
 #: how a backward kernel gets dQ (ScheduleOptions.backward_dq).
 BACKWARD_DQ = "per_head"
+#: (row tile, key tile) of a backward kernel of the "short" class: with few rows per key/value
+#: head the long class's 24 x 64 tiles cover mostly padding (at L = S = 100, causal, 2.4x the
+#: visible pairs).
+SHORT_BACKWARD_TILES = (12, 32)
 
 #: query rows per key/value head (L * G) up to which K is read in place by
 #: dot products instead of being transposed once into a workspace: with so few
@@ -108,9 +112,10 @@ class CpuTarget(Target):
 
     def length_class(self, size: ProblemSize, spec: AttentionSpec, arch: Optional[str] = None) -> str:
         """"decode" (one query row: rows are the packed query heads of a key/value head),
-        "short" (at most READ_K_IN_PLACE_ROWS query rows per key/value head: K read in place)
-        or "long" (K^T materialized once per key/value head)."""
-        if size.q_len == 1:
+        "short" (at most READ_K_IN_PLACE_ROWS query rows per key/value head: K read in place;
+        a backward's smaller tiles, one query row included) or "long" (K^T materialized once
+        per key/value head)."""
+        if size.q_len == 1 and spec.kernel != "backward":
             return "decode"
         return "short" if size.q_len * spec.group <= READ_K_IN_PLACE_ROWS else "long"
 
@@ -129,7 +134,8 @@ class CpuTarget(Target):
         if spec.kernel == "backward":
             # K^T and V^T made once, and work-groups of a whole key/value head: the scores and dP
             # of each tile pair computed once (B * H work-groups fill a CPU's threads)
-            return ScheduleOptions(row_tile=ROW_TILE, kv_tile=KV_TILE, k_layout="materialized", tail=TAIL,
+            rows, keys = SHORT_BACKWARD_TILES if spec.length_class == "short" else (ROW_TILE, KV_TILE)
+            return ScheduleOptions(row_tile=rows, kv_tile=keys, k_layout="materialized", tail=TAIL,
                                    backward_dq=BACKWARD_DQ)
         if spec.kernel == "forward_lse" or spec.length_class == "long":
             # The training forward computes its scores as the backward recomputes them (K^T
