@@ -114,7 +114,9 @@ class CpuTarget(Target):
         """"decode" (one query row: rows are the packed query heads of a key/value head),
         "short" (at most READ_K_IN_PLACE_ROWS query rows per key/value head: K read in place;
         a backward's smaller tiles, one query row included) or "long" (K^T materialized once
-        per key/value head)."""
+        per key/value head; every training forward)."""
+        if spec.kernel == "forward_lse":
+            return "long"  # one schedule for every length (see _schedule): one kernel, not three
         if size.q_len == 1 and spec.kernel != "backward":
             return "decode"
         return "short" if size.q_len * spec.group <= READ_K_IN_PLACE_ROWS else "long"
