@@ -125,8 +125,9 @@ def main(argv=None) -> int:
                    "--seconds", str(args.seconds)] + (["--causal"] if args.causal else []) \
             + (["--backward"] if args.backward else [])
         worker = subprocess.run(["perf", "record", "-q", "-o", data, "--"] + command, env=env, check=True,
-                                capture_output=True, text=True).stdout
-        print(worker.split("WORKER ", 1)[0].strip())
+                                stdout=subprocess.PIPE, text=True).stdout
+        printed, record = worker.split("WORKER ", 1)
+        print(printed.strip())
         grid, grid_share = _hottest_grid(data)
         annotated = subprocess.run(["perf", "annotate", "-i", data, "--stdio", "-s", grid],
                                    capture_output=True, text=True, check=True).stdout
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     print(f"{grid} of B,H,L=S,E = {args.shape}{' causal' if args.causal else ''}{' backward' if args.backward else ''}, ISA "
           f"{args.isa or 'the host widest'}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     if not (args.causal or args.backward):
-        run = json.loads(worker.split("WORKER ", 1)[1])
+        run = json.loads(record)
         b, h, n, e = shape
         seconds = run["cpu_seconds"] * grid_share * shares["micro-kernel"]
         print(f"micro-kernel loops: {4 * b * h * n * n * e * run['calls'] / seconds * 1e-9:.1f} GFLOP/s per thread "
