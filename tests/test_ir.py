@@ -476,3 +476,72 @@ CHECK:     arith.addf %{{.*}}, %[[ROW]] : vector<8xf32>
 CHECK:     arith.constant dense<2.000000e+00> : vector<8xf32>
 CHECK:     vector.reduction <add>
 """)
+
+
+_COPIED_THEN_REUSED = """
+func.func @f(%x: vector<2x8xf32>, %m: memref<2x8xf32>, %z: vector<8xf32>) -> vector<2xf32> {
+  %c0 = arith.constant 0 : index
+  %c1 = arith.constant 1 : index
+  %pad = arith.constant 0.0 : f32
+  %zero = arith.constant dense<0.0> : vector<2xf32>
+  %copy = memref.alloca() {alignment = 64 : i64} : memref<2x8xf32>
+  %a = arith.mulf %x, %x : vector<2x8xf32>
+  %p = arith.addf %a, %x : vector<2x8xf32>
+  %p0 = vector.extract %p[0] : vector<8xf32> from vector<2x8xf32>
+  vector.store %p0, %copy[%c0, %c0] : memref<2x8xf32>, vector<8xf32>
+  %p1 = vector.extract %p[1] : vector<8xf32> from vector<2x8xf32>
+  vector.store %p1, %copy[%c1, %c0] : memref<2x8xf32>, vector<8xf32>
+  OVERWRITE
+  %y = vector.transfer_read %m[%c0, %c0], %pad {in_bounds = [true, true]} : memref<2x8xf32>, vector<2x8xf32>
+  %d = arith.subf %y, %p : vector<2x8xf32>
+  %e = arith.mulf %d, %p : vector<2x8xf32>
+  %s = vector.multi_reduction <add>, %e, %zero [1] : vector<2x8xf32> to vector<2xf32>
+  return %s : vector<2xf32>
+}
+"""
+
+
+def _rows_rewritten(source: str) -> str:
+    from mlir import ir
+
+    from torch_xegpu_attn.mlir_utils import mlir_context
+    from torch_xegpu_attn.targets.cpu.rows import emit_row_by_row
+
+    with mlir_context():
+        module = ir.Module.parse(source)
+        assert emit_row_by_row(module) == 2
+        assert module.operation.verify()
+        return str(module)
+
+
+def test_cpu_rows_copy_read_by_a_later_segment():
+    # A tile stored row by row into a stack copy (the micro-kernel's operand) and used again by
+    # a later segment (the backward's P in dS = P * (dP - Delta)): both segments become row
+    # loops, the first stores its rows into the copy, the second loads its rows from it.
+    text = _rows_rewritten(_COPIED_THEN_REUSED.replace("OVERWRITE", ""))
+    filecheck(text, r"""
+CHECK: func.func @f(
+CHECK:   scf.for %[[R:[a-z_0-9]+]] =
+CHECK:     arith.addf
+CHECK:     vector.store %{{.*}}, %[[COPY:[a-z_0-9]+]][%[[R]], %{{.*}}] : memref<2x8xf32>, vector<8xf32>
+CHECK:   }
+CHECK:   %[[WHOLE:[0-9]+]] = vector.transfer_read %[[COPY]]
+CHECK-NOT: vector.transfer_write %[[WHOLE]]
+CHECK:   scf.for %[[R2:[a-z_0-9]+]] =
+CHECK:     %[[P:[0-9]+]] = vector.load %[[COPY]][%[[R2]], %{{.*}}] : memref<2x8xf32>, vector<8xf32>
+CHECK:     arith.subf %{{.*}}, %[[P]] : vector<8xf32>
+CHECK:     arith.mulf %{{.*}}, %[[P]] : vector<8xf32>
+CHECK:     vector.reduction <add>
+""")
+    # A write into the copy between the two segments: the second reads a tile of its own.
+    text = _rows_rewritten(_COPIED_THEN_REUSED.replace(
+        "OVERWRITE", "vector.store %z, %copy[%c1, %c0] : memref<2x8xf32>, vector<8xf32>"))
+    filecheck(text, r"""
+CHECK:   scf.for
+CHECK:     vector.store %{{.*}}, %[[COPY:[a-z_0-9]+]][
+CHECK:   %[[P:[0-9]+]] = vector.transfer_read %[[COPY]]
+CHECK:   vector.store %arg2, %[[COPY]]
+CHECK:   vector.transfer_write %[[P]], %[[OWN:[a-z_0-9]+]][
+CHECK:   scf.for %[[R2:[a-z_0-9]+]] =
+CHECK:     vector.load %[[OWN]][%[[R2]],
+""")

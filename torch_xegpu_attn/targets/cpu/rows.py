@@ -19,15 +19,17 @@ loop whose body computes one row:
 
 so one row's values stay in registers from the segment's first op to its last.
 A tile that the micro-kernel copies to the stack row by row (the probabilities,
-P.V's left operand) is stored into that copy by the loop, row r at a time.  A
-segment whose results are used otherwise after it (a tile written to the
-output) is left as it is: reading the tile back whole would cost what the
-loop saves.
+P.V's left operand) is stored into that copy by the loop, row r at a time; its
+other uses after the segment (the backward's dS = P * (dP - Delta) reads P
+again) read that copy, and a later segment loads its rows from it directly.  A
+segment with a result used otherwise and not copied (a tile written to the
+output) is left as it is: reading the tile back whole would cost what the loop
+saves.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from mlir import ir
 from mlir.dialects import arith, memref, scf, vector
@@ -208,11 +210,47 @@ class _Loop:
     def _buffered(self, value: ir.Value) -> ir.Value:
         key = ("buffer", value)
         if key not in self.cache:
+            copy = _stack_copy(value, self.segment)
+            if copy is not None:
+                self.cache[key] = copy
+                return copy
             buffer = stack_buffer(self.segment.first, value.type)
             with self.before:
                 _write_whole(value, buffer)
             self.cache[key] = buffer
         return self.cache[key]
+
+
+def _stack_copy(value: ir.Value, segment: _Segment) -> Optional[ir.Value]:
+    """The stack buffer `value` is a whole read of (an earlier segment's copy), when nothing in
+    the segment's block writes that buffer between the read and the segment; else None."""
+    read = defining_op(value)
+    if read is None or read.name != "vector.transfer_read":
+        return None
+    base = defining_op(read.operands[0])
+    if base is None or base.name != "memref.alloca" or ir.MemRefType(base.results[0].type).shape != _tile_shape(value):
+        return None
+    if any(defining_op(i) is None or defining_op(i).name != "arith.constant"
+           or ir.IntegerAttr(defining_op(i).attributes["value"]).value != 0 for i in read.operands[1:-1]):
+        return None
+    if read not in segment.position:
+        return None
+    start, end = segment.position[read], segment.position[segment.first]
+    for use in base.results[0].uses:
+        if use.owner.name in ("vector.store", "vector.transfer_write", "memref.store"):
+            top = _ancestor_in(use.owner, read.parent.operation)
+            if top is None or start < segment.position.get(top, -1) < end:
+                return None
+    return base.results[0]
+
+
+def _ancestor_in(op: ir.Operation, parent: ir.Operation) -> Optional[ir.Operation]:
+    """`op` or its ancestor whose parent op is `parent`, else None."""
+    while op.parent is not None:
+        if op.parent.operation == parent:
+            return op
+        op = op.parent.operation
+    return None
 
 
 def _row_op(op: ir.Operation, operands: List[ir.Value], columns: int) -> ir.Value:
@@ -224,17 +262,22 @@ def _row_op(op: ir.Operation, operands: List[ir.Value], columns: int) -> ir.Valu
 
 def _emit(segment: _Segment) -> bool:
     """The segment as one scf.for over its rows, at its first op; False (untouched) where a
-    result is used after the segment other than by row stores into stack buffers: reading a
-    whole tile back would cost the copies the loop saves."""
+    result is used after the segment other than by row stores into stack buffers and has no
+    such copy for its other uses to read: reading a whole tile back from a buffer made for it
+    would cost the copies the loop saves."""
     rows_count, columns = segment.shape
     inside = set(segment.ops)
-    stores = {}
+    stores, read_back = {}, []
     for op in segment.ops:
         if not _is_row_reduction(op):
-            outside = [use.owner for use in op.results[0].uses if use.owner not in inside]
-            stores[op] = _row_stores(op.results[0], rows_count, inside) if outside else {}
-            if stores[op] is None:
+            copies = _row_stores(op.results[0], rows_count, inside)
+            if copies is None:
                 return False
+            stores[op], others = copies
+            if others:
+                if not stores[op]:
+                    return False
+                read_back.append((op.results[0], next(iter(stores[op]))))
     with segment.first.location:
         with ir.InsertionPoint(segment.first):
             loop = scf.ForOp(const_index(0), const_index(rows_count), const_index(1))
@@ -262,33 +305,47 @@ def _emit(segment: _Segment) -> bool:
         for _, extract, store in (entry for entries in row_stores.values() for entry in entries):
             store.erase()
             extract.erase()
+    with segment.first.location, ir.InsertionPoint(segment.first):
+        for value, buffer in read_back:
+            value.replace_all_uses_with(_read_whole(value.type, buffer))
     for op in reversed(segment.ops):
         op.erase()
     return True
 
 
-def _row_stores(value: ir.Value, rows_count: int, inside: set) -> Optional[Dict]:
-    """{stack buffer: [(row, extract, store)]} when every use of `value` outside the segment's
-    ops (`inside`) is a store of one of its rows into the same row of a stack buffer (the
-    micro-kernel's copies of an operand), each buffer getting every row; else None."""
+def _row_stores(value: ir.Value, rows_count: int, inside: set) -> Optional[Tuple[Dict, bool]]:
+    """({stack buffer: [(row, extract, store)]}, whether `value` has other uses) over the uses
+    of `value` outside the segment's ops (`inside`): the stores of one of its rows into the
+    same row of a stack buffer (the micro-kernel's copies of an operand), and the rest; None
+    when a buffer does not get every row."""
     found: Dict = {}
+    others = False
     for use in value.uses:
         extract = use.owner
         if extract in inside:
             continue
-        if extract.name != "vector.extract" or len(extract.operands) != 1:
-            return None
-        position = list(ir.DenseI64ArrayAttr(extract.attributes["static_position"]))
-        users = [u.owner for u in extract.results[0].uses]
-        if len(position) != 1 or len(users) != 1:
-            return None
-        store = users[0]
-        if store.name != "vector.store" or not _row_store(store, position[0]):
-            return None
-        found.setdefault(store.operands[1], []).append((position[0], extract, store))
+        store = _row_store_of(extract)
+        if store is None:
+            others = True
+            continue
+        row = ir.DenseI64ArrayAttr(extract.attributes["static_position"])[0]
+        found.setdefault(store.operands[1], []).append((row, extract, store))
     if any(sorted(row for row, _, _ in entries) != list(range(rows_count)) for entries in found.values()):
         return None
-    return found
+    return found, others
+
+
+def _row_store_of(extract: ir.Operation) -> Optional[ir.Operation]:
+    """The one user of a static row extract when it stores that row at the same row of a stack
+    buffer, else None."""
+    if extract.name != "vector.extract" or len(extract.operands) != 1:
+        return None
+    position = list(ir.DenseI64ArrayAttr(extract.attributes["static_position"]))
+    users = [u.owner for u in extract.results[0].uses]
+    if len(position) != 1 or len(users) != 1:
+        return None
+    store = users[0]
+    return store if store.name == "vector.store" and _row_store(store, position[0]) else None
 
 
 def _row_store(store: ir.Operation, r: int) -> bool:
@@ -308,6 +365,14 @@ def emit_row_by_row(module: ir.Module) -> int:
               for region in op.regions for block in region.blocks]
     done = 0
     for block in blocks:
-        for segment in _segments(block):
-            done += _emit(segment)
+        tried = set()
+        while True:
+            # found again after each rewrite: a later segment reads the copies an earlier one made
+            segment = next((s for s in _segments(block) if s.first not in tried), None)
+            if segment is None:
+                break
+            if _emit(segment):
+                done += 1
+            else:
+                tried.add(segment.first)  # untouched (an emitted segment's ops are gone)
     return done
