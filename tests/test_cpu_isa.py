@@ -6,15 +6,18 @@ checks every path it can execute.  The kernels' instructions are read back from 
 (llvm-objdump): code built for AVX2 must not touch a zmm register, code built for SSE no ymm.
 """
 
+import json
 import os
 import re
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
 
 import torch_xegpu_attn
 from conftest import check, reference_attention
+from sdpa_cases import Case, check_gradients
 from torch_xegpu_attn.cache import kernel_key
 from torch_xegpu_attn.compiler import compile_spec
 from torch_xegpu_attn.spec import AttentionSpec
@@ -124,3 +127,49 @@ def test_a_nan_reaches_exactly_its_rows(isa, case, fresh_seed):
     assert nan.any() and not nan.all()
     assert torch.equal(ours.isnan(), nan)
     torch.testing.assert_close(ours.double()[~nan], ref[~nan], rtol=1e-4, atol=1e-5)
+
+
+BF16_DOT = toolchain.runs_bf16_dot("avx512")
+BF16_SPEC = AttentionSpec(group=1, head_dim=64, v_head_dim=64, dtype="bfloat16", length_class="long")
+
+
+def test_bf16_dot_follows_the_host_and_the_dtype(isa):
+    # AVX512-BF16's dot products for bf16 kernels of the avx512 ISA on a host that has them
+    assert CPU.options_for(BF16_SPEC).bf16_dot == (isa == "avx512" and "avx512_bf16" in toolchain.host_flags())
+    assert not CPU.options_for(SPEC).bf16_dot
+
+
+def test_bf16_dot_where_it_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", '{"bf16_dot": true}')
+    narrow = [name for name in RUNNABLE if name != "avx512"]
+    for name in narrow + ([] if BF16_DOT else ["avx512"] if "avx512" in RUNNABLE else []):
+        monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", name)
+        with pytest.raises(ValueError, match="bf16_dot needs the avx512 ISA on a host with avx512_bf16"):
+            CPU.options_for(BF16_SPEC)
+
+
+@pytest.mark.skipif(not BF16_DOT, reason="the host has no AVX512-BF16")
+@pytest.mark.parametrize("dot", [True, False])
+def test_bf16_dot_in_the_binary(dot, monkeypatch, tmp_path):
+    monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", "avx512")
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps({"bf16_dot": dot}))
+    for kernel in ("forward", "backward"):
+        library = tmp_path / f"{kernel}.so"
+        library.write_bytes(compile_spec(replace(BF16_SPEC, kernel=kernel)).binary)
+        disassembly = subprocess.run([toolchain.tool("llvm-objdump"), "-d", str(library)],
+                                     capture_output=True, text=True, check=True).stdout
+        assert ("vdpbf16ps" in disassembly) == dot, kernel
+
+
+@pytest.mark.skipif(not BF16_DOT, reason="the host has no AVX512-BF16")
+@pytest.mark.parametrize("dot", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_dot_numerics(dot, causal, monkeypatch, fresh_seed):
+    # both forms of the bf16 contractions against the float64 reference: the forward and the
+    # gradients, whose recomputed scores and dP = dOut V^T go through the dot products too
+    monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", "avx512")
+    monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps({"bf16_dot": dot}))
+    q = torch.randn(2, 4, 150, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, 190, 64, dtype=torch.bfloat16), torch.randn(2, 2, 190, 32, dtype=torch.bfloat16)
+    check(q, k, v, is_causal=causal, enable_gqa=True)
+    check_gradients(Case(q, k, v, {"is_causal": causal, "enable_gqa": True}))

@@ -76,6 +76,8 @@ class CpuOptions(TargetOptions):
     m_block, n_block the micro-kernel's register block: rows and columns of a contraction's
                      accumulator kept in registers through its k loop (register_tile)
     k_unroll         k steps per iteration of the micro-kernel's k loop
+    bf16_dot         contractions of bf16 operands (Q K^T, dOut V^T) by AVX512-BF16 dot products,
+                     two k steps per instruction (hosts with avx512_bf16, the avx512 ISA)
     transpose_tile   (e, s): a K^T workspace is filled by transposes of (s x e) tiles that
                      fit the registers (cpu-vector splits the schedule's whole-tile ones)
     """
@@ -86,6 +88,7 @@ class CpuOptions(TargetOptions):
     m_block: int = 6
     n_block: int = 16
     k_unroll: int = 1
+    bf16_dot: bool = False
     transpose_tile: Tuple[int, int] = (16, 16)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,10 @@ class CpuOptions(TargetOptions):
         if min(self.m_block, self.n_block, self.k_unroll) < 1:
             raise ValueError(f"m_block, n_block and k_unroll must be positive, got {self.m_block}, "
                              f"{self.n_block}, {self.k_unroll}")
+        if self.bf16_dot and not toolchain.runs_bf16_dot(self.isa):
+            raise ValueError(f"bf16_dot needs the avx512 ISA on a host with avx512_bf16, got isa {self.isa!r}"
+                             f" on a CPU with{'' if 'avx512_bf16' in toolchain.host_flags() else 'out'} "
+                             "avx512_bf16")
         te, ts = self.transpose_tile
         if te < 1 or ts < 1:
             raise ValueError(f"transpose_tile must be positive, got {self.transpose_tile}")
@@ -102,7 +109,7 @@ class CpuOptions(TargetOptions):
 
     def own_name(self):
         # the host is the machine, the transpose tile follows from the head dim
-        return [self.isa, f"m{self.m_block}n{self.n_block}"]
+        return [self.isa + ("bf16" if self.bf16_dot else ""), f"m{self.m_block}n{self.n_block}"]
 
 
 class CpuTarget(Target):
@@ -129,6 +136,7 @@ class CpuTarget(Target):
         m_block, n_block = register_tile(isa, 64 if spec.dtype == "float64" else 32)
         return CpuOptions(schedule=self._schedule(spec), cpu=host["cpu"], cpu_flags=host["flags"],
                           isa=isa.name, m_block=m_block, n_block=n_block, k_unroll=K_UNROLL[isa.name],
+                          bf16_dot=spec.dtype == "bfloat16" and toolchain.runs_bf16_dot(isa.name),
                           transpose_tile=(_largest_divisor(spec.head_dim, 16), 16))
 
     @staticmethod

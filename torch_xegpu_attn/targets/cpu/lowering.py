@@ -31,7 +31,8 @@ def lower_vector_ops(module: ir.Module, spec: AttentionSpec, options) -> ir.Modu
     vectorizable exp (options: the target's CpuOptions)."""
     split_transposes(module, options.transpose_tile)
     microkernel.lower_contractions(module, microkernel.RegisterBlock(
-        options.m_block, options.n_block, toolchain.isa_named(options.isa).vector_bits, options.k_unroll))
+        options.m_block, options.n_block, toolchain.isa_named(options.isa).vector_bits, options.k_unroll,
+        bf16_dot=options.bf16_dot))
     exp.expand_exp(module)
     lower_row_maxima(module, toolchain.isa_named(options.isa).vector_bits)
     rows.emit_row_by_row(module)

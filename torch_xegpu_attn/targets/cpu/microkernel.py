@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from mlir import ir
-from mlir.dialects import arith, memref, scf, vector
+from mlir.dialects import arith, llvm, memref, scf, vector
 
 from ...mlir_utils import const_index, defining_op, walk
 
@@ -143,6 +143,16 @@ def _spill_to_stack(value: ir.Value, anchor: ir.Operation, at_definition: bool =
     return buffer, [const_index(0)] * vt.rank, None
 
 
+def _operand_to_stack(value: ir.Value, anchor: ir.Operation):
+    """A contraction's operand that is not a read of memory, on the stack: an extended f16/bf16
+    tile (the backward's Q and dOut tiles, rows past L padded) in its own type, so the copy is
+    half the bytes and a bf16 operand can feed AVX512-BF16 dot products; the loads extend it."""
+    op = defining_op(value)
+    if op is not None and op.name == "arith.extf":
+        value = op.operands[0]
+    return _spill_to_stack(value, anchor)
+
+
 def _at(indices: List[ir.Value], offsets) -> List[ir.Value]:
     """indices of the element at `offsets` from the first one (offsets cover the trailing dims)."""
     lead = indices[:len(indices) - len(offsets)]
@@ -166,6 +176,7 @@ class RegisterBlock:
     n: int
     vector_bits: int
     k_unroll: int = 1  # k steps per iteration of the k loop (where it divides a static K)
+    bf16_dot: bool = False  # bf16 A and B: two k steps per AVX512-BF16 dot product (vdpbf16ps)
 
     def lanes(self, element: ir.Type) -> int:
         """Elements of type `element` in one vector register."""
@@ -198,15 +209,18 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
     n_size = ir.VectorType(rhs.type).shape[-1] if form.has_n else 1
     acc_type = acc.type.element_type if isinstance(acc.type, ir.VectorType) else acc.type
     with ir.InsertionPoint(contract), contract.location:
-        a_mem, a_idx, _ = _memory_source(lhs) or _spill_to_stack(lhs, contract)
+        a_mem, a_idx, _ = _memory_source(lhs) or _operand_to_stack(lhs, contract)
         # B's rows run along k: a tile past the end of the keys stops the k loop early
         # (the missing keys would contribute zeros).
-        b_mem, b_idx, b_rows = _memory_source(rhs, allow_short_rows=True) or _spill_to_stack(rhs, contract)
+        b_mem, b_idx, b_rows = _memory_source(rhs, allow_short_rows=True) or _operand_to_stack(rhs, contract)
         k_end = b_rows if b_rows is not None else const_index(k_size)
         rows = _acc_rows(acc, form, m_size, acc_type)
         result_rows = list(rows)
         n_block = block.columns(min(m_size, block.m), acc_type)
+        pairs = _takes_pairs(block, form, a_mem, b_mem, b_rows, k_size, n_size, n_block, acc_type)
         unroll = min(block.k_unroll, k_size)
+        if pairs:
+            unroll = min(unroll + unroll % 2, k_size)
         # k steps [0, unrolled_end) in iterations of `unroll` steps, the rest one by one
         if b_rows is None:
             unrolled_end = const_index(k_size - k_size % unroll)
@@ -217,6 +231,8 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
 
         def k_steps(k0: ir.Value, count: int, acc_rows: List[ir.Value], n0: int, width: int, block_rows):
             """`count` k steps from k0: each loads a row of B and does one FMA per block row."""
+            if pairs:
+                return _k_pairs(k0, count, acc_rows, n0, width, block_rows, (a_mem, a_idx), (b_mem, b_idx))
             chunk_type = ir.VectorType.get([width], acc_type)
             acc_rows = list(acc_rows)
             for u in range(count):
@@ -241,7 +257,8 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
                 block_rows = range(m0, min(m0 + block.m, m_size))
                 chunk = [rows[m] if whole else vector.extract_strided_slice(chunk_type, rows[m], [n0], [width], [1])
                          for m in block_rows]
-                loops = [(const_index(0), unrolled_end, unroll)] + ([(unrolled_end, k_end, 1)] if rest else [])
+                loops = [(const_index(0), unrolled_end, unroll)] + ([(unrolled_end, k_end, 2 if pairs else 1)]
+                                                                     if rest else [])
                 for start, end, step in loops:
                     loop = scf.ForOp(start, end, const_index(step), chunk)
                     with ir.InsertionPoint(loop.body):
@@ -255,6 +272,62 @@ def lower_contraction(contract, block: RegisterBlock) -> bool:
     contract.results[0].replace_all_uses_with(result)
     contract.erase()
     return True
+
+
+#: lanes of one AVX512-BF16 dot product: 16 f32 accumulators, each fed by two bf16 pairs.
+_DOT_LANES = 16
+
+
+def _is_bf16(memref_value: ir.Value) -> bool:
+    return isinstance(ir.MemRefType(memref_value.type).element_type, ir.BF16Type)
+
+
+def _takes_pairs(block: RegisterBlock, form: _Form, a_mem, b_mem, b_rows, k_size: int, n_size: int,
+                 n_block: int, acc_type: ir.Type) -> bool:
+    """Whether a contraction goes two k steps at a time through vdpbf16ps: bf16 A[m, k] and
+    B[k, n] in memory, an f32 accumulator, a static even K, N in whole dot products."""
+    return (block.bf16_dot and form.has_m and form.has_n and not form.a_rows_along_k and b_rows is None
+            and k_size % 2 == 0 and n_size % _DOT_LANES == 0 and n_block % _DOT_LANES == 0
+            and isinstance(acc_type, ir.F32Type) and _is_bf16(a_mem) and _is_bf16(b_mem))
+
+
+def _k_pairs(k0: ir.Value, count: int, acc_rows: List[ir.Value], n0: int, width: int, block_rows, a, b):
+    """`count` (even) k steps from k0 by AVX512-BF16 dot products, two steps each:
+
+        b = B[k, n..n+16) and B[k+1, n..n+16) interleaved    (32 bf16: one pair per f32 lane)
+        a = the pair A[m, k], A[m, k+1] in every lane        (one 32-bit broadcast per row)
+        C[m, n..n+16) += a . b pairwise                      (vdpbf16ps)
+
+    The products of two bf16 are exact in f32; each lane adds its two in turn, as two FMAs
+    would (denormal inputs read as zero, as the instruction defines)."""
+    (a_mem, a_idx), (b_mem, b_idx) = a, b
+    half = ir.VectorType.get([_DOT_LANES], ir.BF16Type.get())
+    pair_type = ir.VectorType.get([2 * _DOT_LANES], ir.BF16Type.get())
+    words = ir.VectorType.get([_DOT_LANES], ir.IntegerType.get_signless(32))
+    lane_type = ir.VectorType.get([_DOT_LANES], ir.F32Type.get())
+    interleave = [i // 2 + (_DOT_LANES if i % 2 else 0) for i in range(2 * _DOT_LANES)]
+    acc_rows = list(acc_rows)
+    for u in range(0, count, 2):
+        k = k0 if u == 0 else arith.addi(k0, const_index(u))
+        k1 = arith.addi(k, const_index(1))
+        # the block's B pairs first, then row by row one broadcast A pair against them (the
+        # registers of the FMA form: accumulators, width / 16 B vectors and one A)
+        b_pairs = [vector.shuffle(vector.load(half, b_mem, _at(b_idx, [k, const_index(n0 + c)])),
+                                  vector.load(half, b_mem, _at(b_idx, [k1, const_index(n0 + c)])), interleave)
+                   for c in range(0, width, _DOT_LANES)]
+        for i, m in enumerate(block_rows):
+            two = vector.load(ir.VectorType.get([2], ir.BF16Type.get()), a_mem, _at(a_idx, [const_index(m), k]))
+            word = vector.extract(vector.bitcast(ir.VectorType.get([1], words.element_type), two), [], [0])
+            a_pair = vector.bitcast(pair_type, vector.broadcast(words, word))
+            for piece, b_pair in enumerate(b_pairs):
+                c = piece * _DOT_LANES
+                whole = width == _DOT_LANES
+                lanes = acc_rows[i] if whole else vector.extract_strided_slice(lane_type, acc_rows[i], [c],
+                                                                             [_DOT_LANES], [1])
+                lanes = llvm.call_intrinsic(lane_type, "llvm.x86.avx512bf16.dpbf16ps.512",
+                                            [lanes, a_pair, b_pair], [], [])
+                acc_rows[i] = lanes if whole else vector.insert_strided_slice(lanes, acc_rows[i], [c], [1])
+    return acc_rows
 
 
 def _lower_dot_products(contract, form: _Form, block: RegisterBlock) -> bool:
@@ -277,10 +350,10 @@ def _lower_dot_products(contract, form: _Form, block: RegisterBlock) -> bool:
     lanes = block.lanes(acc_type)
     chunks = [(c, min(lanes, k_size - c)) for c in range(0, k_size, lanes)]
     with ir.InsertionPoint(contract), contract.location:
-        a_mem, a_idx, _ = _memory_source(lhs) or _spill_to_stack(lhs, contract)
+        a_mem, a_idx, _ = _memory_source(lhs) or _operand_to_stack(lhs, contract)
         # A K tile past the end of the keys: its scores past S keep the accumulator's value
         # (the schedule masks those keys to -inf).
-        b_mem, b_idx, b_rows = _memory_source(rhs, allow_short_rows=True) or _spill_to_stack(rhs, contract)
+        b_mem, b_idx, b_rows = _memory_source(rhs, allow_short_rows=True) or _operand_to_stack(rhs, contract)
         n_end = b_rows if b_rows is not None else const_index(n_size)
         sums, sums_idx, _ = _spill_to_stack(acc if form.has_m else vector.shape_cast(
             ir.VectorType.get([1, n_size], acc_type), acc), contract, at_definition=False)

@@ -151,9 +151,14 @@ def host_isa(requested: str = "") -> Isa:
                               f"{sorted(flags & {'sse2', 'sse3', 'ssse3'})}")
 
 
+def runs_bf16_dot(isa_name: str) -> bool:
+    """Whether code for `isa_name` may use AVX512-BF16's dot products on this host."""
+    return isa_name == "avx512" and "avx512_bf16" in host_flags()
+
+
 #: LLVM IR that computes on bfloat values (rather than only moving them).
 _BF16_ARITHMETIC = re.compile(r"\b(fpext|fptrunc|fadd|fsub|fmul|fdiv|frem|fneg|fcmp|sitofp|uitofp|fptosi|fptoui)\b"
-                              r"[^\n]*\bbfloat\b|0xR[0-9A-Fa-f]{4}|@llvm\.[a-z.]*bf16")
+                              r"[^\n]*\bbfloat\b|0xR[0-9A-Fa-f]{4}|@llvm\.[a-z0-9.]*bf16")
 
 
 def bf16_moves_as_i16(llvm_ir: str) -> str:
