@@ -80,10 +80,8 @@ def _memory_source(value: ir.Value, allow_short_rows: bool = False
     else None.  An arith.extf on top is looked through: the micro-kernel
     extends per element.
     """
+    value = _unextended(value)
     op = defining_op(value)
-    if op is not None and op.name == "arith.extf":
-        value = op.operands[0]
-        op = defining_op(value)
     if op is None or op.name != "vector.transfer_read":
         return None
     read = op.opview
@@ -147,10 +145,14 @@ def _operand_to_stack(value: ir.Value, anchor: ir.Operation):
     """A contraction's operand that is not a read of memory, on the stack: an extended f16/bf16
     tile (the backward's Q and dOut tiles, rows past L padded) in its own type, so the copy is
     half the bytes and a bf16 operand can feed AVX512-BF16 dot products; the loads extend it."""
+    return _spill_to_stack(_unextended(value), anchor)
+
+
+def _unextended(value: ir.Value) -> ir.Value:
+    """`value`, or the narrower tile an arith.extf widened into it (the micro-kernel extends
+    per element as it loads)."""
     op = defining_op(value)
-    if op is not None and op.name == "arith.extf":
-        value = op.operands[0]
-    return _spill_to_stack(value, anchor)
+    return op.operands[0] if op is not None and op.name == "arith.extf" else value
 
 
 def _at(indices: List[ir.Value], offsets) -> List[ir.Value]:
@@ -306,6 +308,7 @@ def _k_pairs(k0: ir.Value, count: int, acc_rows: List[ir.Value], n0: int, width:
     words = ir.VectorType.get([_DOT_LANES], ir.IntegerType.get_signless(32))
     lane_type = ir.VectorType.get([_DOT_LANES], ir.F32Type.get())
     interleave = [i // 2 + (_DOT_LANES if i % 2 else 0) for i in range(2 * _DOT_LANES)]
+    whole = width == _DOT_LANES
     acc_rows = list(acc_rows)
     for u in range(0, count, 2):
         k = k0 if u == 0 else arith.addi(k0, const_index(u))
@@ -321,7 +324,6 @@ def _k_pairs(k0: ir.Value, count: int, acc_rows: List[ir.Value], n0: int, width:
             a_pair = vector.bitcast(pair_type, vector.broadcast(words, word))
             for piece, b_pair in enumerate(b_pairs):
                 c = piece * _DOT_LANES
-                whole = width == _DOT_LANES
                 lanes = acc_rows[i] if whole else vector.extract_strided_slice(lane_type, acc_rows[i], [c],
                                                                              [_DOT_LANES], [1])
                 lanes = llvm.call_intrinsic(lane_type, "llvm.x86.avx512bf16.dpbf16ps.512",

@@ -225,23 +225,18 @@ def _stack_copy(value: ir.Value, segment: _Segment) -> Optional[ir.Value]:
     """The stack buffer `value` is a whole read of (an earlier segment's copy), when nothing in
     the segment's block writes that buffer between the read and the segment; else None."""
     read = defining_op(value)
-    if read is None or read.name != "vector.transfer_read":
+    if read is None or read.name != "vector.transfer_read" or read not in segment.position:
         return None
-    base = defining_op(read.operands[0])
-    if base is None or base.name != "memref.alloca" or ir.MemRefType(base.results[0].type).shape != _tile_shape(value):
-        return None
-    if any(defining_op(i) is None or defining_op(i).name != "arith.constant"
-           or ir.IntegerAttr(defining_op(i).attributes["value"]).value != 0 for i in read.operands[1:-1]):
-        return None
-    if read not in segment.position:
+    base = read.operands[0]
+    if _stack_place(base, read.opview.indices) != [0, 0] or ir.MemRefType(base.type).shape != _tile_shape(value):
         return None
     start, end = segment.position[read], segment.position[segment.first]
-    for use in base.results[0].uses:
+    for use in base.uses:
         if use.owner.name in ("vector.store", "vector.transfer_write", "memref.store"):
             top = _ancestor_in(use.owner, read.parent.operation)
             if top is None or start < segment.position.get(top, -1) < end:
                 return None
-    return base.results[0]
+    return base
 
 
 def _ancestor_in(op: ir.Operation, parent: ir.Operation) -> Optional[ir.Operation]:
@@ -350,13 +345,16 @@ def _row_store_of(extract: ir.Operation) -> Optional[ir.Operation]:
 
 def _row_store(store: ir.Operation, r: int) -> bool:
     """A store of row r at [r, 0] of a 2-D stack buffer."""
-    base = defining_op(store.operands[1])
-    indices = [defining_op(i) for i in store.operands[2:]]
-    if base is None or base.name != "memref.alloca" or len(indices) != 2:
-        return False
-    if any(i is None or i.name != "arith.constant" for i in indices):
-        return False
-    return [ir.IntegerAttr(i.attributes["value"]).value for i in indices] == [r, 0]
+    return _stack_place(store.operands[1], store.operands[2:]) == [r, 0]
+
+
+def _stack_place(base: ir.Value, indices) -> Optional[List[int]]:
+    """The constant indices of an access to a stack buffer (memref.alloca), else None."""
+    alloca = defining_op(base)
+    ops = [defining_op(i) for i in indices]
+    if alloca is None or alloca.name != "memref.alloca" or any(i is None or i.name != "arith.constant" for i in ops):
+        return None
+    return [ir.IntegerAttr(i.attributes["value"]).value for i in ops]
 
 
 def emit_row_by_row(module: ir.Module) -> int:
