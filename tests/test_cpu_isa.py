@@ -172,3 +172,14 @@ def test_bf16_dot_numerics(dot, causal, monkeypatch, fresh_seed):
     k, v = torch.randn(2, 2, 190, 64, dtype=torch.bfloat16), torch.randn(2, 2, 190, 32, dtype=torch.bfloat16)
     check(q, k, v, is_causal=causal, enable_gqa=True)
     check_gradients(Case(q, k, v, {"is_causal": causal, "enable_gqa": True}))
+
+
+@pytest.mark.skipif(not BF16_DOT, reason="the host has no AVX512-BF16")
+def test_bf16_dot_next_to_masked_bf16_loads(monkeypatch, fresh_seed):
+    # A head dim that no vector divides and a bf16 additive mask: the kernels load bf16 rows
+    # under masks, which llc cannot do on bfloat vectors, next to the dot products of Q K^T.
+    monkeypatch.setenv("XEGPU_ATTN_CPU_ISA", "avx512")
+    q, k, v = (torch.randn(1, 2, n, 80, dtype=torch.bfloat16) for n in (37, 70, 70))
+    mask = torch.randn(37, 70, dtype=torch.bfloat16)
+    check(q, k, v, attn_mask=mask)
+    check(q[..., :1, :17], k[..., :17], v[..., :1], attn_mask=mask[:1, :1], scale=1.0)
