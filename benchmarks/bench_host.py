@@ -11,8 +11,8 @@ recorded before timing: every timed call is a cache hit (a replay).
                                     [--device cpu|cuda] [--training]
 
 --training times a training step instead: the forward of inputs that require gradients and
-`torch.autograd.grad` of its output, ours next to SDPA's (a call that needs a gradient is not
-replayed: it goes through the Python frontend each time).
+`torch.autograd.grad` of its output, ours next to SDPA's (the training forward and the backward
+are replayed too once recorded).
 
 On CUDA the launches are asynchronous: the time is the host's alone (the
 device is synchronized between batches).

@@ -5,15 +5,20 @@ For each signature: a first call records it; later calls with fresh values
 points, and must meet the numerics bound of test_numerics (2x SDPA's error
 against the float64 reference, plus a floor; outputs poisoned with NaN).
 Signatures that must not replay (a different stride, lazily negated inputs,
-a changed XEGPU_ATTN_SCHEDULE) must take the checked path and be right too;
-calls that need a gradient replay below the autograd kernel.
+a changed XEGPU_ATTN_SCHEDULE) must take the checked path and be right too.
+Training calls (the forward that writes the log-sum-exp, and the backward) are
+recorded and replayed the same way: a replayed training step must give bitwise
+what the checked step that recorded it gave, over the whole input space.
 """
 
 import pytest
 import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 import torch_xegpu_attn
 from conftest import FLOOR, reference_attention
+from sdpa_cases import CPU, budget, cases, reproducible
 
 OP = torch.ops.xegpu.attention
 
@@ -113,6 +118,7 @@ def test_gradient_calls_take_the_training_kernel(entry, fresh_seed):
     # path, not the recorded inference call), and its backward runs.
     fn = torch_xegpu_attn.attention if entry == "attention" else OP
     q, k, v, _ = split("plain")
+    torch_xegpu_attn.CACHE.clear_memory()  # no training call recorded yet
     torch_xegpu_attn.attention(q, k, v)
     grad_q = q.clone().requires_grad_()
     before = replays()
@@ -121,3 +127,94 @@ def test_gradient_calls_take_the_training_kernel(entry, fresh_seed):
     bounded(out.detach(), q, k, v)
     out.sum().backward()
     assert grad_q.grad is not None and not grad_q.grad.isnan().any()
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def training_step(q, k, v, kw, grad_kind="random", with_lse=False, seed=0):
+    """Output (and log-sum-exp), and the gradients of q, k and v of one training step on copies of
+    the given leaves; the output's gradient is random and contiguous, a sum's (expanded ones),
+    or random and transposed in memory; with_lse back-propagates a random log-sum-exp gradient too.
+    `seed` is set before the call (its dropout draws from it)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(seed)
+    if with_lse:
+        outputs = torch_xegpu_attn.attention(*leaves, **kw, return_lse=True)
+    else:
+        outputs = (torch_xegpu_attn.attention(*leaves, **kw),)
+    generator = torch.Generator().manual_seed(seed)
+    grads = []
+    for t in outputs:
+        if grad_kind == "ones_expanded":
+            grads.append(torch.ones((), dtype=t.dtype).expand(t.shape))
+        elif grad_kind == "transposed" and t.dim() >= 2:
+            grads.append(torch.randn(*t.shape[:-2], t.shape[-1], t.shape[-2], generator=generator)
+                         .to(t.dtype).transpose(-1, -2))
+        else:
+            grads.append(torch.randn(t.shape, generator=generator).to(t.dtype))
+    gradients = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    return tuple(o.detach() for o in outputs) + tuple(gradients)
+
+
+def assert_identical(first, second) -> None:
+    for a, b in zip(first, second):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("grad_kind", ["random", "ones_expanded", "transposed"])
+def test_training_replays(case, grad_kind, fresh_seed):
+    """A repeated training step replays its forward and its backward (where the backward's results
+    are the kernel's own outputs), and gives what the checked step gave: also for 16-bit inputs (whose output's gradient is converted for the backward) and
+    output gradients that are expanded or transposed (copied to row-major)."""
+    q, k, v, kw = split(case)
+    first = training_step(q, k, v, kw, grad_kind)
+    before = replays()
+    second = training_step(q, k, v, kw, grad_kind)
+    # a key or value broadcast over the batch gets its gradient summed after the kernel: that
+    # backward takes the checked path each time
+    expected = 1 if case == "broadcast_batch" else 2
+    assert replays() == before + expected, "the training step was not replayed (forward and backward)"
+    assert_identical(first, second)
+    for g in first[1:]:
+        assert not g.isnan().any()
+
+
+def test_training_replays_with_dropout_and_lse(fresh_seed):
+    """Dropout's seed is drawn in the replay as the checked call draws it (torch.manual_seed
+    reproduces a replayed step); the log-sum-exp's gradient flows through a replay too."""
+    q, k, v, kw = split("gqa_decode")
+    kw = dict(kw, dropout_p=0.3)
+    first = training_step(q, k, v, kw, with_lse=True, seed=fresh_seed)
+    before = replays()
+    second = training_step(q, k, v, kw, with_lse=True, seed=fresh_seed)
+    assert replays() == before + 2
+    assert_identical(first, second)
+    third = training_step(q, k, v, kw, with_lse=True, seed=fresh_seed + 1)
+    assert not torch.equal(first[0], third[0]), "a new seed draws a new dropout mask"
+
+
+@reproducible(max_examples=budget(0.5))
+@given(data=st.data())
+def test_training_replays_reproduce_the_checked_path(data):
+    """Over the whole input space (tests/sdpa_cases.py), with dropout, the log-sum-exp returned
+    and differentiated, and output gradients of every kind: a training step repeated on the same
+    tensors gives bitwise what the first gave, whether the op could replay it or not."""
+    case = data.draw(cases(CPU), label="case")
+    kw = dict(case.kwargs, dropout_p=data.draw(st.sampled_from([0.0, 0.0, 0.25]), label="dropout_p"))
+    grad_kind = data.draw(st.sampled_from(["random", "ones_expanded", "transposed"]), label="grad_kind")
+    with_lse = data.draw(st.booleans(), label="with_lse")
+    try:
+        first = training_step(case.q, case.k, case.v, kw, grad_kind, with_lse)
+    except (RuntimeError, ValueError, TypeError) as error:  # an invalid call raises alike twice
+        with pytest.raises(type(error)):
+            training_step(case.q, case.k, case.v, kw, grad_kind, with_lse)
+        event("raises")
+        return
+    before = replays()
+    second = training_step(case.q, case.k, case.v, kw, grad_kind, with_lse)
+    event(f"replayed {replays() - before} of 2 calls")
+    assert_identical(first, second)

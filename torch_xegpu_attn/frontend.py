@@ -51,6 +51,27 @@ class Plan:
     result: Optional[torch.Tensor] = None           # set for empty problems
     lse: Optional[torch.Tensor] = None              # forward_lse: the user-facing view of `lse`
     seed: Optional[torch.Tensor] = None             # dropout: the generator's key (two int32)
+    roles: Optional[List[Tuple[str, int]]] = None   # per operand, where a replay gets it (_C.record)
+
+
+#: The numbering of the ops' tensor arguments in operand roles (csrc/op.cpp, `record`): the forward's
+#: q, k, v, mask, then the backward's grad_out, grad_lse, out, lse, seed.
+ARGUMENTS = ("query", "key", "value", "attn_mask", "grad_out", "grad_lse", "out", "lse", "seed")
+_ARG = {name: i for i, name in enumerate(ARGUMENTS)}
+
+
+def _view(name: str) -> Tuple[str, int]:
+    """The role of an operand that is a view of argument `name` (else the call is not replayed)."""
+    return ("view", _ARG[name])
+
+
+def _copy(name: str) -> Tuple[str, int]:
+    """The role of an operand that is a view of argument `name` or its row-major copy in the
+    operand's dtype."""
+    return ("copy", _ARG[name])
+
+
+_NEW, _ZEROS, _SEED = ("new", -1), ("zeros", -1), ("seed", -1)
 
 
 def check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -250,28 +271,33 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     q = _canonical(query, batch, h * g, split=(h, g))
     k, v = _kv_heads(key, batch, h), _kv_heads(value, batch, h)
     operands += [q, k, v]
+    roles = [_view("query"), _view("key"), _view("value")]
     if attn_mask is not None:
         compact, dims = _compact_mask(attn_mask, batch, h, g, l, s)
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
+        roles.append(_view("attn_mask"))
     seed = None
     if dropout_p > 0:
         seed = draw_seed(query.device)
         operands.append(seed)
+        roles.append(_SEED)
     size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=l, kv_len=s)
     chosen = get_target(target)  # an unknown target raises here
     out = _new_output(out_shape, query, out_dtype)
     operands.append(out.view(math.prod(batch), h, g, l, ev))
+    roles.append(_NEW)
     lse = None
     if with_lse:
         lse = _new_output(lse_shape(out_shape), query, accumulator_dtype(query.dtype))
         operands.append(lse.view(math.prod(batch), h, g, l))
+        roles.append(_NEW)
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
                          scale=scale, mask=mask_spec, target=target, kernel=kernel, dropout_p=float(dropout_p))
     spec = chosen.classified(spec, size, arch)
     chosen.check(spec)  # what the target does not take raises before any work
-    return Plan(out_shape, spec=spec, operands=operands, output=out, lse=lse, seed=seed)
+    return Plan(out_shape, spec=spec, operands=operands, output=out, lse=lse, seed=seed, roles=roles)
 
 
 def draw_seed(device) -> torch.Tensor:
@@ -323,11 +349,12 @@ def plan(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
 
 @dataclass
 class BackwardPlan:
-    """What a backward call does: run `spec` on `operands` (q, k, v, [mask], out, lse, dout,
-    dlse, dq, dk, dv in canonical shapes) and return `gradients()`, or return `result`."""
+    """What a backward call does: run `spec` on `operands` (q, k, v, [mask], [seed], out, lse,
+    dout, dlse, dq, dk, dv in canonical shapes) and return `gradients()`, or return `result`."""
 
     spec: Optional[AttentionSpec] = None
     operands: Optional[List[torch.Tensor]] = None
+    roles: Optional[List[Tuple[str, int]]] = None     # per operand, where a replay gets it (_C.record)
     gradients: Optional[callable] = None              # () -> (dquery, dkey, dvalue) after the run
     result: Optional[Tuple[torch.Tensor, ...]] = None  # set when no kernel is needed
 
@@ -357,6 +384,7 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
     q = _canonical(query, batch, h * g, split=(h, g))
     k, v = _kv_heads(key, batch, h), _kv_heads(value, batch, h)
     operands = [q, k, v]
+    roles = [_view("query"), _view("key"), _view("value")]
     mask_spec = None
     if attn_mask is not None:
         check_mask_shape(attn_mask, (*batch, h * g, l, s))
@@ -364,19 +392,24 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
         mask_spec = MaskSpec(kind, dims, "bool" if kind == "bool" else _DTYPE_NAMES[attn_mask.dtype])
         operands.append(compact)
+        roles.append(_view("attn_mask"))
     if dropout_p > 0:
         if seed is None or seed.shape != (2,) or seed.dtype != torch.int32:
             raise RuntimeError("attention backward: dropout needs the forward's seed (two int32)")
         operands.append(seed.to(query.device))
+        roles.append(_view("seed"))
     rows, acc = (B, h, g, l), accumulator_dtype(query.dtype)
     operands.append(out.to(acc).reshape(B, h, g, l, ev).contiguous())
     operands.append(lse.to(acc).reshape(rows).contiguous())
     dout = grad_out.to(query.dtype).reshape(B, h, g, l, ev)
     operands.append(dout if dout.stride(-1) == 1 else dout.contiguous())
+    roles += [_copy("out"), _copy("lse"), _copy("grad_out")]
     operands.append(torch.zeros(rows, dtype=acc, device=query.device) if grad_lse is None
                     else grad_lse.to(acc).reshape(rows).contiguous())
+    roles.append(_ZEROS if grad_lse is None else _copy("grad_lse"))
     grads = [_new_output(q.shape, query), _new_output(k.shape, key), _new_output(v.shape, value)]
     operands += grads
+    roles += [_NEW] * 3
     size = ProblemSize(batch=B, kv_heads=h, q_len=l, kv_len=s)
     chosen = get_target(target)
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
@@ -387,7 +420,7 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
     def gradients():
         dq = _reduce_to(grads[0].reshape(*batch, h * g, l, e), query)
         return dq, _kv_gradient(grads[1], key, batch, h), _kv_gradient(grads[2], value, batch, h)
-    return BackwardPlan(spec=spec, operands=operands, gradients=gradients)
+    return BackwardPlan(spec=spec, operands=operands, roles=roles, gradients=gradients)
 
 
 def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -50,15 +50,13 @@ class CpuKernel(Kernel):
             [_WORKSPACE_ITEM_SIZES[w["dtype"]] for w in metadata["workspaces"]])
 
     def __call__(self, operands: Sequence[torch.Tensor]) -> None:
-        """Run on q, k, v, [mask], out (canonical shapes; out is written)."""
+        """Run on the kernel's canonical operands (spec.operand_names(); the outputs are written)."""
         self.native.run(list(operands))
 
-    def record(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, operands,
-               out_shape) -> bool:
-        """Record a checked call for replay in C++ (csrc/op.cpp); False when its operands are not
-        plain views of its inputs."""
-        return _C.record(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.native,
-                         list(operands), list(out_shape))
+    def record(self, op, arguments, flags, operands, roles, results) -> bool:
+        """Record a call of `op` for replay in C++ (csrc/op.cpp); False when it cannot be replayed
+        (an operand that is no view, copy or new tensor of the arguments)."""
+        return _C.record(op, list(arguments), *flags, self.native, list(operands), list(roles), list(results))
 
     def last_use(self) -> int:
         """When the kernel last ran (replays included), on the clock of every launcher: larger is

@@ -90,12 +90,14 @@ class CudaKernel(Kernel):
     def __call__(self, operands: Sequence) -> None:
         self._kernel(list(operands))
 
-    def record(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, operands,
-               out_shape) -> bool:
-        """Record a checked call for replay in C++ (see csrc/cuda_launcher.cpp); False when its
-        operands are not plain views of its inputs (or need an alignment copy)."""
-        return self._kernel.record(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   list(operands), list(out_shape))
+    def record(self, op, arguments, flags, operands, roles, results) -> bool:
+        """Record a forward call for replay in C++ (see csrc/cuda_launcher.cpp); False for other
+        ops, calls with dropout (a replay would reuse the seed), and calls whose operands are not
+        plain views of their inputs (or need an alignment copy)."""
+        if op != "forward" or ("seed", -1) in roles:
+            return False
+        query, key, value, attn_mask = arguments
+        return self._kernel.record(query, key, value, attn_mask, *flags, list(operands), list(results[0].shape))
 
     def last_use(self) -> int:
         """When the kernel last ran (replays included), on the clock of every launcher."""

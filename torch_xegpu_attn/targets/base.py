@@ -74,10 +74,12 @@ class Kernel:
     def __call__(self, operands: Sequence) -> None:
         raise NotImplementedError
 
-    def record(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, operands,
-               out_shape) -> bool:
-        """Record a checked call for replay in C++; False when the launcher does not replay (or
-        the call's operands are not plain views of its inputs)."""
+    def record(self, op: str, arguments, flags, operands, roles, results) -> bool:
+        """Record a checked call of `op` ("forward", "forward_lse" or "backward") for replay in
+        C++: its tensor arguments (frontend.ARGUMENTS' numbering, None where absent), flags
+        (dropout_p, is_causal, scale, enable_gqa), the kernel's operands with their roles
+        (frontend.Plan.roles) and the op's results.  False when the launcher does not replay that
+        call."""
         return False
 
     def last_use(self) -> int:
