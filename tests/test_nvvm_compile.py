@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import pytest
 
-from torch_xegpu_attn.compiler import compile_spec
+from torch_xegpu_attn.compiler import CompilationStopped, compile_spec
 from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
 from torch_xegpu_attn.targets import get_target
 
@@ -274,3 +274,57 @@ def test_ampere_cubins(tmp_path, name):
         assert kernel["shared_bytes"] <= 164 * 1024
     for report in artifact.metadata["resources"].values():
         assert report["registers"] <= 255 and report["spill_stores"] <= 128
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def _layouts_dump(spec, folder) -> str:
+    with pytest.raises(CompilationStopped):
+        compile_spec(spec, dump_dir=str(folder), stop_after="nvvm-layouts")
+    return next(folder.rglob("*-nvvm-layouts.mlir")).read_text()
+
+
+def _annotated(dump: str, op_name: str):
+    """The attn.layouts strings of each `op_name` op in a dump (generic or pretty form)."""
+    found = []
+    for line in dump.splitlines():
+        if re.search(rf"\b{re.escape(op_name)}\b", line) and "attn.layouts" in line:
+            found.append(re.search(r'attn\.layouts = \[((?:"[^"]*"(?:, )?)*)\]', line).group(1))
+    return found
+
+
+@pytest.mark.parametrize("name", ["prefill-e64-causal", "decode-gqa", "prefill-f32-e128-mask"])
+def test_layouts_stage_shows_the_assignment(name, tmp_path):
+    """The nvvm-layouts stage writes each vector value's layouts on its op: contractions give
+    tiles, row reductions row vectors, the tiles read only for contractions are staged in shared
+    memory; packed query heads (decode) split the row into (row/R, row%R)."""
+    dump = _layouts_dump(SPECS[name], tmp_path)
+    contracts = _annotated(dump, "vector.contract")
+    assert contracts and all(c.startswith('"tile[row, col] cols=') for c in contracts), contracts
+    reductions = _annotated(dump, "vector.multi_reduction")
+    assert reductions and all(r.startswith('"rows[') for r in reductions), reductions
+    assert _annotated(dump, "vector.transfer_read").count('"staged"') >= 2
+    assert ("row/" in dump and "row%" in dump) == (name == "decode-gqa")
+
+
+def test_kernels_are_built_from_the_written_layouts(tmp_path, monkeypatch):
+    """nvvm-kernels distributes by what nvvm-layouts wrote: without it, it says so."""
+    from torch_xegpu_attn.mlir_utils import CompileError
+    from torch_xegpu_attn.targets.nvvm import analysis
+    monkeypatch.setattr(analysis.LayoutAnalysis, "annotate", lambda self: None)
+    with pytest.raises(CompileError, match="attn.layouts"):
+        compile_spec(SPECS["prefill-e64"], dump_dir=str(tmp_path))
+
+
+def test_layout_text_round_trips():
+    from torch_xegpu_attn.targets.nvvm.layout import (COL, ROW, ROW_DIV, ROW_MOD, UNIT, Axis, Layout,
+                                                      parse_layout)
+    layouts = [Layout((Axis(ROW),)), Layout((Axis(ROW), Axis(COL)), 64), Layout((Axis(COL),), 128),
+               Layout((Axis(ROW_DIV, 16), Axis(ROW_MOD, 16), Axis(COL)), 32), Layout((Axis(UNIT), Axis(ROW))),
+               Layout(())]
+    for layout in layouts:
+        assert parse_layout(layout.text()) == layout, layout.text()
+    for bad in ("tile[row]", "rows[row, colx]", "cols[col] cols=", "grid[row]"):
+        with pytest.raises(ValueError):
+            parse_layout(bad)

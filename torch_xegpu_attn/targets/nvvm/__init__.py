@@ -2,9 +2,12 @@
 
 Stages after the shared schedule:
 
+    nvvm-layouts   kernel.assign_layouts    every vector value of a work-group loop gets its
+                                            layouts, written on its op (attn.layouts;
+                                            layout.py, analysis.py)
     nvvm-kernels   kernel.build_kernels     each work-group loop -> a gpu.func; every vector op
-                                            distributed to warps and lanes by its layout
-                                            (layout.py, analysis.py, distribute.py)
+                                            distributed to warps and lanes by those layouts
+                                            (distribute.py)
     nvvm-ptx       toolchain.pipeline       gpu-lower-to-nvvm-pipeline: NVVM, LLVM IR, PTX
 
 then `emit` runs ptxas for the cubin.  Kernels launch on torch's current CUDA
@@ -277,10 +280,10 @@ class NvvmTarget(Target):
                            causal_head_chunk=chunk)
 
     def stage_names(self) -> Sequence[str]:
-        return ("nvvm-kernels", "nvvm-ptx")
+        return ("nvvm-layouts", "nvvm-kernels", "nvvm-ptx")
 
     def stages(self) -> Sequence[Stage]:
-        return (("nvvm-kernels", _build_kernels), ("nvvm-ptx", _lower_to_ptx))
+        return (("nvvm-layouts", _assign_layouts), ("nvvm-kernels", _build_kernels), ("nvvm-ptx", _lower_to_ptx))
 
     def emit(self, module, spec: AttentionSpec, options: NvvmOptions, keep_dir: str = "") -> KernelArtifact:
         import json
@@ -335,6 +338,14 @@ class NvvmTarget(Target):
     def loaded_modules(self) -> int:
         from ...runtime import cuda
         return cuda.loaded_modules()
+
+
+def _assign_layouts(module, spec: AttentionSpec, options: NvvmOptions):
+    """Stage nvvm-layouts: the layouts of every vector value of the work-group loops, written on
+    their ops (what the dump of this stage shows; nvvm-kernels distributes by them)."""
+    from .kernel import assign_layouts
+    assign_layouts(module, geometry_for(spec, options))
+    return module
 
 
 def _build_kernels(module, spec: AttentionSpec, options: NvvmOptions):

@@ -13,6 +13,13 @@ scalars are uniform: one scalar serves every layout.
 Operands of tensor-core contractions that are read from memory (the Q, K and
 V tiles) are not distributed at all: they are staged in shared memory
 (`STAGED`).
+
+The assignment is the stage "nvvm-layouts" of its own: `annotate_layouts`
+writes what it decided on the ops (`attn.layouts`: per result, its layouts as
+`Layout.text()` gives them, "staged", "uniform", "none" or "-" for a scalar),
+which the IR dump of that stage shows, and the distribution reads them back
+(`LayoutAnalysis.from_annotations`), so the dump is what the kernels were
+built from.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from mlir import ir
 
 from ...mlir_utils import CompileError, defining_op
 
-from .layout import Layout, broadcast_source_layout, layout_for_shape, shape_cast_layout
+from .layout import Layout, broadcast_source_layout, layout_for_shape, parse_layout, shape_cast_layout
 
 ELEMENTWISE_PREFIXES = ("arith.", "math.")
 STAGED = "staged"
+#: the attribute that carries an op's assigned layouts, one string per result.
+LAYOUTS_ATTR = "attn.layouts"
+_UNIFORM, _NONE, _SCALAR = "uniform", "none", "-"
 
 
 def vector_shape(value: ir.Value):
@@ -90,6 +100,50 @@ class LayoutAnalysis:
             if not self._sweep():
                 return
         raise CompileError("nvvm: layout assignment does not converge")
+
+    @classmethod
+    def from_annotations(cls, body: ir.Block, rows: int) -> "LayoutAnalysis":
+        """The layouts `annotate_layouts` wrote on the ops under `body`; CompileError where an op
+        with vector results carries none (the nvvm-layouts stage did not run on it)."""
+        analysis = cls.__new__(cls)
+        analysis.rows, analysis.layouts, analysis.natural = rows, {}, {}
+        analysis.ops, analysis.staged = _ops(body), set()
+        for op in analysis.ops:
+            if not any(vector_shape(r) is not None for r in op.results):
+                continue
+            if LAYOUTS_ATTR not in op.attributes:
+                raise CompileError(f"nvvm: {op.name} has no {LAYOUTS_ATTR} attribute (the nvvm-layouts stage "
+                                   f"assigns the layouts of every vector value)")
+            texts = [ir.StringAttr(a).value for a in ir.ArrayAttr(op.attributes[LAYOUTS_ATTR])]
+            if len(texts) != len(op.results):
+                raise CompileError(f"nvvm: {op.name} has {len(op.results)} results but {len(texts)} layouts")
+            carried = list(op.opview.inner_iter_args) if op.name == "scf.for" else []
+            for i, (result, text) in enumerate(zip(op.results, texts)):
+                if text == STAGED:
+                    analysis.staged.add(op)
+                elif text not in (_UNIFORM, _NONE, _SCALAR):
+                    layouts = {parse_layout(t) for t in text.split(" | ")}
+                    analysis.layouts[result] = layouts
+                    if carried:  # a loop's carried value has one layout in and out of it
+                        analysis.layouts[carried[i]] = layouts
+        return analysis
+
+    def annotate(self) -> None:
+        """Write the assigned layouts on the ops (LAYOUTS_ATTR)."""
+        for op in self.ops:
+            if any(vector_shape(r) is not None for r in op.results):
+                op.attributes[LAYOUTS_ATTR] = ir.ArrayAttr.get(
+                    [ir.StringAttr.get(self._text(op, r)) for r in op.results])
+
+    def _text(self, op: ir.Operation, value: ir.Value) -> str:
+        if vector_shape(value) is None:
+            return _SCALAR
+        if op in self.staged:
+            return STAGED
+        layouts = sorted(self.of(value), key=str)
+        if not layouts:
+            return _UNIFORM if is_uniform(value) else _NONE
+        return " | ".join(layout.text() for layout in layouts)
 
     def of(self, value: ir.Value) -> Set[Layout]:
         return self.layouts.get(value, set())
@@ -207,3 +261,9 @@ class LayoutAnalysis:
                     if not is_uniform(init):
                         changed |= self._add(init, layout)
         return changed
+
+
+def annotate_layouts(body: ir.Block, rows: int) -> None:
+    """Assign the layouts of every vector value under a work-group body of `rows` rows and write
+    them on its ops (stage nvvm-layouts)."""
+    LayoutAnalysis(body, rows).annotate()

@@ -1,5 +1,7 @@
-"""NVVM stage "nvvm-kernels": each work-group loop of the shared IR becomes a gpu.func
-(targets/outline.py) whose body `distribute.WorkGroupKernel` distributes to warps and lanes."""
+"""NVVM stages "nvvm-layouts" (each work-group loop's vector values get their layouts, written on
+the ops: analysis.py) and "nvvm-kernels" (each work-group loop of the shared IR becomes a gpu.func,
+targets/outline.py, whose body `distribute.WorkGroupKernel` distributes to warps and lanes by
+those layouts)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,19 @@ from typing import Dict
 
 from mlir import ir
 
+from ...schedule.bufferize import host_function
 from ..outline import KERNEL_MODULE, outline_work_groups
+from .analysis import annotate_layouts
 from .distribute import WorkGroupKernel
 from .layout import Geometry
 
-__all__ = ["KERNEL_MODULE", "build_kernels"]
+__all__ = ["KERNEL_MODULE", "assign_layouts", "build_kernels"]
+
+
+def assign_layouts(module: ir.Module, geometry: Geometry) -> None:
+    """Write the layouts of every work-group loop's vector values on its ops."""
+    for loop in host_function(module, "nvvm-layouts").loops:
+        annotate_layouts(loop.regions[0].blocks[0], geometry.rows)
 
 
 def build_kernels(module: ir.Module, geometry: Geometry, causal: bool, head_chunk: int = 0) -> Dict:

@@ -22,6 +22,7 @@ moving data: a tile slot reads the rows slot (m, i / 2) or the cols slot
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -51,6 +52,39 @@ class Layout:
         rows = any(a.uses_row() for a in self.axes)
         cols = any(a.kind == COL for a in self.axes)
         return "tile" if rows and cols else "rows" if rows else "cols" if cols else "scalar"
+
+    def text(self) -> str:
+        """The layout as the IR dumps show it (`parse_layout` reads it back): the slot space, then
+        per dim what indexes it (row, col, row/G, row%R, 1 for a unit dim), then the columns,
+        e.g. "tile[row, col] cols=64" or "rows[row/16, row%16]"."""
+        axes = ", ".join(_AXIS_TEXT[a.kind].format(a.arg) for a in self.axes)
+        return f"{self.space}[{axes}]" + (f" cols={self.columns}" if self.columns else "")
+
+
+_AXIS_TEXT = {ROW: "row", COL: "col", ROW_DIV: "row/{}", ROW_MOD: "row%{}", UNIT: "1"}
+_LAYOUT_TEXT = re.compile(r"^(tile|rows|cols|scalar)\[(.*)\](?: cols=(\d+))?$")
+
+
+def _parse_axis(text: str) -> Axis:
+    for kind, pattern in ((ROW_DIV, "row/"), (ROW_MOD, "row%")):
+        if text.startswith(pattern) and text[len(pattern):].isdigit():
+            return Axis(kind, int(text[len(pattern):]))
+    kinds = {"row": ROW, "col": COL, "1": UNIT}
+    if text not in kinds:
+        raise ValueError(f"not a layout axis: {text!r}")
+    return Axis(kinds[text])
+
+
+def parse_layout(text: str) -> Layout:
+    """The Layout of `Layout.text()`; ValueError for anything else."""
+    match = _LAYOUT_TEXT.match(text.strip())
+    if match is None:
+        raise ValueError(f"not a layout: {text!r}")
+    space, axes, columns = match.groups()
+    layout = Layout(tuple(_parse_axis(a.strip()) for a in axes.split(",") if a.strip()), int(columns or 0))
+    if layout.space != space:
+        raise ValueError(f"layout {text!r}: its axes make a {layout.space} layout")
+    return layout
 
 
 @dataclass(frozen=True)
