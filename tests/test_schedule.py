@@ -17,15 +17,18 @@ packed query heads, split keys.  For each option set of OPTION_SETS:
 """
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
 import torch
+from mlir import ir as mlir_ir
 
 from conftest import check
 from ir_structure import describe
 from torch_xegpu_attn import knobs
 from torch_xegpu_attn.compiler import CompilationStopped, compile_spec
+from torch_xegpu_attn.mlir_utils import mlir_context, walk
 from torch_xegpu_attn.schedule.options import ScheduleOptions
 from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
 
@@ -347,8 +350,39 @@ def test_backward_structure(option_set, spec_name, backward_dq):
     assert all(len(s) == 2 and all(d in (r, t, e, ev) for d in s) for s in shapes), ir.contractions
 
 
+@pytest.mark.parametrize("backward_dq", ["second_pass", "per_head"])
+@pytest.mark.parametrize("spec_name", list(BACKWARD_SPECS))
+@pytest.mark.parametrize("option_set", ["gpu-64x64-folded-lowp", "gpu-128x64-explicit-lowp", "16x32-materialized"])
+def test_backward_keys_by_rows(option_set, spec_name, backward_dq):
+    """backward_tiles="keys_by_rows": the dK/dV loop's tiles are (keys x rows) and its dK, dV,
+    S^T and dP^T contractions take their left operands as they are (m, k): P^T and dS^T are tiles of the
+    work-group's rows, what a tensor core's register operands need; masks are read through a
+    transposing map."""
+    spec = BACKWARD_SPECS[spec_name]
+    opts = replace(options(option_set), backward_dq=backward_dq, backward_tiles="keys_by_rows")
+    text = bufferized_ir(spec, opts)
+    r, t = opts.row_tile, opts.kv_tile
+    with mlir_context():
+        module = mlir_ir.Module.parse(text)
+        (dkv,) = walk(module, lambda op: op.name == "scf.forall" and "attn.backward_dkv" in op.attributes)
+        contracts = walk(dkv, lambda op: op.name == "vector.contract")
+        lhs_maps = [str(mlir_ir.ArrayAttr(op.attributes["indexing_maps"])[0]) for op in contracts]
+        lhs_shapes = [tuple(mlir_ir.VectorType(op.operands[0].type).shape) for op in contracts]
+        reads = [str(op.attributes["permutation_map"]) for op in walk(dkv, lambda op: op.name == "vector.transfer_read")]
+    # per_head accumulates dQ in the same loop: dQ += (dS^T)^T K is its one transposed left operand
+    transposed_lhs = [m for m in lhs_maps if m != "affine_map<(d0, d1, d2) -> (d0, d2)>"]
+    assert len(transposed_lhs) == (backward_dq == "per_head"), lhs_maps
+    assert (t, r) in lhs_shapes  # P^T and dS^T
+    transposing = [m for m in reads if re.search(r"-> \(d(\d+), d(\d+)\)>$", m) and
+                   int(re.search(r"-> \(d(\d+), d(\d+)\)>$", m).group(1)) >
+                   int(re.search(r"-> \(d(\d+), d(\d+)\)>$", m).group(2))]
+    assert bool(transposing) == (spec.mask is not None), reads
+
+
 BACKWARD_NUMERICS = [("gpu-64x64-folded-lowp", "second_pass"), ("gpu-128x64-explicit-lowp", "per_head"),
-                     ("16x32-materialized", "second_pass"), ("8x16-split3", "per_head")]
+                     ("16x32-materialized", "second_pass"), ("8x16-split3", "per_head"),
+                     ("gpu-64x64-folded-lowp-keys-by-rows", "second_pass"),
+                     ("8x16-split3-keys-by-rows", "per_head")]
 
 
 @pytest.mark.parametrize("option_set,backward_dq", BACKWARD_NUMERICS)
@@ -357,7 +391,10 @@ def test_backward_numerics(option_set, backward_dq, case, monkeypatch, fresh_see
     """Gradients through the cpu target with other targets' tiles, against SDPA and the fp64
     reference (tails of rows and keys, several tiles, GQA)."""
     from sdpa_cases import Case, check_gradients
-    fields = dict(OPTION_SETS[option_set], backward_dq=backward_dq)
+    name, keys_by_rows = option_set.removesuffix("-keys-by-rows"), option_set.endswith("-keys-by-rows")
+    fields = dict(OPTION_SETS[name], backward_dq=backward_dq)
+    if keys_by_rows:
+        fields["backward_tiles"] = "keys_by_rows"
     monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(fields))
     if case == "causal-gqa":
         q, k, v = rand(2, 8, 150, 64), rand(2, 2, 150, 64), rand(2, 2, 150, 32)

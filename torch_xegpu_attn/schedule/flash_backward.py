@@ -32,7 +32,12 @@ Accumulation is in the accumulator type (f32, f64 for float64); tiles of f16/bf1
 extended to it before their contractions.  K and V enter Q . K^T and dOut . V^T as
 ScheduleOptions.k_layout says: as read ("folded"), transposed per tile ("explicit"), or from
 transposed copies made once by loops of their own (attn.k_transpose, attn.v_transpose:
-"materialized").  The backward reads row_tile, kv_tile and k_layout of the schedule options.
+"materialized").  With ScheduleOptions.backward_tiles "keys_by_rows" the dK/dV loops' tiles are
+(keys x rows) instead: S^T = K Q^T, P^T, dP^T = V dOut^T, dS^T, with lse and Delta broadcast
+along columns and masks read through transposing maps, so that dV += P^T dOut and dK += dS^T Q
+take P^T and dS^T as plain left operands (a GPU's tensor cores need them so: an accumulator tile
+is a register operand only in its own orientation).  The backward reads row_tile, kv_tile,
+k_layout, backward_dq and backward_tiles of the schedule options.
 """
 
 from __future__ import annotations
@@ -186,36 +191,39 @@ class _Backward:
         empty = arith.cmpf(arith.CmpFPredicate.OEQ, lse, splat([self.R], self.acc, float("-inf")))
         return arith.select(empty, splat([self.R], self.acc, float("inf")), lse)
 
-    def _index_vectors(self, b, h, g, row0, j):
-        """linalg.index d of a score op, as (R x T) i32 vectors of the global indices."""
+    def _index_vectors(self, b, h, g, row0, j, keys_first: bool = False):
+        """linalg.index d of a score op, as i32 vectors of the global indices over the tile:
+        (R x T), or (T x R) with `keys_first`."""
         R, T = self.R, self.T
-        shape = vector_type([R, T], i32())
+        shape = vector_type([T, R] if keys_first else [R, T], i32())
 
         def make(d: int) -> ir.Value:
             if d == _S:
                 keys = arith.addi(iota_i32(T), vector.broadcast(vector_type([T], i32()), to_i32(j)))
-                return vector.broadcast(shape, keys)
+                return broadcast_rows(keys, R) if keys_first else vector.broadcast(shape, keys)
             if d == _L:
                 rows = arith.addi(iota_i32(R), vector.broadcast(vector_type([R], i32()), to_i32(row0)))
-                return broadcast_rows(rows, T)
+                return vector.broadcast(shape, rows) if keys_first else broadcast_rows(rows, T)
             return vector.broadcast(shape, to_i32({_B: b, _H: h, _G: g}[d]))
         return make
 
-    def _mask_tile(self, generic: ir.Operation, index: int, b, h, g, row0, j) -> ir.Value:
-        """Operand `index` of a score op (a mask) as an (R x T) vector, broadcast where it is."""
+    def _mask_tile(self, generic: ir.Operation, index: int, b, h, g, row0, j, keys_first: bool = False) -> ir.Value:
+        """Operand `index` of a score op (a mask) as an (R x T) vector, broadcast where it is; with
+        `keys_first` a (T x R) vector, read through a transposing map."""
         value = generic.operands[index]
         amap = ir.AffineMapAttr(ir.ArrayAttr(generic.attributes["indexing_maps"])[index]).value
         loop_dims = [ir.AffineDimExpr(e).position for e in amap.results]
         starts = {_B: b, _H: h, _G: g, _L: row0, _S: j}
         offsets = {i: starts[d] for i, d in enumerate(loop_dims)}
         sizes = {_L: self.R, _S: self.T}
-        dims = [(loop_dims.index(d), sizes[d], False) for d in (_L, _S) if d in loop_dims]
-        present = [d in loop_dims for d in (_L, _S)]
+        order = (_S, _L) if keys_first else (_L, _S)
+        dims = [(loop_dims.index(d), sizes[d], False) for d in order if d in loop_dims]
+        present = [d in loop_dims for d in order]
         if not dims:  # varies along neither rows nor keys: read its one element
             dims = [(len(loop_dims) - 1, 1, True)]
         element = element_type_of(value)
         padding = arith.constant(element, 0 if isinstance(element, ir.IntegerType) else 0.0)
-        return expand_to(read_tile(value, dims, offsets, padding), present, [self.R, self.T])
+        return expand_to(read_tile(value, dims, offsets, padding), present, [sizes[d] for d in order])
 
     def _transposed_operand(self, name: str, width: int, b, h, j):
         """K or V as the right operand of Q . K^T or dOut . V^T for keys j..: (the tile, the
@@ -231,27 +239,39 @@ class _Backward:
             return vector.transpose(vector_type([width, self.T], self.acc), tile, [1, 0]), _ROW_MAJOR
         return tile, _FOLDED
 
-    def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool) -> ir.Value:
-        """The score chain on the (R x T) tile of rows row0.. and keys j..; with `mask_keys`,
-        keys at or past S are -inf."""
-        R, T = self.R, self.T
-        s = contract(q_tile, k_operand[0], splat([R, T], self.acc, 0.0), k_operand[1])
-        index_vectors = self._index_vectors(b, h, g, row0, j)
-        translator = BodyTranslator([R, T], index_vectors)
+    def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool, keys_first: bool = False) -> ir.Value:
+        """The score chain on the (R x T) tile of rows row0.. and keys j.. (`k_operand`: the K
+        tile and the contraction's maps); with `keys_first` on the (T x R) tile S^T = K Q^T
+        (`k_operand`: the K tile as read).  With `mask_keys`, keys at or past S are -inf."""
+        shape = [self.T, self.R] if keys_first else [self.R, self.T]
+        if keys_first:
+            s = contract(k_operand, q_tile, splat(shape, self.acc, 0.0), _FOLDED)
+        else:
+            s = contract(q_tile, k_operand[0], splat(shape, self.acc, 0.0), k_operand[1])
+        index_vectors = self._index_vectors(b, h, g, row0, j, keys_first)
+        translator = BodyTranslator(shape, index_vectors)
         self.translator = translator  # the tile's: the dropout's body runs on it too
         for op in self.score_ops:
-            extra = [self._mask_tile(op, i, b, h, g, row0, j) for i in range(1, len(op.operands) - 1)]
+            extra = [self._mask_tile(op, i, b, h, g, row0, j, keys_first) for i in range(1, len(op.operands) - 1)]
             s = translator.translate(op, [s, *extra, None])
         if mask_keys:
             inside = arith.cmpi(arith.CmpIPredicate.slt, index_vectors(_S),
-                                vector.broadcast(vector_type([R, T], i32()), to_i32(self.S)))
-            s = arith.select(inside, s, splat([R, T], self.acc, float("-inf")))
+                                vector.broadcast(vector_type(shape, i32()), to_i32(self.S)))
+            s = arith.select(inside, s, splat(shape, self.acc, float("-inf")))
         return s
 
-    def _probabilities(self, s, lse_base) -> ir.Value:
-        """P = exp2((s - lse) * log2(e))."""
-        shifted = arith.subf(s, broadcast_rows(lse_base, self.T))
-        return mmath.exp2(arith.mulf(shifted, splat([self.R, self.T], self.acc, _LOG2E)))
+    def _per_row(self, rows: ir.Value, keys_first: bool) -> ir.Value:
+        """A per-query-row vector (R) over the score tile: constant along each row of an (R x T)
+        tile, along each column of a (T x R) one."""
+        if keys_first:
+            return vector.broadcast(vector_type([self.T, self.R], self.acc), rows)
+        return broadcast_rows(rows, self.T)
+
+    def _probabilities(self, s, lse_base, keys_first: bool = False) -> ir.Value:
+        """P = exp2((s - lse) * log2(e)) (P^T with `keys_first`)."""
+        shifted = arith.subf(s, self._per_row(lse_base, keys_first))
+        shape = [self.T, self.R] if keys_first else [self.R, self.T]
+        return mmath.exp2(arith.mulf(shifted, splat(shape, self.acc, _LOG2E)))
 
     def _dropped(self, value: ir.Value, tag: str) -> ir.Value:
         """value * Z on the current tile (the payload's dropout op `tag`), or value without dropout."""
@@ -331,8 +351,7 @@ class _Backward:
         with ir.InsertionPoint(loop.body):
             b, h = iv["b"], iv["h"]
             j = arith.muli(iv["r"], const_index(T))
-            k = self._transposed_operand("k", E, b, h, j)
-            v = self._transposed_operand("v", EV, b, h, j)
+            k, v = self._key_operands(b, h, j)
             carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0)]
 
             def step(state, g, row0):
@@ -377,8 +396,7 @@ class _Backward:
             with ir.InsertionPoint(steps.body):
                 j = steps.induction_variable
                 ws, dk_head, dv_head = steps.inner_iter_args
-                k_op = self._transposed_operand("k", E, b, h, j)
-                v_op = self._transposed_operand("v", EV, b, h, j)
+                k_op, v_op = self._key_operands(b, h, j)
                 k = self._keys("k", E, b, h, j)
                 carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0), ws]
 
@@ -387,7 +405,8 @@ class _Backward:
                                                              mask_keys=True)
                     ws = state[2]
                     rows = read_tile(ws, [(3, R, False), (4, E, True)], {2: g, 3: row0}, arith.constant(self.acc, 0.0))
-                    return [dk_acc, dv_acc, _write_rows_at(contract(ds, k, rows, _ROW_MAJOR), ws, g, row0)]
+                    dq_maps = _A_TRANSPOSED if self._keys_first else _ROW_MAJOR  # dS^T: dQ += (dS^T)^T K
+                    return [dk_acc, dv_acc, _write_rows_at(contract(ds, k, rows, dq_maps), ws, g, row0)]
 
                 dk_acc, dv_acc, ws = self._over_rows(carried, self._first_row(j), step)
                 dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _convert(dv_acc, self.et)
@@ -414,17 +433,39 @@ class _Backward:
             self._write_rows(loop, self._scaled_out(rows, R, E), [b, h, g, row0], E)
         return loop.results[0]
 
+    @property
+    def _keys_first(self) -> bool:
+        return self.options.backward_tiles == "keys_by_rows"
+
+    def _key_operands(self, b, h, j):
+        """K and V of keys j.. as the dK/dV loops' tile steps take them: as right operands of
+        Q K^T and dOut V^T (`_transposed_operand`), or, keys first, the (T x width) tiles as read,
+        left operands of K Q^T and V dOut^T."""
+        if self._keys_first:
+            return self._keys("k", self.E, b, h, j), self._keys("v", self.EV, b, h, j)
+        return self._transposed_operand("k", self.E, b, h, j), self._transposed_operand("v", self.EV, b, h, j)
+
     def _key_tile_step(self, accumulators, b, h, g, row0, j, k_operand, v_operand, delta_ws, mask_keys: bool):
-        """One (rows, keys) tile pair of the dK/dV loops: (dK + dS^T Q, dV + (Z P)^T dOut, dS)."""
+        """One (rows, keys) tile pair of the dK/dV loops: (dK + dS^T Q, dV + (Z P)^T dOut, dS), dS
+        as its transpose with ScheduleOptions.backward_tiles "keys_by_rows" (then P^T and dS^T
+        are computed as such, from S^T = K Q^T, and multiplied as plain left operands)."""
         dk_acc, dv_acc = accumulators
+        first = self._keys_first
         q = self._rows("q", self.E, b, h, g, row0, 0.0)
         dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
         base = self._lse_base(b, h, g, row0)
         delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
-        p = self._probabilities(self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys), base)
-        dv_acc = contract(self._dropped(p, "dropout"), dout, dv_acc, _A_TRANSPOSED)
-        ds = self._score_gradient(p, dout, v_operand, delta)
-        return contract(ds, q, dk_acc, _A_TRANSPOSED), dv_acc, ds
+        s = self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys, keys_first=first)
+        p = self._probabilities(s, base, first)
+        maps = _ROW_MAJOR if first else _A_TRANSPOSED
+        dv_acc = contract(self._dropped(p, "dropout"), dout, dv_acc, maps)
+        if first:  # dS^T = P^T * (Z * V dOut^T - Delta)
+            shape = [self.T, self.R]
+            dp = self._dropped(contract(v_operand, dout, splat(shape, self.acc, 0.0), _FOLDED), "dp_dropout")
+            ds = arith.mulf(p, arith.subf(dp, self._per_row(delta, True)))
+        else:
+            ds = self._score_gradient(p, dout, v_operand, delta)
+        return contract(ds, q, dk_acc, maps), dv_acc, ds
 
     def _first_row(self, j) -> ir.Value:
         """The first row tile that sees key j: 0, or with causal the tile holding row j."""

@@ -16,6 +16,8 @@ K_LAYOUTS = ("folded", "explicit", "materialized")
 TAIL_MODES = ("mask", "peel")
 #: how a backward kernel computes dQ (ScheduleOptions.backward_dq).
 BACKWARD_DQ = ("second_pass", "per_head")
+#: the orientation of the dK/dV loops' tiles (ScheduleOptions.backward_tiles).
+BACKWARD_TILES = ("rows_by_keys", "keys_by_rows")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,17 @@ class ScheduleOptions:
                                      go by (five contractions; B * H
                                      work-groups, what a CPU's few threads
                                      fill).
+    backward_tiles  the orientation of the score-shaped tiles where dK and dV
+                    are accumulated:
+                      "rows_by_keys"  (query rows x keys) as in the dQ loop;
+                                      dV += P^T dOut and dK += dS^T Q contract
+                                      P and dS with transposed maps;
+                      "keys_by_rows"  (keys x query rows): S^T = K Q^T, so that
+                                      P^T and dS^T are plain left operands of
+                                      their contractions, tiles of the
+                                      work-group's rows (its keys), what a
+                                      tensor core's register operands need;
+                                      lse and Delta broadcast along columns.
     """
 
     row_tile: int
@@ -99,6 +112,7 @@ class ScheduleOptions:
     combine_cols: int = 0
     rescale_threshold: float = 0.0
     backward_dq: str = "second_pass"
+    backward_tiles: str = "rows_by_keys"
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -113,6 +127,8 @@ class ScheduleOptions:
             raise ValueError(f"split_fill and combine_cols must be >= 0 and split_min_keys >= 1: {self}")
         if self.backward_dq not in BACKWARD_DQ:
             raise ValueError(f"backward_dq must be one of {BACKWARD_DQ}, got {self.backward_dq!r}")
+        if self.backward_tiles not in BACKWARD_TILES:
+            raise ValueError(f"backward_tiles must be one of {BACKWARD_TILES}, got {self.backward_tiles!r}")
         if not 0 <= self.rescale_threshold <= 15:  # exponentials up to 2^t must fit f16 (P.V operand)
             raise ValueError(f"rescale_threshold must be in [0, 15], got {self.rescale_threshold}")
 
@@ -136,4 +152,6 @@ class ScheduleOptions:
             parts.append(f"lazy{self.rescale_threshold:g}")
         if self.backward_dq != "second_pass":
             parts.append(self.backward_dq.replace("_", "-"))
+        if self.backward_tiles != "rows_by_keys":
+            parts.append(self.backward_tiles.replace("_", "-"))
         return "_".join(parts)
