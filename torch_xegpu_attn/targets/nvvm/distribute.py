@@ -475,7 +475,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         view = op.opview
         body = view.body
         layouts = [self._carried_layout(a) for a in view.inner_iter_args]
-        staged = [o.operation for o in body.operations if o.operation in self.analysis.staged]
+        staged = self._by_first_use([o.operation for o in body.operations if o.operation in self.analysis.staged])
         iv_old = view.induction_variable
         if not staged:  # nothing to overlap Q's copy with
             self._land_staged()

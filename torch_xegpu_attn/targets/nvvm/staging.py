@@ -330,8 +330,22 @@ class Staging:
         return not list(op.regions) and not any(vector_shape(v) is not None
                                                 for v in list(op.operands) + list(op.results))
 
+    @staticmethod
+    def _by_first_use(reads: List[ir.Operation]) -> List[ir.Operation]:
+        """A loop body's staged reads in the order the body first uses them: the first is the
+        tile a step needs first (K of the forward's Q K^T), which the pipeline copies a step
+        ahead; the others (V) are copied at the step's start."""
+        if not reads:
+            return reads
+        position = {op.operation: i for i, op in enumerate(reads[0].parent.regions[0].blocks[0].operations)}
+
+        def first_use(read: ir.Operation) -> int:
+            return min((position[op] for op in _body_users(read.results[0], position)), default=len(position))
+        return sorted(reads, key=lambda read: (first_use(read), position[read]))
+
     def _pipeline(self, staged, j, lower, upper, step, iv_old) -> None:
-        """Double buffering of the loop's staged reads (see the module docstring)."""
+        """Double buffering of the loop's staged reads, ordered by first use (see the module
+        docstring)."""
         stage = arith.remui(arith.divui(arith.subi(j, lower), step), const_index(2))
         other = arith.subi(const_index(1), stage)
         swizzled = any(self._buffers[read].swizzled for read in staged)
@@ -352,14 +366,14 @@ class Staging:
         if self.geometry.prefetch == "tiles":  # every tile of the next iteration, into the other stages
             copy_next(staged)
             return
-        first = staged[0]
+        first = staged[0]  # the tile needed first (the forward's K)
         consumer = next(u for u in _users(first.results[0]) if u.name == "vector.contract")
         if self.geometry.prefetch == "tiles-late":  # the same, once this K tile is consumed
             self._after[consumer] = lambda: copy_next(staged)
             return
         # (Copying the first step's V tile ahead with its K tile, and skipping it in the first
         # step, measured 0.5-2% slower: the branch costs every step more than the first saves.)
-        for read in staged[1:]:  # this iteration's other tiles (V)
+        for read in staged[1:]:  # this iteration's other tiles (the forward's V)
             self._issue_copy(read, self._current[read], {})
         nvvm.cp_async_commit_group()
         self._after[consumer] = lambda: copy_next([first])  # the next K, once this one is consumed
@@ -370,3 +384,20 @@ class Staging:
                     fence_async_proxy()
                 gpu.barrier()
             self._before[read] = wait
+
+
+
+def _body_users(value: ir.Value, body_ops) -> List[ir.Operation]:
+    """The ops of a loop body (`body_ops`) that use `value` or hold an op that does, looking
+    through the shape casts it goes through."""
+    found = []
+    for user in _users(value):
+        if user.name == "vector.shape_cast":
+            found.extend(_body_users(user.results[0], body_ops))
+            continue
+        while user is not None and user not in body_ops:
+            parent = user.parent
+            user = parent.operation if parent is not None else None
+        if user is not None:
+            found.append(user)
+    return found
