@@ -1,5 +1,15 @@
 """PTX pieces of the nvvm kernels: tensor-core MMAs (mma.sync, wgmma, 3xTF32), ex2, shuffles,
-packing, and the inline assembly they need where the NVVM dialect has no op LLVM emits as wanted."""
+packing.
+
+NVVM dialect ops where they give the same instructions: mma.sync (nvvm.mma.sync), the f32 ->
+bf16x2 / f16x2 and tf32 conversions, the async-proxy fence.  Inline PTX stays where the
+dialect has no op for what the kernels need: ex2.approx.ftz.f32 (no NVVM op; math.exp2 goes to
+libdevice's exp2f), and wgmma, whose statement here holds the fence, the MMAs of every m-tile
+and their predicate in one asm block with each accumulator register tied to it, so that every
+register it reads (accumulators, the A operand loaded or packed for the slice) is written
+before its wgmma.fence and nothing reads an accumulator before the wait (nvvm.wgmma.mma_async
+leaves that ordering to LLVM).
+"""
 
 from __future__ import annotations
 
@@ -36,33 +46,51 @@ def shuffle_xor(value: ir.Value, offset: int) -> ir.Value:
 
 
 def pack_pair(low: ir.Value, high: ir.Value, element: ir.Type) -> ir.Value:
-    """Two f32 -> one i32 holding them as 16-bit floats (low half: the lower column)."""
-    kind = "bf16x2" if isinstance(element, ir.BF16Type) else "f16x2"
-    return _ptx([i32_type()], [high, low], f"cvt.rn.{kind}.f32 $0, $1, $2;")
+    """Two f32 -> one i32 holding them as 16-bit floats (low half: the lower column):
+    cvt.rn.{bf16x2,f16x2}.f32."""
+    convert = nvvm.convert_f32x2_to_bf16x2 if isinstance(element, ir.BF16Type) else nvvm.convert_f32x2_to_f16x2
+    pair = convert(ir.VectorType.get([2], element), high, low, rnd=ir.Attribute.parse("#nvvm.fp_rnd_mode<rn>"))
+    return vector.extract(vector.bitcast(ir.VectorType.get([1], i32_type()), pair), [], [0])
 
 
 def mma(a: Sequence[ir.Value], b: Sequence[ir.Value], c: Sequence[ir.Value], element: ir.Type) -> List[ir.Value]:
-    """D = A . B + C, mma.sync m16n8k16 (A row-major, B column-major, f32 accumulate)."""
-    t = "bf16" if isinstance(element, ir.BF16Type) else "f16"
-    code = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 "
-            "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+    """D = A . B + C, mma.sync m16n8k16 (A row-major, B column-major, f32 accumulate); A and B
+    as 32-bit words of two 16-bit elements each."""
+    if isinstance(element, ir.BF16Type):
+        return _mma_sync(a, b, c, 16, "bf16")
+    pair = ir.VectorType.get([2], ir.F16Type.get())  # the f16 form takes its words as f16 pairs
+    return _mma_sync([llvm.bitcast(pair, w) for w in a], [llvm.bitcast(pair, w) for w in b], c, 16, "f16")
+
+
+def _mma_sync(a, b, c, k: int, ptx_type: str) -> List[ir.Value]:
+    """nvvm.mma.sync m16n8k`k` of `ptx_type` multiplicands (row-major A, column-major B) with
+    four f32 accumulators a lane."""
     f32 = ir.F32Type.get()
-    return list(_ptx([f32] * 4, [*a, *b, *c], code))
+    result = nvvm.mma_sync(ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
+                           ir.Attribute.parse(f"#nvvm.shape<m = 16, n = 8, k = {k}>"),
+                           ir.Attribute.parse("#nvvm.mma_layout<row>"), ir.Attribute.parse("#nvvm.mma_layout<col>"),
+                           list(a), list(b), list(c),
+                           multiplicand_a_ptx_type=ir.Attribute.parse(f"#nvvm.mma_type<{ptx_type}>"),
+                           multiplicand_b_ptx_type=ir.Attribute.parse(f"#nvvm.mma_type<{ptx_type}>"))
+    return [llvm.extractvalue(f32, result, [i]) for i in range(4)]
 
 
 def tf32_split(x: ir.Value) -> Tuple[ir.Value, ir.Value]:
     """An f32 as the sum of two tf32s, (big, small) as 32-bit words: big = x rounded to tf32,
     small = the rest rounded to tf32 (together 21 of the 24 bits of x's significand)."""
-    big = _ptx([i32_type()], [x], "cvt.rna.tf32.f32 $0, $1;")
+    big = _to_tf32(x)
     rest = arith.subf(x, arith.bitcast(ir.F32Type.get(), big))
-    return big, _ptx([i32_type()], [rest], "cvt.rna.tf32.f32 $0, $1;")
+    return big, _to_tf32(rest)
+
+
+def _to_tf32(x: ir.Value) -> ir.Value:
+    """cvt.rna.tf32.f32: x rounded to tf32 (ties away from zero), as a 32-bit word."""
+    return nvvm.convert_float_to_tf32(i32_type(), x, rnd=ir.Attribute.parse("#nvvm.fp_rnd_mode<rna>"))
 
 
 def mma_tf32(a: Sequence[ir.Value], b: Sequence[ir.Value], c: Sequence[ir.Value]) -> List[ir.Value]:
     """D = A . B + C, mma.sync m16n8k8 on tf32 words (A row-major, B column-major, f32 accumulate)."""
-    code = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-            "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
-    return list(_ptx([ir.F32Type.get()] * 4, [*a, *b, *c], code))
+    return _mma_sync(a, b, c, 8, "tf32")
 
 
 def mma_3xtf32(a: Tuple[List[ir.Value], List[ir.Value]], b: Tuple[List[ir.Value], List[ir.Value]],
@@ -148,4 +176,5 @@ def warpgroup_wait(acc: List[List[ir.Value]]) -> List[List[ir.Value]]:
 def fence_async_proxy() -> None:
     """Make this thread's shared-memory writes (cp.async: the generic proxy) visible to the
     async proxy that wgmma reads shared memory through (before the barrier that publishes them)."""
-    _ptx([], [], "fence.proxy.async.shared::cta;")
+    nvvm.fence_proxy(ir.Attribute.parse("#nvvm.proxy_kind<async.shared>"),
+                     space=ir.Attribute.parse("#nvvm.shared_space<cta>"))
