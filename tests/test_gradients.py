@@ -292,6 +292,24 @@ def test_torch_compile_training_step(backend, fresh_seed):
         torch.testing.assert_close(compiled[name], p.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_autograd(fresh_seed):
+    """The backward traced by compiled autograd (the op's autograd node is traceable): eager's
+    gradients."""
+    from torch._dynamo import compiled_autograd
+    block = _Block()
+    x = torch.randn(2, 24, 32)
+    block(x).square().mean().backward()
+    expected = {name: p.grad.clone() for name, p in block.named_parameters()}
+    block.zero_grad()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), \
+            compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        block(x).square().mean().backward()
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6)
+
+
 def test_transformer_encoder_layer_trains_under_replace_sdpa(fresh_seed):
     """nn.TransformerEncoderLayer (train mode, no dropout) under replace_sdpa(): the op serves its
     attention, and the gradients of every parameter are those of SDPA."""

@@ -135,7 +135,8 @@ def test_gradient_calls_take_the_training_kernel(entry, fresh_seed):
 def training_step(q, k, v, kw, grad_kind="random", with_lse=False, seed=0):
     """Output (and log-sum-exp), and the gradients of q, k and v of one training step on copies of
     the given leaves; the output's gradient is random and contiguous, a sum's (expanded ones),
-    or random and transposed in memory; with_lse back-propagates a random log-sum-exp gradient too.
+    random and transposed in memory, or random with its heads and rows permuted (dense, unit
+    innermost stride: the gradient of an output transposed back to (B, L, H, E)); with_lse back-propagates a random log-sum-exp gradient too.
     `seed` is set before the call (its dropout draws from it)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(seed)
@@ -151,6 +152,9 @@ def training_step(q, k, v, kw, grad_kind="random", with_lse=False, seed=0):
         elif grad_kind == "transposed" and t.dim() >= 2:
             grads.append(torch.randn(*t.shape[:-2], t.shape[-1], t.shape[-2], generator=generator)
                          .to(t.dtype).transpose(-1, -2))
+        elif grad_kind == "heads_permuted" and t.dim() >= 3:  # an output transposed back to (B, L, H, E)
+            grads.append(torch.randn(*t.shape[:-3], t.shape[-2], t.shape[-3], t.shape[-1], generator=generator)
+                         .to(t.dtype).transpose(-3, -2))
         else:
             grads.append(torch.randn(t.shape, generator=generator).to(t.dtype))
     gradients = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
@@ -165,7 +169,7 @@ def assert_identical(first, second) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("grad_kind", ["random", "ones_expanded", "transposed"])
+@pytest.mark.parametrize("grad_kind", ["random", "ones_expanded", "transposed", "heads_permuted"])
 def test_training_replays(case, grad_kind, fresh_seed):
     """A repeated training step replays its forward and its backward (where the backward's results
     are the kernel's own outputs), and gives what the checked step gave: also for 16-bit inputs (whose output's gradient is converted for the backward) and
@@ -205,7 +209,8 @@ def test_training_replays_reproduce_the_checked_path(data):
     tensors gives bitwise what the first gave, whether the op could replay it or not."""
     case = data.draw(cases(CPU), label="case")
     kw = dict(case.kwargs, dropout_p=data.draw(st.sampled_from([0.0, 0.0, 0.25]), label="dropout_p"))
-    grad_kind = data.draw(st.sampled_from(["random", "ones_expanded", "transposed"]), label="grad_kind")
+    grad_kind = data.draw(st.sampled_from(["random", "ones_expanded", "transposed", "heads_permuted"]),
+                          label="grad_kind")
     with_lse = data.draw(st.booleans(), label="with_lse")
     try:
         first = training_step(case.q, case.k, case.v, kw, grad_kind, with_lse)

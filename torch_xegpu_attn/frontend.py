@@ -303,7 +303,7 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 def draw_seed(device) -> torch.Tensor:
     """The dropout generator's key for one call: two int32 drawn from torch's default CPU generator
     (torch.manual_seed reproduces a run), on `device`."""
-    return torch.randint(-2**31, 2**31 - 1, (2,), dtype=torch.int32).to(device)
+    return torch.randint(-2**31, 2**31 - 1, (2,), dtype=torch.int32, device="cpu").to(device)
 
 
 def _target_for(device_type: str) -> str:
@@ -401,7 +401,11 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
     rows, acc = (B, h, g, l), accumulator_dtype(query.dtype)
     operands.append(out.to(acc).reshape(B, h, g, l, ev).contiguous())
     operands.append(lse.to(acc).reshape(rows).contiguous())
-    dout = grad_out.to(query.dtype).reshape(B, h, g, l, ev)
+    # a converted gradient is made row-major (what a replay's copy of it is: csrc/op.cpp), whatever
+    # the strides of the one autograd gives (a permuted one where the output was transposed back)
+    dout = grad_out if grad_out.dtype == query.dtype else grad_out.to(query.dtype,
+                                                                       memory_format=torch.contiguous_format)
+    dout = dout.reshape(B, h, g, l, ev)
     operands.append(dout if dout.stride(-1) == 1 else dout.contiguous())
     roles += [_copy("out"), _copy("lse"), _copy("grad_out")]
     operands.append(torch.zeros(rows, dtype=acc, device=query.device) if grad_lse is None

@@ -426,13 +426,18 @@ using torch::autograd::variable_list;
 // The training forward: saves the inputs, the output and the log-sum-exp; its backward runs
 // xegpu::attention_backward.
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
+  // compiled autograd may trace the backward: it reads saved values and calls dispatcher ops
+  static constexpr bool is_traceable = true;
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                                std::optional<double> scale, bool enable_gqa) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, seed] = with_lse_op().call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa);
     ctx->save_for_backward({q, k, v, mask.value_or(at::Tensor()), out, lse, seed});
-    ctx->mark_non_differentiable({seed});
+    // the seed (int32) has no gradient anyway; an output left without one stays undefined (an
+    // lse nobody used costs no zeros)
+    ctx->set_materialize_grads(false);
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
@@ -573,8 +578,8 @@ py::object replay_py(py::handle q, py::handle k, py::handle v, py::handle mask, 
 TORCH_LIBRARY(xegpu, m) {
   m.set_python_module("torch_xegpu_attn.ops");  // the fake (meta) kernels
   m.def(xattn::kSchema);
-  m.def(xattn::kWithLseSchema);
-  m.def(xattn::kBackwardSchema);
+  m.def(xattn::kWithLseSchema, {at::Tag::pt2_compliant_tag});
+  m.def(xattn::kBackwardSchema, {at::Tag::pt2_compliant_tag});
 }
 
 // C++ kernels for every device and for autograd: the dispatcher's round trip into a Python kernel
