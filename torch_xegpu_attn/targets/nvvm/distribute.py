@@ -48,7 +48,7 @@ from .ptx import _i32, ex2, i32_type, shuffle_xor
 from .staging import SharedTile, Staging
 from .tensor_cores import TensorCoreContractions
 from .values import (_bytes, _constant_int, _element, _in_bounds, _permutation_dims, _scalar_type,
-                     _static_trip_count, _users)
+                     _static_trip_count, _users, clamped)
 
 #: float ops whose products and sums may contract into FMAs (fastmath contract).
 _CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
@@ -368,10 +368,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
             offset = arith.index_cast(index(), self.coordinate(axis, slot, layout.space))
             position = arith.addi(indices[mdim], offset)
             if not in_bounds[vdim]:
-                extent = memref.dim(base, const_index(mdim))
-                ok = arith.cmpi(arith.CmpIPredicate.ult, position, extent)
-                inside = ok if inside is None else arith.andi(inside, ok)
-                position = arith.minui(position, arith.subi(extent, const_index(1)))
+                position, inside = clamped(base, mdim, position, inside)
             at[mdim] = position
         return at, inside
 

@@ -27,7 +27,7 @@ from ...mlir_utils import CompileError, const_index, index
 
 from .analysis import vector_shape
 from .ptx import _i32, fence_async_proxy, i64_type
-from .values import _bytes, _element, _in_bounds, _permutation_dims, _users
+from .values import _bytes, _element, _in_bounds, _permutation_dims, _users, clamped
 
 #: bytes added to each shared-memory row: the 8 rows an ldmatrix reads fall in distinct banks.
 PITCH_PAD_BYTES = 16
@@ -213,10 +213,7 @@ class Staging:
                 mdim = dims[vdim]
                 position = arith.addi(indices[mdim], coordinate)
                 if not in_bounds[vdim]:
-                    extent = memref.dim(base, const_index(mdim))
-                    ok = arith.cmpi(arith.CmpIPredicate.ult, position, extent)
-                    valid = ok if valid is None else arith.andi(valid, ok)
-                    position = arith.minui(position, arith.subi(extent, const_index(1)))
+                    position, valid = clamped(base, mdim, position, valid)
                 at[mdim] = position
             at[dims[-1]] = arith.addi(indices[dims[-1]], col)
             source_size = None if valid is None else arith.select(valid, const_index(chunk), const_index(0))

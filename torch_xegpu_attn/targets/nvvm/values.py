@@ -3,11 +3,12 @@ users, the dims and bounds of transfer ops, constants and trip counts."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mlir import ir
+from mlir.dialects import arith, memref
 
-from ...mlir_utils import CompileError, defining_op
+from ...mlir_utils import CompileError, const_index, defining_op
 
 from .analysis import vector_shape
 from .ptx import i32_type
@@ -71,3 +72,13 @@ def _static_trip_count(view) -> Optional[int]:
         return None
     lower, upper, step = bounds
     return max(0, -(-(upper - lower) // step))
+
+
+def clamped(base: ir.Value, mdim: int, position: ir.Value, inside: Optional[ir.Value]) -> Tuple[ir.Value, ir.Value]:
+    """An index along memref dim `mdim` of `base` that may run past its extent: the index clamped
+    to the last element (an address that is safe to form) and `inside` and-ed with whether it was
+    within the extent (None: no condition yet)."""
+    extent = memref.dim(base, const_index(mdim))
+    ok = arith.cmpi(arith.CmpIPredicate.ult, position, extent)
+    inside = ok if inside is None else arith.andi(inside, ok)
+    return arith.minui(position, arith.subi(extent, const_index(1))), inside
