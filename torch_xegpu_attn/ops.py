@@ -34,15 +34,13 @@ def _flags(dropout_p, is_causal, scale, enable_gqa) -> tuple:
     return float(dropout_p), bool(is_causal), None if scale is None else float(scale), bool(enable_gqa)
 
 
-def _run_and_record(op: str, spec, operands, roles, arguments, flags, results) -> None:
-    """Launch the kernel of `spec` on `operands`, then record the call for replay in C++ (the
-    launcher declines what it cannot replay: operands that are not views, copies or new tensors
-    of the arguments, results that are not the kernel's own new tensors)."""
+def _launch(spec, operands):
+    """Run the kernel of `spec` (from the cache) on `operands`; the kernel, to record the call."""
     kernel = CACHE.get(spec)
     kernel(operands)
     if not kernel.counts_launches:
         _C.count_launch()
-    kernel.record(op, arguments, flags, operands, roles, results() if callable(results) else results)
+    return kernel
 
 
 def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -51,8 +49,9 @@ def checked_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     if plan.result is not None:
         _C.count_empty_result()
         return plan.result
-    _run_and_record("forward", plan.spec, plan.operands, plan.roles, (query, key, value, attn_mask),
-                    _flags(dropout_p, is_causal, scale, enable_gqa), (plan.output,))
+    _launch(plan.spec, plan.operands).record("forward", (query, key, value, attn_mask),
+                                             _flags(dropout_p, is_causal, scale, enable_gqa), plan.operands,
+                                             plan.roles, (plan.output,))
     return plan.output
 
 
@@ -69,8 +68,9 @@ def checked_call_with_lse(query, key, value, attn_mask, dropout_p, is_causal, sc
         _C.count_empty_result()
         return plan.result, plan.lse, seed
     results = (plan.output, plan.lse, seed)
-    _run_and_record("forward_lse", plan.spec, plan.operands, plan.roles, (query, key, value, attn_mask),
-                    _flags(dropout_p, is_causal, scale, enable_gqa), results)
+    _launch(plan.spec, plan.operands).record("forward_lse", (query, key, value, attn_mask),
+                                             _flags(dropout_p, is_causal, scale, enable_gqa), plan.operands,
+                                             plan.roles, results)
     return results
 
 
@@ -83,15 +83,11 @@ def checked_backward(grad_out, grad_lse, query, key, value, attn_mask, out, lse,
                                   is_causal, scale, enable_gqa)
     if plan.result is not None:
         return tuple(t.contiguous() for t in plan.result)
-    gradients = []
-
-    def results():
-        gradients.extend(t.contiguous() for t in plan.gradients())
-        return tuple(gradients)
-    _run_and_record("backward", plan.spec, plan.operands, plan.roles,
-                    (query, key, value, attn_mask, grad_out, grad_lse, out, lse, seed),
-                    _flags(dropout_p, is_causal, scale, enable_gqa), results)
-    return tuple(gradients)
+    kernel = _launch(plan.spec, plan.operands)
+    gradients = tuple(t.contiguous() for t in plan.gradients())
+    kernel.record("backward", (query, key, value, attn_mask, grad_out, grad_lse, out, lse, seed),
+                  _flags(dropout_p, is_causal, scale, enable_gqa), plan.operands, plan.roles, gradients)
+    return gradients
 
 
 _C.set_slow_paths(checked_call, checked_call_with_lse, checked_backward)

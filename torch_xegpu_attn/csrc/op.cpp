@@ -38,9 +38,9 @@
 
 #include <array>
 #include <cmath>
-#include <limits>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -57,7 +57,7 @@ enum class Op : int64_t { kForward = 0, kForwardLse = 1, kBackward = 2 };
 
 // The backward's tensor arguments besides the forward's (null where absent or not an argument of the
 // op): grad_out, grad_lse, out, lse, seed.  With the Call's q, k, v and mask they are numbered 0-8,
-// the numbering of `Role::argument`.
+// the numbering of `Operand::argument` (frontend.ARGUMENTS).
 using Extras = std::array<const at::Tensor*, 5>;
 constexpr size_t kArguments = 4 + std::tuple_size<Extras>::value;
 

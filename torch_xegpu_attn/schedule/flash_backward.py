@@ -195,7 +195,7 @@ class _Backward:
         """linalg.index d of a score op, as i32 vectors of the global indices over the tile:
         (R x T), or (T x R) with `keys_first`."""
         R, T = self.R, self.T
-        shape = vector_type([T, R] if keys_first else [R, T], i32())
+        shape = vector_type(self._tile_shape(keys_first), i32())
 
         def make(d: int) -> ir.Value:
             if d == _S:
@@ -243,7 +243,7 @@ class _Backward:
         """The score chain on the (R x T) tile of rows row0.. and keys j.. (`k_operand`: the K
         tile and the contraction's maps); with `keys_first` on the (T x R) tile S^T = K Q^T
         (`k_operand`: the K tile as read).  With `mask_keys`, keys at or past S are -inf."""
-        shape = [self.T, self.R] if keys_first else [self.R, self.T]
+        shape = self._tile_shape(keys_first)
         if keys_first:
             s = contract(k_operand, q_tile, splat(shape, self.acc, 0.0), _FOLDED)
         else:
@@ -260,29 +260,37 @@ class _Backward:
             s = arith.select(inside, s, splat(shape, self.acc, float("-inf")))
         return s
 
+    def _tile_shape(self, keys_first: bool) -> List[int]:
+        """The score tile's shape: (R x T), or (T x R) keys first."""
+        return [self.T, self.R] if keys_first else [self.R, self.T]
+
     def _per_row(self, rows: ir.Value, keys_first: bool) -> ir.Value:
         """A per-query-row vector (R) over the score tile: constant along each row of an (R x T)
         tile, along each column of a (T x R) one."""
         if keys_first:
-            return vector.broadcast(vector_type([self.T, self.R], self.acc), rows)
+            return vector.broadcast(vector_type(self._tile_shape(True), self.acc), rows)
         return broadcast_rows(rows, self.T)
 
     def _probabilities(self, s, lse_base, keys_first: bool = False) -> ir.Value:
         """P = exp2((s - lse) * log2(e)) (P^T with `keys_first`)."""
         shifted = arith.subf(s, self._per_row(lse_base, keys_first))
-        shape = [self.T, self.R] if keys_first else [self.R, self.T]
-        return mmath.exp2(arith.mulf(shifted, splat(shape, self.acc, _LOG2E)))
+        return mmath.exp2(arith.mulf(shifted, splat(self._tile_shape(keys_first), self.acc, _LOG2E)))
 
     def _dropped(self, value: ir.Value, tag: str) -> ir.Value:
         """value * Z on the current tile (the payload's dropout op `tag`), or value without dropout."""
         op = self.dropout[tag]
         return value if op is None else self.translator.translate(op, [value, None])
 
-    def _score_gradient(self, p, do_tile, v_operand, delta) -> ir.Value:
-        """dS = P * (Z * dOut . V^T - Delta)."""
-        dp = contract(do_tile, v_operand[0], splat([self.R, self.T], self.acc, 0.0), v_operand[1])
+    def _score_gradient(self, p, do_tile, v_operand, delta, keys_first: bool = False) -> ir.Value:
+        """dS = P * (Z * dOut . V^T - Delta) (`v_operand`: the V tile and the contraction's maps);
+        with `keys_first` dS^T = P^T * (Z * V . dOut^T - Delta) (`v_operand`: the V tile as read)."""
+        zero = splat(self._tile_shape(keys_first), self.acc, 0.0)
+        if keys_first:
+            dp = contract(v_operand, do_tile, zero, _FOLDED)
+        else:
+            dp = contract(do_tile, v_operand[0], zero, v_operand[1])
         dp = self._dropped(dp, "dp_dropout")
-        return arith.mulf(p, arith.subf(dp, broadcast_rows(delta, self.T)))
+        return arith.mulf(p, arith.subf(dp, self._per_row(delta, keys_first)))
 
     def _scaled_out(self, value, rows: int, width: int) -> ir.Value:
         return _convert(arith.mulf(value, splat([rows, width], self.acc, self.spec.scale)), self.et)
@@ -459,12 +467,7 @@ class _Backward:
         p = self._probabilities(s, base, first)
         maps = _ROW_MAJOR if first else _A_TRANSPOSED
         dv_acc = contract(self._dropped(p, "dropout"), dout, dv_acc, maps)
-        if first:  # dS^T = P^T * (Z * V dOut^T - Delta)
-            shape = [self.T, self.R]
-            dp = self._dropped(contract(v_operand, dout, splat(shape, self.acc, 0.0), _FOLDED), "dp_dropout")
-            ds = arith.mulf(p, arith.subf(dp, self._per_row(delta, True)))
-        else:
-            ds = self._score_gradient(p, dout, v_operand, delta)
+        ds = self._score_gradient(p, dout, v_operand, delta, first)
         return contract(ds, q, dk_acc, maps), dv_acc, ds
 
     def _first_row(self, j) -> ir.Value:
