@@ -28,8 +28,11 @@ Conventions of the fused kernel that the payload does not show: rows past L read
 (P = 0: they contribute nothing), a row that saw no key has lse = -inf and gradient 0 (its lse
 is taken as +inf), keys at or past S are masked to -inf in the dQ loop and never written in
 the dK/dV loop; causal loops visit only the tiles that hold a visible (row, key) pair.
-Accumulation is in the accumulator type (f32, f64 for float64); tiles of f16/bf16 inputs are
-extended to it before their contractions.  K and V enter Q . K^T and dOut . V^T as
+Accumulation is in the accumulator type (f32, f64 for float64).  The contractions' operands are
+in the accumulator type too (tiles of f16/bf16 inputs extended), or, with
+ScheduleOptions.pv_in_f32 False, in the inputs' type: Q, K, V and dOut tiles as read, P and dS
+rounded to it (what f16/bf16 matrix engines take, as FlashAttention does).  Delta is a row
+reduction or an FMA chain (ScheduleOptions.backward_delta).  K and V enter Q . K^T and dOut . V^T as
 ScheduleOptions.k_layout says: as read ("folded"), transposed per tile ("explicit"), or from
 transposed copies made once by loops of their own (attn.k_transpose, attn.v_transpose:
 "materialized").  With ScheduleOptions.backward_tiles "keys_by_rows" the dK/dV loops' tiles are
@@ -37,7 +40,7 @@ transposed copies made once by loops of their own (attn.k_transpose, attn.v_tran
 along columns and masks read through transposing maps, so that dV += P^T dOut and dK += dS^T Q
 take P^T and dS^T as plain left operands (a GPU's tensor cores need them so: an accumulator tile
 is a register operand only in its own orientation).  The backward reads row_tile, kv_tile,
-k_layout, backward_dq and backward_tiles of the schedule options.
+k_layout, pv_in_f32 and the backward_* fields of the schedule options.
 """
 
 from __future__ import annotations
@@ -96,14 +99,18 @@ _ROW_MAJOR = ([0, 2], [2, 1], [0, 1])
 _A_TRANSPOSED = ([2, 0], [2, 1], [0, 1])
 
 
-def _row_dot(a: ir.Value, b: ir.Value, rows: int, width: int, element: ir.Type) -> ir.Value:
-    """sum_e a[r, e] * b[r, e] of two (rows x width) tiles as one FMA chain over e from zero.
+def _row_dot(a: ir.Value, b: ir.Value, rows: int, width: int, element: ir.Type, form: str) -> ir.Value:
+    """sum_e a[r, e] * b[r, e] of two (rows x width) tiles: a row reduction of their product
+    (`form` "reduction"), or one FMA chain over e from zero ("chain").
 
     The chain sums e in order from zero, as a contraction lowered to one FMA per k step (the
     cpu target's micro-kernel) sums dOut . V^T: there, where Out is one key's V (a row with
     one visible key), Delta equals dP bit for bit and the score gradient P * (dP - Delta) is
     exactly 0, as the softmax's own backward gives.  A target that sums dP in another order
-    (tensor-core MMAs) gets that 0 to within rounding."""
+    (tensor-core MMAs) gets that 0 to within rounding, and takes the reduction."""
+    if form == "reduction":
+        return vector.multi_reduction(ir.Attribute.parse("#vector.kind<add>"), arith.mulf(a, b),
+                                      splat([rows], element, 0.0), [1])
     columns = vector_type([width, rows], element)
     a_columns = vector.transpose(columns, a, [1, 0])
     b_columns = vector.transpose(columns, b, [1, 0])
@@ -140,6 +147,8 @@ class _Backward:
         self.G, self.E, self.EV = spec.group, spec.head_dim, spec.v_head_dim
         self.et = element_type_of(self.tensors["q"])
         self.acc = accumulator_type(spec.dtype)
+        #: the contractions' operand type: the inputs' (16-bit matrix engines) or the accumulator's
+        self.operand_type = self.acc if options.pv_in_f32 else self.et
 
     def build(self) -> None:
         anchor = self.materialize["dq"]
@@ -168,21 +177,29 @@ class _Backward:
         loop.attributes[attribute] = ir.UnitAttr.get()
         return loop, dict(zip("bhgpr", loop.induction_variables))
 
-    def _rows(self, name: str, width: Optional[int], b, h, g, row0, padding: float) -> ir.Value:
-        """R rows of a (B, H, G, L[, width]) operand from row0, in the accumulator type; rows
-        past L read `padding`."""
+    def _rows(self, name: str, width: Optional[int], b, h, g, row0, padding: float,
+              element: Optional[ir.Type] = None) -> ir.Value:
+        """R rows of a (B, H, G, L[, width]) operand from row0, in `element` (the accumulator
+        type unless given); rows past L read `padding`."""
         source = self.tensors[name] if isinstance(name, str) else name
         dims = [(3, self.R, False)] + ([(4, width, True)] if width is not None else [])
-        element = element_type_of(source)
-        tile = read_tile(source, dims, {0: b, 1: h, 2: g, 3: row0}, arith.constant(element, padding))
-        return _convert(tile, self.acc)
+        tile = read_tile(source, dims, {0: b, 1: h, 2: g, 3: row0}, arith.constant(element_type_of(source), padding))
+        return _convert(tile, element or self.acc)
+
+    def _operand_rows(self, name: str, width: int, b, h, g, row0) -> ir.Value:
+        """R rows of Q or dOut as a contraction operand (rows past L: zeros)."""
+        return self._rows(name, width, b, h, g, row0, 0.0, self.operand_type)
 
     def _keys(self, name: str, width: int, b, h, j) -> ir.Value:
-        """T rows of K or V from key j, in the accumulator type (past S: zeros)."""
+        """T rows of K or V from key j as a contraction operand (past S: zeros)."""
         source = self.tensors[name]
         tile = read_tile(source, [(2, self.T, False), (3, width, True)], {0: b, 1: h, 2: j},
                          arith.constant(self.et, 0.0))
-        return _convert(tile, self.acc)
+        return _convert(tile, self.operand_type)
+
+    def _operand(self, tile: ir.Value) -> ir.Value:
+        """A computed tile (P, dS) as a contraction's left operand: rounded to the operand type."""
+        return _convert(tile, self.operand_type)
 
     def _lse_base(self, b, h, g, row0) -> ir.Value:
         """lse of the rows, with +inf for rows past L and for rows that saw no key (lse = -inf):
@@ -233,10 +250,10 @@ class _Backward:
         if self.options.k_layout == "materialized":
             tile = read_tile(self.transposed[name], [(3, width, True), (4, self.T, True)],
                              {0: b, 1: h, 2: arith.divui(j, const_index(self.T))}, arith.constant(self.et, 0.0))
-            return _convert(tile, self.acc), _ROW_MAJOR
+            return _convert(tile, self.operand_type), _ROW_MAJOR
         tile = self._keys(name, width, b, h, j)
         if self.options.k_layout == "explicit":
-            return vector.transpose(vector_type([width, self.T], self.acc), tile, [1, 0]), _ROW_MAJOR
+            return vector.transpose(vector_type([width, self.T], self.operand_type), tile, [1, 0]), _ROW_MAJOR
         return tile, _FOLDED
 
     def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool, keys_first: bool = False) -> ir.Value:
@@ -307,7 +324,7 @@ class _Backward:
             out = self._rows("out", self.EV, b, h, g, row0, 0.0)
             dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
             dlse = self._rows("dlse", None, b, h, g, row0, 0.0)
-            delta = arith.subf(_row_dot(dout, out, self.R, self.EV, self.acc), dlse)
+            delta = arith.subf(_row_dot(dout, out, self.R, self.EV, self.acc, self.options.backward_delta), dlse)
             self._write_rows(loop, delta, [b, h, g, row0], None)
         return loop.results[0]
 
@@ -330,8 +347,8 @@ class _Backward:
         with ir.InsertionPoint(loop.body):
             b, h, g = iv["b"], iv["h"], iv["g"]
             row0 = arith.muli(iv["r"], const_index(R))
-            q = self._rows("q", E, b, h, g, row0, 0.0)
-            dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
+            q = self._operand_rows("q", E, b, h, g, row0)
+            dout = self._operand_rows("dout", self.EV, b, h, g, row0)
             base = self._lse_base(b, h, g, row0)
             delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
             end = self.S
@@ -346,7 +363,7 @@ class _Backward:
                 s = self._scores(q, self._transposed_operand("k", E, b, h, j), b, h, g, row0, j, mask_keys=True)
                 v = self._transposed_operand("v", self.EV, b, h, j)
                 ds = self._score_gradient(self._probabilities(s, base), dout, v, delta)
-                scf.YieldOp([contract(ds, k, steps.inner_iter_args[0], _ROW_MAJOR)])
+                scf.YieldOp([contract(self._operand(ds), k, steps.inner_iter_args[0], _ROW_MAJOR)])
             dq = self._scaled_out(steps.results[0], R, E)
             self._write_rows(loop, dq, [b, h, g, row0], E)
         return loop.results[0]
@@ -414,7 +431,7 @@ class _Backward:
                     ws = state[2]
                     rows = read_tile(ws, [(3, R, False), (4, E, True)], {2: g, 3: row0}, arith.constant(self.acc, 0.0))
                     dq_maps = _A_TRANSPOSED if self._keys_first else _ROW_MAJOR  # dS^T: dQ += (dS^T)^T K
-                    return [dk_acc, dv_acc, _write_rows_at(contract(ds, k, rows, dq_maps), ws, g, row0)]
+                    return [dk_acc, dv_acc, _write_rows_at(contract(self._operand(ds), k, rows, dq_maps), ws, g, row0)]
 
                 dk_acc, dv_acc, ws = self._over_rows(carried, self._first_row(j), step)
                 dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _convert(dv_acc, self.et)
@@ -459,16 +476,16 @@ class _Backward:
         are computed as such, from S^T = K Q^T, and multiplied as plain left operands)."""
         dk_acc, dv_acc = accumulators
         first = self._keys_first
-        q = self._rows("q", self.E, b, h, g, row0, 0.0)
-        dout = self._rows("dout", self.EV, b, h, g, row0, 0.0)
+        q = self._operand_rows("q", self.E, b, h, g, row0)
+        dout = self._operand_rows("dout", self.EV, b, h, g, row0)
         base = self._lse_base(b, h, g, row0)
         delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
         s = self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys, keys_first=first)
         p = self._probabilities(s, base, first)
         maps = _ROW_MAJOR if first else _A_TRANSPOSED
-        dv_acc = contract(self._dropped(p, "dropout"), dout, dv_acc, maps)
+        dv_acc = contract(self._operand(self._dropped(p, "dropout")), dout, dv_acc, maps)
         ds = self._score_gradient(p, dout, v_operand, delta, first)
-        return contract(ds, q, dk_acc, maps), dv_acc, ds
+        return contract(self._operand(ds), q, dk_acc, maps), dv_acc, ds
 
     def _first_row(self, j) -> ir.Value:
         """The first row tile that sees key j: 0, or with causal the tile holding row j."""

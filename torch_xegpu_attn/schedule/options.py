@@ -18,6 +18,8 @@ TAIL_MODES = ("mask", "peel")
 BACKWARD_DQ = ("second_pass", "per_head")
 #: the orientation of the dK/dV loops' tiles (ScheduleOptions.backward_tiles).
 BACKWARD_TILES = ("rows_by_keys", "keys_by_rows")
+#: how the backward sums Delta = rowsum(dOut * Out) (ScheduleOptions.backward_delta).
+BACKWARD_DELTA = ("reduction", "chain")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,15 @@ class ScheduleOptions:
                                       work-group's rows (its keys), what a
                                       tensor core's register operands need;
                                       lse and Delta broadcast along columns.
+    backward_delta  how Delta = rowsum(dOut * Out) is summed:
+                      "reduction"  a row reduction of the product tile (what a
+                                   GPU distributes: per-lane sums, then
+                                   shuffles across a row's lanes);
+                      "chain"      one FMA chain over the value columns from
+                                   zero, the order in which a contraction
+                                   lowered to one FMA per k step sums dP =
+                                   dOut V^T: where a row sees one key, Delta
+                                   equals dP to the bit and dS is exactly 0.
     """
 
     row_tile: int
@@ -113,6 +124,7 @@ class ScheduleOptions:
     rescale_threshold: float = 0.0
     backward_dq: str = "second_pass"
     backward_tiles: str = "rows_by_keys"
+    backward_delta: str = "reduction"
 
     def __post_init__(self) -> None:
         if self.row_tile < 1 or self.kv_tile < 1:
@@ -129,6 +141,8 @@ class ScheduleOptions:
             raise ValueError(f"backward_dq must be one of {BACKWARD_DQ}, got {self.backward_dq!r}")
         if self.backward_tiles not in BACKWARD_TILES:
             raise ValueError(f"backward_tiles must be one of {BACKWARD_TILES}, got {self.backward_tiles!r}")
+        if self.backward_delta not in BACKWARD_DELTA:
+            raise ValueError(f"backward_delta must be one of {BACKWARD_DELTA}, got {self.backward_delta!r}")
         if not 0 <= self.rescale_threshold <= 15:  # exponentials up to 2^t must fit f16 (P.V operand)
             raise ValueError(f"rescale_threshold must be in [0, 15], got {self.rescale_threshold}")
 
@@ -154,4 +168,6 @@ class ScheduleOptions:
             parts.append(self.backward_dq.replace("_", "-"))
         if self.backward_tiles != "rows_by_keys":
             parts.append(self.backward_tiles.replace("_", "-"))
+        if self.backward_delta != "reduction":
+            parts.append(f"delta-{self.backward_delta}")
         return "_".join(parts)

@@ -145,8 +145,10 @@ class CpuTarget(Target):
             # K^T and V^T made once, and work-groups of a whole key/value head: the scores and dP
             # of each tile pair computed once (B * H work-groups fill a CPU's threads)
             rows, keys = SHORT_BACKWARD_TILES if spec.length_class == "short" else (ROW_TILE, KV_TILE)
+            # Delta as one FMA chain over the value columns, the order in which the micro-kernel
+            # sums dP: exact 0 in dS where a row sees one key
             return ScheduleOptions(row_tile=rows, kv_tile=keys, k_layout="materialized", tail=TAIL,
-                                   backward_dq=BACKWARD_DQ)
+                                   backward_dq=BACKWARD_DQ, backward_delta="chain")
         if spec.kernel == "forward_lse" or spec.length_class == "long":
             # The training forward computes its scores as the backward recomputes them (K^T
             # materialized: each score one FMA chain over the head dim, in the same order), so
