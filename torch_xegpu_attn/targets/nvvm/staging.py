@@ -364,7 +364,7 @@ class Staging:
             copy_next(staged)
             return
         first = staged[0]  # the tile needed first (the forward's K)
-        consumer = next(u for u in _users(first.results[0]) if u.name == "vector.contract")
+        consumer = _first_contraction(first)
         if self.geometry.prefetch == "tiles-late":  # the same, once this K tile is consumed
             self._after[consumer] = lambda: copy_next(staged)
             return
@@ -373,15 +373,32 @@ class Staging:
         for read in staged[1:]:  # this iteration's other tiles (the forward's V)
             self._issue_copy(read, self._current[read], {})
         nvvm.cp_async_commit_group()
-        self._after[consumer] = lambda: copy_next([first])  # the next K, once this one is consumed
+        next_issued = []  # whether the body emitted so far has committed the next K's copy
+
+        def copy_next_first():
+            copy_next([first])
+            next_issued.append(True)
+        self._after[consumer] = copy_next_first  # the next K, once this one is consumed
         for read in staged[1:]:
             def wait():
-                nvvm.cp_async_wait_group(1)  # all but the newest group (the next K): V is here
+                # V's group is the newest but for the next K's, where that was committed before
+                nvvm.cp_async_wait_group(1 if next_issued else 0)
                 if swizzled:
                     fence_async_proxy()
                 gpu.barrier()
             self._before[read] = wait
 
+
+
+def _first_contraction(read: ir.Operation) -> ir.Operation:
+    """The contraction of `read`'s loop body that consumes its tile first (a tile may feed
+    several: the dQ loop's K tile is the right operand of Q K^T and of dS K)."""
+    body = list(read.parent.regions[0].blocks[0].operations)
+    position = {op.operation: i for i, op in enumerate(body)}
+    contractions = [u for u in _body_users(read.results[0], position) if u.name == "vector.contract"]
+    if not contractions:
+        raise CompileError("nvvm: a staged tile of a loop feeds no contraction of its body")
+    return min(contractions, key=lambda op: position[op])
 
 
 def _body_users(value: ir.Value, body_ops) -> List[ir.Operation]:
