@@ -350,6 +350,22 @@ def test_backward_structure(option_set, spec_name, backward_dq):
     assert all(len(s) == 2 and all(d in (r, t, e, ev) for d in s) for s in shapes), ir.contractions
 
 
+@pytest.mark.parametrize("spec_name", list(BACKWARD_SPECS))
+def test_backward_dkv_apart(spec_name):
+    """backward_dkv="apart": dK and dV from two loops of their own over key tiles, each carrying
+    one accumulator; dV's loop has no dP (two contractions per tile pair: S^T and dV), dK's
+    three (S^T, dP^T, dK)."""
+    spec = BACKWARD_SPECS[spec_name]
+    opts = replace(options("gpu-64x64-folded-lowp"), backward_tiles="keys_by_rows", backward_dkv="apart")
+    with mlir_context():
+        module = mlir_ir.Module.parse(bufferized_ir(spec, opts))
+        loops = walk(module, lambda op: op.name == "scf.forall" and "attn.backward_dkv" in op.attributes)
+        assert len(loops) == 2
+        counts = sorted(len(walk(loop, lambda op: op.name == "vector.contract")) for loop in loops)
+        carried = sorted(len(list(walk(loop, lambda op: op.name == "scf.for")[-1].results)) for loop in loops)
+    assert counts == [2, 3] and carried == [1, 1]
+
+
 @pytest.mark.parametrize("backward_dq", ["second_pass", "per_head"])
 @pytest.mark.parametrize("spec_name", list(BACKWARD_SPECS))
 @pytest.mark.parametrize("option_set", ["gpu-64x64-folded-lowp", "gpu-128x64-explicit-lowp", "16x32-materialized"])
@@ -382,6 +398,7 @@ def test_backward_keys_by_rows(option_set, spec_name, backward_dq):
 BACKWARD_NUMERICS = [("gpu-64x64-folded-lowp", "second_pass"), ("gpu-128x64-explicit-lowp", "per_head"),
                      ("16x32-materialized", "second_pass"), ("8x16-split3", "per_head"),
                      ("gpu-64x64-folded-lowp-keys-by-rows", "second_pass"),
+                     ("gpu-64x64-folded-lowp-keys-by-rows-apart", "second_pass"),
                      ("8x16-split3-keys-by-rows", "per_head")]
 
 
@@ -391,10 +408,14 @@ def test_backward_numerics(option_set, backward_dq, case, monkeypatch, fresh_see
     """Gradients through the cpu target with other targets' tiles, against SDPA and the fp64
     reference (tails of rows and keys, several tiles, GQA)."""
     from sdpa_cases import Case, check_gradients
+    apart = option_set.endswith("-apart")  # dK and dV in loops of their own
+    option_set = option_set.removesuffix("-apart")
     name, keys_by_rows = option_set.removesuffix("-keys-by-rows"), option_set.endswith("-keys-by-rows")
     fields = dict(OPTION_SETS[name], backward_dq=backward_dq)
     if keys_by_rows:
         fields["backward_tiles"] = "keys_by_rows"
+    if apart:
+        fields["backward_dkv"] = "apart"
     monkeypatch.setenv("XEGPU_ATTN_SCHEDULE", json.dumps(fields))
     if case == "causal-gqa":
         q, k, v = rand(2, 8, 150, 64), rand(2, 2, 150, 64), rand(2, 2, 150, 32)

@@ -40,7 +40,9 @@ transposed copies made once by loops of their own (attn.k_transpose, attn.v_tran
 along columns and masks read through transposing maps, so that dV += P^T dOut and dK += dS^T Q
 take P^T and dS^T as plain left operands (a GPU's tensor cores need them so: an accumulator tile
 is a register operand only in its own orientation).  The backward reads row_tile, kv_tile,
-k_layout, pv_in_f32 and the backward_* fields of the schedule options.
+k_layout, pv_in_f32 and the backward_* fields of the schedule options.  With
+ScheduleOptions.backward_dkv "apart" dK and dV come from two loops of their own (each recomputing
+S and P; dV's without dP): half the accumulators a work-group holds, for wide heads.
 """
 
 from __future__ import annotations
@@ -166,7 +168,10 @@ class _Backward:
                 dq, dk, dv = self._head_loop(delta)
             else:
                 dq = self._dq_loop(delta)
-                dk, dv = self._dkv_loop(delta)
+                if self.options.backward_dkv == "apart":
+                    (dk,), (dv,) = self._dkv_loop(delta, ("dk",)), self._dkv_loop(delta, ("dv",))
+                else:
+                    dk, dv = self._dkv_loop(delta)
         for name, value in (("dq", dq), ("dk", dk), ("dv", dv)):
             self.materialize[name].operands[0] = value
 
@@ -368,36 +373,39 @@ class _Backward:
             self._write_rows(loop, dq, [b, h, g, row0], E)
         return loop.results[0]
 
-    def _dkv_loop(self, delta_ws: ir.Value):
-        R, T, E, EV = self.R, self.T, self.E, self.EV
+    def _dkv_loop(self, delta_ws: ir.Value, gradients=("dk", "dv")):
+        """forall (b, h, 0, 0, key tile): the gradients named (dk, dv or both) of the tile's keys,
+        accumulated over the G query heads' row tiles that see them; their results in order."""
+        T = self.T
+        widths = {"dk": self.E, "dv": self.EV}
         key_tiles = arith.ceildivui(self.S, const_index(T))
-        loop, iv = self._loop([self.B, self.H, 1, 1, key_tiles], [self.tensors["dk"], self.tensors["dv"]],
-                              DKV_LOOP)
+        loop, iv = self._loop([self.B, self.H, 1, 1, key_tiles], [self.tensors[n] for n in gradients], DKV_LOOP)
         with ir.InsertionPoint(loop.body):
             b, h = iv["b"], iv["h"]
             j = arith.muli(iv["r"], const_index(T))
             k, v = self._key_operands(b, h, j)
-            carried = [splat([T, E], self.acc, 0.0), splat([T, EV], self.acc, 0.0)]
+            carried = [splat([T, widths[n]], self.acc, 0.0) for n in gradients]
 
             def step(state, g, row0):
-                return list(self._key_tile_step(state, b, h, g, row0, j, k, v, delta_ws, mask_keys=False)[:2])
+                held = dict(zip(gradients, state))
+                dk, dv, _ = self._key_tile_step((held.get("dk"), held.get("dv")), b, h, g, row0, j, k, v, delta_ws,
+                                                mask_keys=False, gradients=gradients)
+                return [{"dk": dk, "dv": dv}[n] for n in gradients]
 
-            dk_acc, dv_acc = self._over_rows(carried, self._first_row(j), step)
-            dk = self._scaled_out(dk_acc, T, E)
-            dv = _convert(dv_acc, self.et)
+            accumulated = self._over_rows(carried, self._first_row(j), step)
             valid = arith.minui(const_index(T), arith.subi(self.S, j))
             writes = []
-            for index, value, width in ((0, dk, E), (1, dv, EV)):
+            for index, (name, acc) in enumerate(zip(gradients, accumulated)):
+                value = self._scaled_out(acc, T, widths[name]) if name == "dk" else _convert(acc, self.et)
                 arg = loop.inner_iter_args[index]
-                offsets, sizes = [b, h, j, 0], [1, 1, valid, width]
+                offsets, sizes = [b, h, j, 0], [1, 1, valid, widths[name]]
                 written = write_tile(value, slice_of(arg, offsets, sizes), [(2, False), (3, True)], {})
                 writes.append((written, arg, offsets, sizes))
             in_parallel = scf.InParallelOp()
             with ir.InsertionPoint(in_parallel.block):
                 for written, arg, offsets, sizes in writes:
                     insert_in_parallel(written, arg, offsets, sizes)
-        return loop.results[0], loop.results[1]
-
+        return list(loop.results)
 
     def _head_loop(self, delta_ws: ir.Value):
         """backward_dq = "per_head": forall (b, h): the key tiles in turn, for each the G heads'
@@ -470,20 +478,25 @@ class _Backward:
             return self._keys("k", self.E, b, h, j), self._keys("v", self.EV, b, h, j)
         return self._transposed_operand("k", self.E, b, h, j), self._transposed_operand("v", self.EV, b, h, j)
 
-    def _key_tile_step(self, accumulators, b, h, g, row0, j, k_operand, v_operand, delta_ws, mask_keys: bool):
+    def _key_tile_step(self, accumulators, b, h, g, row0, j, k_operand, v_operand, delta_ws, mask_keys: bool,
+                       gradients=("dk", "dv")):
         """One (rows, keys) tile pair of the dK/dV loops: (dK + dS^T Q, dV + (Z P)^T dOut, dS), dS
         as its transpose with ScheduleOptions.backward_tiles "keys_by_rows" (then P^T and dS^T
-        are computed as such, from S^T = K Q^T, and multiplied as plain left operands)."""
+        are computed as such, from S^T = K Q^T, and multiplied as plain left operands).  Only
+        the `gradients` named are computed (None for the others, and for dS without dK)."""
         dk_acc, dv_acc = accumulators
         first = self._keys_first
         q = self._operand_rows("q", self.E, b, h, g, row0)
         dout = self._operand_rows("dout", self.EV, b, h, g, row0)
         base = self._lse_base(b, h, g, row0)
-        delta = self._rows(delta_ws, None, b, h, g, row0, 0.0)
+        delta = self._rows(delta_ws, None, b, h, g, row0, 0.0) if "dk" in gradients else None
         s = self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys, keys_first=first)
         p = self._probabilities(s, base, first)
         maps = _ROW_MAJOR if first else _A_TRANSPOSED
-        dv_acc = contract(self._operand(self._dropped(p, "dropout")), dout, dv_acc, maps)
+        if "dv" in gradients:
+            dv_acc = contract(self._operand(self._dropped(p, "dropout")), dout, dv_acc, maps)
+        if "dk" not in gradients:
+            return None, dv_acc, None
         ds = self._score_gradient(p, dout, v_operand, delta, first)
         return contract(self._operand(ds), q, dk_acc, maps), dv_acc, ds
 

@@ -18,6 +18,8 @@ TAIL_MODES = ("mask", "peel")
 BACKWARD_DQ = ("second_pass", "per_head")
 #: the orientation of the dK/dV loops' tiles (ScheduleOptions.backward_tiles).
 BACKWARD_TILES = ("rows_by_keys", "keys_by_rows")
+#: whether dK and dV share a loop (ScheduleOptions.backward_dkv).
+BACKWARD_DKV = ("together", "apart")
 #: how the backward sums Delta = rowsum(dOut * Out) (ScheduleOptions.backward_delta).
 BACKWARD_DELTA = ("reduction", "chain")
 
@@ -100,6 +102,11 @@ class ScheduleOptions:
                                       work-group's rows (its keys), what a
                                       tensor core's register operands need;
                                       lse and Delta broadcast along columns.
+    backward_dkv    with backward_dq "second_pass": "together", one loop over key
+                    tiles accumulates dK and dV; "apart", a loop for each (each
+                    recomputes the scores and P; dV's needs no dP): a work-group
+                    holds half the accumulators (a GPU's registers at wide
+                    heads) for one more contraction per tile pair.
     backward_delta  how Delta = rowsum(dOut * Out) is summed:
                       "reduction"  a row reduction of the product tile (what a
                                    GPU distributes: per-lane sums, then
@@ -124,6 +131,7 @@ class ScheduleOptions:
     rescale_threshold: float = 0.0
     backward_dq: str = "second_pass"
     backward_tiles: str = "rows_by_keys"
+    backward_dkv: str = "together"
     backward_delta: str = "reduction"
 
     def __post_init__(self) -> None:
@@ -141,6 +149,8 @@ class ScheduleOptions:
             raise ValueError(f"backward_dq must be one of {BACKWARD_DQ}, got {self.backward_dq!r}")
         if self.backward_tiles not in BACKWARD_TILES:
             raise ValueError(f"backward_tiles must be one of {BACKWARD_TILES}, got {self.backward_tiles!r}")
+        if self.backward_dkv not in BACKWARD_DKV:
+            raise ValueError(f"backward_dkv must be one of {BACKWARD_DKV}, got {self.backward_dkv!r}")
         if self.backward_delta not in BACKWARD_DELTA:
             raise ValueError(f"backward_delta must be one of {BACKWARD_DELTA}, got {self.backward_delta!r}")
         if not 0 <= self.rescale_threshold <= 15:  # exponentials up to 2^t must fit f16 (P.V operand)
@@ -168,6 +178,8 @@ class ScheduleOptions:
             parts.append(self.backward_dq.replace("_", "-"))
         if self.backward_tiles != "rows_by_keys":
             parts.append(self.backward_tiles.replace("_", "-"))
+        if self.backward_dkv != "together":
+            parts.append(f"dkv-{self.backward_dkv}")
         if self.backward_delta != "reduction":
             parts.append(f"delta-{self.backward_delta}")
         return "_".join(parts)
