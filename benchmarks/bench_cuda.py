@@ -6,10 +6,11 @@ rounds of those); TFLOPS = 4 * B * H * L * S * D / t (halved
 when causal).  Rows: f16 and bf16, head dims 64 and 128, N = L = S from 1024
 to 16384 with B * N = 16k and H * D = 2048, causal and not; then decode rows
 (L = 1, S from 1k to 32k, GQA 32/8, D = 128, bf16); float32 rows next to SDPA's f32
-backends (efficient, math).  Also the host cost of a
-cache-hit call on a tiny problem next to SDPA's (interleaved medians).
+backends (efficient, math); training rows (forward + backward and the backward
+alone, the prefill rows' shapes, with the peak memory of a step).  Also the host
+cost of a cache-hit call on a tiny problem next to SDPA's (interleaved medians).
 
-    python benchmarks/bench_cuda.py [--csv out.csv] [--quick] [--only host,prefill,f32,decode]
+    python benchmarks/bench_cuda.py [--csv out.csv] [--quick] [--only host,prefill,f32,decode,backward]
     python benchmarks/bench_cuda.py --precompile sm_90a     # without a GPU: its kernels, cached
 
 Writes the CSV; `python benchmarks/plot_bench.py out.csv out.png` draws it.
@@ -90,6 +91,76 @@ def bench_prefill(rows: list, quick: bool) -> None:
                      **{f"{k}_ms": (round(t, 4) if t else "") for k, t in {"ours": ours, **sdpa}.items()}})
 
 
+def _grad_times(attention, q, k, v, dout):
+    """(forward + backward, backward alone) of `attention(q, k, v)` with output gradient dout."""
+    def step():
+        torch.autograd.grad(attention(q, k, v), (q, k, v), dout)
+    out = attention(q, k, v)
+    step()  # compile or load, warm up
+
+    def backward():
+        torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return _time(step), _time(backward)
+
+
+def backward_rows(quick: bool):
+    lengths = (2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            for n in lengths:
+                for causal in (False, True):
+                    yield dtype, d, n, causal
+
+
+def bench_backward(rows: list, quick: bool) -> None:
+    """Training: forward + backward and the backward alone, ours next to SDPA's flash, cuDNN and
+    efficient backends on the same tensors; backward TFLOPS = 2.5 x the forward's FLOPs
+    (4 B H N^2 D, halved when causal), forward + backward 3.5 x.  Peak memory of a training
+    step (ours and SDPA's default) above the inputs."""
+    print("\ntraining (backward TFLOPS; fwd+bwd in parentheses):")
+    print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>13} {'flash':>13} {'cudnn':>13} {'effic.':>13} "
+          f"{'/flash':>7} {'/cudnn':>7} {'MiB ours':>9} {'sdpa':>6}")
+    for dtype, d, n, causal in backward_rows(quick):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        dout = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+        flops = 4.0 * b * h * n * n * d / (2 if causal else 1)
+        times = {"ours": _grad_times(lambda q, k, v: torch_xegpu_attn.attention(q, k, v, is_causal=causal),
+                                     q, k, v, dout)}
+        for name, backend in BACKENDS.items():
+            def sdpa(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            try:
+                times[name] = _grad_times(sdpa, q, k, v, dout)
+            except RuntimeError:
+                times[name] = None
+        memory = {"ours": _step_memory(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal), q, k, v, dout),
+                  "sdpa": _step_memory(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v, dout)}
+        tf = {name: ((3.5 * flops / t[0] / 1e9, 2.5 * flops / t[1] / 1e9) if t else None) for name, t in times.items()}
+        fmt = lambda x: f"{x[1]:5.0f} ({x[0]:5.0f})" if x else "            -"  # noqa: E731
+        ratio = lambda name: tf["ours"][1] / tf[name][1] if tf[name] else float("nan")  # noqa: E731
+        print(f"{str(dtype)[6:]:9} {d:4d} {n:6d} {str(causal):>6} {fmt(tf['ours'])} {fmt(tf['flash'])} "
+              f"{fmt(tf['cudnn'])} {fmt(tf['efficient'])} {ratio('flash'):7.2f} {ratio('cudnn'):7.2f} "
+              f"{memory['ours']:9.0f} {memory['sdpa']:6.0f}", flush=True)
+        rows.append({"kind": "backward", "dtype": str(dtype)[6:], "D": d, "B": b, "H": h, "L": n, "S": n,
+                     "causal": causal,
+                     **{f"{k}_bwd_tflops": (round(x[1], 1) if x else "") for k, x in tf.items()},
+                     **{f"{k}_fwdbwd_tflops": (round(x[0], 1) if x else "") for k, x in tf.items()},
+                     **{f"{k}_step_mib": round(m, 1) for k, m in memory.items()}})
+
+
+def _step_memory(forward, q, k, v, dout) -> float:
+    """MiB a training step (forward, backward to q, k, v) allocates at its peak above what was
+    allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.autograd.grad(forward(), (q, k, v), dout)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
 def f32_rows(quick: bool):
     for d in (64, 128):
         for n in ((2048,) if quick else (1024, 2048, 4096)):
@@ -168,6 +239,11 @@ def precompile(arch: str, quick: bool) -> None:
         calls.append(([torch.empty(b, h, n, d, dtype=torch.float32, device="meta")] * 3, {"is_causal": causal}))
     calls.append(([torch.empty(1, 1, 16, 64, dtype=torch.float16, device="meta")] * 3, {}))  # bench_host
     keys = {torch_xegpu_attn.precompile(*tensors, **kw, target="nvvm", arch=arch) for tensors, kw in calls}
+    for dtype, d, n, causal in backward_rows(quick):
+        b, h = 16384 // n, 2048 // d
+        qkv = [torch.empty(b, h, n, d, dtype=dtype, device="meta")] * 3
+        for kernel in ("forward_lse", "backward"):
+            keys.add(torch_xegpu_attn.precompile(*qkv, is_causal=causal, target="nvvm", arch=arch, kernel=kernel))
     print(f"{len(keys)} kernels in the disk cache for {len(calls)} benchmark calls")
 
 
@@ -177,7 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows")
     parser.add_argument("--precompile", metavar="ARCH", default="",
                         help="only put the benchmark's kernels into the disk cache (on a machine without a GPU)")
-    parser.add_argument("--only", default="", help="comma-separated parts: host, prefill, f32, decode (default all)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated parts: host, prefill, f32, decode, backward (default all)")
     args = parser.parse_args(argv)
     if args.precompile:
         precompile(args.precompile, args.quick)
@@ -185,7 +262,8 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows: list = []
     parts = {"host": lambda: bench_host(rows), "prefill": lambda: bench_prefill(rows, args.quick),
-             "f32": lambda: bench_f32(rows, args.quick), "decode": lambda: bench_decode(rows, args.quick)}
+             "f32": lambda: bench_f32(rows, args.quick), "decode": lambda: bench_decode(rows, args.quick),
+             "backward": lambda: bench_backward(rows, args.quick)}
     for name in args.only.split(",") if args.only else parts:
         parts[name]()
     if args.csv:

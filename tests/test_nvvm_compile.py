@@ -328,3 +328,106 @@ def test_layout_text_round_trips():
     for bad in ("tile[row]", "rows[row, colx]", "cols[col] cols=", "grid[row]"):
         with pytest.raises(ValueError):
             parse_layout(bad)
+
+
+# ----------------------------------------------------------------------------------- backward
+
+BACKWARD = replace(PREFILL, kernel="backward")
+BACKWARD_SPECS = {
+    "backward-e64": BACKWARD,
+    "backward-e128-causal-bf16": replace(BACKWARD, head_dim=128, v_head_dim=128, causal=True, dtype="bfloat16"),
+    "backward-gqa-bool-mask": replace(BACKWARD, group=4, mask=MaskSpec("bool", ("b", "l", "s"), "bool")),
+    "backward-e32-ev64-additive": replace(BACKWARD, head_dim=32, v_head_dim=64,
+                                          mask=MaskSpec("additive", ("s",), "float16")),
+    "backward-f32-causal": replace(BACKWARD, dtype="float32", causal=True),
+    "backward-e256-bf16": replace(BACKWARD, head_dim=256, v_head_dim=256, dtype="bfloat16"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled_backward(tmp_path_factory):
+    found = {}
+    for name, spec in BACKWARD_SPECS.items():
+        folder = tmp_path_factory.mktemp(name)
+        artifact = compile_spec(spec, dump_dir=str(folder))
+        found[name] = (spec, artifact, next(folder.rglob("kernel.ptx")).read_text(),
+                       next(folder.rglob("*-nvvm-layouts.mlir")).read_text())
+    return found
+
+
+def _contractions_per_step(spec, options):
+    """mma.sync m16n8k16 of one step of the dQ loop (S = Q K^T, dP = dOut V^T, dQ += dS K) and of
+    the dK/dV loop (S^T = K Q^T, dP^T = V dOut^T, dV += P^T dOut, dK += dS^T Q), or, with
+    backward_dkv "apart", of the dK loop (S^T, dP^T, dK) and the dV loop (S^T, dV); per 16
+    rows of a warp: (n / 8) * (k / 16) each."""
+    r, t, e, ev = options.schedule.row_tile, options.schedule.kv_tile, spec.head_dim, spec.v_head_dim
+    dq = (t // 8) * (e // 16) + (t // 8) * (ev // 16) + (e // 8) * (t // 16)
+    scores, dp, dv, dk = (r // 8) * (e // 16), (r // 8) * (ev // 16), (ev // 8) * (r // 16), (e // 8) * (r // 16)
+    if options.schedule.backward_dkv == "apart":
+        return [dq, scores + dp + dk, scores + dv]
+    return [dq, scores + dp + dv + dk]
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_SPECS))
+def test_backward_kernels(compiled_backward, name):
+    """The backward's three work-group loops as three kernels (Delta, dQ, dK/dV), launched in that
+    order; the five contractions on the tensor cores (mma.sync: 16-bit operands, P and dS
+    rounded; f32 on tf32 halves), B operands read from staged tiles in both orientations (ldmatrix
+    and ldmatrix.trans: Q and dOut are n of S^T and dP^T and k of dK and dV), registers within
+    bounds and few spills."""
+    spec, artifact, ptx, _ = compiled_backward[name]
+    options = nvvm.options_for(spec)
+    assert options.schedule.backward_tiles == "keys_by_rows" and options.schedule.backward_dq == "second_pass"
+    assert options.schedule.backward_delta == "reduction" and not options.warpgroup_mma
+    assert options.schedule.backward_dkv == ("apart" if max(spec.head_dim, spec.v_head_dim) > 128 else "together")
+    delta, *loops = artifact.metadata["kernels"]  # Delta, dQ, then dK/dV (or dK and dV)
+    entries = re.findall(r"\.visible \.entry (\w+)\(", ptx)
+    assert entries == [k["name"] for k in artifact.metadata["kernels"]]
+    bodies = {k["name"]: ptx.split(".entry " + k["name"])[1].split(".entry")[0] for k in artifact.metadata["kernels"]}
+    assert "mma.sync" not in bodies[delta["name"]] and "shfl.sync.bfly.b32" in bodies[delta["name"]]
+    per_step = _contractions_per_step(spec, options)
+    assert len(loops) == len(per_step)
+    per_step = dict(zip((k["name"] for k in loops), per_step))
+    for kernel in loops:
+        body = bodies[kernel["name"]]
+        assert kernel["shared_bytes"] <= 227 * 1024 and "cp.async.cg.shared.global" in body
+        if spec.dtype == "float32":
+            assert body.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == 3 * 2 * per_step[kernel["name"]]
+            continue
+        kind = "bf16" if spec.dtype == "bfloat16" else "f16"
+        assert body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32") == per_step[kernel["name"]]
+        assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body
+        assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body
+    for kernel, report in artifact.metadata["resources"].items():
+        assert report["registers"] <= 255 and report["spill_stores"] <= 128, (kernel, report)
+
+
+def test_backward_layouts_follow_the_data_flow(compiled_backward):
+    """In the dK/dV kernel's dump (keys x rows tiles) the per-row terms (lse, Delta) are column
+    vectors ("cols[col]"), read where they broadcast along columns; K and V are staged outside the
+    loop (left operands held in registers), Q and dOut inside it (right operands of both
+    orientations); P^T and dS^T are register tiles rounded for their contractions."""
+    _, _, _, dump = compiled_backward["backward-e64"]
+    dkv = dump.split("attn.backward_dq")[-1]  # the last loop, after the dQ loop's attribute
+    loop_start = dkv.index("scf.for ")
+    outside, inside = dkv[:loop_start], dkv[loop_start:dkv.index("scf.yield", loop_start)]
+    assert _annotated(outside, "vector.transfer_read") == ['"staged"', '"staged"']
+    reads = _annotated(inside, "vector.transfer_read")
+    assert reads.count('"staged"') == 2 and reads.count('"cols[col] cols=64"') == 2, reads
+    assert _annotated(inside, "arith.truncf") == ['"tile[row, col] cols=64"'] * 2
+
+
+def test_backward_on_ampere(tmp_path):
+    spec = BACKWARD_SPECS["backward-e128-causal-bf16"]
+    artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec, "sm_80"))
+    ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
+    assert re.search(r"^\.target sm_80\b", ptx, re.M) and "mma.sync.aligned.m16n8k16" in ptx
+    assert all(k["shared_bytes"] <= 164 * 1024 for k in artifact.metadata["kernels"])
+
+
+def test_training_kernels_are_taken_but_not_dropout():
+    """forward_lse and backward build on nvvm; dropout raises before any compile."""
+    for kernel in ("forward_lse", "backward"):
+        nvvm.check(replace(PREFILL, kernel=kernel))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        nvvm.check(replace(BACKWARD, dropout_p=0.1))

@@ -27,14 +27,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_xegpu_attn
-from conftest import reference_attention
-from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, reproducible
+from conftest import reference_attention, reference_scores
+from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Case, Target, budget, cases, check_case, check_gradients, reproducible
 
 PRECOMPILE_ARCH = os.environ.get("XEGPU_ATTN_TEST_PRECOMPILE", "")
 DEVICE = "meta" if PRECOMPILE_ARCH else "cuda"
 pytestmark = pytest.mark.skipif(not (PRECOMPILE_ARCH or torch.cuda.is_available()), reason="needs a CUDA GPU")
 only_on_gpu = pytest.mark.skipif(bool(PRECOMPILE_ARCH), reason="precompiling: the kernels only")
 GPU_TARGET = Target(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=GPU_HEAD_DIMS, device=DEVICE)
+#: backward cases cost about three forwards (and a float64 reference on the CPU): smaller problems.
+GRADIENT_TARGET = Target(dtypes=GPU_TARGET.dtypes, head_dims=GPU_HEAD_DIMS, device=DEVICE, max_work=600_000)
 
 FLOOR = {torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float32: 2e-6}
 
@@ -379,3 +381,227 @@ def test_float64_raises_clearly():
 def test_odd_head_dim_raises_clearly():
     with pytest.raises(NotImplementedError, match="multiples of 16"):
         torch_xegpu_attn.attention(rand(1, 1, 8, 72), rand(1, 1, 8, 72), rand(1, 1, 8, 72))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def check_training(q, k, v, **kw):
+    """The gradients of q, k and v through the op (its forward_lse and backward kernels) within
+    2x SDPA's gradient error on the GPU of the float64 reference's (sdpa_cases.check_gradients:
+    one random output gradient, gradients poisoned before the backward)."""
+    if PRECOMPILE_ARCH:
+        for kernel in ("forward_lse", "backward"):
+            torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel)
+        return
+    errors = check_gradients(Case(q, k, v, kw), sdpa=sdpa_on_gpu)
+    torch.cuda.synchronize()
+    assert errors is not None, "SDPA and the op both raised"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_head_dims(dtype, head_dim, causal, fresh_seed):
+    check_training(rand(2, 3, 200, head_dim, dtype=dtype), rand(2, 3, 200, head_dim, dtype=dtype),
+                   rand(2, 3, 200, head_dim, dtype=dtype), is_causal=causal)
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 700), (100, 300), (300, 100), (129, 257), (64, 64), (1000, 1000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_lengths(L, S, causal, fresh_seed):
+    """Row and key tails, one row, decode-like forwards (split keys: the log-sum-exp from the
+    combine), causal with L != S (rows that see no key have gradient 0)."""
+    check_training(rand(2, 4, L, 64), rand(2, 4, S, 64), rand(2, 4, S, 64), is_causal=causal)
+
+
+@pytest.mark.parametrize("pattern", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 3, 1, 1), (2, 3, 37, 70), (1, 1, 37, 1),
+                                     (1, 1, 1, 70)])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_training_masks(pattern, kind, fresh_seed):
+    """Masks in every broadcast pattern (read transposed by the dK/dV kernel), with a row that
+    sees no key where the mask is bool."""
+    full = torch.rand(2, 3, 37, 70, device=DEVICE) > 0.4
+    if kind == "bool":
+        mask = full[tuple(slice(0, n) for n in pattern)].clone()
+        if pattern[2] == 37 and pattern[3] == 70:
+            mask[:, :, 5] = False
+    else:
+        mask = rand(*pattern)
+    check_training(rand(2, 3, 37, 64), rand(2, 3, 70, 64), rand(2, 3, 70, 64), attn_mask=mask)
+
+
+@pytest.mark.parametrize("hq,hk", [(8, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_gqa(hq, hk, causal, fresh_seed):
+    """dK and dV summed over the query heads of a group (the dK/dV kernel loops over them)."""
+    check_training(rand(2, hq, 150, 64, dtype=torch.bfloat16), rand(2, hk, 150, 64, dtype=torch.bfloat16),
+                   rand(2, hk, 150, 64, dtype=torch.bfloat16), is_causal=causal, enable_gqa=True)
+
+
+@pytest.mark.parametrize("e,ev", [(32, 64), (128, 64), (64, 128)])
+def test_training_value_head_dim_differs(e, ev, fresh_seed):
+    check_training(rand(2, 2, 133, e), rand(2, 2, 200, e), rand(2, 2, 200, ev), is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("L,S", [(300, 300), (1, 3000)])
+def test_return_lse(dtype, L, S, fresh_seed):
+    """return_lse=True: the output and the float32 log-sum-exp per query row against the float64
+    reference's (the prefill kernel's and the split-key decode's combine)."""
+    q, k, v = rand(2, 8, L, 64, dtype=dtype), rand(2, 2, S, 64, dtype=dtype), rand(2, 2, S, 64, dtype=dtype)
+    if PRECOMPILE_ARCH:
+        torch_xegpu_attn.precompile(q, k, v, enable_gqa=True, target="nvvm", arch=PRECOMPILE_ARCH,
+                                    kernel="forward_lse")
+        return
+    out, lse = torch_xegpu_attn.attention(q, k, v, enable_gqa=True, return_lse=True)
+    assert lse.shape == (2, 8, L) and lse.dtype == torch.float32 and out.dtype == dtype
+    expected = torch.logsumexp(reference_scores(q, k, enable_gqa=True), -1)
+    torch.testing.assert_close(lse.double().cpu(), expected.cpu(), rtol=1e-4, atol=1e-4)
+    ref = reference_attention(q, k, v, enable_gqa=True)
+    sdpa_err = (sdpa_on_gpu(q, k, v, enable_gqa=True).double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * sdpa_err + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
+@reproducible(max_examples=budget(0.25))
+@given(data=st.data())
+def test_gradients_on_drawn_calls(masking, data):
+    """Gradients of calls drawn from SDPA's whole input space (as test_matches_sdpa_on_drawn_calls)
+    against SDPA's on the GPU."""
+    case = data.draw(cases(GRADIENT_TARGET, masking), label="case")
+    check_training(case.q, case.k, case.v, **case.kwargs)
+
+
+def _training_step_inputs():
+    q, k, v = (rand(2, 4, 256, 64) for _ in range(3))
+    return q, k, v, rand(2, 4, 256, 64)
+
+
+@pytest.mark.parametrize("op", ["ours", "sdpa"])
+def test_cuda_graph_captures_a_training_step(op, fresh_seed):
+    """The forward and backward of a training step captured into a CUDA graph and replayed on new
+    inputs: the gradients of eager calls on those inputs (SDPA the same, as the control)."""
+    q, k, v, dout = _training_step_inputs()
+    if PRECOMPILE_ARCH:
+        if op == "ours":
+            check_training(q, k, v, is_causal=True)
+        return
+    attention = torch_xegpu_attn.attention if op == "ours" else F.scaled_dot_product_attention
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        out = attention(*leaves, is_causal=True)
+        return torch.autograd.grad(out, leaves, dout)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles, loads and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    fresh = [rand(2, 4, 256, 64) for _ in range(3)]
+    with torch.no_grad():
+        for leaf, new in zip(leaves, fresh):
+            leaf.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernels on the same inputs
+
+
+class _LlamaBlock(torch.nn.Module):
+    """A Llama-style decoder layer: RMSNorm, rotary positions, grouped-query causal attention
+    (8 query heads over 2 key/value heads), SwiGLU MLP; `attention` is the op or SDPA."""
+
+    def __init__(self, dim=256, heads=8, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.norm1, self.norm2 = torch.nn.RMSNorm(dim), torch.nn.RMSNorm(dim)
+        self.q = torch.nn.Linear(dim, dim, bias=False)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.o = torch.nn.Linear(dim, dim, bias=False)
+        self.gate, self.up = torch.nn.Linear(dim, 2 * dim, bias=False), torch.nn.Linear(dim, 2 * dim, bias=False)
+        self.down = torch.nn.Linear(2 * dim, dim, bias=False)
+
+    def _rotary(self, x):
+        n, d = x.size(-2), x.size(-1)
+        freq = 1.0 / 10000 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
+        angle = torch.arange(n, device=x.device, dtype=torch.float64)[:, None] * freq
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+
+    def forward(self, x, attention):
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(h).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = attention(self._rotary(q), self._rotary(k), v, is_causal=True, enable_gqa=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, n, -1))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def test_llama_style_gqa_training_step(fresh_seed):
+    """A training step of a two-layer Llama-style GQA model in bfloat16 with the op and with SDPA:
+    the loss and every parameter's gradient within 2x SDPA's error of the float64 step, plus a
+    floor."""
+    if PRECOMPILE_ARCH:
+        check_training(rand(2, 8, 200, 32, dtype=torch.bfloat16), rand(2, 2, 200, 32, dtype=torch.bfloat16),
+                       rand(2, 2, 200, 32, dtype=torch.bfloat16), is_causal=True, enable_gqa=True)
+        return
+    torch.manual_seed(fresh_seed)
+    layers = torch.nn.ModuleList(_LlamaBlock() for _ in range(2)).cuda()
+    x = torch.randn(2, 200, 256, device="cuda")
+    target = torch.randn(2, 200, 256, device="cuda")
+
+    def step(attention, dtype):
+        model = layers.to(dtype)
+        model.zero_grad()
+        y = x.to(dtype)
+        for layer in model:
+            y = layer(y, attention)
+        loss = (y.double() - target.double()).square().mean()
+        loss.backward()
+        return loss.item(), {name: p.grad.double().clone() for name, p in model.named_parameters()}
+    ours_loss, ours = step(torch_xegpu_attn.attention, torch.bfloat16)
+    sdpa_loss, sdpa = step(F.scaled_dot_product_attention, torch.bfloat16)
+    ref_loss, ref = step(F.scaled_dot_product_attention, torch.float64)
+    assert abs(ours_loss - ref_loss) <= 2 * abs(sdpa_loss - ref_loss) + 1e-3 * abs(ref_loss)
+    for name in ref:
+        scale = ref[name].abs().max().item()
+        err, sdpa_err = (ours[name] - ref[name]).abs().max().item(), (sdpa[name] - ref[name]).abs().max().item()
+        assert err <= 2 * sdpa_err + 1e-2 * scale, f"{name}: error {err:.3e}, SDPA's {sdpa_err:.3e}"
+
+
+def test_torch_compile_training_step(fresh_seed):
+    """torch.compile(fullgraph=True) of a training step on CUDA tensors: no graph break, eager's
+    gradients."""
+    from torch._dynamo.utils import counters
+    if PRECOMPILE_ARCH:
+        check_training(rand(2, 8, 200, 32, dtype=torch.bfloat16), rand(2, 2, 200, 32, dtype=torch.bfloat16),
+                       rand(2, 2, 200, 32, dtype=torch.bfloat16), is_causal=True, enable_gqa=True)
+        return
+    torch.manual_seed(fresh_seed)
+    layer = _LlamaBlock().cuda().to(torch.bfloat16)
+    x = torch.randn(2, 200, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step(x):
+        return layer(x, torch_xegpu_attn.attention).float().square().mean()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        loss = torch.compile(step, fullgraph=True)(x)
+        loss.backward()
+    compiled = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    layer.zero_grad()
+    expected = step(x)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-3)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(compiled[name].float(), p.grad.float(), rtol=5e-2, atol=5e-3)

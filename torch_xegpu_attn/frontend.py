@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import knobs
-from .spec import DTYPES, AttentionSpec, MaskSpec, ProblemSize
+from .spec import DTYPES, KERNELS, AttentionSpec, MaskSpec, ProblemSize
 from .targets import get_target, target_for_device
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -315,14 +316,27 @@ def _target_for(device_type: str) -> str:
 
 
 def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
-                    target: str, arch: Optional[str] = None) -> Optional[AttentionSpec]:
-    """The spec a call with these arguments needs on `target` for the machine `arch` names (the
-    tensors may be on any device, `meta` included); None when the call needs no kernel (an empty
-    result).  An `arch` the target does not compile for raises ValueError."""
-    plan = _full_plan(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, target=target, arch=arch)
-    if plan.spec is not None and arch is not None:
-        get_target(target).options_for(plan.spec, arch)  # the cpu target raises: it compiles for this machine
-    return plan.spec
+                    target: str, arch: Optional[str] = None, kernel: str = "forward") -> Optional[AttentionSpec]:
+    """The spec of `kernel` (forward, forward_lse or backward) that a call with these arguments
+    needs on `target` for the machine `arch` names (the tensors may be on any device, `meta`
+    included); None when the call needs no kernel (an empty result).  An `arch` the target does
+    not compile for raises ValueError."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    plan = _full_plan(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, target=target, arch=arch,
+                      kernel="forward" if kernel == "forward" else "forward_lse")
+    spec = plan.spec
+    if spec is None:
+        return None
+    chosen = get_target(target)
+    if kernel == "backward":  # the backward of that call: the same spec, classified as a backward
+        batch, h, _ = layout(query, key, value, enable_gqa)
+        size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=query.size(-2), kv_len=key.size(-2))
+        spec = chosen.classified(dataclasses.replace(spec, kernel="backward"), size, arch)
+        chosen.check(spec)
+    if arch is not None:
+        chosen.options_for(spec, arch)  # the cpu target raises: it compiles for this machine
+    return spec
 
 
 def _new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -78,7 +78,7 @@ class CudaKernel(Kernel):
         kernels = metadata["kernels"]
         operands = metadata["operands"]
         names = [o["name"] for o in operands]
-        aligned = [names.index(n) for n in ("q", "k", "v")]  # staged with 16-byte copies
+        aligned = [names.index(n) for n in ("q", "k", "v", "dout") if n in names]  # staged with 16-byte copies
         self._kernel = extension().CudaKernel(
             cubin, [k["name"] for k in kernels], [int(k["threads"]) for k in kernels],
             [int(k["shared_bytes"]) for k in kernels], [postfix(k["grid"]) for k in kernels],

@@ -223,6 +223,11 @@ def require_inference(spec: AttentionSpec, target: str, tensors: str) -> None:
             f"the {target} target compiles the forward pass only: the gradient and the log-sum-exp "
             f"({spec.kernel}) of xegpu::attention on {tensors} tensors are not implemented yet; train on "
             f"CPU tensors, or call it under torch.no_grad() for inference")
+    require_no_dropout(spec, target)
+
+
+def require_no_dropout(spec: AttentionSpec, target: str) -> None:
+    """Raise NotImplementedError for dropout on a target whose kernels do not generate it."""
     if spec.dropout_p > 0:
         raise NotImplementedError(f"the {target} target does not implement dropout yet (dropout_p="
                                   f"{spec.dropout_p}); dropout runs on CPU tensors")

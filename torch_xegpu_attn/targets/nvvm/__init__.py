@@ -41,7 +41,7 @@ from typing import Dict, Optional, Sequence
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, package_versions, register,
-                    require_inference, require_matrix_engine_dtype)
+                    require_matrix_engine_dtype, require_no_dropout)
 
 #: the compiled-for architecture unless a precompile names another.
 DEFAULT_ARCH = "sm_90a"
@@ -86,6 +86,10 @@ RESCALE_THRESHOLD = 8.0
 CAUSAL_HEAD_CHUNK = 16
 
 
+#: the backward's tiles: 64 query rows by 64 keys in every loop.  The dK/dV loop's work-group
+#: owns the keys (its tiles are S^T = K Q^T, keys x rows: P^T and dS^T are register A operands),
+#: the dQ loop's the rows, and one Geometry serves both, so the two extents are equal.
+BACKWARD_TILE = 64
 #: the input dtypes the kernels take: f16 and bf16 on the tensor cores as they are, f32 as tf32
 #: halves (three products per tile: f32 accuracy, never tf32's alone).
 NVVM_DTYPES = ("float16", "bfloat16", "float32")
@@ -196,7 +200,7 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_inference(spec, self.name, "CUDA")
+        require_no_dropout(spec, self.name)
         require_matrix_engine_dtype(spec, self.name, "tensor cores", NVVM_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:
@@ -208,6 +212,8 @@ class NvvmTarget(Target):
         """"decode" (the packed query rows of a key/value head fit one 16-row m-tile, and at
         least DECODE_MIN_KEYS keys), "long" (a spec that may take 256-row work-groups, at
         least LONG_ROWS query rows causal or LONG_ROWS_NON_CAUSAL not) or "prefill"."""
+        if spec.kernel == "backward":  # one backward schedule for every length
+            return "prefill"
         if size.q_len * spec.group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
             return "decode"
         if _may_take_wide_rows(spec) and not self._warpgroup_mma(spec, arch or self.runtime_arch()) \
@@ -227,6 +233,13 @@ class NvvmTarget(Target):
         self.check(spec)
         arch = arch or self.runtime_arch()
         widest = max(spec.head_dim, spec.v_head_dim)
+        if spec.kernel == "backward":
+            # above head dims of 128, dK and dV of 16 rows a warp take (E + Ev) / 2 registers a lane
+            # together: a loop each
+            dkv = "apart" if widest > 128 else "together"
+            return NvvmOptions(ScheduleOptions(row_tile=BACKWARD_TILE, kv_tile=BACKWARD_TILE, pv_in_f32=False,
+                                               backward_tiles="keys_by_rows", backward_dq="second_pass",
+                                               backward_dkv=dkv), arch=arch)
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
