@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 
@@ -103,8 +104,12 @@ def _grad_times(attention, q, k, v, dout):
     return _time(step), _time(backward)
 
 
+#: the training rows' lengths (--lengths: a subset).
+LENGTHS = None
+
+
 def backward_rows(quick: bool):
-    lengths = (2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+    lengths = LENGTHS or ((2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384))
     for dtype in (torch.float16, torch.bfloat16):
         for d in (64, 128):
             for n in lengths:
@@ -116,7 +121,9 @@ def bench_backward(rows: list, quick: bool) -> None:
     """Training: forward + backward and the backward alone, ours next to SDPA's flash, cuDNN and
     efficient backends on the same tensors; backward TFLOPS = 2.5 x the forward's FLOPs
     (4 B H N^2 D, halved when causal), forward + backward 3.5 x.  Peak memory of a training
-    step (ours and SDPA's default) above the inputs."""
+    step (ours and SDPA's default) above the inputs.  (Training on CUDA tensors is experimental:
+    the benchmark turns it on.)"""
+    os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"
     print("\ntraining (backward TFLOPS; fwd+bwd in parentheses):")
     print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>13} {'flash':>13} {'cudnn':>13} {'effic.':>13} "
           f"{'/flash':>7} {'/cudnn':>7} {'MiB ours':>9} {'sdpa':>6}")
@@ -239,6 +246,7 @@ def precompile(arch: str, quick: bool) -> None:
         calls.append(([torch.empty(b, h, n, d, dtype=torch.float32, device="meta")] * 3, {"is_causal": causal}))
     calls.append(([torch.empty(1, 1, 16, 64, dtype=torch.float16, device="meta")] * 3, {}))  # bench_host
     keys = {torch_xegpu_attn.precompile(*tensors, **kw, target="nvvm", arch=arch) for tensors, kw in calls}
+    os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # the training rows' kernels (experimental on CUDA)
     for dtype, d, n, causal in backward_rows(quick):
         b, h = 16384 // n, 2048 // d
         qkv = [torch.empty(b, h, n, d, dtype=dtype, device="meta")] * 3
@@ -255,7 +263,10 @@ def main(argv=None) -> int:
                         help="only put the benchmark's kernels into the disk cache (on a machine without a GPU)")
     parser.add_argument("--only", default="",
                         help="comma-separated parts: host, prefill, f32, decode, backward (default all)")
+    parser.add_argument("--lengths", default="", help="comma-separated N of the training rows (default: all)")
     args = parser.parse_args(argv)
+    global LENGTHS
+    LENGTHS = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None
     if args.precompile:
         precompile(args.precompile, args.quick)
         return 0

@@ -332,6 +332,15 @@ def test_layout_text_round_trips():
 
 # ----------------------------------------------------------------------------------- backward
 
+@pytest.fixture(scope="module", autouse=True)
+def nvvm_training():
+    """The training kernels are built here whatever the environment says: XEGPU_ATTN_NVVM_TRAINING
+    gates their use (experimental on CUDA tensors, off by default), these tests check their code."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
+        yield
+
+
 BACKWARD = replace(PREFILL, kernel="backward")
 BACKWARD_SPECS = {
     "backward-e64": BACKWARD,
@@ -425,9 +434,15 @@ def test_backward_on_ampere(tmp_path):
     assert all(k["shared_bytes"] <= 164 * 1024 for k in artifact.metadata["kernels"])
 
 
-def test_training_kernels_are_taken_but_not_dropout():
-    """forward_lse and backward build on nvvm; dropout raises before any compile."""
+def test_training_kernels_are_taken_but_not_dropout(monkeypatch):
+    """forward_lse and backward build on nvvm with XEGPU_ATTN_NVVM_TRAINING=1, and raise clearly
+    without it; dropout raises before any compile."""
     for kernel in ("forward_lse", "backward"):
         nvvm.check(replace(PREFILL, kernel=kernel))
     with pytest.raises(NotImplementedError, match="dropout"):
         nvvm.check(replace(BACKWARD, dropout_p=0.1))
+    monkeypatch.delenv("XEGPU_ATTN_NVVM_TRAINING")
+    for kernel in ("forward_lse", "backward"):
+        with pytest.raises(NotImplementedError, match="XEGPU_ATTN_NVVM_TRAINING=1"):
+            nvvm.check(replace(PREFILL, kernel=kernel))
+    nvvm.check(PREFILL)

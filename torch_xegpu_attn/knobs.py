@@ -130,6 +130,12 @@ def log_compilations() -> bool:
     return os.environ.get("XEGPU_ATTN_LOG", "0").strip() in ("1", "true", "on", "yes")
 
 
+def nvvm_training() -> bool:
+    """Whether CUDA tensors may train (XEGPU_ATTN_NVVM_TRAINING=1): the nvvm target's training
+    kernels are experimental, off by default, until their gradients have passed the GPU tests."""
+    return os.environ.get("XEGPU_ATTN_NVVM_TRAINING", "0").strip() in ("1", "true", "on", "yes")
+
+
 #: the values XEGPU_ATTN_EMULATE takes.
 EMULATED_DEVICES = ("xpu",)
 

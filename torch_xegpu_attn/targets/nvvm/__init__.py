@@ -31,6 +31,11 @@ lazily (a warp skips its accumulator's rescale where no row's maximum grew by
 more than 2^8), causal grids go in chunks of 16 heads, costliest row tiles
 first, and unmasked non-causal D = 64 copies the next step's K and V tiles
 once a step's K tile is consumed (one barrier a step).
+
+Training (forward_lse, the backward; experimental, off unless
+XEGPU_ATTN_NVVM_TRAINING=1): the forward's kernels with the log-sum-exp
+written, and the backward's Delta, dQ and dK/dV loops (64 x 64 tiles, S^T = K Q^T
+in the dK/dV loop, mma.sync) through the same layouts and per-op rules.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
+from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, package_versions, register,
@@ -201,6 +207,12 @@ class NvvmTarget(Target):
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
         require_no_dropout(spec, self.name)
+        if spec.kernel != "forward" and not knobs.nvvm_training():
+            raise NotImplementedError(
+                f"training on CUDA tensors ({spec.kernel} of xegpu::attention) is experimental and off by "
+                f"default: the nvvm target's training kernels have not yet passed the GPU gradient tests. "
+                f"XEGPU_ATTN_NVVM_TRAINING=1 turns them on; train on CPU tensors, or call the op under "
+                f"torch.no_grad() for inference")
         require_matrix_engine_dtype(spec, self.name, "tensor cores", NVVM_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:
@@ -211,7 +223,8 @@ class NvvmTarget(Target):
     def length_class(self, size: ProblemSize, spec: AttentionSpec, arch: Optional[str] = None) -> str:
         """"decode" (the packed query rows of a key/value head fit one 16-row m-tile, and at
         least DECODE_MIN_KEYS keys), "long" (a spec that may take 256-row work-groups, at
-        least LONG_ROWS query rows causal or LONG_ROWS_NON_CAUSAL not) or "prefill"."""
+        least LONG_ROWS query rows causal or LONG_ROWS_NON_CAUSAL not) or "prefill"; a backward
+        is "prefill" at every length (one schedule)."""
         if spec.kernel == "backward":  # one backward schedule for every length
             return "prefill"
         if size.q_len * spec.group <= DECODE_ROWS and size.kv_len >= DECODE_MIN_KEYS:
