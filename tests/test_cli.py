@@ -39,6 +39,8 @@ MISTAKES = {
     "print the binary": (["compile", "--shape", SHAPE, "--print", "--stop-after", "binary"], "not IR"),
     "fill cache and stop": (["compile", "--shape", SHAPE, "--fill-cache", "--stop-after", "flash"],
                             "--fill-cache builds the whole kernel"),
+    "training off on nvvm": (["precompile", "--shape", SHAPE, "--kernel", "backward", "--arch", "sm_90a"],
+                             "XEGPU_ATTN_NVVM_TRAINING=1"),
 }
 
 
@@ -66,6 +68,14 @@ def test_print_alone_prints_the_last_ir_stage(tmp_path):
     assert "stopped after cpu-llvm" in done.stderr
     explicit = cli("compile", "--shape", SHAPE, "--print", "--stop-after", "flash", cache=tmp_path / "cache")
     assert explicit.returncode == 0 and "attn.flash_loop" in explicit.stdout and "llvm.func" not in explicit.stdout
+
+
+def test_training_kernels_compile(tmp_path):
+    """--kernel backward: the backward's work-group loops (Delta, dQ, dK/dV and the K^T, V^T copies
+    on the cpu target), each a function of the kernel."""
+    done = cli("compile", "--shape", SHAPE, "--kernel", "backward", cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert "_backward:" in done.stdout and "attention_grid4" in done.stdout
 
 
 def test_compile_bypasses_the_cache_and_says_so(tmp_path):

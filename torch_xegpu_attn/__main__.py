@@ -6,6 +6,8 @@
     python -m torch_xegpu_attn cache [--clear]
     python -m torch_xegpu_attn precompile --target nvvm --arch sm_90a --shape 4,16,4096,4096,128 --dtype float16 --causal
     python -m torch_xegpu_attn precompile --target nvvm --head-dim 128 --length-class decode --group 4 --dtype bfloat16
+    python -m torch_xegpu_attn compile --shape 2,8,1024,1024,64 --kernel backward      (a training step's kernels:
+                                                                                     forward_lse, backward)
 
 --shape is B,H,L,S,E[,Ev] (H = key/value heads); --group G gives H*G query heads
 (GQA); --mask KIND:DIMS gives a mask, e.g. bool:bls (varies along batch, query
@@ -33,7 +35,7 @@ import time
 
 from . import knobs
 from .compiler import CompilationStopped, CompileReport, compile_spec, dump_folder_name, stage_names
-from .spec import DTYPES, MASK_DIMS, AttentionSpec, MaskSpec, ProblemSize
+from .spec import DTYPES, KERNELS, MASK_DIMS, AttentionSpec, MaskSpec, ProblemSize
 from .targets import get_target
 
 PROG = "python -m torch_xegpu_attn"
@@ -98,7 +100,7 @@ def _spec(args) -> AttentionSpec:
     mask = _mask(args.mask, args.dtype) if args.mask else None
     try:
         spec = AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
-                             scale=_scale(args.scale), mask=mask, target=args.target)
+                             scale=_scale(args.scale), mask=mask, target=args.target, kernel=args.kernel)
         spec = target.classified(spec, size, args.arch) if size is not None else \
             dataclasses.replace(spec, length_class=length_class)
         target.check(spec)
@@ -248,6 +250,8 @@ def _add_spec_arguments(parser, dtype: str, target: str) -> None:
     parser.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
     parser.add_argument("--scale", default=None, help="a float, or its hex form")
     parser.add_argument("--target", default=target)
+    parser.add_argument("--kernel", default="forward", choices=KERNELS,
+                        help="inference (forward), or a training step's forward_lse and backward")
     parser.add_argument("--arch", default=None,
                         help="the GPU architecture a GPU target compiles for, e.g. sm_80 (default: this machine's "
                              "GPU, else the target's default)")
