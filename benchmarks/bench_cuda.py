@@ -54,8 +54,8 @@ def _sdpa_times(q, k, v, causal: bool, gqa: bool):
     return times
 
 
-def prefill_rows(quick: bool):
-    lengths = (2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+def prefill_rows(quick: bool, lengths=None):
+    lengths = lengths or ((2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384))
     for dtype in (torch.float16, torch.bfloat16):
         for d in (64, 128):
             for n in lengths:
@@ -109,12 +109,8 @@ LENGTHS = None
 
 
 def backward_rows(quick: bool):
-    lengths = LENGTHS or ((2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384))
-    for dtype in (torch.float16, torch.bfloat16):
-        for d in (64, 128):
-            for n in lengths:
-                for causal in (False, True):
-                    yield dtype, d, n, causal
+    """The prefill rows' problems (--lengths: the Ns given)."""
+    return prefill_rows(quick, LENGTHS)
 
 
 def bench_backward(rows: list, quick: bool) -> None:

@@ -563,15 +563,19 @@ class _LlamaBlock(torch.nn.Module):
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
+def _precompile_llama_block():
+    """The training kernels _LlamaBlock calls (bf16, 8 query heads over 2, head dim 32, causal)."""
+    check_training(rand(2, 8, 200, 32, dtype=torch.bfloat16), rand(2, 2, 200, 32, dtype=torch.bfloat16),
+                   rand(2, 2, 200, 32, dtype=torch.bfloat16), is_causal=True, enable_gqa=True)
+
+
 def test_llama_style_gqa_training_step(fresh_seed, monkeypatch):
     """A training step of a two-layer Llama-style GQA model in bfloat16 with the op and with SDPA:
     the loss and every parameter's gradient within 2x SDPA's error of the float64 step, plus a
     floor."""
     monkeypatch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
     if PRECOMPILE_ARCH:
-        check_training(rand(2, 8, 200, 32, dtype=torch.bfloat16), rand(2, 2, 200, 32, dtype=torch.bfloat16),
-                       rand(2, 2, 200, 32, dtype=torch.bfloat16), is_causal=True, enable_gqa=True)
-        return
+        return _precompile_llama_block()
     torch.manual_seed(fresh_seed)
     layers = torch.nn.ModuleList(_LlamaBlock() for _ in range(2)).cuda()
     x = torch.randn(2, 200, 256, device="cuda")
@@ -602,9 +606,7 @@ def test_torch_compile_training_step(fresh_seed, monkeypatch):
     monkeypatch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
     from torch._dynamo.utils import counters
     if PRECOMPILE_ARCH:
-        check_training(rand(2, 8, 200, 32, dtype=torch.bfloat16), rand(2, 2, 200, 32, dtype=torch.bfloat16),
-                       rand(2, 2, 200, 32, dtype=torch.bfloat16), is_causal=True, enable_gqa=True)
-        return
+        return _precompile_llama_block()
     torch.manual_seed(fresh_seed)
     layer = _LlamaBlock().cuda().to(torch.bfloat16)
     x = torch.randn(2, 200, 256, device="cuda", dtype=torch.bfloat16)
