@@ -360,7 +360,8 @@ def compiled_backward(tmp_path_factory):
         folder = tmp_path_factory.mktemp(name)
         artifact = compile_spec(spec, dump_dir=str(folder))
         found[name] = (spec, artifact, next(folder.rglob("kernel.ptx")).read_text(),
-                       next(folder.rglob("*-nvvm-layouts.mlir")).read_text())
+                       next(folder.rglob("*-nvvm-layouts.mlir")).read_text(),
+                       next(folder.rglob("*-nvvm-kernels.mlir")).read_text())
     return found
 
 
@@ -384,7 +385,7 @@ def test_backward_kernels(compiled_backward, name):
     rounded; f32 on tf32 halves), B operands read from staged tiles in both orientations (ldmatrix
     and ldmatrix.trans: Q and dOut are n of S^T and dP^T and k of dK and dV), registers within
     bounds and few spills."""
-    spec, artifact, ptx, _ = compiled_backward[name]
+    spec, artifact, ptx, _, _ = compiled_backward[name]
     options = nvvm.options_for(spec)
     assert options.schedule.backward_tiles == "keys_by_rows" and options.schedule.backward_dq == "second_pass"
     assert options.schedule.backward_delta == "reduction" and not options.warpgroup_mma
@@ -416,7 +417,7 @@ def test_backward_layouts_follow_the_data_flow(compiled_backward):
     vectors ("cols[col]"), read where they broadcast along columns; K and V are staged outside the
     loop (left operands held in registers), Q and dOut inside it (right operands of both
     orientations); P^T and dS^T are register tiles rounded for their contractions."""
-    _, _, _, dump = compiled_backward["backward-e64"]
+    _, _, _, dump, _ = compiled_backward["backward-e64"]
     dkv = dump.split("attn.backward_dq")[-1]  # the last loop, after the dQ loop's attribute
     loop_start = dkv.index("scf.for ")
     outside, inside = dkv[:loop_start], dkv[loop_start:dkv.index("scf.yield", loop_start)]
@@ -446,3 +447,87 @@ def test_training_kernels_are_taken_but_not_dropout(monkeypatch):
         with pytest.raises(NotImplementedError, match="XEGPU_ATTN_NVVM_TRAINING=1"):
             nvvm.check(replace(PREFILL, kernel=kernel))
     nvvm.check(PREFILL)
+
+
+# ------------------------------------------------------------------------- the copy pipeline
+
+
+def _pipeline_violations(kernels_dump: str):
+    """Reads of a shared-memory tile in a key loop's body that may run before the cp.async copy
+    into that tile (this step's stage) is complete: the body's copies, commits and waits replayed
+    in program order (copies in scf.if branches counted as issued; `wait_group N` completes all
+    but the N newest committed groups).  At the body's start whatever a step before committed is
+    pending until a wait completes it.  Reads: ldmatrix and loads of a staged (stage, row, col)
+    view; a copy and a read touch the same tile when they name the same view and stage value."""
+    from mlir import ir as mlir_ir
+    from torch_xegpu_attn.mlir_utils import mlir_context
+
+    found = []
+    with mlir_context():
+        module = mlir_ir.Module.parse(kernels_dump)
+
+        def ops_in(block):
+            for op in block.operations:
+                op = op.operation
+                yield op
+                if op.name == "scf.if":
+                    for region in op.regions:
+                        for inner in region.blocks:
+                            yield from ops_in(inner)
+
+        def walk_loops(op):
+            for region in op.regions:
+                for block in region.blocks:
+                    for inner in block.operations:
+                        inner = inner.operation
+                        if inner.name == "scf.for":
+                            yield inner
+                        yield from walk_loops(inner)
+
+        for loop in walk_loops(module.operation):
+            body = list(ops_in(loop.regions[0].blocks[0]))
+            if not any(op.name == "nvgpu.device_async_copy" for op in body):
+                continue
+            committed, current = [[("any", None)]], []   # groups of (view, stage); the step before
+            for op in body:
+                if op.name == "nvgpu.device_async_copy":
+                    view = op.opview.dst
+                    stage = list(op.opview.dstIndices)[0] if len(list(op.opview.dstIndices)) == 3 else None
+                    current.append((view, stage))
+                elif op.name == "nvvm.cp.async.commit.group":
+                    committed.append(current)
+                    current = []
+                elif op.name == "nvvm.cp.async.wait.group":
+                    keep = mlir_ir.IntegerAttr(op.attributes["n"]).value
+                    committed = committed[len(committed) - keep:] if keep else []
+                elif op.name in ("nvgpu.ldmatrix", "memref.load"):
+                    view = op.operands[0]
+                    indices = list(op.operands[1:])
+                    if "workgroup" not in str(view.type) or len(indices) != 3:
+                        continue
+                    for group in committed + [current]:
+                        for copied, stage in group:
+                            if copied == "any" or (copied == view and stage == indices[0]):
+                                found.append(f"{op.name} of {view.get_name()} before its copy completed")
+    return found
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_SPECS))
+def test_backward_reads_wait_for_their_copies(compiled_backward, name):
+    """No read of a staged tile in a loop of the backward's kernels races with its copy (a K tile
+    of the dQ loop feeds two contractions; the copy of the next one once came after V's wait,
+    which then let V's copy run on)."""
+    assert _pipeline_violations(compiled_backward[name][4]) == []
+
+
+@pytest.mark.parametrize("name", ["prefill-e128-causal", "prefill-bool-mask", "decode-gqa", "prefill-f32-causal",
+                                  "prefill-e64"])
+@pytest.mark.parametrize("prefetch", ["keys", "tiles", "tiles-late"])
+def test_forward_reads_wait_for_their_copies(name, prefetch, tmp_path):
+    """The same for the forward's key loops under every prefetch mode (mma.sync: sm_80, whose reads
+    are ldmatrix, where sm_90a's wgmma reads through descriptors)."""
+    spec = SPECS[name]
+    options = nvvm.options_for(spec, "sm_80").with_fields(prefetch=prefetch)
+    compile_spec(spec, dump_dir=str(tmp_path), options=options)
+    dump = next(tmp_path.rglob("*-nvvm-kernels.mlir")).read_text()
+    assert _pipeline_violations(dump) == []
