@@ -12,6 +12,8 @@ export XEGPU_ATTN_CACHE_DIR=$cache
 XEGPU_ATTN_TEST_PRECOMPILE=$arch .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_nvvm_gpu.py
 # the benchmark's own rows (its long prompts and bf16 rows are not all among the tests')
 .venv/bin/python benchmarks/bench_cuda.py --precompile "$arch"
+# the training kernels' direct check
+.venv/bin/python benchmarks/cuda/check_training_kernels.py --precompile "$arch"
 # decode_variants.py's schedule variants
 .venv/bin/python benchmarks/cuda/decode_variants.py --precompile "$arch"
 du -sh "$cache"
