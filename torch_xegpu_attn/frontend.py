@@ -19,9 +19,9 @@ Mapping (no data is copied unless a layout cannot be expressed as a view):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 

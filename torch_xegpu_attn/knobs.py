@@ -47,11 +47,20 @@ def cache_dir() -> str:
     return os.path.join(base, "torch_xegpu_attn")
 
 
+#: the values of a switch that turn it on.
+_ON = ("1", "true", "on", "yes")
+
+
+def _switch(name: str) -> bool:
+    """Whether the switch `name` (off unless set) is on."""
+    return os.environ.get(name, "0").strip() in _ON
+
+
 def disk_cache_enabled() -> bool:
     value = os.environ.get("XEGPU_ATTN_DISK_CACHE", "1").strip().lower()
     if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
         raise KnobError(f"XEGPU_ATTN_DISK_CACHE must be 0 or 1, got {value!r}")
-    return value in ("1", "true", "on", "yes")
+    return value in _ON
 
 
 #: defaults of the cache bounds: a cpu kernel is about 30-60 kB on disk, so 512 MB holds
@@ -92,7 +101,7 @@ def stop_after() -> Optional[str]:
 
 
 def poison_outputs() -> bool:
-    return os.environ.get("XEGPU_ATTN_POISON", "0").strip() in ("1", "true", "on", "yes")
+    return _switch("XEGPU_ATTN_POISON")
 
 
 def schedule_overrides_text() -> str:
@@ -127,13 +136,13 @@ def kernel_choice() -> str:
 
 
 def log_compilations() -> bool:
-    return os.environ.get("XEGPU_ATTN_LOG", "0").strip() in ("1", "true", "on", "yes")
+    return _switch("XEGPU_ATTN_LOG")
 
 
 def nvvm_training() -> bool:
     """Whether CUDA tensors may train (XEGPU_ATTN_NVVM_TRAINING=1): the nvvm target's training
     kernels are experimental, off by default, until their gradients have passed the GPU tests."""
-    return os.environ.get("XEGPU_ATTN_NVVM_TRAINING", "0").strip() in ("1", "true", "on", "yes")
+    return _switch("XEGPU_ATTN_NVVM_TRAINING")
 
 
 #: the values XEGPU_ATTN_EMULATE takes.
