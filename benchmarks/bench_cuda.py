@@ -104,26 +104,17 @@ def _grad_times(attention, q, k, v, dout):
     return _time(step), _time(backward)
 
 
-#: the training rows' lengths (--lengths: a subset).
-LENGTHS = None
-
-
-def backward_rows(quick: bool):
-    """The prefill rows' problems (--lengths: the Ns given)."""
-    return prefill_rows(quick, LENGTHS)
-
-
-def bench_backward(rows: list, quick: bool) -> None:
+def bench_backward(rows: list, quick: bool, lengths=None) -> None:
     """Training: forward + backward and the backward alone, ours next to SDPA's flash, cuDNN and
     efficient backends on the same tensors; backward TFLOPS = 2.5 x the forward's FLOPs
     (4 B H N^2 D, halved when causal), forward + backward 3.5 x.  Peak memory of a training
-    step (ours and SDPA's default) above the inputs.  (Training on CUDA tensors is experimental:
-    the benchmark turns it on.)"""
+    step (ours and SDPA's default) above the inputs.  The prefill rows' problems (`lengths`: the
+    Ns given).  (Training on CUDA tensors is experimental: the benchmark turns it on.)"""
     os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"
     print("\ntraining (backward TFLOPS; fwd+bwd in parentheses):")
     print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>13} {'flash':>13} {'cudnn':>13} {'effic.':>13} "
           f"{'/flash':>7} {'/cudnn':>7} {'MiB ours':>9} {'sdpa':>6}")
-    for dtype, d, n, causal in backward_rows(quick):
+    for dtype, d, n, causal in prefill_rows(quick, lengths):
         b, h = 16384 // n, 2048 // d
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         dout = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
@@ -227,7 +218,7 @@ def decode_rows(quick: bool):
     return [(1, 4096), (1, 32768)] if quick else [(1, 1024), (1, 4096), (1, 32768), (8, 32768), (8, 4096)]
 
 
-def precompile(arch: str, quick: bool) -> None:
+def precompile(arch: str, quick: bool, lengths=None) -> None:
     """Put every kernel the benchmark calls into the disk cache (meta tensors: no GPU needed)."""
     calls = []
     for dtype, d, n, causal in prefill_rows(quick):
@@ -243,7 +234,7 @@ def precompile(arch: str, quick: bool) -> None:
     calls.append(([torch.empty(1, 1, 16, 64, dtype=torch.float16, device="meta")] * 3, {}))  # bench_host
     keys = {torch_xegpu_attn.precompile(*tensors, **kw, target="nvvm", arch=arch) for tensors, kw in calls}
     os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # the training rows' kernels (experimental on CUDA)
-    for dtype, d, n, causal in backward_rows(quick):
+    for dtype, d, n, causal in prefill_rows(quick, lengths):  # the training rows
         b, h = 16384 // n, 2048 // d
         qkv = [torch.empty(b, h, n, d, dtype=dtype, device="meta")] * 3
         for kernel in ("forward_lse", "backward"):
@@ -261,16 +252,15 @@ def main(argv=None) -> int:
                         help="comma-separated parts: host, prefill, f32, decode, backward (default all)")
     parser.add_argument("--lengths", default="", help="comma-separated N of the training rows (default: all)")
     args = parser.parse_args(argv)
-    global LENGTHS
-    LENGTHS = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None
+    lengths = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None
     if args.precompile:
-        precompile(args.precompile, args.quick)
+        precompile(args.precompile, args.quick, lengths)
         return 0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows: list = []
     parts = {"host": lambda: bench_host(rows), "prefill": lambda: bench_prefill(rows, args.quick),
              "f32": lambda: bench_f32(rows, args.quick), "decode": lambda: bench_decode(rows, args.quick),
-             "backward": lambda: bench_backward(rows, args.quick)}
+             "backward": lambda: bench_backward(rows, args.quick, lengths)}
     for name in args.only.split(",") if args.only else parts:
         parts[name]()
     if args.csv:
