@@ -1,6 +1,7 @@
 """Shared test setup: a private disk cache per test session, and reference attention."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -74,6 +75,16 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
 
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-12}
+
+
+def uncached_compile():
+    """torch.compile without its on-disk caches while the block runs: they (across processes) do
+    not key on a custom op's schema, so an entry compiled against an older schema of the
+    training ops would be replayed."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
 
 
 def check(q, k, v, **kw):

@@ -14,7 +14,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import torch_xegpu_attn
-from conftest import reference_scores
+from conftest import reference_scores, uncached_compile
 from sdpa_cases import CPU, MASKINGS, Case, budget, cases, check_gradients, reproducible
 from torch_xegpu_attn.cache import CACHE
 
@@ -276,10 +276,7 @@ def test_torch_compile_training_step(backend, fresh_seed):
 
     torch._dynamo.reset()
     counters.clear()
-    # torch's compile caches (on disk, across processes) do not key on a custom op's schema: an
-    # entry compiled against an older schema of the training ops would be replayed
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with uncached_compile():
         loss = torch.compile(step, backend=backend, fullgraph=True)(x)
         loss.backward()
     compiled = {name: p.grad.clone() for name, p in block.named_parameters()}
@@ -302,9 +299,7 @@ def test_compiled_autograd(fresh_seed):
     expected = {name: p.grad.clone() for name, p in block.named_parameters()}
     block.zero_grad()
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False), \
-            compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+    with uncached_compile(), compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
         block(x).square().mean().backward()
     for name, p in block.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6)

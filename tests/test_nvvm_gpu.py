@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_xegpu_attn
-from conftest import reference_attention, reference_scores
+from conftest import reference_attention, reference_scores, uncached_compile
 from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Case, Target, budget, cases, check_case, check_gradients, reproducible
 
 PRECOMPILE_ARCH = os.environ.get("XEGPU_ATTN_TEST_PRECOMPILE", "")
@@ -615,8 +615,7 @@ def test_torch_compile_training_step(fresh_seed, monkeypatch):
         return layer(x, torch_xegpu_attn.attention).float().square().mean()
     torch._dynamo.reset()
     counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with uncached_compile():
         loss = torch.compile(step, fullgraph=True)(x)
         loss.backward()
     compiled = {name: p.grad.clone() for name, p in layer.named_parameters()}
