@@ -74,6 +74,40 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, en
     return torch.where(dead, torch.zeros_like(out), out)
 
 
+#: Philox4x32's round multipliers and key increments (Salmon et al., SC 2011).
+_PHILOX_M, _PHILOX_W = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85)
+_WORD = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int):
+    """The high and low 32-bit words of a * m (a: int64 tensor of 32-bit words), exact in int64
+    by 16-bit halves of a."""
+    low_part, high_part = (a & 0xFFFF) * m, (a >> 16) * m  # each below 2^48
+    return (high_part + (low_part >> 16)) >> 16, ((high_part << 16) + low_part) & _WORD
+
+
+def reference_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The keep-mask of the op's dropout, written out from its definition (independent of the
+    kernels): for the element (b, h, l, s) of `shape` = (*batch, Hq, L, S) (batch flattened to
+    b), the first word of Philox4x32-10 at counter (s, l, b * Hq + h, 0) under the key `seed`
+    (two int32, as the op draws it), shifted right by 8, at least round(p * 2^24)."""
+    *batch, heads, length, keys = shape
+    n = 1
+    for size in batch:
+        n *= size
+    grid = torch.meshgrid(torch.arange(n), torch.arange(heads), torch.arange(length), torch.arange(keys),
+                          indexing="ij")
+    c0, c1, c2, c3 = grid[3], grid[2], grid[0] * heads + grid[1], torch.zeros_like(grid[0])
+    k0, k1 = (int(x) & _WORD for x in seed.cpu().tolist())
+    for round_ in range(10):
+        hi0, lo0 = _mulhilo(c0, _PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _WORD, (k1 + _PHILOX_W[1]) & _WORD
+    threshold = min(round(dropout_p * 2 ** 24), 2 ** 24)
+    return ((c0 >> 8) >= threshold).reshape(shape)
+
+
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-12}
 
 

@@ -39,6 +39,7 @@ MISTAKES = {
     "print the binary": (["compile", "--shape", SHAPE, "--print", "--stop-after", "binary"], "not IR"),
     "fill cache and stop": (["compile", "--shape", SHAPE, "--fill-cache", "--stop-after", "flash"],
                             "--fill-cache builds the whole kernel"),
+    "dropout out of range": (["compile", "--shape", SHAPE, "--dropout-p", "1.5"], "dropout_p must be in [0, 1]"),
     "training off on nvvm": (["precompile", "--shape", SHAPE, "--kernel", "backward", "--arch", "sm_90a"],
                              "XEGPU_ATTN_NVVM_TRAINING=1"),
 }
@@ -76,6 +77,15 @@ def test_training_kernels_compile(tmp_path):
     done = cli("compile", "--shape", SHAPE, "--kernel", "backward", cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr
     assert "_backward:" in done.stdout and "attention_grid4" in done.stdout
+
+
+def test_dropout_kernel_compiles(tmp_path):
+    """--dropout-p: the seed operand and the keep threshold p * 2^24 in the flash stage (a kernel
+    per probability)."""
+    done = cli("compile", "--shape", SHAPE, "--dropout-p", "0.25", "--print", "--stop-after", "flash",
+               cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert "memref<2xi32>" in done.stdout and f"{2 ** 22}" in done.stdout
 
 
 def test_compile_bypasses_the_cache_and_says_so(tmp_path):

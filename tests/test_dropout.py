@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import torch_xegpu_attn
-from conftest import reference_attention
+from conftest import reference_attention, reference_keep_mask
+from torch_xegpu_attn import frontend
 
 
 def _inputs(shape_q, shape_kv, dtype=torch.float64, ev=None):
@@ -71,6 +72,19 @@ def test_keep_mask_reproduces_output_and_gradients(case, p, dtype, fresh_seed):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_kernels_draw_the_generator_written_out(p, fresh_seed):
+    """The mask the kernels apply (dropout_mask reads it from them) is Philox4x32-10 as
+    reference_keep_mask writes it out in Python, element for element: the definition the GPU
+    targets' tests check their kernels against."""
+    shape = (2, 3, 5, 37, 70)
+    torch.manual_seed(fresh_seed)
+    keep = torch_xegpu_attn.dropout_mask(shape, p)
+    torch.manual_seed(fresh_seed)
+    seed = frontend.draw_seed(torch.device("cpu"))
+    assert torch.equal(keep, reference_keep_mask(seed, shape, p))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])

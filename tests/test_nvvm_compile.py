@@ -350,6 +350,7 @@ BACKWARD_SPECS = {
                                           mask=MaskSpec("additive", ("s",), "float16")),
     "backward-f32-causal": replace(BACKWARD, dtype="float32", causal=True),
     "backward-e256-bf16": replace(BACKWARD, head_dim=256, v_head_dim=256, dtype="bfloat16"),
+    "backward-dropout-gqa-causal": replace(BACKWARD, group=2, causal=True, dropout_p=0.2),
 }
 
 
@@ -435,18 +436,32 @@ def test_backward_on_ampere(tmp_path):
     assert all(k["shared_bytes"] <= 164 * 1024 for k in artifact.metadata["kernels"])
 
 
-def test_training_kernels_are_taken_but_not_dropout(monkeypatch):
+def test_training_kernels_are_taken(monkeypatch):
     """forward_lse and backward build on nvvm with XEGPU_ATTN_NVVM_TRAINING=1, and raise clearly
-    without it; dropout raises before any compile."""
+    without it."""
     for kernel in ("forward_lse", "backward"):
         nvvm.check(replace(PREFILL, kernel=kernel))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        nvvm.check(replace(BACKWARD, dropout_p=0.1))
     monkeypatch.delenv("XEGPU_ATTN_NVVM_TRAINING")
     for kernel in ("forward_lse", "backward"):
         with pytest.raises(NotImplementedError, match="XEGPU_ATTN_NVVM_TRAINING=1"):
             nvvm.check(replace(PREFILL, kernel=kernel))
     nvvm.check(PREFILL)
+
+
+@pytest.mark.parametrize("kernel", ["forward", "forward_lse"])
+def test_dropout_draws_in_the_forward_kernels(kernel, tmp_path):
+    """Dropout's generator (Philox4x32-10 on each score's coordinates, shared payload) distributes
+    like any elementwise op on the score tile: the forward keeps its tensor cores (wgmma on
+    sm_90a at E = 64), the seed is a kernel operand, and the 32x32-bit products of the rounds are
+    in the PTX, without spills."""
+    spec = replace(PREFILL, kernel=kernel, dropout_p=0.3)
+    artifact = compile_spec(spec, dump_dir=str(tmp_path))
+    ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
+    assert [o["name"] for o in artifact.metadata["operands"]][3] == "seed"
+    assert ("wgmma.mma_async" in ptx) == nvvm.options_for(spec).warpgroup_mma
+    assert "mma" in ptx and ptx.count("mul.hi.u32") + ptx.count("mul.wide.u32") >= 10
+    for report in artifact.metadata["resources"].values():
+        assert report["spill_stores"] == 0, report
 
 
 # ------------------------------------------------------------------------- the copy pipeline

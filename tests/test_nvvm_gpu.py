@@ -28,8 +28,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_xegpu_attn
-from conftest import reference_attention, reference_scores, uncached_compile
+from conftest import reference_attention, reference_keep_mask, reference_scores, uncached_compile
 from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Case, Target, budget, cases, check_case, check_gradients, reproducible
+from torch_xegpu_attn import frontend
 
 PRECOMPILE_ARCH = os.environ.get("XEGPU_ATTN_TEST_PRECOMPILE", "")
 DEVICE = "meta" if PRECOMPILE_ARCH else "cuda"
@@ -488,6 +489,61 @@ def test_gradients_on_drawn_calls(masking, data):
     against SDPA's on the GPU."""
     case = data.draw(cases(GRADIENT_TARGET, masking), label="case")
     check_training(case.q, case.k, case.v, **case.kwargs)
+
+
+def check_dropout(q, k, v, p, **kw):
+    """A dropout call's output (the forward kernel) and gradients (forward_lse and backward) under
+    the keep-mask written out from the generator's definition (conftest.reference_keep_mask, with
+    the seed the call draws): each within 2x the error of SDPA's math backend under that mask of
+    the float64 reference's.  The kernels draw the same mask as the cpu target's."""
+    with training_on():
+        if PRECOMPILE_ARCH:
+            for kernel in ("forward", "forward_lse", "backward"):
+                torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel,
+                                            dropout_p=p)
+            return
+        seed = torch.randint(2**31, ()).item()
+        torch.manual_seed(seed)
+        keep = reference_keep_mask(frontend.draw_seed(torch.device("cpu")), (*q.shape[:-1], k.size(-2)), p)
+
+        def run(*args, **kwargs):
+            torch.manual_seed(seed)
+            return torch_xegpu_attn.attention(*args, **kwargs)
+        case = Case(q, k, v, {**kw, "dropout_p": p})
+        assert check_case(case, run, keep=keep.to(q.device)) is not None
+        assert check_gradients(case, run, keep=keep.to(q.device)) is not None
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("shape,kw", [
+    (((2, 3, 200, 64), (2, 3, 300, 64)), {}),
+    (((1, 4, 257, 128), (1, 4, 257, 128)), {"is_causal": True}),
+    (((2, 6, 100, 64), (2, 2, 130, 64)), {"enable_gqa": True}),
+    (((2, 2, 1, 64), (2, 2, 2000, 64)), {}),  # decode-like: one row per head
+], ids=["plain", "causal-e128", "gqa", "one-row"])
+def test_dropout(shape, kw, p, dtype, fresh_seed):
+    (shape_q, shape_kv) = shape
+    check_dropout(rand(*shape_q, dtype=dtype), rand(*shape_kv, dtype=dtype), rand(*shape_kv, dtype=dtype), p, **kw)
+
+
+def test_dropout_with_a_mask(fresh_seed):
+    mask = torch.rand(2, 1, 37, 70, device=DEVICE) > 0.3
+    if not PRECOMPILE_ARCH:
+        mask[:, :, 3] = False  # a row with no key
+    check_dropout(rand(2, 3, 37, 64), rand(2, 3, 70, 64), rand(2, 3, 70, 64), 0.2, attn_mask=mask)
+
+
+@only_on_gpu
+def test_dropout_refuses_graph_capture():
+    """A captured call would replay one seed, so one mask, at every replay: capture raises."""
+    q = rand(1, 2, 64, 64)
+    torch_xegpu_attn.attention(q, q, q)  # loads the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(NotImplementedError, match="CUDA graph"):
+        with torch.cuda.graph(graph):
+            torch_xegpu_attn.attention(q, q, q, dropout_p=0.1)
 
 
 def _training_step_inputs():

@@ -142,12 +142,14 @@ def dropout_mask(shape, dropout_p: float) -> torch.Tensor:
 
 
 def precompile(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
-               target: str, arch: Optional[str] = None, kernel: str = "forward") -> Optional[str]:
+               target: str, arch: Optional[str] = None, kernel: str = "forward",
+               dropout_p: float = 0.0) -> Optional[str]:
     """Compile the kernel that `attention(query, key, value, ...)` needs on `target` into the
     disk cache (knobs: XEGPU_ATTN_CACHE_DIR) without loading it; returns the entry's key, or
     None when the call needs no kernel (an empty result).  `kernel`: "forward" (inference),
     or, for a training step, "forward_lse" (the forward that saves the log-sum-exp) and
-    "backward" (the gradients).
+    "backward" (the gradients); `dropout_p` that of the calls (a kernel per probability; the
+    seed is drawn per call, at run time).
 
     The tensors may live anywhere (`meta` tensors cost nothing): only their shapes, strides
     and dtypes count, and the kernel takes any run-time batch, head count and lengths of the
@@ -155,7 +157,7 @@ def precompile(query, key, value, attn_mask=None, is_causal=False, scale=None, e
     this machine, or the target's default architecture when there is none)."""
     from .cache import CACHE as _cache
     spec = frontend.spec_for_target(query, key, value, attn_mask, is_causal, scale, enable_gqa, target=target,
-                                    arch=arch, kernel=kernel)
+                                    arch=arch, kernel=kernel, dropout_p=dropout_p)
     if spec is None:
         return None
     return _cache.precompile(spec, arch)

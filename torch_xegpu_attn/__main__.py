@@ -100,7 +100,8 @@ def _spec(args) -> AttentionSpec:
     mask = _mask(args.mask, args.dtype) if args.mask else None
     try:
         spec = AttentionSpec(group=args.group, head_dim=e, v_head_dim=ev, dtype=args.dtype, causal=args.causal,
-                             scale=_scale(args.scale), mask=mask, target=args.target, kernel=args.kernel)
+                             scale=_scale(args.scale), mask=mask, target=args.target, kernel=args.kernel,
+                             dropout_p=args.dropout_p)
         spec = target.classified(spec, size, args.arch) if size is not None else \
             dataclasses.replace(spec, length_class=length_class)
         target.check(spec)
@@ -250,6 +251,7 @@ def _add_spec_arguments(parser, dtype: str, target: str) -> None:
     parser.add_argument("--mask", default="", help="KIND:DIMS, e.g. bool:bls")
     parser.add_argument("--scale", default=None, help="a float, or its hex form")
     parser.add_argument("--target", default=target)
+    parser.add_argument("--dropout-p", type=float, default=0.0, help="the dropout probability (a kernel per value)")
     parser.add_argument("--kernel", default="forward", choices=KERNELS,
                         help="inference (forward), or a training step's forward_lse and backward")
     parser.add_argument("--arch", default=None,

@@ -303,7 +303,11 @@ def _full_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 
 def draw_seed(device) -> torch.Tensor:
     """The dropout generator's key for one call: two int32 drawn from torch's default CPU generator
-    (torch.manual_seed reproduces a run), on `device`."""
+    (torch.manual_seed reproduces a run), on `device`.  A CUDA graph would replay one seed at every
+    replay (the same mask each step): capture raises instead."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise NotImplementedError("xegpu::attention with dropout_p > 0 cannot be captured in a CUDA graph: the "
+                                  "seed is drawn per call on the host, and a replay would reuse one mask")
     return torch.randint(-2**31, 2**31 - 1, (2,), dtype=torch.int32, device="cpu").to(device)
 
 
@@ -316,23 +320,26 @@ def _target_for(device_type: str) -> str:
 
 
 def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
-                    target: str, arch: Optional[str] = None, kernel: str = "forward") -> Optional[AttentionSpec]:
+                    target: str, arch: Optional[str] = None, kernel: str = "forward",
+                    dropout_p: float = 0.0) -> Optional[AttentionSpec]:
     """The spec of `kernel` (forward, forward_lse or backward) that a call with these arguments
     needs on `target` for the machine `arch` names (the tensors may be on any device, `meta`
     included); None when the call needs no kernel (an empty result).  An `arch` the target does
-    not compile for raises ValueError."""
+    not compile for raises ValueError.  No dropout seed is drawn: `dropout_p` is part of the
+    spec, the seed a run-time operand."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    check_arguments(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     plan = _full_plan(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, target=target, arch=arch,
                       kernel="forward" if kernel == "forward" else "forward_lse")
     spec = plan.spec
     if spec is None:
         return None
     chosen = get_target(target)
-    if kernel == "backward":  # the backward of that call: the same spec, classified as a backward
+    if kernel == "backward" or dropout_p > 0:  # the backward of that call: the same spec, classified as one
         batch, h, _ = layout(query, key, value, enable_gqa)
         size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=query.size(-2), kv_len=key.size(-2))
-        spec = chosen.classified(dataclasses.replace(spec, kernel="backward"), size, arch)
+        spec = chosen.classified(dataclasses.replace(spec, kernel=kernel, dropout_p=float(dropout_p)), size, arch)
         chosen.check(spec)
     if arch is not None:
         chosen.options_for(spec, arch)  # the cpu target raises: it compiles for this machine

@@ -20,7 +20,7 @@ from .._native import build_extension, existing_sources
 from ..targets.base import Kernel
 
 _SYMBOL_CODES = {"B": -1, "H": -2, "L": -3, "S": -4}
-_ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "float64": 8}
+_ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "float64": 8, "int32": 4}
 _WORKSPACE_DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "i8": 3, "f64": 4}
 _OPCODES = {"add": 2, "sub": 3, "mul": 4, "ceildiv": 5, "div": 6, "min": 7, "max": 8}
 _LOCK = threading.Lock()

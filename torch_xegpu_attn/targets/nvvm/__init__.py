@@ -47,7 +47,7 @@ from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, package_versions, register,
-                    require_matrix_engine_dtype, require_no_dropout)
+                    require_matrix_engine_dtype)
 
 #: the compiled-for architecture unless a precompile names another.
 DEFAULT_ARCH = "sm_90a"
@@ -206,7 +206,6 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_no_dropout(spec, self.name)
         if spec.kernel != "forward" and not knobs.nvvm_training():
             raise NotImplementedError(
                 f"training on CUDA tensors ({spec.kernel} of xegpu::attention) is experimental and off by "
