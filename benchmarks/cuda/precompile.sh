@@ -14,6 +14,8 @@ XEGPU_ATTN_TEST_PRECOMPILE=$arch .venv/bin/python -m pytest -q -p no:cacheprovid
 .venv/bin/python benchmarks/bench_cuda.py --precompile "$arch"
 # the training kernels' direct check
 .venv/bin/python benchmarks/cuda/check_training_kernels.py --precompile "$arch"
+# backward_variants.py's schedule variants
+.venv/bin/python benchmarks/cuda/backward_variants.py --precompile "$arch"
 # decode_variants.py's schedule variants
 .venv/bin/python benchmarks/cuda/decode_variants.py --precompile "$arch"
 du -sh "$cache"

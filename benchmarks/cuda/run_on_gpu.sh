@@ -4,7 +4,7 @@
 #     XEGPU_ATTN_CACHE_DIR=.nvproto/cache OUT=results bash benchmarks/cuda/run_on_gpu.sh
 # Builds the two extensions (_C, the CUDA launcher), checks the training kernels one by one, runs
 # the GPU tests, compute-sanitizer
-# (memcheck, racecheck, synccheck) on tail-heavy calls, the decode split variants, the host-cost
+# (memcheck, racecheck, synccheck) on tail-heavy calls, the backward and decode variants, the host-cost
 # breakdown and the benchmark (CSV in $OUT).
 set -o pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +17,7 @@ for tool in memcheck racecheck synccheck; do
   compute-sanitizer --tool $tool python3 benchmarks/cuda/sanitize.py > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool: $(tail -1 "$OUT/sanitizer_$tool.log")"
 done
+python3 benchmarks/cuda/backward_variants.py 2>&1 | tee "$OUT/backward_variants.log"
 python3 benchmarks/cuda/decode_variants.py 2>&1 | grep B= | tee "$OUT/decode.log"
 python3 benchmarks/cuda/host_breakdown.py 2>&1 | tee "$OUT/host.log"
 python3 -W ignore benchmarks/bench_cuda.py --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"
