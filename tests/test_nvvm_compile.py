@@ -428,6 +428,24 @@ def test_backward_layouts_follow_the_data_flow(compiled_backward):
     assert _annotated(inside, "arith.truncf") == ['"tile[row, col] cols=64"'] * 2
 
 
+@pytest.mark.parametrize("tiles", [{"kv_tile": 128}, {"kv_tile": 32}])
+def test_backward_loops_get_a_thread_block_each(tiles, tmp_path):
+    """With key tiles unlike the row tiles, the dK/dV loop's work-group holds kv_tile keys (the
+    schedule's attn.rows): its kernel gets its own thread block (16 keys a warp), the Delta and dQ
+    kernels the row tile's, and the layouts dump names each loop's."""
+    spec = BACKWARD_SPECS["backward-e64"]
+    options = nvvm.options_for(spec).with_fields(**tiles)
+    artifact = compile_spec(spec, dump_dir=str(tmp_path), options=options)
+    threads = [k["threads"] for k in artifact.metadata["kernels"]]
+    rows, keys = options.schedule.row_tile, options.schedule.kv_tile
+    assert threads == [2 * rows, 2 * rows, 2 * keys]
+    dump = next(tmp_path.rglob("*-nvvm-layouts.mlir")).read_text()
+    geometries = re.findall(r'attn.geometry = "rows=(\d+) warps=(\d+) m_tiles=1"', dump)
+    assert geometries == [(str(rows), str(rows // 16))] * 2 + [(str(keys), str(keys // 16))]
+    for report in artifact.metadata["resources"].values():
+        assert report["registers"] <= 255 and report["spill_stores"] <= 128, report
+
+
 def test_backward_on_ampere(tmp_path):
     spec = BACKWARD_SPECS["backward-e128-causal-bf16"]
     artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec, "sm_80"))

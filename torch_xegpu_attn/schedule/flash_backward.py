@@ -59,7 +59,7 @@ from ..spec import AttentionSpec
 from .flash import (K_TRANSPOSE_LOOP, V_TRANSPOSE_LOOP, contract, _convert, _new_tensor, _score_ops,
                     materialize_transposed)
 from .options import ScheduleOptions
-from .tiling import block_mapping
+from .tiling import WORK_GROUP_ROWS, block_mapping
 from .vector_tiles import (BodyTranslator, broadcast_rows, expand_to, i32, iota_i32, read_tile, splat, to_i32,
                            vector_type, write_tile)
 
@@ -177,9 +177,13 @@ class _Backward:
 
     # ------------------------------------------------------------------ pieces
 
-    def _loop(self, bounds, outs, attribute: str):
+    def _loop(self, bounds, outs, attribute: str, rows: Optional[int] = None):
+        """A work-group forall over `bounds` marked `attribute`, whose tiles have `rows` rows (None:
+        tiles of several shapes, a loop for CPU threads)."""
         loop = scf.ForallOp([0] * 5, list(bounds), [1] * 5, list(outs), mapping=block_mapping(5))
         loop.attributes[attribute] = ir.UnitAttr.get()
+        if rows is not None:
+            loop.attributes[WORK_GROUP_ROWS] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), rows)
         return loop, dict(zip("bhgpr", loop.induction_variables))
 
     def _rows(self, name: str, width: Optional[int], b, h, g, row0, padding: float,
@@ -322,7 +326,7 @@ class _Backward:
     def _delta_loop(self) -> ir.Value:
         """Delta = rowsum(dOut * Out) - dLSE per query row, into a (B, H, G, L) workspace."""
         workspace = _new_tensor([self.B, self.H, self.G, self.L], self.acc)
-        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [workspace], DELTA_LOOP)
+        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [workspace], DELTA_LOOP, self.R)
         with ir.InsertionPoint(loop.body):
             b, h, g = iv["b"], iv["h"], iv["g"]
             row0 = arith.muli(iv["r"], const_index(self.R))
@@ -348,7 +352,7 @@ class _Backward:
 
     def _dq_loop(self, delta_ws: ir.Value) -> ir.Value:
         R, T, E = self.R, self.T, self.E
-        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP)
+        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP, self.R)
         with ir.InsertionPoint(loop.body):
             b, h, g = iv["b"], iv["h"], iv["g"]
             row0 = arith.muli(iv["r"], const_index(R))
@@ -379,7 +383,7 @@ class _Backward:
         T = self.T
         widths = {"dk": self.E, "dv": self.EV}
         key_tiles = arith.ceildivui(self.S, const_index(T))
-        loop, iv = self._loop([self.B, self.H, 1, 1, key_tiles], [self.tensors[n] for n in gradients], DKV_LOOP)
+        loop, iv = self._loop([self.B, self.H, 1, 1, key_tiles], [self.tensors[n] for n in gradients], DKV_LOOP, T)
         with ir.InsertionPoint(loop.body):
             b, h = iv["b"], iv["h"]
             j = arith.muli(iv["r"], const_index(T))
@@ -458,7 +462,7 @@ class _Backward:
     def _dq_from_workspace(self, workspace: ir.Value) -> ir.Value:
         """forall (b, h, g, 0, r): dQ = scale * the accumulated workspace rows, in the inputs' type."""
         R, E = self.R, self.E
-        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP)
+        loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP, self.R)
         with ir.InsertionPoint(loop.body):
             b, h, g = iv["b"], iv["h"], iv["g"]
             row0 = arith.muli(iv["r"], const_index(R))

@@ -39,6 +39,9 @@ from .options import ScheduleOptions
 WORK_GROUP_DIMS = ("b", "h", "g", "p", "r")
 #: unit attribute that marks the work-group loop.
 WORK_GROUPS = "attn.work_groups"
+#: integer attribute of a work-group loop whose tiles' rows are not the spec's row tile: the
+#: leading extent of the tiles it accumulates and writes (a backward's dK/dV loop: its keys).
+WORK_GROUP_ROWS = "attn.rows"
 _PRODUCER = "attn.producer"
 
 

@@ -15,7 +15,7 @@ expression trees over `dim(argument, d)` (`size_expression`).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Union
 
 from mlir import ir
 from mlir.dialects import arith, gpu
@@ -99,11 +99,11 @@ class HostValues:
         return self.mapping[value]
 
 
-def outline_work_groups(module: ir.Module, where: str, threads: int, emit_body: BodyEmitter,
-                        causal: bool, head_chunk: int = 0) -> Dict:
+def outline_work_groups(module: ir.Module, where: str, threads: Union[int, Callable[[ir.Operation], int]],
+                        emit_body: BodyEmitter, causal: bool, head_chunk: int = 0) -> Dict:
     """Replace the host function by a gpu.module of one kernel per work-group loop, its body made
-    by `emit_body`; return the launch metadata (kernel names, grids, threads, workspaces, and what
-    emit_body adds per kernel)."""
+    by `emit_body`, of `threads` threads (or `threads(loop)` for each); return the launch metadata
+    (kernel names, grids, threads, workspaces, and what emit_body adds per kernel)."""
     host, args, allocs, loops = host_function(module, where)
     module.operation.attributes["gpu.container_module"] = ir.UnitAttr.get()
     with ir.InsertionPoint(module.body), host.location:
@@ -112,10 +112,11 @@ def outline_work_groups(module: ir.Module, where: str, threads: int, emit_body: 
     kernels = []
     for number, loop in enumerate(loops):
         name = f"{FUNC_NAME}_k{number}"
+        block = threads(loop) if callable(threads) else threads
         arg_types = [a.type for a in args] + [a.results[0].type for a in allocs]
         with ir.InsertionPoint(kernels_module.bodyRegion.blocks[0]), host.location:
             kernel = gpu.GPUFuncOp(ir.FunctionType.get(arg_types, []), sym_name=name, kernel=True,
-                                   known_block_size=[threads, 1, 1])
+                                   known_block_size=[block, 1, 1])
             entry = kernel.add_entry_block()
         kernel_args = list(entry.arguments)
         mapping = dict(zip(args, kernel_args[:len(args)]))
@@ -132,7 +133,7 @@ def outline_work_groups(module: ir.Module, where: str, threads: int, emit_body: 
         for b in forall_upper_bounds(loop):
             e = size_expression(b, args)
             grid = e if grid is None else ["mul", grid, e]
-        kernels.append({"name": name, "grid": grid, "threads": threads, **extra})
+        kernels.append({"name": name, "grid": grid, "threads": block, **extra})
     workspaces = []
     for alloc in allocs:
         mt = ir.MemRefType(alloc.results[0].type)

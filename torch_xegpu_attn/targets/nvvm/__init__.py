@@ -159,14 +159,19 @@ class NvvmOptions(TargetOptions):
         return parts
 
 
-def geometry_for(spec: AttentionSpec, options: NvvmOptions):
-    """Warps and m-tiles of one work-group of `spec` built with `options`."""
+def geometry_for(spec: AttentionSpec, options: NvvmOptions, rows: Optional[int] = None):
+    """Warps and m-tiles of one work-group of `spec` built with `options` whose tiles have `rows`
+    rows (default: the schedule's row tile, times the packed query heads)."""
     from .layout import Geometry
     schedule = options.schedule
-    rows = schedule.row_tile * (spec.group if schedule.pack_gqa else 1)
+    if rows is None:
+        rows = schedule.row_tile * (spec.group if schedule.pack_gqa else 1)
     if rows % 16:
         raise ValueError(f"nvvm: work-group rows ({rows}) must be a multiple of 16")
     m_tiles = 2 if rows >= 128 and rows % 32 == 0 and max(spec.head_dim, spec.v_head_dim) <= 128 else 1
+    if spec.kernel == "backward":
+        # a warp's rows carry two accumulators (dK and dV, or dQ and the score tiles): one m-tile
+        m_tiles = 1
     if options.warpgroup_mma:
         # one m64 operand a warpgroup (16 rows a warp): the accumulators of wgmmas in flight
         # stay live until their wait, and two m-tiles' of them leave ptxas too few registers
@@ -369,7 +374,7 @@ def _assign_layouts(module, spec: AttentionSpec, options: NvvmOptions):
     """Stage nvvm-layouts: the layouts of every vector value of the work-group loops, written on
     their ops (what the dump of this stage shows; nvvm-kernels distributes by them)."""
     from .kernel import assign_layouts
-    assign_layouts(module, geometry_for(spec, options))
+    assign_layouts(module, lambda rows: geometry_for(spec, options, rows))
     return module
 
 
@@ -379,7 +384,8 @@ def _build_kernels(module, spec: AttentionSpec, options: NvvmOptions):
     import json
     from mlir import ir
     from .kernel import build_kernels
-    metadata = build_kernels(module, geometry_for(spec, options), spec.causal, options.causal_head_chunk)
+    metadata = build_kernels(module, lambda rows: geometry_for(spec, options, rows), spec.causal,
+                             options.causal_head_chunk)
     module.operation.attributes["attn.nvvm"] = ir.StringAttr.get(json.dumps(metadata))
     return module
 

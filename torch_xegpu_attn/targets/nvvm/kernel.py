@@ -5,11 +5,12 @@ those layouts)."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from mlir import ir
 
 from ...schedule.bufferize import host_function
+from ...schedule.tiling import WORK_GROUP_ROWS
 from ..outline import KERNEL_MODULE, outline_work_groups
 from .analysis import annotate_layouts
 from .distribute import WorkGroupKernel
@@ -17,20 +18,40 @@ from .layout import Geometry
 
 __all__ = ["KERNEL_MODULE", "assign_layouts", "build_kernels"]
 
+#: the thread block a work-group loop is distributed over, as the layouts dump shows it.
+GEOMETRY_ATTR = "attn.geometry"
+#: a work-group's Geometry from the rows of its tiles (None: the spec's row tile).
+GeometryOf = Callable[[Optional[int]], Geometry]
 
-def assign_layouts(module: ir.Module, geometry: Geometry) -> None:
-    """Write the layouts of every work-group loop's vector values on its ops."""
+
+def work_group_rows(loop: ir.Operation) -> Optional[int]:
+    """The rows of a work-group loop's tiles where the schedule says they are not the row tile's
+    (a backward's dK/dV loop: its keys), else None."""
+    if WORK_GROUP_ROWS not in loop.attributes:
+        return None
+    return ir.IntegerAttr(loop.attributes[WORK_GROUP_ROWS]).value
+
+
+def assign_layouts(module: ir.Module, geometry_of: GeometryOf) -> None:
+    """Write the layouts of every work-group loop's vector values on its ops, and the thread block
+    the loop gets on the loop."""
     for loop in host_function(module, "nvvm-layouts").loops:
+        geometry = geometry_of(work_group_rows(loop))
+        loop.attributes[GEOMETRY_ATTR] = ir.StringAttr.get(
+            f"rows={geometry.rows} warps={geometry.warps} m_tiles={geometry.m_tiles}")
         annotate_layouts(loop.regions[0].blocks[0], geometry.rows)
 
 
-def build_kernels(module: ir.Module, geometry: Geometry, causal: bool, head_chunk: int = 0) -> Dict:
+def build_kernels(module: ir.Module, geometry_of: GeometryOf, causal: bool, head_chunk: int = 0) -> Dict:
     """Replace the host function by a gpu.module of one distributed kernel per work-group loop;
     return the launch metadata (kernel names, grids, threads, shared memory, workspaces)."""
 
     def distribute(loop, outer, ip, ivs):
-        work_group = WorkGroupKernel(loop, geometry, outer, ip)
+        work_group = WorkGroupKernel(loop, geometry_of(work_group_rows(loop)), outer, ip)
         work_group.emit(ivs)
         return {"shared_bytes": work_group.shared_bytes}
 
-    return outline_work_groups(module, "nvvm", geometry.threads, distribute, causal, head_chunk)
+    def threads(loop) -> int:
+        return geometry_of(work_group_rows(loop)).threads
+
+    return outline_work_groups(module, "nvvm", threads, distribute, causal, head_chunk)
