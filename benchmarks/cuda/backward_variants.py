@@ -26,7 +26,8 @@ from sweep_schedules import with_schedule  # (this folder: the same knob, set pe
 os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # training on CUDA tensors is experimental, off by default
 
 VARIANTS = ["", '{"backward_dkv": "apart"}', '{"kv_tile": 128}', '{"kv_tile": 32}', '{"warpgroup_mma": true}',
-            '{"warpgroup_mma": true, "kv_tile": 128}']
+            '{"warpgroup_mma": true, "kv_tile": 128}', '{"warpgroup_mma": true, "backward_dkv": "apart"}',
+            '{"warpgroup_mma": true, "backward_dkv": "apart", "kv_tile": 128}']
 ROWS = [(torch.float16, 64, False), (torch.float16, 64, True), (torch.bfloat16, 128, False),
         (torch.bfloat16, 128, True)]
 
