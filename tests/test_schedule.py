@@ -30,6 +30,7 @@ from torch_xegpu_attn import knobs
 from torch_xegpu_attn.compiler import CompilationStopped, compile_spec
 from torch_xegpu_attn.mlir_utils import mlir_context, walk
 from torch_xegpu_attn.schedule.options import ScheduleOptions
+from torch_xegpu_attn.schedule.tiling import WORK_GROUP_ROWS
 from torch_xegpu_attn.spec import AttentionSpec, MaskSpec
 
 #: named option sets (fields of ScheduleOptions); the first few are what GPU targets pick.
@@ -334,13 +335,20 @@ def test_backward_structure(option_set, spec_name, backward_dq):
     expected = ["attn.backward_delta", "attn.backward_dkv", "attn.backward_dq"]
     if opts.k_layout == "materialized":
         expected += ["attn.k_transpose", "attn.v_transpose"]
-    assert sorted(a for loop in ir.loops for a in loop["attrs"]) == sorted(expected)
+    assert sorted(a for loop in ir.loops for a in loop["attrs"] if a != WORK_GROUP_ROWS) == sorted(expected)
+    # the rows of a GPU work-group's tiles: the row tile's, the key tile's for a dK/dV loop, none
+    # for the per-head loop (tiles of both kinds, a loop for CPU threads)
+    rows_named = sorted(tuple(a for a in loop["attrs"] if a != WORK_GROUP_ROWS) for loop in ir.loops
+                        if WORK_GROUP_ROWS in loop["attrs"])
+    assert rows_named == sorted([("attn.backward_delta",), ("attn.backward_dq",)]
+                                + ([("attn.backward_dkv",)] if backward_dq == "second_pass" else []))
     for loop in ir.loops:
         assert loop["normalized"] and loop["mapping"] is not None
         if "attn.k_transpose" not in loop["attrs"] and "attn.v_transpose" not in loop["attrs"]:
             assert loop["rank"] == 5 and loop["mapping"] == MAPPING
     assert ir.allocations_in_loops == 0
-    carried = {tuple(loop["attrs"]): loop["carried"] for loop in ir.carried_by_loops}
+    carried = {tuple(a for a in loop["attrs"] if a != WORK_GROUP_ROWS): loop["carried"]
+               for loop in ir.carried_by_loops}
     r, t, e, ev = opts.row_tile, opts.kv_tile, spec.head_dim, spec.v_head_dim
     assert f"vector<{t}x{e}xf32>" in carried[("attn.backward_dkv",)]  # dK
     assert f"vector<{t}x{ev}xf32>" in carried[("attn.backward_dkv",)]  # dV
