@@ -80,6 +80,10 @@ SPECS = {
     "f32-e64": replace(BASE, dtype="float32"),
     "f32-e32-bool-mask-ls": replace(BASE, head_dim=32, v_head_dim=32, dtype="float32",
                                     mask=MaskSpec("bool", ("l", "s"), "bool")),
+    # the training forward: out in f32 and the rows' log-sum-exp (a scattered store of a row vector)
+    "lse-e64": replace(BASE, kernel="forward_lse"),
+    "lse-e128-bf16-causal": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", causal=True,
+                                    kernel="forward_lse"),
 }
 
 
@@ -135,6 +139,10 @@ def test_xegpu_ops_with_layouts(compiled, name):
         assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid[0]}, {grid[1]}\]", wg)
     # the 2D descriptors take their shape at run time: tails are bounds, not padding
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
+    if spec.kernel == "forward_lse":  # lse: the row reduction's layout, a slice along the keys
+        assert re.search(rf'xegpu\.store [^\n]*layout = #xegpu\.slice<#xegpu\.layout<sg_layout = \[{n}, 1\], '
+                         rf'sg_data = \[{rows}, {kv}\], inst_data = \[1, 16\], lane_layout = \[1, 16\], '
+                         rf'lane_data = \[1, 1\]>, dims = \[1\]>[^\n]*attn.xegpu_role = "rows"', wg)
     lowered = _stage(folder, "xegpu-lowered")
     assert "xegpu." not in lowered and "llvm.func" in lowered
 
@@ -283,6 +291,42 @@ def test_emulated_numerics(emulated, fresh_seed, dtype, e, causal, heads, l, s):
     assert _ran_on_xegpu(e)
 
 
+LSE_CASES = [
+    # (dtype, E, causal, (batch..., H, Hkv), L, S)
+    (torch.float16, 64, False, (1, 2, 2), 200, 200),
+    (torch.float16, 64, True, (1, 2, 2), 100, 250),       # causal, L < S
+    (torch.bfloat16, 128, True, (2, 2, 2), 130, 77),      # causal, L > S: rows that see no key
+    (torch.float16, 32, False, (1, 1, 1), 7, 33),         # decode-like
+    (torch.float16, 64, False, (1, 4, 2), 90, 120),       # GQA
+]
+
+
+@pytest.mark.parametrize("dtype,e,causal,heads,l,s", LSE_CASES)
+def test_emulated_forward_lse(emulated, fresh_seed, dtype, e, causal, heads, l, s):
+    """The training forward (attention_with_lse): out, written in float32, within 2x SDPA's
+    error (SDPA's 16-bit output; ours rounds P to the input type as the inference kernel does)
+    and the log-sum-exp to float32 rounding, against float64 (a row that sees no key: -inf)."""
+    import math
+    *batch, h, hkv = heads
+    q = torch.randn(*batch, h, l, e, dtype=dtype)
+    k = torch.randn(*batch, hkv, s, e, dtype=dtype)
+    v = torch.randn(*batch, hkv, s, e, dtype=dtype)
+    out, lse, _ = torch.ops.xegpu.attention_with_lse(q, k, v, None, 0.0, causal, None, h != hkv)
+    assert _ran_on_xegpu(e) and out.dtype == torch.float32 and lse.shape == (*batch, h, l)
+    kk, vv = (t.double().repeat_interleave(h // hkv, -3) for t in (k, v))
+    scores = q.double() @ kk.transpose(-1, -2) / math.sqrt(e)
+    if causal:
+        scores = scores.masked_fill(torch.ones(l, s, dtype=torch.bool).triu(1), float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    ref = torch.softmax(scores, -1).nan_to_num() @ vv
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=h != hkv)
+    err, sdpa_err = (out.double() - ref).abs().max().item(), (sdpa.double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_err + 1e-3, (err, sdpa_err)
+    seen = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite(), seen) and (lse[~seen] == float("-inf")).all()
+    assert (lse.double() - ref_lse)[seen].abs().max().item() <= 4e-6
+
+
 MASKS = [
     # (mask shape for q (B=2, H=2, L, E=64), dtype): every broadcast pattern class
     ((2, 2, 150, 170), torch.bool),
@@ -409,7 +453,7 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     shifted = base[8:].view(1, 2, 1, 100, 64)  # 16 bytes past a 64-byte boundary
     good = torch.randn(1, 2, 100, 64, dtype=torch.float16)
     out = torch.empty(1, 2, 1, 100, 64, dtype=torch.float16)
-    status = kernel._native.run(emulation_queue(), [shifted, good, good, out])
+    status = kernel._native.run(emulation_queue(), [shifted, good, good, out], [3])
     assert status & 1  # base address not 64-byte aligned
     assert kernel.properties(emulation_queue())["format"] == "spirv"
 
