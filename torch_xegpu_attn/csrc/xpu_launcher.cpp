@@ -329,9 +329,11 @@ class XpuKernel {
   std::optional<sycl::kernel> status_kernel_;
 };
 
-// A SYCL queue on the OpenCL CPU device (the emulation's), created once; its address.
+// A SYCL queue on the OpenCL CPU device (the emulation's), created once; its address.  In order,
+// as torch's XPU queues are: a kernel that reads what an earlier one wrote (the backward's Delta)
+// starts after it.
 int64_t cpu_queue() {
-  static sycl::queue* queue = new sycl::queue(sycl::cpu_selector_v);
+  static sycl::queue* queue = new sycl::queue(sycl::cpu_selector_v, sycl::property::queue::in_order());
   TORCH_CHECK(queue->get_backend() == sycl::backend::opencl,
               "torch_xegpu_attn (xegpu): the CPU SYCL device is not an OpenCL one");
   return reinterpret_cast<int64_t>(queue);
