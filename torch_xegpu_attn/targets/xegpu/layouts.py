@@ -170,18 +170,50 @@ def _use_class(use) -> str:
 def one_use_class_per_load(kernel) -> None:
     """Give each kind of use of a loaded tile a load of its own: a layout belongs to the load, and
     a tile that is both a B operand as read and a transposed one (K in the backward's dQ loop: the
-    right operand of Q K^T and of dS K; Q and dOut in its dK/dV loop) needs both layouts.  The
-    copy reads the same tile again (an L1 hit) right after the first."""
+    right operand of Q K^T and of dS K; Q and dOut in its dK/dV loop) needs both layouts.  Each
+    load of such a tile sits right before its first use (the same tile read again: an L1 hit),
+    so that one B tile, not all of a step's, is live at a time."""
     from torch_mlir import ir
     for load in _walk(kernel, "xegpu.load_nd"):
         groups = {}
         for use in list(load.results[0].uses):
             groups.setdefault(_use_class(use), []).append((use.owner, use.operand_number))
-        for uses in list(groups.values())[1:]:
-            with ir.InsertionPoint.after(load):
+        if len(groups) < 2:
+            continue
+        firsts = [_first_in_block(load, [owner for owner, _ in uses]) for uses in groups.values()]
+        for i, (uses, first) in enumerate(zip(groups.values(), firsts)):
+            if i == 0:
+                if first is not None:
+                    load.move_before(first)
+                continue
+            with ir.InsertionPoint(first) if first is not None else ir.InsertionPoint.after(load):
                 copy = load.clone()
             for owner, number in uses:
                 owner.operands[number] = copy.results[0]
+
+
+def _first_in_block(op, users):
+    """The first op of `op`'s block after it that is or holds one of `users` (None if a user
+    lies outside the block)."""
+    op = op.operation
+    block = op.block
+    holders = []
+    for user in users:
+        user = user.operation
+        while user.block != block:
+            user = user.parent
+            if user is None or user.name == "gpu.func":
+                return None
+            user = user.operation
+        holders.append(user)
+    later = False
+    for candidate in block.operations:
+        candidate = candidate.operation
+        if candidate == op:
+            later = True
+        elif later and any(candidate == h for h in holders):
+            return candidate
+    return None
 
 
 @dataclass
@@ -316,10 +348,15 @@ def kernel_geometry(kernel, geometry: Geometry) -> Geometry:
 
 
 def _in_loop(op) -> bool:
+    """Whether `op` is in an scf.for that transform.xegpu.insert_prefetch takes: one whose lower
+    bound is a constant (it peels the prefetch of the first step; the backward's causal dK/dV loop,
+    which starts at the first row tile that sees the keys, it refuses: "Failed to unroll the
+    loop")."""
     parent = op.parent
     while parent is not None and parent.name != "gpu.func":
         if parent.name == "scf.for":
-            return True
+            lower = parent.operands[0].owner
+            return not hasattr(lower, "arguments") and lower.name == "arith.constant"
         parent = parent.parent
     return False
 
