@@ -80,6 +80,10 @@ SPECS = {
     "f32-e64": replace(BASE, dtype="float32"),
     "f32-e32-bool-mask-ls": replace(BASE, head_dim=32, v_head_dim=32, dtype="float32",
                                     mask=MaskSpec("bool", ("l", "s"), "bool")),
+    # the training forward: out in f32 and the rows' log-sum-exp (a scattered store of a row vector)
+    "lse-e64": replace(BASE, kernel="forward_lse"),
+    "lse-e128-bf16-causal": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", causal=True,
+                                    kernel="forward_lse"),
 }
 
 
@@ -135,6 +139,10 @@ def test_xegpu_ops_with_layouts(compiled, name):
         assert re.search(rf"xegpu\.prefetch_nd[^\n]*sg_layout = \[{grid[0]}, {grid[1]}\]", wg)
     # the 2D descriptors take their shape at run time: tails are bounds, not padding
     assert re.search(r"create_nd_tdesc %\w+, shape : \[%", wg)
+    if spec.kernel == "forward_lse":  # lse: the row reduction's layout, a slice along the keys
+        assert re.search(rf'xegpu\.store [^\n]*layout = #xegpu\.slice<#xegpu\.layout<sg_layout = \[{n}, 1\], '
+                         rf'sg_data = \[{rows}, {kv}\], inst_data = \[1, 16\], lane_layout = \[1, 16\], '
+                         rf'lane_data = \[1, 1\]>, dims = \[1\]>[^\n]*attn.xegpu_role = "rows"', wg)
     lowered = _stage(folder, "xegpu-lowered")
     assert "xegpu." not in lowered and "llvm.func" in lowered
 
@@ -283,6 +291,156 @@ def test_emulated_numerics(emulated, fresh_seed, dtype, e, causal, heads, l, s):
     assert _ran_on_xegpu(e)
 
 
+BACKWARD_SPECS = {
+    "bwd-e64": replace(BASE, kernel="backward"),
+    "bwd-e128-bf16": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", kernel="backward"),
+    "bwd-e16-gqa2": replace(BASE, head_dim=16, v_head_dim=16, group=2, kernel="backward"),
+}
+#: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
+#: (pvc, bmg): at head dim 128 the dQ loop's K^T, K and V^T tiles of 32 x 128 (8 KB on both) and
+#: the dK/dV loop's accumulators with Q and dOut tiles of 32 x 128 (4 KB on pvc, 8 KB on bmg)
+#: do not fit; head dim 64 fits.
+BACKWARD_SPILLS = {("bwd-e128-bf16", "attention_k1"): 8192, ("bwd-e128-bf16", "attention_k2"): 8192}
+
+
+@pytest.fixture(scope="module")
+def compiled_backward(tmp_path_factory):
+    os.environ.pop("XEGPU_ATTN_EMULATE", None)
+    return {name: (spec, compile_spec(spec, dump_dir=str(tmp_path_factory.mktemp(name))))
+            for name, spec in BACKWARD_SPECS.items()}
+
+
+def _per_kernel_native(spirv: bytes, device: str):
+    """ocloc's counts for each kernel of a module: {kernel name: machine_code_counts}."""
+    import tempfile
+    found = {}
+    toolchain._ensure_proc()
+    with tempfile.TemporaryDirectory(prefix="xegpu_attn_test_", dir=os.path.join(toolchain.SID_ROOT, "tmp")) as tmp:
+        inside = "/tmp/" + os.path.basename(tmp)
+        with open(os.path.join(tmp, "kernel.spv"), "wb") as f:
+            f.write(spirv)
+        toolchain._run(["chroot", toolchain.SID_ROOT, "ocloc", "compile", "-spirv_input", "-file",
+                        f"{inside}/kernel.spv", "-device", device, "-output", f"{inside}/kernel", "-output_no_suffix",
+                        "-options", "-ze-opt-large-register-file"], "ocloc")
+        toolchain._run(["chroot", toolchain.SID_ROOT, "ocloc", "disasm", "-file", f"{inside}/kernel.bin", "-device",
+                        device, "-dump", f"{inside}/disasm"], "ocloc disasm")
+        with open(os.path.join(tmp, "kernel.bin"), "rb") as f:
+            zeinfo = toolchain.elf_section(f.read(), ".ze_info").decode()
+        entries = re.split(r"\n\s*-\s*name:\s*", zeinfo)
+        for name in os.listdir(os.path.join(tmp, "disasm")):
+            if name.startswith(".text.") and name.endswith(".asm"):
+                kernel = name[len(".text."):-len(".asm")]
+                with open(os.path.join(tmp, "disasm", name)) as f:
+                    found[kernel] = toolchain.machine_code_counts(
+                        f.read(), next((e for e in entries if e.startswith(kernel + "\n")), ""))
+    return found
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_SPECS))
+def test_backward_kernels(compiled_backward, name):
+    """The backward's three loops (Delta, dQ, dK/dV) as XeGPU kernels: seven dpas, roles from the
+    data flow, valid SPIR-V of emulated builtins only; ocloc's code for pvc and bmg with the DPAS
+    of every contraction, 2D block messages and no spills (but the known one)."""
+    spec, artifact = compiled_backward[name]
+    kernels = [k["name"] for k in artifact.metadata["kernels"]]
+    assert kernels == ["attention_k0", "attention_k1", "attention_k2"]
+    assert [w["dtype"] for w in artifact.metadata["workspaces"]] == ["f32"]  # Delta
+    options = xegpu.options_for(spec)
+    t, e, ev = options.schedule.kv_tile, spec.head_dim, spec.v_head_dim
+    assert options.schedule.row_tile == t  # one work-group shape for every loop
+    rows = xegpu_target.subgroup_rows(spec)
+    assert [k["threads"] for k in artifact.metadata["kernels"]] == [t // rows * 16] * 3
+    imports = toolchain.imported_functions(artifact.binary)
+    assert not set(imports) - _emulated_exports()
+    toolchain.validate(artifact.binary)
+    if toolchain.ocloc_available() is not None and not os.environ.get("CI"):
+        pytest.skip(f"no ocloc: {toolchain.ocloc_available()}")
+    # 8x16x16 DPAS per sub-group (its `rows` rows) and step: dQ: S, dP, dQ; dK/dV: S^T, dP^T, dV, dK
+    per_step = {"attention_k0": 0,
+                "attention_k1": rows // 8 * (t // 16 * e // 16 + t // 16 * ev // 16 + e // 16 * t // 16),
+                "attention_k2": rows // 8 * (t // 16 * e // 16 + t // 16 * ev // 16 + ev // 16 * t // 16
+                                             + e // 16 * t // 16)}
+    for device in ("pvc", "bmg"):
+        for kernel, counts in _per_kernel_native(artifact.binary, device).items():
+            print(f"\n{name} {device} {kernel}: {counts}")
+            assert counts["spill_bytes"] <= BACKWARD_SPILLS.get((name, kernel), 0), (kernel, counts)
+            # (a multiple where a loop is unrolled: the G query heads of GQA in the dK/dV loop)
+            step = per_step[kernel]
+            assert counts["dpas"] == step == 0 or (step and counts["dpas"] % step == 0 and counts["dpas"]), (kernel, counts)
+            assert counts["block_loads"] >= 2
+            assert counts["block_stores"] >= (0 if kernel == "attention_k0" else 1)
+
+
+GRADIENT_CASES = [
+    # (dtype, E, (batch..., H, Hkv), L, S)
+    (torch.float16, 64, (1, 2, 2), 100, 120),
+    (torch.bfloat16, 128, (2, 2, 2), 70, 45),         # L > S, tails
+    (torch.float16, 32, (1, 3, 3), 1, 77),            # one query row
+    (torch.float16, 16, (1, 2, 1), 129, 200),         # GQA, 32-byte rows
+]
+
+
+@pytest.mark.parametrize("dtype,e,heads,l,s", GRADIENT_CASES)
+def test_emulated_gradients(emulated, fresh_seed, dtype, e, heads, l, s):
+    """A training step through the xegpu target's forward_lse and backward kernels: dq, dk, dv
+    within 2x SDPA's error (+ the dtype's floor) against float64 autograd."""
+    import math
+    from conftest import FLOOR
+    *batch, h, hkv = heads
+    q = torch.randn(*batch, h, l, e, dtype=dtype)
+    k, v = (torch.randn(*batch, hkv, s, e, dtype=dtype) for _ in "kv")
+    dout = torch.randn(*batch, h, l, e, dtype=dtype)
+    import torch_xegpu_attn
+    ours = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch_xegpu_attn.attention(*ours, enable_gqa=h != hkv).backward(dout)
+    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" for key in CACHE._memory)
+    sdpa = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*sdpa, enable_gqa=h != hkv).backward(dout)
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    kk, vv = (x.repeat_interleave(h // hkv, -3) for x in ref[1:])
+    (torch.softmax(ref[0] @ kk.transpose(-1, -2) / math.sqrt(e), -1) @ vv).backward(dout.double())
+    for name, a, b, r in zip(("dq", "dk", "dv"), ours, sdpa, ref):
+        err = (a.grad.double() - r.grad).abs().max().item()
+        sdpa_err = (b.grad.double() - r.grad).abs().max().item()
+        assert err <= 2 * sdpa_err + FLOOR[dtype], (name, err, sdpa_err)
+
+
+LSE_CASES = [
+    # (dtype, E, causal, (batch..., H, Hkv), L, S)
+    (torch.float16, 64, False, (1, 2, 2), 200, 200),
+    (torch.float16, 64, True, (1, 2, 2), 100, 250),       # causal, L < S
+    (torch.bfloat16, 128, True, (2, 2, 2), 130, 77),      # causal, L > S: rows that see no key
+    (torch.float16, 32, False, (1, 1, 1), 7, 33),         # decode-like
+    (torch.float16, 64, False, (1, 4, 2), 90, 120),       # GQA
+]
+
+
+@pytest.mark.parametrize("dtype,e,causal,heads,l,s", LSE_CASES)
+def test_emulated_forward_lse(emulated, fresh_seed, dtype, e, causal, heads, l, s):
+    """The training forward (attention_with_lse): out, written in float32, within 2x SDPA's
+    error (SDPA's 16-bit output; ours rounds P to the input type as the inference kernel does)
+    and the log-sum-exp to float32 rounding, against float64 (a row that sees no key: -inf)."""
+    import math
+    *batch, h, hkv = heads
+    q = torch.randn(*batch, h, l, e, dtype=dtype)
+    k = torch.randn(*batch, hkv, s, e, dtype=dtype)
+    v = torch.randn(*batch, hkv, s, e, dtype=dtype)
+    out, lse, _ = torch.ops.xegpu.attention_with_lse(q, k, v, None, 0.0, causal, None, h != hkv)
+    assert _ran_on_xegpu(e) and out.dtype == torch.float32 and lse.shape == (*batch, h, l)
+    kk, vv = (t.double().repeat_interleave(h // hkv, -3) for t in (k, v))
+    scores = q.double() @ kk.transpose(-1, -2) / math.sqrt(e)
+    if causal:
+        scores = scores.masked_fill(torch.ones(l, s, dtype=torch.bool).triu(1), float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    ref = torch.softmax(scores, -1).nan_to_num() @ vv
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=h != hkv)
+    err, sdpa_err = (out.double() - ref).abs().max().item(), (sdpa.double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_err + 1e-3, (err, sdpa_err)
+    seen = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite(), seen) and (lse[~seen] == float("-inf")).all()
+    assert (lse.double() - ref_lse)[seen].abs().max().item() <= 4e-6
+
+
 MASKS = [
     # (mask shape for q (B=2, H=2, L, E=64), dtype): every broadcast pattern class
     ((2, 2, 150, 170), torch.bool),
@@ -409,7 +567,7 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     shifted = base[8:].view(1, 2, 1, 100, 64)  # 16 bytes past a 64-byte boundary
     good = torch.randn(1, 2, 100, 64, dtype=torch.float16)
     out = torch.empty(1, 2, 1, 100, 64, dtype=torch.float16)
-    status = kernel._native.run(emulation_queue(), [shifted, good, good, out])
+    status = kernel._native.run(emulation_queue(), [shifted, good, good, out], [3])
     assert status & 1  # base address not 64-byte aligned
     assert kernel.properties(emulation_queue())["format"] == "spirv"
 

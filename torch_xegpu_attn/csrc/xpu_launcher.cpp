@@ -5,7 +5,8 @@
 // A compiled xegpu kernel holds one SPIR-V kernel per work-group loop of the shared IR, each
 // taking every operand as MLIR's expanded memref descriptor
 //     (allocated ptr, aligned ptr, offset, sizes[rank], strides[rank])
-// of q, k, v, [mask], out.  Grids are functions of the operands' sizes (postfix programs, as the
+// of the spec's operands (q, k, v, [mask], out for the forward), then of the workspaces the
+// kernels share (the backward's Delta), allocated by the caller.  Grids are functions of the operands' sizes (postfix programs, as the
 // nvvm launcher's).  Kernels are built once per SYCL context:
 //   Level Zero (Intel GPUs)  zeModuleCreate from the native binary when one was compiled for the
 //                            device, else from SPIR-V with the build options (the large register
@@ -133,9 +134,10 @@ class XpuKernel {
   ~XpuKernel() { loaded_modules.fetch_sub(static_cast<int64_t>(built_.size()), std::memory_order_relaxed); }
 
   // Launch on the queue at `queue_address` (a sycl::queue*): every kernel in order, asynchronously.
-  // Emulated: the operands are CPU tensors, staged through USM shared buffers, and the call waits;
-  // returns the emulation's status word (non-zero: a block message broke the hardware's rules).
-  int64_t run(int64_t queue_address, const std::vector<at::Tensor>& operands) {
+  // Emulated: the operands are CPU tensors, staged through USM shared buffers, and the call waits,
+  // then copies the operands at `written` back; returns the emulation's status word (non-zero: a
+  // block message broke the hardware's rules).
+  int64_t run(int64_t queue_address, const std::vector<at::Tensor>& operands, const std::vector<int64_t>& written) {
     sycl::queue& queue = *reinterpret_cast<sycl::queue*>(queue_address);
     const Built& built = build(queue);
     std::vector<void*> pointers;
@@ -172,8 +174,10 @@ class XpuKernel {
     }
     if (!emulated_) return 0;
     for (auto& e : staging.submissions()) e.wait_and_throw();
-    const auto& out = operands.back();
-    if (out.numel()) std::memcpy(out.data_ptr(), pointers.back(), span_bytes(out));
+    for (const int64_t i : written) {
+      const auto& out = operands.at(static_cast<size_t>(i));
+      if (out.numel()) std::memcpy(out.data_ptr(), pointers.at(static_cast<size_t>(i)), span_bytes(out));
+    }
     return take_status(queue);
   }
 
@@ -325,9 +329,11 @@ class XpuKernel {
   std::optional<sycl::kernel> status_kernel_;
 };
 
-// A SYCL queue on the OpenCL CPU device (the emulation's), created once; its address.
+// A SYCL queue on the OpenCL CPU device (the emulation's), created once; its address.  In order,
+// as torch's XPU queues are: a kernel that reads what an earlier one wrote (the backward's Delta)
+// starts after it.
 int64_t cpu_queue() {
-  static sycl::queue* queue = new sycl::queue(sycl::cpu_selector_v);
+  static sycl::queue* queue = new sycl::queue(sycl::cpu_selector_v, sycl::property::queue::in_order());
   TORCH_CHECK(queue->get_backend() == sycl::backend::opencl,
               "torch_xegpu_attn (xegpu): the CPU SYCL device is not an OpenCL one");
   return reinterpret_cast<int64_t>(queue);

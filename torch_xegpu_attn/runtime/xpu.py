@@ -177,6 +177,24 @@ def conform_output(out: torch.Tensor) -> torch.Tensor:
     return padded
 
 
+#: operands that are one value per query row (B, H, G, L): read by scattered loads and written by
+#: scattered stores, never by 2D block messages.
+ROW_VECTORS = ("lse", "dlse")
+_WORKSPACE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+_SIZE_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+             "ceildiv": lambda a, b: -(-a // b), "div": lambda a, b: a // b, "min": min, "max": max}
+
+
+def _evaluate(expression, operands: Sequence[torch.Tensor]) -> int:
+    """A size expression of the kernel's metadata (outline.size_expression) on the operands."""
+    kind = expression[0]
+    if kind == "const":
+        return int(expression[1])
+    if kind == "dim":
+        return int(operands[expression[1]].size(expression[2]))
+    return _SIZE_OPS[kind](_evaluate(expression[1], operands), _evaluate(expression[2], operands))
+
+
 def describe_status(status: int) -> str:
     return "(" + "; ".join(text for bit, text in STATUS_BITS.items() if status & bit) + ")"
 
@@ -192,13 +210,15 @@ class XpuKernel(Kernel):
         natives = [base64.b64decode(n) for n in metadata.get("native", {}).values()]
         self.metadata = metadata
         self.emulated = bool(metadata.get("emulated"))
-        if metadata["workspaces"]:
-            raise RuntimeError("xegpu: kernels with workspaces are not supported by the launcher yet")
         kernels = metadata["kernels"]
         options = "-ze-opt-large-register-file" if metadata.get("large_grf") else ""
-        # operands read or written by 2D block messages: q, k, v, out, and a mask of (..., L, S) tiles
-        self._blocks = [o["name"] != "mask" or tuple(o["dims"][-2:]) == ("L", "S") for o in metadata["operands"]]
+        # operands read or written by 2D block messages: all but the row vectors (read and written
+        # by scattered messages) and a mask that is not made of (..., L, S) tiles
+        self._blocks = [o["name"] not in ROW_VECTORS and (o["name"] != "mask" or tuple(o["dims"][-2:]) == ("L", "S"))
+                        for o in metadata["operands"]]
         self._names = [o["name"] for o in metadata["operands"]]
+        self._written = [i for i, name in enumerate(self._names) if name in metadata.get("writes", ["out"])]
+        self._workspaces = [(w["dims"], _WORKSPACE_DTYPES[w["dtype"]]) for w in metadata["workspaces"]]
         self._native = extension().XpuKernel(
             spirv, natives, options, [k["name"] for k in kernels], [int(k["threads"]) for k in kernels],
             [postfix(k["grid"]) for k in kernels], self.emulated)
@@ -208,15 +228,17 @@ class XpuKernel(Kernel):
         operands = list(arguments)
         for i, (name, blocks) in enumerate(zip(self._names, self._blocks)):
             if blocks:
-                operands[i] = conform_output(operands[i]) if name == "out" else conform(name, operands[i])
+                operands[i] = conform_output(operands[i]) if i in self._written else conform(name, operands[i])
         queue = emulation_queue() if self.emulated else torch_queue(operands[0].device)
-        status = self._native.run(queue, operands)
+        workspaces = [torch.empty([_evaluate(d, arguments) for d in dims], dtype=dtype, device=operands[0].device)
+                      for dims, dtype in self._workspaces]
+        status = self._native.run(queue, operands + workspaces, self._written)
         if status:
             raise RuntimeError(f"xegpu (emulated): a 2D block message broke the hardware's constraints "
                                f"{describe_status(status)}; on an Intel GPU this launch would fault")
-        out = operands[-1]
-        if out is not arguments[-1]:  # the output's planes broke the constraints: written to a copy
-            arguments[-1].copy_(out[..., :arguments[-1].size(-2), :])
+        for i in self._written:
+            if operands[i] is not arguments[i]:  # an output's planes broke the constraints: written to a copy
+                arguments[i].copy_(operands[i][..., :arguments[i].size(-2), :])
         if queue not in self._checked:
             self._checked.add(queue)
             self._check_spills(queue)

@@ -265,13 +265,23 @@ class _Backward:
             return vector.transpose(vector_type([width, self.T], self.operand_type), tile, [1, 0]), _ROW_MAJOR
         return tile, _FOLDED
 
+    def _rows_as_right(self, tile: ir.Value, width: int):
+        """An (R x width) tile of Q or dOut as the right operand of K Q^T or V dOut^T (keys
+        first): (the operand, the contraction's maps).  As read (folded maps), or with k_layout
+        "explicit" transposed in registers for a row-major contraction, as the K and V tiles of
+        Q K^T and dOut V^T are (what XeGPU's vector-to-xegpu conversion makes a dpas of)."""
+        if self.options.k_layout == "explicit":
+            return vector.transpose(vector_type([width, self.R], self.operand_type), tile, [1, 0]), _ROW_MAJOR
+        return tile, _FOLDED
+
     def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool, keys_first: bool = False) -> ir.Value:
         """The score chain on the (R x T) tile of rows row0.. and keys j.. (`k_operand`: the K
         tile and the contraction's maps); with `keys_first` on the (T x R) tile S^T = K Q^T
         (`k_operand`: the K tile as read).  With `mask_keys`, keys at or past S are -inf."""
         shape = self._tile_shape(keys_first)
         if keys_first:
-            s = contract(k_operand, q_tile, splat(shape, self.acc, 0.0), _FOLDED)
+            q_operand, maps = self._rows_as_right(q_tile, self.E)
+            s = contract(k_operand, q_operand, splat(shape, self.acc, 0.0), maps)
         else:
             s = contract(q_tile, k_operand[0], splat(shape, self.acc, 0.0), k_operand[1])
         index_vectors = self._index_vectors(b, h, g, row0, j, keys_first)
@@ -312,7 +322,8 @@ class _Backward:
         with `keys_first` dS^T = P^T * (Z * V . dOut^T - Delta) (`v_operand`: the V tile as read)."""
         zero = splat(self._tile_shape(keys_first), self.acc, 0.0)
         if keys_first:
-            dp = contract(v_operand, do_tile, zero, _FOLDED)
+            do_operand, maps = self._rows_as_right(do_tile, self.EV)
+            dp = contract(v_operand, do_operand, zero, maps)
         else:
             dp = contract(do_tile, v_operand[0], zero, v_operand[1])
         dp = self._dropped(dp, "dp_dropout")

@@ -46,8 +46,8 @@ from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
-from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_inference,
-                    require_matrix_engine_dtype)
+from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_matrix_engine_dtype,
+                    require_no_dropout)
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 #: the input dtypes the kernels take: f16 and bf16 on DPAS as they are, f32 as three bf16 parts
@@ -90,7 +90,11 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_inference(spec, self.name, "XPU")
+        require_no_dropout(spec, self.name)
+        if spec.kernel == "backward" and (spec.causal or spec.mask is not None or spec.dtype == "float32"):
+            raise NotImplementedError(
+                "the xegpu target's backward takes float16 and bfloat16 inputs without a mask and without "
+                "is_causal so far; train on CPU tensors for the rest")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
@@ -104,6 +108,8 @@ class XegpuTarget(Target):
         # contraction only in that form (and layouts turn the transpose into a transposed read).
         if spec.length_class not in ("decode", "prefill"):
             raise ValueError(f"the xegpu target has no length class {spec.length_class!r}")
+        if spec.kernel == "backward":
+            return XegpuOptions(backward_schedule(spec), chip=arch or CHIP, emulated=knobs.emulate() == "xpu")
         row_tile = DECODE_ROWS if spec.length_class == "decode" else ROW_TILE
         schedule = ScheduleOptions(row_tile=row_tile, kv_tile=kv_tile(spec), k_layout="explicit", pv_in_f32=False)
         return XegpuOptions(schedule, chip=arch or CHIP, emulated=knobs.emulate() == "xpu",
@@ -112,6 +118,8 @@ class XegpuTarget(Target):
     def length_class(self, size: ProblemSize, spec: AttentionSpec, arch: Optional[str] = None) -> str:
         """"decode" (at most DECODE_ROWS query rows per head: one sub-group's 8-row DPAS tile per
         work-group, so a decode step is not 16 sub-groups of padding) or "prefill"."""
+        if spec.kernel == "backward":  # one backward schedule for every length
+            return "prefill"
         return "decode" if size.q_len <= DECODE_ROWS else "prefill"
 
     def stage_names(self) -> Sequence[str]:
@@ -134,6 +142,7 @@ class XegpuTarget(Target):
         metadata["imports"] = toolchain.imported_functions(hardware)
         metadata["operands"] = [{"name": name, "dims": list(dims), "dtype": dtype}
                                 for name, dims, dtype in spec.operands()]
+        metadata["writes"] = spec.writes()
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
         metadata["large_grf"] = options.large_grf
         metadata["emulated"] = options.emulated
@@ -203,13 +212,35 @@ def _outline(module, spec: AttentionSpec, options: XegpuOptions):
     """Stage xegpu-kernels: the work-group loops become gpu.funcs with their bodies as they are."""
     from mlir import ir
     from ..outline import move_body_into, outline_work_groups
+    from ...schedule.tiling import WORK_GROUP_ROWS
+    from .layouts import LANES, ROWS, STEP
     geometry = _geometry(spec, options.schedule)
+    schedule = options.schedule
+
+    def rows(loop):
+        """The rows of a loop's work-group tiles (the backward's dK/dV loop owns keys), and of the
+        tiles its steps take; None for the forward's one loop (the Geometry's)."""
+        if WORK_GROUP_ROWS not in loop.attributes:
+            return None
+        own = ir.IntegerAttr(loop.attributes[WORK_GROUP_ROWS]).value
+        return own, schedule.row_tile + schedule.kv_tile - own
+
+    def threads(loop):
+        own = rows(loop)
+        return geometry.threads if own is None else own[0] // geometry.sg_rows * LANES
 
     def move(loop, outer, ip, ivs):
         move_body_into(loop, outer, ivs)
+        own = rows(loop)
+        if own is not None:
+            kernel = ip.block.owner
+            kernel = getattr(kernel, "operation", kernel)
+            i64 = ir.IntegerType.get_signless(64)
+            kernel.attributes[ROWS] = ir.IntegerAttr.get(i64, own[0])
+            kernel.attributes[STEP] = ir.IntegerAttr.get(i64, own[1])
         return {}
 
-    metadata = outline_work_groups(module, "xegpu", geometry.threads, move, causal=False)
+    metadata = outline_work_groups(module, "xegpu", threads, move, causal=False)
     module.operation.attributes[METADATA] = ir.StringAttr.get(json.dumps(metadata))
     if spec.mask is not None and tuple(spec.mask.dims[-2:]) == ("l", "s"):
         _mask_tiles_span_the_mask(module, [name for name, _, _ in spec.operands()].index("mask"))
@@ -282,6 +313,40 @@ def _gather_vector_reads(module) -> None:
         read.erase()
 
 
+def _scatter_vector_writes(module) -> None:
+    """1-D writes (the training kernels' row vectors: lse, Delta) as vector.scatter, the form in
+    which convert-vector-to-xegpu takes a 1-D transfer that may run past the end (a scattered
+    store whose lanes past the end are masked off), as _gather_vector_reads does for reads."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith, memref, vector
+    writes = []
+
+    def visit(op):
+        if op.name == "vector.transfer_write" and ir.VectorType(op.operands[0].type).rank == 1:
+            writes.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    index = ir.IndexType.get()
+    for write in writes:
+        value, dest = write.operands[0], write.operands[1]
+        indices = list(write.operands[2:])
+        vtype = ir.VectorType(value.type)
+        mtype = ir.MemRefType(dest.type)
+        amap = ir.AffineMapAttr(write.attributes["permutation_map"]).value
+        if len(amap.results) != 1 or str(amap.results[0]) != f"d{mtype.rank - 1}" or len(indices) != mtype.rank:
+            raise CompileError(f"xegpu: a 1-D write along another dim than the innermost ({amap})")
+        n = vtype.shape[0]
+        with ir.InsertionPoint(write), write.location:
+            index_vector = ir.VectorType.get([n], index)
+            last = indices[-1]
+            lanes = arith.addi(vector.step(index_vector), vector.broadcast(index_vector, last))
+            rest = arith.subi(memref.dim(dest, arith.constant(index, mtype.rank - 1)), last)
+            mask = vector.create_mask(ir.VectorType.get([n], ir.IntegerType.get_signless(1)), [rest])
+            vector.scatter(None, dest, indices[:-1] + [arith.constant(index, 0)], lanes, mask, value)
+        write.erase()
+
+
 def _scalar_read(read, indices) -> None:
     """A one-element read (a mask that varies along neither rows nor keys) as a scalar load whose
     value its users broadcast themselves: a one-lane vector broadcast to a tile cannot be laid
@@ -316,10 +381,31 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
                     element_bytes=4 if spec.dtype == "float32" else 2)
 
 
+#: the backward's tiles: 64 query rows by 64 keys in every loop (the dK/dV loop's work-group owns
+#: keys, the dQ and Delta loops' query rows; equal extents give every loop one work-group shape).
+BACKWARD_TILE = 32
+#: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
+BACKWARD_SG_ROWS = 8
+
+
+def backward_schedule(spec: AttentionSpec) -> ScheduleOptions:
+    """The backward's schedule: every contraction a dpas of 16-bit operands (P and dS rounded,
+    pv_in_f32 off) accumulating in f32; the dK/dV loop keys first (S^T = K Q^T: P^T and dS^T are
+    dpas A operands in the layout their dpas produced them in), Q and dOut transposed explicitly
+    where they are right operands (k_layout "explicit", as K in Q K^T); dQ from a loop of its own
+    (no float atomics).  Above head dims of 128, dK and dV in loops of their own (their two
+    accumulators in registers together would not fit)."""
+    dkv = "apart" if max(spec.head_dim, spec.v_head_dim) > 128 else "together"
+    return ScheduleOptions(row_tile=BACKWARD_TILE, kv_tile=BACKWARD_TILE, k_layout="explicit", pv_in_f32=False,
+                           backward_tiles="keys_by_rows", backward_dq="second_pass", backward_dkv=dkv)
+
+
 def subgroup_rows(spec: AttentionSpec) -> int:
     """Query rows per sub-group: 16 for head dims up to 64 without a mask (lighthouse's tuned
     choice), else 8: 16 rows of a 128-wide f32 accumulator, Q and the scores, or of a 64-wide one
     plus the mask tile, spill out of 256 registers (ocloc, pvc and bmg)."""
+    if spec.kernel == "backward":
+        return BACKWARD_SG_ROWS
     if spec.length_class == "decode":
         return DECODE_ROWS
     if spec.dtype == "float32":
@@ -352,6 +438,8 @@ def reload_q(spec: AttentionSpec) -> bool:
     messages (E a multiple of 32).  ocloc (pvc and bmg) spilled 128-256 bytes at E = 192 and 256
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
     0.5-4 KB where holding Q spilled at most 256 bytes."""
+    if spec.kernel == "backward":
+        return False
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
         return max(spec.head_dim, spec.v_head_dim) > 64
     return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
@@ -379,6 +467,7 @@ def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
             f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={options.chip} O=3}})"
         ).run(moved.operation)
         _gather_vector_reads(moved)
+        _scatter_vector_writes(moved)
         upstream.passmanager.PassManager.parse(
             "builtin.module(gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, "
             "canonicalize)))").run(moved.operation)

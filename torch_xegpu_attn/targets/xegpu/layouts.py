@@ -146,44 +146,161 @@ def reload_q_per_step(kernel) -> None:
         q.erase()
 
 
-def tag_roles(kernel) -> Dict[str, List]:
-    """Tag the anchor ops of one gpu.func by their role: q, k, v (loads), qk, pv (dpas), o (store)."""
+#: where a tile read by a 2D block load goes, and so its role and layout: a dpas A operand (the
+#: tile's rows over the sub-groups), a B operand read column-major because a vector.transpose
+#: turns it (whole in every sub-group, the transpose free), a B operand as read (whole, VNNI
+#: reads), or element-wise work (like the tiles it meets: the rows over the sub-groups).
+#: The role names are the forward's (Q, K, V, its mask tile); the backward's tiles take the same
+#: four by their use (its K and V are "q" tiles of the dK/dV loop, Q and dOut "k" and "v" ones).
+A_OPERAND, TRANSPOSED_B, B_OPERAND, ELEMENTWISE = "q", "k", "v", "mask"
+
+
+def _use_class(use) -> str:
+    """What a use of a loaded tile makes of it (one of the four roles above)."""
+    owner = use.owner
+    if owner.name == "xegpu.dpas" and use.operand_number in (0, 1):
+        return A_OPERAND if use.operand_number == 0 else B_OPERAND
+    if owner.name == "vector.transpose":
+        users = [u for u in owner.results[0].uses]
+        if users and all(u.owner.name == "xegpu.dpas" and u.operand_number == 1 for u in users):
+            return TRANSPOSED_B
+    return ELEMENTWISE
+
+
+def one_use_class_per_load(kernel) -> None:
+    """Give each kind of use of a loaded tile a load of its own: a layout belongs to the load, and
+    a tile that is both a B operand as read and a transposed one (K in the backward's dQ loop: the
+    right operand of Q K^T and of dS K; Q and dOut in its dK/dV loop) needs both layouts.  Each
+    load of such a tile sits right before its first use (the same tile read again: an L1 hit),
+    so that one B tile, not all of a step's, is live at a time."""
     from torch_mlir import ir
-    dpas = _walk(kernel, "xegpu.dpas")
-    qk = [d for d in dpas if _is_qk(d)]
-    pv = [d for d in dpas if d not in qk]
-    if len(qk) != 1 or len(pv) != 1:
-        raise CompileError(f"xegpu: expected one Q.K^T and one P.V dpas, found {len(qk)} and {len(pv)} "
-                           f"(a contraction convert-vector-to-xegpu did not take?)")
-    roles = {"qk": qk, "pv": pv, "o": _walk(kernel, "xegpu.store_nd")}
-    q = _producer(qk[0].operands[0])
-    k = _producer(_producer(qk[0].operands[1]).operands[0])
-    v = _producer(pv[0].operands[1])
-    for name, op in (("q", q), ("k", k), ("v", v)):
-        if op is None or op.name != "xegpu.load_nd":
-            raise CompileError(f"xegpu: the {name} operand does not come from a 2D block load "
-                               f"({op.name if op is not None else 'a block argument'})")
-        roles[name] = [op]
-    if len(roles["o"]) != 1:
-        raise CompileError(f"xegpu: expected one output store, found {len(roles['o'])}")
-    others = [op for op in _walk(kernel, "xegpu.load_nd") if op not in (q, k, v)]
-    if len(others) > 1:
-        raise CompileError(f"xegpu: {len(others)} other 2D loads in the kernel (expected at most a mask tile)")
-    if others:
-        roles["mask"] = others
-    for role, ops in roles.items():
-        for op in ops:
-            op.attributes[ROLE] = ir.StringAttr.get(role)
-    return roles
+    for load in _walk(kernel, "xegpu.load_nd"):
+        groups = {}
+        for use in list(load.results[0].uses):
+            groups.setdefault(_use_class(use), []).append((use.owner, use.operand_number))
+        if len(groups) < 2:
+            continue
+        firsts = [_first_in_block(load, [owner for owner, _ in uses]) for uses in groups.values()]
+        for i, (uses, first) in enumerate(zip(groups.values(), firsts)):
+            if i == 0:
+                if first is not None:
+                    load.move_before(first)
+                continue
+            with ir.InsertionPoint(first) if first is not None else ir.InsertionPoint.after(load):
+                copy = load.clone()
+            for owner, number in uses:
+                owner.operands[number] = copy.results[0]
+
+
+def _first_in_block(op, users):
+    """The first op of `op`'s block after it that is or holds one of `users` (None if a user
+    lies outside the block)."""
+    op = op.operation
+    block = op.block
+    holders = []
+    for user in users:
+        user = user.operation
+        while user.block != block:
+            user = user.parent
+            if user is None or user.name == "gpu.func":
+                return None
+            user = user.operation
+        holders.append(user)
+    later = False
+    for candidate in block.operations:
+        candidate = candidate.operation
+        if candidate == op:
+            later = True
+        elif later and any(candidate == h for h in holders):
+            return candidate
+    return None
+
+
+@dataclass
+class Anchor:
+    """An anchor op, its role, and the layouts to set on it: (operand index or None, keywords of
+    transform.xegpu.set_anchor_layout)."""
+    op: object
+    role: str
+    layouts: List
+
+
+def tag_roles(kernel, geometry: Geometry) -> List[Anchor]:
+    """The anchor ops of one gpu.func, their roles and layouts, from the data flow (the kernel's
+    loads each have one kind of use: one_use_class_per_load):
+
+    - every dpas: A and C over the sub-groups' rows ([n, 1], sg_data [r, K] and [r, N]), B whole
+      in every sub-group ([1, 1]); "qk" where B is a transposed tile (scores), else "pv";
+    - a 2D load by its use (_use_class): an A operand [n, 1] [r, W] in messages of r x w, a
+      transposed B [1, 1] read column-major (order [0, 1]), a B as read [1, 1] in messages of up
+      to 32 rows x w, element-wise [n, 1] [r, W] in messages of r x 16;
+    - a 2D store like the tile it writes ("o"), [n, 1] [r, W];
+    - a 1-D scattered store (a row vector: lse, Delta) as a slice along the columns of the tiles
+      whose rows it holds ("rows").
+
+    The forward's kernels get what they always had: q, k, v, qk, pv, o and the mask tile."""
+    from torch_mlir import ir
+    g = geometry
+    n, r = g.subgroups, g.sg_rows
+    anchors = []
+
+    def rows_of(shape, what):
+        if shape[0] != g.rows:
+            raise CompileError(f"xegpu: {what} has {shape[0]} rows where the work-group has {g.rows}")
+
+    for dpas in _walk(kernel, "xegpu.dpas"):
+        (m, k), (_, cols) = ir.VectorType(dpas.operands[0].type).shape, ir.VectorType(dpas.operands[1].type).shape
+        rows_of([m], "a dpas A operand")
+        role = "qk" if _is_qk(dpas) else "pv"
+        anchors.append(Anchor(dpas, role, [(0, dict(sg_layout=[n, 1], sg_data=[r, k])),
+                                           (1, dict(sg_layout=[1, 1], sg_data=[k, cols])),
+                                           (2, dict(sg_layout=[n, 1], sg_data=[r, cols]))]))
+    for load in _walk(kernel, "xegpu.load_nd"):
+        shape = ir.VectorType(load.results[0].type).shape
+        classes = {_use_class(use) for use in load.results[0].uses}
+        if len(classes) > 1:
+            raise CompileError(f"xegpu: a 2D load with uses of several kinds ({sorted(classes)})")
+        role = classes.pop() if classes else ELEMENTWISE
+        if len(shape) == 1:  # a row or key vector: a slice of the tiles it is broadcast over
+            anchors.append(Anchor(load, role, [(None, dict(sg_layout=[n, 1], sg_data=[r, g.kv_tile],
+                                                           slice_dims=_mask_slice(load)))]))
+            continue
+        rows, width = shape
+        block = _block_width(width, g.element_bytes)
+        if role == A_OPERAND:
+            rows_of(shape, "a dpas A operand's load")
+            layout = dict(sg_layout=[n, 1], sg_data=[r, width], inst_data=[r, block])
+        elif role == TRANSPOSED_B:
+            layout = dict(sg_layout=[1, 1], sg_data=[rows, width], order=[0, 1])
+        elif role == B_OPERAND:
+            layout = dict(sg_layout=[1, 1], sg_data=[rows, width], inst_data=[min(rows, 32), block])
+        else:
+            # A 2-D tile's messages as wide as one dpas result's columns and all the sub-group's
+            # rows: left to it, xegpu-propagate-layout picked that or one row per message
+            # (twice the loads) from one run to the next.
+            rows_of(shape, "a tile read for element-wise work")
+            layout = dict(sg_layout=[n, 1], sg_data=[r, width], inst_data=[r, 16])
+        anchors.append(Anchor(load, role, [(None, layout)]))
+    for store in _walk(kernel, "xegpu.store_nd"):
+        shape = ir.VectorType(store.operands[0].type).shape
+        rows_of(shape, "a stored tile")
+        anchors.append(Anchor(store, "o", [(None, dict(sg_layout=[n, 1], sg_data=[r, shape[1]]))]))
+    for store in _walk(kernel, "xegpu.store"):
+        shape = ir.VectorType(store.operands[0].type).shape
+        if len(shape) != 1:
+            raise CompileError(f"xegpu: a scattered store of a {shape} vector (expected a row vector)")
+        rows_of(shape, "a stored row vector")
+        anchors.append(Anchor(store, "rows", [(None, dict(sg_layout=[n, 1], sg_data=[r, g.kv_tile],
+                                                          inst_data=[1, LANES], slice_dims=[1]))]))
+    for anchor in anchors:
+        anchor.op.attributes[ROLE] = ir.StringAttr.get(anchor.role)
+        anchor.op.attributes[GROUP] = ir.StringAttr.get(_group(anchor))
+    return anchors
 
 
 def _mask_slice(load):
-    """For a 1-D mask tile, the score dim it is broadcast along: [0] for a key vector
-    (broadcast over the rows), [1] for a row vector (shape_cast to R x 1, then broadcast over
-    the keys); None for a 2-D tile."""
-    from torch_mlir import ir
-    if ir.VectorType(load.results[0].type).rank != 1:
-        return None
+    """For a 1-D tile, the score dim it is broadcast along: [0] for a key vector (broadcast over
+    the rows), [1] for a row vector (shape_cast to R x 1, then broadcast over the keys)."""
     users = [use.owner for use in load.results[0].uses]
     return [1] if any(u.name == "vector.shape_cast" for u in users) else [0]
 
@@ -210,70 +327,168 @@ def _run_script(module, build) -> None:
     interpreter.apply_named_sequence(module, script.body.operations[0], script)
 
 
-def _tag_prefetches(module, head_dim: int) -> None:
-    """Tag each prefetch by the tile it fetches: a K tile is head_dim wide (when Ev == E the two
-    share one layout anyway)."""
+#: a temporary attribute naming each group of anchors that take the same layouts, for the
+#: transform script to match (removed once the layouts are set).
+GROUP = "attn.xegpu_group"
+#: a temporary attribute naming each load whose tile the next step's prefetch fetches.
+PREFETCH = "attn.xegpu_prefetch"
+#: the rows of a kernel's work-group tiles and of the tiles its loop steps over, where they are not
+#: the Geometry's (the backward's dK/dV loop owns keys: set by the outlining stage).
+ROWS, STEP = "attn.rows", "attn.step"
+
+
+def kernel_geometry(kernel, geometry: Geometry) -> Geometry:
+    """The geometry of one kernel: `geometry` with the kernel's own rows and step, where set."""
+    from dataclasses import replace
     from torch_mlir import ir
-    for op in _walk(module.operation, "xegpu.prefetch_nd"):
-        width = ir.ShapedType(op.operands[0].type).shape[-1]
-        op.attributes[ROLE] = ir.StringAttr.get("k_prefetch" if width == head_dim else "v_prefetch")
+    attrs = kernel.attributes
+    if ROWS not in attrs:
+        return geometry
+    return replace(geometry, rows=ir.IntegerAttr(attrs[ROWS]).value, kv_tile=ir.IntegerAttr(attrs[STEP]).value)
+
+
+def _in_loop(op) -> bool:
+    """Whether `op` is in an scf.for that transform.xegpu.insert_prefetch takes: one whose lower
+    bound is a constant (it peels the prefetch of the first step; the backward's causal dK/dV loop,
+    which starts at the first row tile that sees the keys, it refuses: "Failed to unroll the
+    loop")."""
+    parent = op.parent
+    while parent is not None and parent.name != "gpu.func":
+        if parent.name == "scf.for":
+            lower = parent.operands[0].owner
+            return not hasattr(lower, "arguments") and lower.name == "arith.constant"
+        parent = parent.parent
+    return False
+
+
+def _prefetched(anchors: List[Anchor]) -> List[Anchor]:
+    """The loads a step of a loop reads whole in every sub-group (B operands, transposed or not),
+    the transposed ones first, one per tile (copies of a load read the same tile)."""
+    chosen, tiles = [], []
+    for role in (TRANSPOSED_B, B_OPERAND):
+        for anchor in anchors:
+            if anchor.role != role or not _in_loop(anchor.op):
+                continue
+            tile = (anchor.op.operands[0], tuple(anchor.op.operands[1:]))
+            if tile not in tiles:
+                tiles.append(tile)
+                chosen.append(anchor)
+    return chosen
+
+
+def _prefetch_anchors(kernel, geometry: Geometry) -> List[Anchor]:
+    """The prefetches of a kernel, each tagged by the tile it fetches (a tile as wide as the head
+    dim is "k_prefetch", when Ev == E all of them) and laid out to be shared by the sub-groups."""
+    from torch_mlir import ir
+    anchors = []
+    for op in _walk(kernel, "xegpu.prefetch_nd"):
+        rows, width = ir.ShapedType(op.operands[0].type).shape
+        grid, data, inst = replace_rows(geometry, rows).prefetch_layout(width)
+        role = "k_prefetch" if width == geometry.head_dim else "v_prefetch"
+        anchor = Anchor(op, role, [(None, dict(sg_layout=grid, sg_data=data, inst_data=inst))])
+        op.attributes[ROLE] = ir.StringAttr.get(role)
+        op.attributes[GROUP] = ir.StringAttr.get(_group(anchor))
+        anchors.append(anchor)
+    return anchors
+
+
+def replace_rows(geometry: Geometry, step: int) -> Geometry:
+    from dataclasses import replace
+    return geometry if step == geometry.kv_tile else replace(geometry, kv_tile=step)
+
+
+def _set_layouts(module, anchors: List[Anchor]) -> None:
+    """One transform script setting every anchor's layouts: the anchors that take the same
+    layouts share one match, by the GROUP tag tag_roles set (copies of a tagged op, such as
+    float32's six DPAS of a product, are matched with it); the tags go afterwards."""
+    from torch_mlir import ir
+    from torch_mlir.dialects.transform import xegpu as txegpu
+    groups = {}
+    for anchor in anchors:
+        groups.setdefault(_group(anchor), anchor.layouts)
+
+    def build(tagged, root):
+        for key, layouts in groups.items():
+            ops = _match(root, GROUP, key)
+            for index, layout in layouts:
+                txegpu.set_anchor_layout(ops, **layout, **({} if index is None else {"index": index}))
+
+    _run_script(module, build)
+
+    def untag(op):
+        if GROUP in op.attributes:
+            del op.attributes[GROUP]
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(untag)
+
+
+def _group(anchor: Anchor) -> str:
+    return repr(anchor.layouts)
 
 
 def assign_layouts(module, geometry: Geometry) -> None:
-    """Tag the anchors of every kernel, insert the K/V prefetches and set the anchor layouts."""
+    """Tag the anchors of every kernel, insert the prefetches of the tiles its loop streams and
+    set the anchor layouts."""
+    from torch_mlir import ir
     from torch_mlir.dialects.transform import xegpu as txegpu
 
     geometry.check()
     kernels = [op for op in _walk(module.operation, "gpu.func")]
-    masked, mask_slice = False, None
+    anchors, per_kernel = [], []
     for kernel in kernels:
-        if geometry.reload_q:
+        g = kernel_geometry(kernel, geometry)
+        g.check()
+        if g.reload_q:
             reload_q_per_step(kernel)
-        roles = tag_roles(kernel)
-        if geometry.element_bytes == 4:
+        one_use_class_per_load(kernel)
+        found = tag_roles(kernel, g)
+        if g.element_bytes == 4:
             from .f32 import split_f32_dpas
             split_f32_dpas(kernel)
-        if "mask" in roles:
-            masked, mask_slice = True, _mask_slice(roles["mask"][0])
-    n, e, ev, kv = geometry.subgroups, geometry.head_dim, geometry.v_head_dim, geometry.kv_tile
-    rows = geometry.sg_rows
+        anchors += found
+        per_kernel.append((kernel, g, _prefetched(found)))
 
     if geometry.prefetch:
-        _run_script(module, lambda tagged, root: [txegpu.insert_prefetch(tagged(role), nb_prefetch=geometry.prefetch)
-                                                  for role in ("k", "v")])
-        _tag_prefetches(module, e)
+        fetched = [anchor for _, _, chosen in per_kernel for anchor in chosen]
+        for number, anchor in enumerate(fetched):
+            anchor.op.attributes[PREFETCH] = ir.StringAttr.get(str(number))
+        _run_script(module, lambda tagged, root: [
+            txegpu.insert_prefetch(_match(root, PREFETCH, str(number)), nb_prefetch=geometry.prefetch)
+            for number in range(len(fetched))])
+        for anchor in fetched:
+            del anchor.op.attributes[PREFETCH]
+        for kernel, g, _ in per_kernel:
+            anchors += _prefetch_anchors(kernel, g)
 
-    def layouts(tagged, root):
-        txegpu.set_anchor_layout(tagged("o"), sg_layout=[n, 1], sg_data=[rows, ev])
-        q_width, v_width = _block_width(e, geometry.element_bytes), _block_width(ev, geometry.element_bytes)
-        txegpu.set_anchor_layout(tagged("q"), sg_layout=[n, 1], sg_data=[rows, e], inst_data=[rows, q_width])
-        txegpu.set_anchor_layout(tagged("k"), sg_layout=[1, 1], sg_data=[kv, e], order=[0, 1])
-        txegpu.set_anchor_layout(tagged("v"), sg_layout=[1, 1], sg_data=[kv, ev], inst_data=[min(kv, 32), v_width])
-        if geometry.prefetch:
-            for role, width in (("k_prefetch", e), ("v_prefetch", ev)):
-                if role == "v_prefetch" and ev == e:
-                    continue  # tagged k_prefetch: the same tiles
-                grid, data, inst = geometry.prefetch_layout(width)
-                txegpu.set_anchor_layout(tagged(role), sg_layout=grid, sg_data=data, inst_data=inst)
-        if masked:  # the mask tile is laid out like the scores it selects (a 1-D mask as a slice)
-            if mask_slice is None:
-                # A 2-D tile's messages as wide as one dpas result's columns and all the sub-group's
-                # rows: left to it, xegpu-propagate-layout picked that or one row per message
-                # (twice the loads) from one run to the next.
-                txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], inst_data=[rows, 16])
-            else:
-                txegpu.set_anchor_layout(tagged("mask"), sg_layout=[n, 1], sg_data=[rows, kv], slice_dims=mask_slice)
-        qk, pv = tagged("qk"), tagged("pv")
-        txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, e], index=0)
-        txegpu.set_anchor_layout(qk, sg_layout=[1, 1], sg_data=[e, kv], index=1)
-        txegpu.set_anchor_layout(qk, sg_layout=[n, 1], sg_data=[rows, kv], index=2)
-        txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, kv], index=0)
-        txegpu.set_anchor_layout(pv, sg_layout=[1, 1], sg_data=[kv, ev], index=1)
-        txegpu.set_anchor_layout(pv, sg_layout=[n, 1], sg_data=[rows, ev], index=2)
-
-    _run_script(module, layouts)
+    _set_layouts(module, anchors)
+    _row_vector_stores_as_reduced(module)
     if geometry.element_bytes == 4:
         _plain_f32_loads(module)
+
+
+def _row_vector_stores_as_reduced(module) -> None:
+    """A stored row vector (lse, Delta) keeps the layout of the row reduction that made it (a
+    slice of lanes [1, 16] and instructions [1, 16]: every lane holds the sub-group's rows), and
+    the store writes it from there.  Left to layout propagation, the scattered store asks for one
+    row a lane, and that layout, propagated back through the key loop, reached the scores'
+    reductions (lanes [16, 1] on an 8 x 16 tile: "data cannot be evenly distributed")."""
+    from torch_mlir import ir
+    for op in _walk(module.operation, "xegpu.store"):
+        if ROLE not in op.attributes or ir.StringAttr(op.attributes[ROLE]).value != "rows":
+            continue
+        text = str(op.attributes["layout"])
+        if not text.startswith("#xegpu.slice<#xegpu.layout<") or "lane_layout" in text:
+            raise CompileError(f"xegpu: unexpected layout on a row vector's store: {text}")
+        head, tail = text.split(">, dims", 1)
+        op.attributes["layout"] = ir.Attribute.parse(head + ", lane_layout = [1, 16], lane_data = [1, 1]>, dims" + tail)
+
+
+def _match(root, name: str, value: str):
+    from torch_mlir import ir
+    from torch_mlir.dialects import transform
+    from torch_mlir.dialects.transform import structured
+    return structured.MatchOp(transform.AnyOpType.get(), root, op_attrs={name: ir.StringAttr.get(value)}).result
 
 
 def _plain_f32_loads(module) -> None:

@@ -72,9 +72,10 @@ def _run(cmd: Sequence[str], what: str, **kwargs) -> subprocess.CompletedProcess
 
 def bridge_llvm_ir(text: str, kernels: Sequence[str]) -> str:
     """LLVM IR printed by LLVM 24git, rewritten so that LLVM 22 parses it: the newer printer's
-    float literals (`inf`, `nan`, `f0x<bits>`) become 22's hexadecimal forms.  The kernels get the
+    float literals (`inf`, `+inf`, `nan`, `f0x<bits>`) become 22's hexadecimal forms.  The kernels get the
     required sub-group size as metadata (what MLIR's XeVM serializer adds)."""
     text = re.sub(r"(?<![\w.])-inf\b", "0xFFF0000000000000", text)
+    text = re.sub(r"(?<![\w.])\+inf\b", "0x7FF0000000000000", text)  # as in `splat (float +inf)`
     text = re.sub(r"(?<![\w.\-])inf\b", "0x7FF0000000000000", text)
     text = re.sub(r"(?<![\w.\-])nan\b", "0x7FF8000000000000", text)
 
