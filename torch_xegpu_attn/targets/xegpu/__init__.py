@@ -381,8 +381,9 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
                     element_bytes=4 if spec.dtype == "float32" else 2)
 
 
-#: the backward's tiles: 64 query rows by 64 keys in every loop (the dK/dV loop's work-group owns
-#: keys, the dQ and Delta loops' query rows; equal extents give every loop one work-group shape).
+#: the backward's tiles: 32 query rows by 32 keys in every loop (the dK/dV loop's work-group owns
+#: keys, the dQ and Delta loops' query rows); at 64 x 64 ocloc spilled 1 KB (dK/dV) and 128 B (dQ)
+#: at E = 64 on pvc.
 BACKWARD_TILE = 32
 #: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
 BACKWARD_SG_ROWS = 8
