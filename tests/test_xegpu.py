@@ -605,7 +605,7 @@ def test_emulated_launch_that_raises_frees_its_staging(emulated, cache_dir, fres
         [int(k["threads"]) for k in kernels], [[2]] * len(kernels), True)
     out = torch.empty(1, 1, 1, 40, 32, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="malformed size program"):
-        broken.run(xpu.emulation_queue(), [q.view(1, 1, 1, 40, 32), q, q, out])
+        broken.run(xpu.emulation_queue(), [q.view(1, 1, 1, 40, 32), q, q, out], [3])
     assert xpu.staged_buffers() == 0
 
 
