@@ -370,8 +370,11 @@ def _contractions_per_step(spec, options):
     """mma.sync m16n8k16 of one step of the dQ loop (S = Q K^T, dP = dOut V^T, dQ += dS K) and of
     the dK/dV loop (S^T = K Q^T, dP^T = V dOut^T, dV += P^T dOut, dK += dS^T Q), or, with
     backward_dkv "apart", of the dK loop (S^T, dP^T, dK) and the dV loop (S^T, dV); per 16
-    rows of a warp: (n / 8) * (k / 16) each."""
+    rows of a warp: (n / 8) * (k / 16) each; with wgmma one instruction a k16 slice (n = 8)."""
     r, t, e, ev = options.schedule.row_tile, options.schedule.kv_tile, spec.head_dim, spec.v_head_dim
+    if options.warpgroup_mma:  # k / 16 each: dQ's k is the key tile, dK's and dV's the row tile
+        dq, scores, dp, dkv = e // 16 + ev // 16 + t // 16, e // 16, ev // 16, r // 16
+        return [dq, scores + dp + 2 * dkv]
     dq = (t // 8) * (e // 16) + (t // 8) * (ev // 16) + (e // 8) * (t // 16)
     scores, dp, dv, dk = (r // 8) * (e // 16), (r // 8) * (ev // 16), (ev // 8) * (r // 16), (e // 8) * (r // 16)
     if options.schedule.backward_dkv == "apart":
@@ -389,7 +392,8 @@ def test_backward_kernels(compiled_backward, name):
     spec, artifact, ptx, _, _ = compiled_backward[name]
     options = nvvm.options_for(spec)
     assert options.schedule.backward_tiles == "keys_by_rows" and options.schedule.backward_dq == "second_pass"
-    assert options.schedule.backward_delta == "reduction" and not options.warpgroup_mma
+    wgmma = spec.dtype != "float32" and spec.head_dim in (64, 128) and spec.v_head_dim in (64, 128)
+    assert options.schedule.backward_delta == "reduction" and options.warpgroup_mma == wgmma
     assert options.schedule.backward_dkv == ("apart" if max(spec.head_dim, spec.v_head_dim) > 128 else "together")
     delta, *loops = artifact.metadata["kernels"]  # Delta, dQ, then dK/dV (or dK and dV)
     entries = re.findall(r"\.visible \.entry (\w+)\(", ptx)
@@ -406,6 +410,9 @@ def test_backward_kernels(compiled_backward, name):
             assert body.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == 3 * 2 * per_step[kernel["name"]]
             continue
         kind = "bf16" if spec.dtype == "bfloat16" else "f16"
+        if wgmma:  # one wgmma a k16 slice of each contraction (every m-tile of the warpgroup)
+            assert "mma.sync" not in body and body.count("wgmma.mma_async") == per_step[kernel["name"]]
+            continue
         assert body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32") == per_step[kernel["name"]]
         assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body
@@ -428,7 +435,7 @@ def test_backward_layouts_follow_the_data_flow(compiled_backward):
     assert _annotated(inside, "arith.truncf") == ['"tile[row, col] cols=64"'] * 2
 
 
-@pytest.mark.parametrize("tiles", [{"kv_tile": 128}, {"kv_tile": 32}])
+@pytest.mark.parametrize("tiles", [{"kv_tile": 128}, {"kv_tile": 32, "warpgroup_mma": False}])
 def test_backward_loops_get_a_thread_block_each(tiles, tmp_path):
     """With key tiles unlike the row tiles, the dK/dV loop's work-group holds kv_tile keys (the
     schedule's attn.rows): its kernel gets its own thread block (16 keys a warp), the Delta and dQ

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 from ... import knobs
+from ...errors import CompileError
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
 from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, package_versions, register,
@@ -94,8 +95,14 @@ CAUSAL_HEAD_CHUNK = 16
 
 #: the backward's tiles: 64 query rows by 64 keys in every loop.  The dK/dV loop's work-group
 #: owns the keys (its tiles are S^T = K Q^T, keys x rows: P^T and dS^T are register A operands),
-#: the dQ loop's the rows, and one Geometry serves both, so the two extents are equal.
+#: the dQ loop's the rows (backward_variants.py: 32- and 128-key tiles were slower on the H100).
 BACKWARD_TILE = 64
+#: float32's: its tiles and the 3xTF32 halves take twice the shared memory and registers (64 x 64
+#: tiles at E = 256 needed 390 KB of shared memory a work-group, more than any GPU has).
+BACKWARD_F32_TILE = 32
+#: the shared memory a thread block may use on each architecture (the opt-in maximum).
+MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024,
+                    "sm_90a": 227 * 1024}
 #: the input dtypes the kernels take: f16 and bf16 on the tensor cores as they are, f32 as tf32
 #: halves (three products per tile: f32 accuracy, never tf32's alone).
 NVVM_DTYPES = ("float16", "bfloat16", "float32")
@@ -253,10 +260,14 @@ class NvvmTarget(Target):
         if spec.kernel == "backward":
             # above head dims of 128, dK and dV of 16 rows a warp take (E + Ev) / 2 registers a lane
             # together: a loop each
+            # wgmma where the forward takes it (the five contractions' right operands are staged
+            # tiles): 1.15-1.37x the mma.sync backward on the H100 (backward_variants.py)
             dkv = "apart" if widest > 128 else "together"
-            return NvvmOptions(ScheduleOptions(row_tile=BACKWARD_TILE, kv_tile=BACKWARD_TILE, pv_in_f32=False,
+            tile = BACKWARD_F32_TILE if spec.dtype == "float32" else BACKWARD_TILE
+            return NvvmOptions(ScheduleOptions(row_tile=tile, kv_tile=tile, pv_in_f32=False,
                                                backward_tiles="keys_by_rows", backward_dq="second_pass",
-                                               backward_dkv=dkv), arch=arch)
+                                               backward_dkv=dkv), arch=arch,
+                               warpgroup_mma=self._warpgroup_mma(spec, arch))
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS
@@ -386,6 +397,11 @@ def _build_kernels(module, spec: AttentionSpec, options: NvvmOptions):
     from .kernel import build_kernels
     metadata = build_kernels(module, lambda rows: geometry_for(spec, options, rows), spec.causal,
                              options.causal_head_chunk)
+    limit = MAX_SHARED_BYTES.get(options.arch)
+    for kernel in metadata["kernels"]:
+        if limit is not None and kernel["shared_bytes"] > limit:
+            raise CompileError(f"nvvm: {kernel['name']} needs {kernel['shared_bytes']} bytes of shared memory, more "
+                               f"than {options.arch}'s {limit} (smaller tiles: XEGPU_ATTN_SCHEDULE row_tile, kv_tile)")
     module.operation.attributes["attn.nvvm"] = ir.StringAttr.get(json.dumps(metadata))
     return module
 
