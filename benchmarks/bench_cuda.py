@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
 import sys
 
@@ -109,8 +108,7 @@ def bench_backward(rows: list, quick: bool, lengths=None) -> None:
     efficient backends on the same tensors; backward TFLOPS = 2.5 x the forward's FLOPs
     (4 B H N^2 D, halved when causal), forward + backward 3.5 x.  Peak memory of a training
     step (ours and SDPA's default) above the inputs.  The prefill rows' problems (`lengths`: the
-    Ns given).  (Training on CUDA tensors is experimental: the benchmark turns it on.)"""
-    os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"
+    Ns given)."""
     print("\ntraining (backward TFLOPS; fwd+bwd in parentheses):")
     print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>13} {'flash':>13} {'cudnn':>13} {'effic.':>13} "
           f"{'/flash':>7} {'/cudnn':>7} {'MiB ours':>9} {'sdpa':>6}")
@@ -233,7 +231,6 @@ def precompile(arch: str, quick: bool, lengths=None) -> None:
         calls.append(([torch.empty(b, h, n, d, dtype=torch.float32, device="meta")] * 3, {"is_causal": causal}))
     calls.append(([torch.empty(1, 1, 16, 64, dtype=torch.float16, device="meta")] * 3, {}))  # bench_host
     keys = {torch_xegpu_attn.precompile(*tensors, **kw, target="nvvm", arch=arch) for tensors, kw in calls}
-    os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # the training rows' kernels (experimental on CUDA)
     for dtype, d, n, causal in prefill_rows(quick, lengths):  # the training rows
         b, h = 16384 // n, 2048 // d
         qkv = [torch.empty(b, h, n, d, dtype=dtype, device="meta")] * 3

@@ -40,8 +40,6 @@ MISTAKES = {
     "fill cache and stop": (["compile", "--shape", SHAPE, "--fill-cache", "--stop-after", "flash"],
                             "--fill-cache builds the whole kernel"),
     "dropout out of range": (["compile", "--shape", SHAPE, "--dropout-p", "1.5"], "dropout_p must be in [0, 1]"),
-    "training off on nvvm": (["precompile", "--shape", SHAPE, "--kernel", "backward", "--arch", "sm_90a"],
-                             "XEGPU_ATTN_NVVM_TRAINING=1"),
 }
 
 

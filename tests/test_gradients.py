@@ -337,13 +337,10 @@ def test_transformer_encoder_layer_trains_under_replace_sdpa(fresh_seed):
 
 @pytest.mark.parametrize("target,fields", [("xegpu", {"kernel": "backward", "causal": True}),
                                            ("xegpu", {"kernel": "backward", "dtype": "float32"}),
-                                           ("xegpu", {"dropout_p": 0.1}),
-                                           ("nvvm", {"kernel": "forward_lse"}), ("nvvm", {"kernel": "backward"})])
-def test_gpu_targets_reject_what_they_lack_clearly(target, fields, monkeypatch):
-    """Dropout does not run on xegpu, nor its backward with is_causal, a mask or float32; nvvm
-    trains only when XEGPU_ATTN_NVVM_TRAINING=1 turns it on: the GPU targets say so before any
-    compile."""
-    monkeypatch.delenv("XEGPU_ATTN_NVVM_TRAINING", raising=False)
+                                           ("xegpu", {"dropout_p": 0.1})])
+def test_gpu_targets_reject_what_they_lack_clearly(target, fields):
+    """Dropout does not run on xegpu, nor its backward with is_causal, a mask or float32: the
+    target says so before any compile."""
     from torch_xegpu_attn.spec import AttentionSpec
     from torch_xegpu_attn.targets import get_target
     spec = AttentionSpec(**{"group": 1, "head_dim": 64, "v_head_dim": 64, "dtype": "float16", "target": target,

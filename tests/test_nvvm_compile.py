@@ -332,15 +332,6 @@ def test_layout_text_round_trips():
 
 # ----------------------------------------------------------------------------------- backward
 
-@pytest.fixture(scope="module", autouse=True)
-def nvvm_training():
-    """The training kernels are built here whatever the environment says: XEGPU_ATTN_NVVM_TRAINING
-    gates their use (experimental on CUDA tensors, off by default), these tests check their code."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
-        yield
-
-
 BACKWARD = replace(PREFILL, kernel="backward")
 BACKWARD_SPECS = {
     "backward-e64": BACKWARD,
@@ -459,18 +450,6 @@ def test_backward_on_ampere(tmp_path):
     ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
     assert re.search(r"^\.target sm_80\b", ptx, re.M) and "mma.sync.aligned.m16n8k16" in ptx
     assert all(k["shared_bytes"] <= 164 * 1024 for k in artifact.metadata["kernels"])
-
-
-def test_training_kernels_are_taken(monkeypatch):
-    """forward_lse and backward build on nvvm with XEGPU_ATTN_NVVM_TRAINING=1, and raise clearly
-    without it."""
-    for kernel in ("forward_lse", "backward"):
-        nvvm.check(replace(PREFILL, kernel=kernel))
-    monkeypatch.delenv("XEGPU_ATTN_NVVM_TRAINING")
-    for kernel in ("forward_lse", "backward"):
-        with pytest.raises(NotImplementedError, match="XEGPU_ATTN_NVVM_TRAINING=1"):
-            nvvm.check(replace(PREFILL, kernel=kernel))
-    nvvm.check(PREFILL)
 
 
 @pytest.mark.parametrize("kernel", ["forward", "forward_lse"])

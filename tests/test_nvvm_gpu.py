@@ -18,7 +18,6 @@ running it (XEGPU_ATTN_CACHE_DIR names the cache to carry to the GPU machine):
     XEGPU_ATTN_TEST_PRECOMPILE=sm_90a XEGPU_ATTN_CACHE_DIR=gpu-cache pytest tests/test_nvvm_gpu.py
 """
 
-import contextlib
 import os
 
 import pytest
@@ -388,31 +387,16 @@ def test_odd_head_dim_raises_clearly():
 # --------------------------------------------------------------------------- training
 
 
-@contextlib.contextmanager
-def training_on():
-    """XEGPU_ATTN_NVVM_TRAINING=1 while the block runs (training on CUDA tensors is off by default)."""
-    previous = os.environ.get("XEGPU_ATTN_NVVM_TRAINING")
-    os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["XEGPU_ATTN_NVVM_TRAINING"]
-        else:
-            os.environ["XEGPU_ATTN_NVVM_TRAINING"] = previous
-
-
 def check_training(q, k, v, **kw):
     """The gradients of q, k and v through the op (its forward_lse and backward kernels) within
     2x SDPA's gradient error on the GPU of the float64 reference's (sdpa_cases.check_gradients:
     one random output gradient, gradients poisoned before the backward)."""
-    with training_on():
-        if PRECOMPILE_ARCH:
-            for kernel in ("forward_lse", "backward"):
-                torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel)
-            return
-        errors = check_gradients(Case(q, k, v, kw), sdpa=sdpa_on_gpu)
-        torch.cuda.synchronize()
+    if PRECOMPILE_ARCH:
+        for kernel in ("forward_lse", "backward"):
+            torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel)
+        return
+    errors = check_gradients(Case(q, k, v, kw), sdpa=sdpa_on_gpu)
+    torch.cuda.synchronize()
     assert errors is not None, "SDPA and the op both raised"
 
 
@@ -467,12 +451,11 @@ def test_return_lse(dtype, L, S, fresh_seed):
     """return_lse=True: the output and the float32 log-sum-exp per query row against the float64
     reference's (the prefill kernel's and the split-key decode's combine)."""
     q, k, v = rand(2, 8, L, 64, dtype=dtype), rand(2, 2, S, 64, dtype=dtype), rand(2, 2, S, 64, dtype=dtype)
-    with training_on():
-        if PRECOMPILE_ARCH:
-            torch_xegpu_attn.precompile(q, k, v, enable_gqa=True, target="nvvm", arch=PRECOMPILE_ARCH,
-                                        kernel="forward_lse")
-            return
-        out, lse = torch_xegpu_attn.attention(q, k, v, enable_gqa=True, return_lse=True)
+    if PRECOMPILE_ARCH:
+        torch_xegpu_attn.precompile(q, k, v, enable_gqa=True, target="nvvm", arch=PRECOMPILE_ARCH,
+                                    kernel="forward_lse")
+        return
+    out, lse = torch_xegpu_attn.attention(q, k, v, enable_gqa=True, return_lse=True)
     assert lse.shape == (2, 8, L) and lse.dtype == torch.float32 and out.dtype == dtype
     expected = torch.logsumexp(reference_scores(q, k, enable_gqa=True), -1)
     torch.testing.assert_close(lse.double().cpu(), expected.cpu(), rtol=1e-4, atol=1e-4)
@@ -496,23 +479,22 @@ def check_dropout(q, k, v, p, **kw):
     the keep-mask written out from the generator's definition (conftest.reference_keep_mask, with
     the seed the call draws): each within 2x the error of SDPA's math backend under that mask of
     the float64 reference's.  The kernels draw the same mask as the cpu target's."""
-    with training_on():
-        if PRECOMPILE_ARCH:
-            for kernel in ("forward", "forward_lse", "backward"):
-                torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel,
-                                            dropout_p=p)
-            return
-        seed = torch.randint(2**31, ()).item()
-        torch.manual_seed(seed)
-        keep = reference_keep_mask(frontend.draw_seed(torch.device("cpu")), (*q.shape[:-1], k.size(-2)), p)
+    if PRECOMPILE_ARCH:
+        for kernel in ("forward", "forward_lse", "backward"):
+            torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel,
+                                        dropout_p=p)
+        return
+    seed = torch.randint(2**31, ()).item()
+    torch.manual_seed(seed)
+    keep = reference_keep_mask(frontend.draw_seed(torch.device("cpu")), (*q.shape[:-1], k.size(-2)), p)
 
-        def run(*args, **kwargs):
-            torch.manual_seed(seed)
-            return torch_xegpu_attn.attention(*args, **kwargs)
-        case = Case(q, k, v, {**kw, "dropout_p": p})
-        assert check_case(case, run, keep=keep.to(q.device)) is not None
-        assert check_gradients(case, run, keep=keep.to(q.device)) is not None
-        torch.cuda.synchronize()
+    def run(*args, **kwargs):
+        torch.manual_seed(seed)
+        return torch_xegpu_attn.attention(*args, **kwargs)
+    case = Case(q, k, v, {**kw, "dropout_p": p})
+    assert check_case(case, run, keep=keep.to(q.device)) is not None
+    assert check_gradients(case, run, keep=keep.to(q.device)) is not None
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -552,10 +534,9 @@ def _training_step_inputs():
 
 
 @pytest.mark.parametrize("op", ["ours", "sdpa"])
-def test_cuda_graph_captures_a_training_step(op, fresh_seed, monkeypatch):
+def test_cuda_graph_captures_a_training_step(op, fresh_seed):
     """The forward and backward of a training step captured into a CUDA graph and replayed on new
     inputs: the gradients of eager calls on those inputs (SDPA the same, as the control)."""
-    monkeypatch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
     q, k, v, dout = _training_step_inputs()
     if PRECOMPILE_ARCH:
         if op == "ours":
@@ -625,11 +606,10 @@ def _precompile_llama_block():
                    rand(2, 2, 200, 32, dtype=torch.bfloat16), is_causal=True, enable_gqa=True)
 
 
-def test_llama_style_gqa_training_step(fresh_seed, monkeypatch):
+def test_llama_style_gqa_training_step(fresh_seed):
     """A training step of a two-layer Llama-style GQA model in bfloat16 with the op and with SDPA:
     the loss and every parameter's gradient within 2x SDPA's error of the float64 step, plus a
     floor."""
-    monkeypatch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
     if PRECOMPILE_ARCH:
         return _precompile_llama_block()
     torch.manual_seed(fresh_seed)
@@ -656,10 +636,9 @@ def test_llama_style_gqa_training_step(fresh_seed, monkeypatch):
         assert err <= 2 * sdpa_err + 1e-2 * scale, f"{name}: error {err:.3e}, SDPA's {sdpa_err:.3e}"
 
 
-def test_torch_compile_training_step(fresh_seed, monkeypatch):
+def test_torch_compile_training_step(fresh_seed):
     """torch.compile(fullgraph=True) of a training step on CUDA tensors: no graph break, eager's
     gradients."""
-    monkeypatch.setenv("XEGPU_ATTN_NVVM_TRAINING", "1")
     from torch._dynamo.utils import counters
     if PRECOMPILE_ARCH:
         return _precompile_llama_block()

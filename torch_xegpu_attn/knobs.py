@@ -139,12 +139,6 @@ def log_compilations() -> bool:
     return _switch("XEGPU_ATTN_LOG")
 
 
-def nvvm_training() -> bool:
-    """Whether CUDA tensors may train (XEGPU_ATTN_NVVM_TRAINING=1): the nvvm target's training
-    kernels are experimental, off by default, until their gradients have passed the GPU tests."""
-    return _switch("XEGPU_ATTN_NVVM_TRAINING")
-
-
 #: the values XEGPU_ATTN_EMULATE takes.
 EMULATED_DEVICES = ("xpu",)
 

@@ -15,15 +15,12 @@ are chosen.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 import torch_xegpu_attn
 from sweep_schedules import with_schedule  # (this folder: the same knob, set per variant)
-
-os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # training on CUDA tensors is experimental, off by default
 
 VARIANTS = ["", '{"backward_dkv": "apart"}', '{"kv_tile": 128}', '{"kv_tile": 32}', '{"warpgroup_mma": true}',
             '{"warpgroup_mma": true, "kv_tile": 128}', '{"warpgroup_mma": true, "backward_dkv": "apart"}',

@@ -11,14 +11,12 @@ tests/test_nvvm_gpu.py.
     python benchmarks/cuda/check_training_kernels.py                        # on the GPU machine
 """
 import math
-import os
 import sys
 
 import torch
 
 import torch_xegpu_attn
 
-os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # training on CUDA tensors is experimental, off by default
 #: (B, H, L, S, E, causal)
 CONFIGS = [(1, 1, 64, 64, 16, False), (1, 1, 64, 64, 64, False), (1, 1, 128, 128, 64, False),
            (1, 2, 200, 200, 64, True), (1, 1, 64, 64, 128, False)]

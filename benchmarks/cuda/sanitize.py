@@ -3,16 +3,14 @@ synccheck): partial tiles, masks, causal straddles, decode splits, each checked 
 (benchmarks/cuda/run_on_gpu.sh); training steps (forward_lse, then the backward's Delta, dQ and
 dK/dV kernels) on the same kinds of tails.  Arguments: substrings of the case names to run
 (default all)."""
-import os
 import sys
 
 import torch
 import torch_xegpu_attn as t
 
+
 def r(*s, dtype=torch.float16):
     return torch.randn(*s, dtype=dtype, device="cuda")
-
-os.environ["XEGPU_ATTN_NVVM_TRAINING"] = "1"  # training on CUDA tensors is experimental, off by default
 
 
 def train(q, k, v, **kw):

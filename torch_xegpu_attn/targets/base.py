@@ -215,17 +215,6 @@ def require_matrix_engine_dtype(spec: AttentionSpec, target: str, engine: str,
             f"implemented there: cast the inputs to one of those")
 
 
-def require_inference(spec: AttentionSpec, target: str, tensors: str) -> None:
-    """Raise NotImplementedError for a training kernel (log-sum-exp, backward) or dropout on a
-    target that compiles the inference forward only (`tensors`: its tensors' kind)."""
-    if spec.kernel != "forward":
-        raise NotImplementedError(
-            f"the {target} target compiles the forward pass only: the gradient and the log-sum-exp "
-            f"({spec.kernel}) of xegpu::attention on {tensors} tensors are not implemented yet; train on "
-            f"CPU tensors, or call it under torch.no_grad() for inference")
-    require_no_dropout(spec, target)
-
-
 def require_no_dropout(spec: AttentionSpec, target: str) -> None:
     """Raise NotImplementedError for dropout on a target whose kernels do not generate it."""
     if spec.dropout_p > 0:

@@ -32,8 +32,7 @@ more than 2^8), causal grids go in chunks of 16 heads, costliest row tiles
 first, and unmasked non-causal D = 64 copies the next step's K and V tiles
 once a step's K tile is consumed (one barrier a step).
 
-Training (forward_lse, the backward; experimental, off unless
-XEGPU_ATTN_NVVM_TRAINING=1): the forward's kernels with the log-sum-exp
+Training (forward_lse, the backward): the forward's kernels with the log-sum-exp
 written, and the backward's Delta, dQ and dK/dV loops (64 x 64 tiles, S^T = K Q^T
 in the dK/dV loop, mma.sync) through the same layouts and per-op rules.
 """
@@ -43,7 +42,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-from ... import knobs
 from ...errors import CompileError
 from ...schedule.options import ScheduleOptions
 from ...spec import AttentionSpec, ProblemSize
@@ -218,12 +216,6 @@ class NvvmTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        if spec.kernel != "forward" and not knobs.nvvm_training():
-            raise NotImplementedError(
-                f"training on CUDA tensors ({spec.kernel} of xegpu::attention) is experimental and off by "
-                f"default: the nvvm target's training kernels have not yet passed the GPU gradient tests. "
-                f"XEGPU_ATTN_NVVM_TRAINING=1 turns them on; train on CPU tensors, or call the op under "
-                f"torch.no_grad() for inference")
         require_matrix_engine_dtype(spec, self.name, "tensor cores", NVVM_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim % 16 or dim > MAX_HEAD_DIM:
