@@ -389,7 +389,10 @@ class CudaKernel : public std::enable_shared_from_this<CudaKernel> {
       for (size_t k = 0; k < names_.size(); ++k) {
         CUfunction f;
         check(cuModuleGetFunction(&f, module, names_[k].c_str()), "cuModuleGetFunction");
-        if (shared_bytes_[k] > 48 * 1024) {
+        // The opt-in for more than 48 KB counts the kernel's static shared memory too (the PTX
+        // declares the dynamic buffer's symbol as one static byte): a kernel asking for
+        // exactly 48 KB of dynamic shared memory needs it as well, so it is always given.
+        if (shared_bytes_[k] > 0) {
           check(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                    static_cast<int>(shared_bytes_[k])),
                 "cuFuncSetAttribute");
