@@ -295,6 +295,11 @@ BACKWARD_SPECS = {
     "bwd-e64": replace(BASE, kernel="backward"),
     "bwd-e128-bf16": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", kernel="backward"),
     "bwd-e16-gqa2": replace(BASE, head_dim=16, v_head_dim=16, group=2, kernel="backward"),
+    # causal: the dK/dV loop starts at a run-time row tile (no prefetch there), keys-first index
+    # vectors
+    "bwd-e64-causal": replace(BASE, causal=True, kernel="backward"),
+    "bwd-e32-bf16-causal-gqa2": replace(BASE, head_dim=32, v_head_dim=32, dtype="bfloat16", group=2, causal=True,
+                                        kernel="backward"),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
 #: (pvc, bmg): at head dim 128 the dQ loop's K^T, K and V^T tiles of 32 x 128 (8 KB on both) and
@@ -372,37 +377,62 @@ def test_backward_kernels(compiled_backward, name):
 
 
 GRADIENT_CASES = [
-    # (dtype, E, (batch..., H, Hkv), L, S)
-    (torch.float16, 64, (1, 2, 2), 100, 120),
-    (torch.bfloat16, 128, (2, 2, 2), 70, 45),         # L > S, tails
-    (torch.float16, 32, (1, 3, 3), 1, 77),            # one query row
-    (torch.float16, 16, (1, 2, 1), 129, 200),         # GQA, 32-byte rows
+    # (dtype, E, causal, (batch..., H, Hkv), L, S)
+    (torch.float16, 64, False, (1, 2, 2), 100, 120),
+    (torch.bfloat16, 128, False, (2, 2, 2), 70, 45),         # L > S, tails
+    (torch.float16, 32, False, (1, 3, 3), 1, 77),            # one query row
+    (torch.float16, 16, False, (1, 2, 1), 129, 200),         # GQA, 32-byte rows
+    # causal (top-left aligned): the dK/dV loop starts at the first row tile that sees its keys
+    (torch.float16, 64, True, (1, 2, 2), 100, 120),          # L < S
+    (torch.bfloat16, 64, True, (1, 2, 2), 130, 77),          # L > S: rows that see no key
+    (torch.float16, 32, True, (1, 4, 2), 96, 96),            # GQA, whole tiles
+    (torch.bfloat16, 128, True, (1, 1, 1), 70, 70),
 ]
 
 
-@pytest.mark.parametrize("dtype,e,heads,l,s", GRADIENT_CASES)
-def test_emulated_gradients(emulated, fresh_seed, dtype, e, heads, l, s):
+def _reference_gradients(q, k, v, dout, h, hkv, causal=False, mask=None):
+    """dq, dk, dv of SDPA on the inputs and of float64 autograd of the definition."""
+    import math
+    kw = dict(is_causal=causal, attn_mask=mask, enable_gqa=h != hkv)
+    sdpa = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*sdpa, **kw).backward(dout)
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    kk, vv = (x.repeat_interleave(h // hkv, -3) for x in ref[1:])
+    scores = ref[0] @ kk.transpose(-1, -2) / math.sqrt(q.size(-1))
+    l, s = q.size(-2), k.size(-2)
+    if causal:
+        scores = scores.masked_fill(torch.ones(l, s, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.double())
+    (torch.softmax(scores, -1).nan_to_num() @ vv).backward(dout.double())
+    return [x.grad for x in sdpa], [x.grad for x in ref]
+
+
+def _check_gradients(ours, sdpa, ref, dtype):
+    from conftest import FLOOR
+    for name, a, b, r in zip(("dq", "dk", "dv"), ours, sdpa, ref):
+        err = (a.double() - r).abs().max().item()
+        sdpa_err = (b.double() - r).abs().max().item()
+        print(f"{name}: {err:.3e} (SDPA {sdpa_err:.3e})")
+        assert err <= 2 * sdpa_err + FLOOR[dtype], (name, err, sdpa_err)
+
+
+@pytest.mark.parametrize("dtype,e,causal,heads,l,s", GRADIENT_CASES)
+def test_emulated_gradients(emulated, fresh_seed, dtype, e, causal, heads, l, s):
     """A training step through the xegpu target's forward_lse and backward kernels: dq, dk, dv
     within 2x SDPA's error (+ the dtype's floor) against float64 autograd."""
-    import math
-    from conftest import FLOOR
+    import torch_xegpu_attn
     *batch, h, hkv = heads
     q = torch.randn(*batch, h, l, e, dtype=dtype)
     k, v = (torch.randn(*batch, hkv, s, e, dtype=dtype) for _ in "kv")
     dout = torch.randn(*batch, h, l, e, dtype=dtype)
-    import torch_xegpu_attn
     ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch_xegpu_attn.attention(*ours, enable_gqa=h != hkv).backward(dout)
-    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" for key in CACHE._memory)
-    sdpa = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch.nn.functional.scaled_dot_product_attention(*sdpa, enable_gqa=h != hkv).backward(dout)
-    ref = [x.double().requires_grad_() for x in (q, k, v)]
-    kk, vv = (x.repeat_interleave(h // hkv, -3) for x in ref[1:])
-    (torch.softmax(ref[0] @ kk.transpose(-1, -2) / math.sqrt(e), -1) @ vv).backward(dout.double())
-    for name, a, b, r in zip(("dq", "dk", "dv"), ours, sdpa, ref):
-        err = (a.grad.double() - r.grad).abs().max().item()
-        sdpa_err = (b.grad.double() - r.grad).abs().max().item()
-        assert err <= 2 * sdpa_err + FLOOR[dtype], (name, err, sdpa_err)
+    torch_xegpu_attn.attention(*ours, is_causal=causal, enable_gqa=h != hkv).backward(dout)
+    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].causal == causal
+               for key in CACHE._memory)
+    sdpa, ref = _reference_gradients(q, k, v, dout, h, hkv, causal=causal)
+    _check_gradients([x.grad for x in ours], sdpa, ref, dtype)
 
 
 LSE_CASES = [

@@ -91,10 +91,10 @@ class XegpuTarget(Target):
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
         require_no_dropout(spec, self.name)
-        if spec.kernel == "backward" and (spec.causal or spec.mask is not None or spec.dtype == "float32"):
+        if spec.kernel == "backward" and (spec.mask is not None or spec.dtype == "float32"):
             raise NotImplementedError(
-                "the xegpu target's backward takes float16 and bfloat16 inputs without a mask and without "
-                "is_causal so far; train on CPU tensors for the rest")
+                "the xegpu target's backward takes float16 and bfloat16 inputs without a mask so far; "
+                "train on CPU tensors for the rest")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
@@ -347,6 +347,51 @@ def _scatter_vector_writes(module) -> None:
         write.erase()
 
 
+#: the pure ops an index vector is made of (vector.step, its casts, sums and broadcast scalars)
+_INDEX_OPS = ("vector.step", "vector.broadcast", "vector.create_mask", "arith.index_cast", "arith.addi",
+              "arith.subi", "arith.muli", "arith.constant")
+#: an attribute telling the copies of an index vector apart, so that CSE does not merge them again.
+COPY = "attn.xegpu_copy"
+
+
+def _index_vectors_per_use(module) -> None:
+    """Give every use of a 1-D index vector (vector.step and what is computed from it: the key and
+    row indices of a score tile, the lanes of a scattered read) a copy of its own, down to the
+    vector.step.  Where the row and key tiles are equally long (the backward's 32 x 32 tiles) CSE
+    merges the step of the keys with that of the rows, and each needs its own layout: a slice
+    along the columns where it is broadcast over them, along the rows where over those.  Upstream's
+    layout propagation resolves such a conflict by copying the user with the second layout but
+    not its operands (then the work-group -> sub-group distribution fails: "arith.index_cast op
+    requires the same shape", an index_cast of a 32-lane vector to an 8-lane one).  The copies
+    carry distinct COPY tags, so that the pipeline's CSE keeps them apart."""
+    from torch_mlir import ir
+    order = []
+
+    def is_index_vector(op) -> bool:
+        if op.name not in _INDEX_OPS or len(op.results) != 1:
+            return False
+        vtype = op.results[0].type
+        if not isinstance(vtype, ir.VectorType) or vtype.rank != 1:
+            return False
+        return isinstance(vtype.element_type, (ir.IndexType, ir.IntegerType))
+
+    def visit(op):
+        if is_index_vector(op):
+            order.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)  # in program order: a producer before its users
+    counter = 0
+    for op in reversed(order):  # users first: a copy's operands then get a use each in their turn
+        uses = [(use.owner, use.operand_number) for use in op.results[0].uses]
+        for owner, number in uses[1:]:
+            with ir.InsertionPoint.after(op):
+                copy = op.clone()
+            counter += 1
+            copy.attributes[COPY] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), counter)
+            owner.operands[number] = copy.results[0]
+
+
 def _scalar_read(read, indices) -> None:
     """A one-element read (a mask that varies along neither rows nor keys) as a scalar load whose
     value its users broadcast themselves: a one-lane vector broadcast to a tile cannot be laid
@@ -472,6 +517,8 @@ def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
         upstream.passmanager.PassManager.parse(
             "builtin.module(gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, "
             "canonicalize)))").run(moved.operation)
+        if spec.kernel == "backward":
+            _index_vectors_per_use(moved)
         assign_layouts(moved, _geometry(spec, options.schedule))
     return moved
 
