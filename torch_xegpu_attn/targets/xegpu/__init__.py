@@ -91,10 +91,10 @@ class XegpuTarget(Target):
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
         require_no_dropout(spec, self.name)
-        if spec.kernel == "backward" and (spec.mask is not None or spec.dtype == "float32"):
+        if spec.kernel == "backward" and spec.dtype == "float32":
             raise NotImplementedError(
-                "the xegpu target's backward takes float16 and bfloat16 inputs without a mask so far; "
-                "train on CPU tensors for the rest")
+                "the xegpu target's backward takes float16 and bfloat16 inputs so far (float32 would need "
+                "every contraction split into bf16 parts); train float32 on CPU tensors")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
@@ -313,6 +313,51 @@ def _gather_vector_reads(module) -> None:
         read.erase()
 
 
+def _gather_transposed_reads(module) -> None:
+    """2-D reads through a transposing map (the backward's mask tiles in the keys-first dK/dV loop:
+    (keys x rows) read from a (rows x keys) mask) as 2-D vector.gathers: each lane reads its
+    elements of the transposed tile where they lie.  2D block messages transpose 32-bit elements
+    only (a bool mask is one byte an element), and a tile read as it lies and transposed in
+    registers goes through shared local memory (the transpose crosses sub-groups)."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith, memref, vector
+    reads = []
+
+    def visit(op):
+        if op.name == "vector.transfer_read" and ir.VectorType(op.results[0].type).rank == 2:
+            rank = ir.MemRefType(op.operands[0].type).rank
+            amap = ir.AffineMapAttr(op.attributes["permutation_map"]).value
+            if [str(e) for e in amap.results] == [f"d{rank - 1}", f"d{rank - 2}"]:
+                reads.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    index = ir.IndexType.get()
+    for read in reads:
+        vtype = ir.VectorType(read.results[0].type)
+        source, pad = read.operands[0], read.operands[-1]
+        indices = list(read.operands[1:-1])
+        rank = ir.MemRefType(source.type).rank
+        keys, rows = vtype.shape
+        with ir.InsertionPoint(read), read.location:
+            # (base, offset, sizes..., strides...): the stride of the mask's rows
+            row_stride = list(memref.extract_strided_metadata(source))[2 + rank + rank - 2]
+            tile = ir.VectorType.get([keys, rows], index)
+            key_column = vector.shape_cast(ir.VectorType.get([keys, 1], index),
+                                           vector.step(ir.VectorType.get([keys], index)))
+            row_of = vector.broadcast(tile, vector.step(ir.VectorType.get([rows], index)))
+            # element (key k, row r) lies r rows and k keys past the tile's first element
+            offsets = arith.addi(arith.muli(row_of, vector.broadcast(tile, row_stride)),
+                                 vector.broadcast(tile, key_column))
+            keys_left = arith.subi(memref.dim(source, arith.constant(index, rank - 1)), indices[rank - 1])
+            rows_left = arith.subi(memref.dim(source, arith.constant(index, rank - 2)), indices[rank - 2])
+            mask = vector.create_mask(ir.VectorType.get([keys, rows], ir.IntegerType.get_signless(1)),
+                                      [keys_left, rows_left])
+            gathered = vector.gather(vtype, source, indices, offsets, mask, vector.broadcast(vtype, pad))
+        read.results[0].replace_all_uses_with(gathered)
+        read.erase()
+
+
 def _scatter_vector_writes(module) -> None:
     """1-D writes (the training kernels' row vectors: lse, Delta) as vector.scatter, the form in
     which convert-vector-to-xegpu takes a 1-D transfer that may run past the end (a scattered
@@ -513,6 +558,8 @@ def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
             f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={options.chip} O=3}})"
         ).run(moved.operation)
         _gather_vector_reads(moved)
+        if spec.kernel == "backward":
+            _gather_transposed_reads(moved)
         _scatter_vector_writes(moved)
         upstream.passmanager.PassManager.parse(
             "builtin.module(gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, "
