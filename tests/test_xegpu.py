@@ -300,6 +300,12 @@ BACKWARD_SPECS = {
     "bwd-e64-causal": replace(BASE, causal=True, kernel="backward"),
     "bwd-e32-bf16-causal-gqa2": replace(BASE, head_dim=32, v_head_dim=32, dtype="bfloat16", group=2, causal=True,
                                         kernel="backward"),
+    # 16 x 16 tiles above head dim 64
+    "bwd-e96-bf16-causal": replace(BASE, head_dim=96, v_head_dim=96, dtype="bfloat16", causal=True,
+                                   kernel="backward"),
+    "bwd-e128-f16-bool-mask-ls-gqa2": replace(BASE, head_dim=128, v_head_dim=128, group=2,
+                                              mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
+    "bwd-e64-ev128": replace(BASE, v_head_dim=128, kernel="backward"),
     # masks: the dK/dV loop reads a 2-D mask tile keys first (a 2-D scattered load), a 1-D one as
     # for the forward
     "bwd-bool-mask-ls": replace(BASE, mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
@@ -309,10 +315,8 @@ BACKWARD_SPECS = {
                                               mask=MaskSpec("bool", ("b", "s"), "bool"), kernel="backward"),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
-#: (pvc, bmg): at head dim 128 the dQ loop's K^T, K and V^T tiles of 32 x 128 (8 KB on both) and
-#: the dK/dV loop's accumulators with Q and dOut tiles of 32 x 128 (4 KB on pvc, 8 KB on bmg)
-#: do not fit; head dim 64 fits.
-BACKWARD_SPILLS = {("bwd-e128-bf16", "attention_k1"): 8192, ("bwd-e128-bf16", "attention_k2"): 8192}
+#: (pvc, bmg): none up to head dim 128 (16 x 16 tiles above 64, backward_tile).
+BACKWARD_SPILLS = {}
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +398,10 @@ GRADIENT_CASES = [
     (torch.bfloat16, 64, True, (1, 2, 2), 130, 77),          # L > S: rows that see no key
     (torch.float16, 32, True, (1, 4, 2), 96, 96),            # GQA, whole tiles
     (torch.bfloat16, 128, True, (1, 1, 1), 70, 70),
+    # 16 x 16 tiles above head dim 64
+    (torch.bfloat16, 96, True, (1, 4, 2), 50, 60),           # GQA
+    (torch.float16, (64, 128), False, (1, 2, 2), 40, 50),    # Ev != E
+    (torch.float16, (128, 80), True, (1, 2, 2), 33, 47),
 ]
 
 
@@ -431,9 +439,11 @@ def test_emulated_gradients(emulated, fresh_seed, dtype, e, causal, heads, l, s)
     within 2x SDPA's error (+ the dtype's floor) against float64 autograd."""
     import torch_xegpu_attn
     *batch, h, hkv = heads
+    e, ev = e if isinstance(e, tuple) else (e, e)
     q = torch.randn(*batch, h, l, e, dtype=dtype)
-    k, v = (torch.randn(*batch, hkv, s, e, dtype=dtype) for _ in "kv")
-    dout = torch.randn(*batch, h, l, e, dtype=dtype)
+    k = torch.randn(*batch, hkv, s, e, dtype=dtype)
+    v = torch.randn(*batch, hkv, s, ev, dtype=dtype)
+    dout = torch.randn(*batch, h, l, ev, dtype=dtype)
     ours = [x.clone().requires_grad_() for x in (q, k, v)]
     torch_xegpu_attn.attention(*ours, is_causal=causal, enable_gqa=h != hkv).backward(dout)
     assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].causal == causal

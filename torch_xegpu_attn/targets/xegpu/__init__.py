@@ -472,9 +472,11 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
 
 
 #: the backward's tiles: 32 query rows by 32 keys in every loop (the dK/dV loop's work-group owns
-#: keys, the dQ and Delta loops' query rows); at 64 x 64 ocloc spilled 1 KB (dK/dV) and 128 B (dQ)
-#: at E = 64 on pvc.
+#: keys, the dQ and Delta loops' query rows) for head dims up to 64, 16 by 16 above
+#: (backward_tile); at 64 x 64 ocloc spilled 1 KB (dK/dV) and 128 B (dQ) at E = 64 on pvc.
 BACKWARD_TILE = 32
+#: the widest head dim (E or Ev) whose backward takes BACKWARD_TILE, not half of it.
+BACKWARD_WIDE_TILE_UP_TO = 64
 #: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
 BACKWARD_SG_ROWS = 8
 
@@ -487,8 +489,18 @@ def backward_schedule(spec: AttentionSpec) -> ScheduleOptions:
     (no float atomics).  Above head dims of 128, dK and dV in loops of their own (their two
     accumulators in registers together would not fit)."""
     dkv = "apart" if max(spec.head_dim, spec.v_head_dim) > 128 else "together"
-    return ScheduleOptions(row_tile=BACKWARD_TILE, kv_tile=BACKWARD_TILE, k_layout="explicit", pv_in_f32=False,
+    tile = backward_tile(spec)
+    return ScheduleOptions(row_tile=tile, kv_tile=tile, k_layout="explicit", pv_in_f32=False,
                            backward_tiles="keys_by_rows", backward_dq="second_pass", backward_dkv=dkv)
+
+
+def backward_tile(spec: AttentionSpec) -> int:
+    """Query rows and keys of the backward's tiles: 32 up to head dims of 64, else 16.  Every
+    sub-group holds the whole B tiles of a step (the dQ loop's K and V, the dK/dV loop's Q and
+    dOut), as wide as the head dims: at 32 rows (or keys) the native code (ocloc, pvc and bmg)
+    spilled from head dim 96 up (E = 96: 64 B-1 KB, 128: 4-8 KB a kernel; at 80 with a bool mask
+    256 B), at 16 not up to 128 (f16, bf16, causal, masks, GQA, Ev != E)."""
+    return BACKWARD_TILE if max(spec.head_dim, spec.v_head_dim) <= BACKWARD_WIDE_TILE_UP_TO else BACKWARD_TILE // 2
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
