@@ -306,6 +306,14 @@ BACKWARD_SPECS = {
     "bwd-e128-f16-bool-mask-ls-gqa2": replace(BASE, head_dim=128, v_head_dim=128, group=2,
                                               mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
     "bwd-e64-ev128": replace(BASE, v_head_dim=128, kernel="backward"),
+    # above 128: dK and dV apart, the A operands re-read at every step, each tile read next to its
+    # use
+    "bwd-e256": replace(BASE, head_dim=256, v_head_dim=256, kernel="backward"),
+    "bwd-e192-bf16-f32-mask-bhls-gqa2": replace(BASE, head_dim=192, v_head_dim=192, dtype="bfloat16", group=2,
+                                                mask=MaskSpec("additive", ("b", "h", "l", "s"), "float32"),
+                                                kernel="backward"),
+    "bwd-e256-bf16-causal": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", causal=True,
+                                    kernel="backward"),
     # masks: the dK/dV loop reads a 2-D mask tile keys first (a 2-D scattered load), a 1-D one as
     # for the forward
     "bwd-bool-mask-ls": replace(BASE, mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
@@ -315,8 +323,10 @@ BACKWARD_SPECS = {
                                               mask=MaskSpec("bool", ("b", "s"), "bool"), kernel="backward"),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
-#: (pvc, bmg): none up to head dim 128 (16 x 16 tiles above 64, backward_tile).
-BACKWARD_SPILLS = {}
+#: (pvc, bmg): none up to head dim 128 (16 x 16 tiles above 64, backward_tile); above, the Delta
+#: kernel of bf16 at Ev = 256 (8 KB on pvc, 4 KB on bmg: each sub-group's 8 rows of the f32 output
+#: and of dOut, 8 KB and 4 KB, with dOut in f32).
+BACKWARD_SPILLS = {("bwd-e256-bf16-causal", "attention_k0"): 8192}
 
 
 @pytest.fixture(scope="module")
@@ -354,28 +364,33 @@ def _per_kernel_native(spirv: bytes, device: str):
 
 @pytest.mark.parametrize("name", list(BACKWARD_SPECS))
 def test_backward_kernels(compiled_backward, name):
-    """The backward's three loops (Delta, dQ, dK/dV) as XeGPU kernels: seven dpas, roles from the
-    data flow, valid SPIR-V of emulated builtins only; ocloc's code for pvc and bmg with the DPAS
-    of every contraction, 2D block messages and no spills (but the known one)."""
+    """The backward's loops (Delta, dQ, dK/dV; above head dim 128 dK and dV apart) as XeGPU
+    kernels: roles from the data flow, valid SPIR-V of emulated builtins only; ocloc's code for
+    pvc and bmg with the DPAS of every contraction, 2D block messages and no spills (but the known
+    ones)."""
     spec, artifact = compiled_backward[name]
     kernels = [k["name"] for k in artifact.metadata["kernels"]]
-    assert kernels == ["attention_k0", "attention_k1", "attention_k2"]
-    assert [w["dtype"] for w in artifact.metadata["workspaces"]] == ["f32"]  # Delta
     options = xegpu.options_for(spec)
+    apart = options.schedule.backward_dkv == "apart"  # dK and dV: a loop each
+    assert kernels == ["attention_k0", "attention_k1", "attention_k2"] + (["attention_k3"] if apart else [])
+    assert [w["dtype"] for w in artifact.metadata["workspaces"]] == ["f32"]  # Delta
     t, e, ev = options.schedule.kv_tile, spec.head_dim, spec.v_head_dim
-    assert options.schedule.row_tile == t  # one work-group shape for every loop
+    assert options.schedule.row_tile == t == xegpu_target.backward_tile(spec)  # one work-group shape
     rows = xegpu_target.subgroup_rows(spec)
-    assert [k["threads"] for k in artifact.metadata["kernels"]] == [t // rows * 16] * 3
+    assert [k["threads"] for k in artifact.metadata["kernels"]] == [t // rows * 16] * len(kernels)
     imports = toolchain.imported_functions(artifact.binary)
     assert not set(imports) - _emulated_exports()
     toolchain.validate(artifact.binary)
     if toolchain.ocloc_available() is not None and not os.environ.get("CI"):
         pytest.skip(f"no ocloc: {toolchain.ocloc_available()}")
     # 8x16x16 DPAS per sub-group (its `rows` rows) and step: dQ: S, dP, dQ; dK/dV: S^T, dP^T, dV, dK
-    per_step = {"attention_k0": 0,
-                "attention_k1": rows // 8 * (t // 16 * e // 16 + t // 16 * ev // 16 + e // 16 * t // 16),
-                "attention_k2": rows // 8 * (t // 16 * e // 16 + t // 16 * ev // 16 + ev // 16 * t // 16
-                                             + e // 16 * t // 16)}
+    # (apart: dK: S^T, dP^T, dK; dV: S^T, dV)
+    s_, dp, dq, dv = (t // 16 * e // 16, t // 16 * ev // 16, e // 16 * t // 16, ev // 16 * t // 16)
+    per_step = {"attention_k0": 0, "attention_k1": rows // 8 * (s_ + dp + dq)}
+    if apart:
+        per_step.update(attention_k2=rows // 8 * (s_ + dp + dq), attention_k3=rows // 8 * (s_ + dv))
+    else:
+        per_step.update(attention_k2=rows // 8 * (s_ + dp + dv + dq))
     for device in ("pvc", "bmg"):
         for kernel, counts in _per_kernel_native(artifact.binary, device).items():
             print(f"\n{name} {device} {kernel}: {counts}")
@@ -402,6 +417,9 @@ GRADIENT_CASES = [
     (torch.bfloat16, 96, True, (1, 4, 2), 50, 60),           # GQA
     (torch.float16, (64, 128), False, (1, 2, 2), 40, 50),    # Ev != E
     (torch.float16, (128, 80), True, (1, 2, 2), 33, 47),
+    # above 128: dK and dV apart, A operands re-read at every step
+    (torch.bfloat16, 256, True, (1, 2, 2), 40, 50),
+    (torch.float16, (192, 160), False, (1, 4, 2), 30, 45),   # GQA, Ev != E
 ]
 
 
@@ -452,8 +470,8 @@ def test_emulated_gradients(emulated, fresh_seed, dtype, e, causal, heads, l, s)
     _check_gradients([x.grad for x in ours], sdpa, ref, dtype)
 
 
-#: the backward's mask patterns: (mask shape for q (B=2, H=2, L=70, E=64) against S keys (the
-#: mask's last dim, else 90), dtype);
+#: the backward's mask patterns: (mask shape for q (B=2, H=2, L=70, E) against S keys (the mask's
+#: last dim, else 90), dtype[, E: 64 unless given]);
 #: the dK/dV loop reads them keys first, through a transposing map.
 MASK_GRADIENT_CASES = [
     ((2, 2, 70, 90), torch.bool),
@@ -469,19 +487,22 @@ MASK_GRADIENT_CASES = [
     ((1, 2, 1, 1), torch.bool),        # (h): a head with every key masked
     ((70, 20), torch.bool),            # S = 20: mask rows narrower than a block message
     ((2, 1, 70, 45), torch.float16),   # S = 45: rows of 90 bytes, copied for the block messages
+    ((2, 2, 70, 90), torch.bool, 192),  # E = 192: dK and dV apart, A operands re-read per step
 ]
 
 
-@pytest.mark.parametrize("shape,dtype", MASK_GRADIENT_CASES,
-                         ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}" for s, d in MASK_GRADIENT_CASES])
-def test_emulated_mask_gradients(emulated, fresh_seed, shape, dtype):
+@pytest.mark.parametrize("case", MASK_GRADIENT_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}" + "".join(f"-e{e}" for e in c[2:])
+                              for c in MASK_GRADIENT_CASES])
+def test_emulated_mask_gradients(emulated, fresh_seed, case):
     """The backward under bool and additive masks of every broadcast pattern: dq, dk, dv within 2x
     SDPA's error against float64 autograd (rows that see no key: zero gradients)."""
     import torch_xegpu_attn
+    shape, dtype, e = (*case, 64)[:3]
     s = shape[-1] if shape[-1] > 1 else 90
-    q = torch.randn(2, 2, 70, 64, dtype=torch.float16)
-    k, v = (torch.randn(2, 2, s, 64, dtype=torch.float16) for _ in "kv")
-    dout = torch.randn(2, 2, 70, 64, dtype=torch.float16)
+    q = torch.randn(2, 2, 70, e, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, s, e, dtype=torch.float16) for _ in "kv")
+    dout = torch.randn(2, 2, 70, e, dtype=torch.float16)
     mask = torch.rand(shape) > 0.3 if dtype == torch.bool else torch.randn(shape).to(dtype)
     ours = [x.clone().requires_grad_() for x in (q, k, v)]
     torch_xegpu_attn.attention(*ours, attn_mask=mask).backward(dout)

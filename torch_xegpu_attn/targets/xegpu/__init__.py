@@ -477,6 +477,9 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
 BACKWARD_TILE = 32
 #: the widest head dim (E or Ev) whose backward takes BACKWARD_TILE, not half of it.
 BACKWARD_WIDE_TILE_UP_TO = 64
+#: above this head dim (E or Ev) the backward's loops re-read their dpas A operands at every step
+#: and read each tile right before its use (reload_q).
+BACKWARD_RELOAD_ABOVE = 128
 #: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
 BACKWARD_SG_ROWS = 8
 
@@ -542,7 +545,7 @@ def reload_q(spec: AttentionSpec) -> bool:
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
     0.5-4 KB where holding Q spilled at most 256 bytes."""
     if spec.kernel == "backward":
-        return False
+        return max(spec.head_dim, spec.v_head_dim) > BACKWARD_RELOAD_ABOVE
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
         return max(spec.head_dim, spec.v_head_dim) > 64
     return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
