@@ -543,7 +543,9 @@ def reload_q(spec: AttentionSpec) -> bool:
     registers across the key loop: for head dims above 128 when Q's rows are read in 32-column
     messages (E a multiple of 32).  ocloc (pvc and bmg) spilled 128-256 bytes at E = 192 and 256
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
-    0.5-4 KB where holding Q spilled at most 256 bytes."""
+    0.5-4 KB where holding Q spilled at most 256 bytes.  The backward's loops above head dim 128
+    re-read every dpas A operand they hold (Q and dOut, or K and V): without it they spilled
+    0.25-16 KB a kernel at 144-256, with it none (but bf16's Delta kernel at Ev = 256)."""
     if spec.kernel == "backward":
         return max(spec.head_dim, spec.v_head_dim) > BACKWARD_RELOAD_ABOVE
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
