@@ -335,14 +335,12 @@ def test_transformer_encoder_layer_trains_under_replace_sdpa(fresh_seed):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("target,fields", [("xegpu", {"kernel": "backward", "causal": True}),
-                                           ("xegpu", {"kernel": "backward", "dtype": "float32"}),
+@pytest.mark.parametrize("target,fields", [("xegpu", {"kernel": "backward", "dtype": "float32"}),
                                            ("xegpu", {"dropout_p": 0.1}),
                                            ("nvvm", {"kernel": "forward_lse"}), ("nvvm", {"kernel": "backward"})])
 def test_gpu_targets_reject_what_they_lack_clearly(target, fields, monkeypatch):
-    """Dropout does not run on xegpu, nor its backward with is_causal, a mask or float32; nvvm
-    trains only when XEGPU_ATTN_NVVM_TRAINING=1 turns it on: the GPU targets say so before any
-    compile."""
+    """Dropout does not run on xegpu, nor its backward in float32; nvvm trains only when
+    XEGPU_ATTN_NVVM_TRAINING=1 turns it on: the GPU targets say so before any compile."""
     monkeypatch.delenv("XEGPU_ATTN_NVVM_TRAINING", raising=False)
     from torch_xegpu_attn.spec import AttentionSpec
     from torch_xegpu_attn.targets import get_target
