@@ -437,6 +437,80 @@ def _index_vectors_per_use(module) -> None:
             owner.operands[number] = copy.results[0]
 
 
+#: columns of one chunk of a wide row dot (_row_dots_in_chunks).
+ROW_DOT_CHUNK = 64
+
+
+def _row_dots_in_chunks(module) -> None:
+    """A row dot of two loaded tiles (the backward's Delta = rowsum(dOut * Out)) over rows wider
+    than 128 columns in ROW_DOT_CHUNK-column chunks, each read, multiplied and added to the
+    previous chunks' products before the next is read, and the sum reduced across once: the tiles whole in registers (8 rows of an f32 Out and of dOut in
+    f32, at head dim 256 8 KB each a sub-group) spilled 4-8 KB (bf16, ocloc pvc and bmg); in
+    chunks, none."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith, vector
+    found = []
+
+    def visit(op):
+        if op.name == "vector.multi_reduction" and list(ir.DenseI64ArrayAttr(op.attributes["reduction_dims"])) == [1]:
+            product = op.operands[0].owner
+            if not hasattr(product, "arguments") and product.name == "arith.mulf":
+                found.append(op)
+        return ir.WalkResult.ADVANCE
+
+    def loaded(value):
+        """(the load_nd, whether it is extended) a factor comes from, or None."""
+        op = value.owner
+        extended = not hasattr(op, "arguments") and op.name == "arith.extf"
+        if extended:
+            op = op.operands[0].owner
+        if hasattr(op, "arguments") or op.name != "xegpu.load_nd" or len(op.operands) != 2:
+            return None
+        return op, extended
+
+    module.operation.walk(visit)
+    for reduction in found:
+        product = reduction.operands[0].owner
+        rows, width = ir.VectorType(product.results[0].type).shape
+        factors = [loaded(v) for v in product.operands]
+        if width <= 2 * ROW_DOT_CHUNK or width % ROW_DOT_CHUNK or None in factors:  # fits up to 128
+            continue
+        with ir.InsertionPoint(reduction), reduction.location:
+            summed = None  # the chunks' products summed column by column, reduced across once
+            for start in range(0, width, ROW_DOT_CHUNK):
+                parts = []
+                for load, extended in factors:
+                    desc = load.operands[0].owner
+                    element = ir.VectorType(load.results[0].type).element_type
+                    desc_type = ir.Type.parse(f"!xegpu.tensor_desc<{rows}x{ROW_DOT_CHUNK}x{element}>")
+                    chunk_desc = ir.Operation.create(desc.name, results=[desc_type], operands=list(desc.operands),
+                                                     attributes={a: desc.attributes[a] for a in desc.attributes})
+                    offsets = list(ir.DenseI64ArrayAttr(load.attributes["const_offsets"]))
+                    attributes = {a: load.attributes[a] for a in load.attributes}
+                    attributes["const_offsets"] = ir.DenseI64ArrayAttr.get(offsets[:-1] + [offsets[-1] + start])
+                    part = ir.Operation.create(load.name, results=[ir.VectorType.get([rows, ROW_DOT_CHUNK], element)],
+                                               operands=[chunk_desc.results[0], load.operands[1]],
+                                               attributes=attributes).results[0]
+                    if extended:
+                        part = arith.extf(ir.VectorType.get([rows, ROW_DOT_CHUNK], ir.F32Type.get()), part)
+                    parts.append(part)
+                chunk = arith.mulf(*parts)
+                summed = chunk if summed is None else arith.addf(summed, chunk)
+            total = vector.multi_reduction(reduction.attributes["kind"], summed, reduction.operands[1], [1])
+        reduction.results[0].replace_all_uses_with(total)
+        reduction.erase()
+        dead = [product] + [v.owner for v in product.operands]
+        for op in dead:
+            if op.name == "arith.extf" and not list(op.results[0].uses):
+                dead.append(op.operands[0].owner)
+        for op in dead:
+            if not list(op.results[0].uses):
+                desc = op.operands[0].owner if op.name == "xegpu.load_nd" else None
+                op.erase()
+                if desc is not None and not list(desc.results[0].uses):
+                    desc.erase()
+
+
 def _scalar_read(read, indices) -> None:
     """A one-element read (a mask that varies along neither rows nor keys) as a scalar load whose
     value its users broadcast themselves: a one-lane vector broadcast to a tile cannot be laid
@@ -545,7 +619,7 @@ def reload_q(spec: AttentionSpec) -> bool:
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
     0.5-4 KB where holding Q spilled at most 256 bytes.  The backward's loops above head dim 128
     re-read every dpas A operand they hold (Q and dOut, or K and V): without it they spilled
-    0.25-16 KB a kernel at 144-256, with it none (but bf16's Delta kernel at Ev = 256)."""
+    0.25-16 KB a kernel at 144-256, with it none but at 176, 208 and 240 (16-column messages)."""
     if spec.kernel == "backward":
         return max(spec.head_dim, spec.v_head_dim) > BACKWARD_RELOAD_ABOVE
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
@@ -583,6 +657,7 @@ def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
             "canonicalize)))").run(moved.operation)
         if spec.kernel == "backward":
             _index_vectors_per_use(moved)
+            _row_dots_in_chunks(moved)
         assign_layouts(moved, _geometry(spec, options.schedule))
     return moved
 
