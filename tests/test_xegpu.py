@@ -31,7 +31,7 @@ from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
 
 from conftest import check
-from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, reproducible
+from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, check_gradients, reproducible
 
 xegpu = get_target("xegpu")
 _OK, _WHY = xegpu.available()
@@ -790,3 +790,21 @@ def test_emulated_matches_sdpa_on_drawn_calls(masking, data):
     with _emulating():
         check_case(case)
         assert case.q.numel() == 0 or case.k.size(-2) == 0 or _ran_on_xegpu(case.q.size(-1))
+
+
+#: what the emulated xegpu backward takes: 16-bit inputs (float32 raises); smaller calls (a
+#: training step is three kernels and a forward_lse one).
+XEGPU_TRAINING_CALLS = Target(dtypes=(torch.float16, torch.bfloat16), head_dims=GPU_HEAD_DIMS, max_work=150_000)
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
+@reproducible(max_examples=budget(0.1))
+@given(data=st.data())
+def test_emulated_gradients_match_sdpa_on_drawn_calls(masking, data):
+    """Training calls drawn from SDPA's whole input space (causal, bool and additive masks of every
+    broadcast pattern, strided and broadcast inputs, GQA, any lengths and scales) through the
+    xegpu target's forward_lse and backward kernels, emulated: the gradients within the cpu
+    target's bound (sdpa_cases.check_gradients)."""
+    case = data.draw(cases(XEGPU_TRAINING_CALLS, masking), label="case")
+    with _emulating():
+        check_gradients(case)
