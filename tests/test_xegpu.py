@@ -31,7 +31,7 @@ from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
 
 from conftest import check
-from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, reproducible
+from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, check_gradients, reproducible
 
 xegpu = get_target("xegpu")
 _OK, _WHY = xegpu.available()
@@ -295,12 +295,37 @@ BACKWARD_SPECS = {
     "bwd-e64": replace(BASE, kernel="backward"),
     "bwd-e128-bf16": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", kernel="backward"),
     "bwd-e16-gqa2": replace(BASE, head_dim=16, v_head_dim=16, group=2, kernel="backward"),
+    # causal: the dK/dV loop starts at a run-time row tile (no prefetch there), keys-first index
+    # vectors
+    "bwd-e64-causal": replace(BASE, causal=True, kernel="backward"),
+    "bwd-e32-bf16-causal-gqa2": replace(BASE, head_dim=32, v_head_dim=32, dtype="bfloat16", group=2, causal=True,
+                                        kernel="backward"),
+    # 16 x 16 tiles above head dim 64
+    "bwd-e96-bf16-causal": replace(BASE, head_dim=96, v_head_dim=96, dtype="bfloat16", causal=True,
+                                   kernel="backward"),
+    "bwd-e128-f16-bool-mask-ls-gqa2": replace(BASE, head_dim=128, v_head_dim=128, group=2,
+                                              mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
+    "bwd-e64-ev128": replace(BASE, v_head_dim=128, kernel="backward"),
+    # above 128: dK and dV apart, the A operands re-read at every step, each tile read next to its
+    # use
+    "bwd-e256": replace(BASE, head_dim=256, v_head_dim=256, kernel="backward"),
+    "bwd-e192-bf16-f32-mask-bhls-gqa2": replace(BASE, head_dim=192, v_head_dim=192, dtype="bfloat16", group=2,
+                                                mask=MaskSpec("additive", ("b", "h", "l", "s"), "float32"),
+                                                kernel="backward"),
+    "bwd-e256-bf16-causal": replace(BASE, head_dim=256, v_head_dim=256, dtype="bfloat16", causal=True,
+                                    kernel="backward"),
+    # masks: the dK/dV loop reads a 2-D mask tile keys first (a 2-D scattered load), a 1-D one as
+    # for the forward
+    "bwd-bool-mask-ls": replace(BASE, mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
+    "bwd-additive-f32-mask-bhls": replace(BASE, mask=MaskSpec("additive", ("b", "h", "l", "s"), "float32"),
+                                          kernel="backward"),
+    "bwd-e32-bf16-gqa2-bool-mask-bs": replace(BASE, head_dim=32, v_head_dim=32, dtype="bfloat16", group=2,
+                                              mask=MaskSpec("bool", ("b", "s"), "bool"), kernel="backward"),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
-#: (pvc, bmg): at head dim 128 the dQ loop's K^T, K and V^T tiles of 32 x 128 (8 KB on both) and
-#: the dK/dV loop's accumulators with Q and dOut tiles of 32 x 128 (4 KB on pvc, 8 KB on bmg)
-#: do not fit; head dim 64 fits.
-BACKWARD_SPILLS = {("bwd-e128-bf16", "attention_k1"): 8192, ("bwd-e128-bf16", "attention_k2"): 8192}
+#: (pvc, bmg): none of these (16 x 16 tiles above head dim 64, backward_tile; A operands re-read
+#: per step above 128, reload_q; Delta over wide rows in chunks, _row_dots_in_chunks).
+BACKWARD_SPILLS = {}
 
 
 @pytest.fixture(scope="module")
@@ -338,28 +363,33 @@ def _per_kernel_native(spirv: bytes, device: str):
 
 @pytest.mark.parametrize("name", list(BACKWARD_SPECS))
 def test_backward_kernels(compiled_backward, name):
-    """The backward's three loops (Delta, dQ, dK/dV) as XeGPU kernels: seven dpas, roles from the
-    data flow, valid SPIR-V of emulated builtins only; ocloc's code for pvc and bmg with the DPAS
-    of every contraction, 2D block messages and no spills (but the known one)."""
+    """The backward's loops (Delta, dQ, dK/dV; above head dim 128 dK and dV apart) as XeGPU
+    kernels: roles from the data flow, valid SPIR-V of emulated builtins only; ocloc's code for
+    pvc and bmg with the DPAS of every contraction, 2D block messages and no spills (but the known
+    ones)."""
     spec, artifact = compiled_backward[name]
     kernels = [k["name"] for k in artifact.metadata["kernels"]]
-    assert kernels == ["attention_k0", "attention_k1", "attention_k2"]
-    assert [w["dtype"] for w in artifact.metadata["workspaces"]] == ["f32"]  # Delta
     options = xegpu.options_for(spec)
+    apart = options.schedule.backward_dkv == "apart"  # dK and dV: a loop each
+    assert kernels == ["attention_k0", "attention_k1", "attention_k2"] + (["attention_k3"] if apart else [])
+    assert [w["dtype"] for w in artifact.metadata["workspaces"]] == ["f32"]  # Delta
     t, e, ev = options.schedule.kv_tile, spec.head_dim, spec.v_head_dim
-    assert options.schedule.row_tile == t  # one work-group shape for every loop
+    assert options.schedule.row_tile == t == xegpu_target.backward_tile(spec)  # one work-group shape
     rows = xegpu_target.subgroup_rows(spec)
-    assert [k["threads"] for k in artifact.metadata["kernels"]] == [t // rows * 16] * 3
+    assert [k["threads"] for k in artifact.metadata["kernels"]] == [t // rows * 16] * len(kernels)
     imports = toolchain.imported_functions(artifact.binary)
     assert not set(imports) - _emulated_exports()
     toolchain.validate(artifact.binary)
     if toolchain.ocloc_available() is not None and not os.environ.get("CI"):
         pytest.skip(f"no ocloc: {toolchain.ocloc_available()}")
     # 8x16x16 DPAS per sub-group (its `rows` rows) and step: dQ: S, dP, dQ; dK/dV: S^T, dP^T, dV, dK
-    per_step = {"attention_k0": 0,
-                "attention_k1": rows // 8 * (t // 16 * e // 16 + t // 16 * ev // 16 + e // 16 * t // 16),
-                "attention_k2": rows // 8 * (t // 16 * e // 16 + t // 16 * ev // 16 + ev // 16 * t // 16
-                                             + e // 16 * t // 16)}
+    # (apart: dK: S^T, dP^T, dK; dV: S^T, dV)
+    s_, dp, dq, dv = (t // 16 * e // 16, t // 16 * ev // 16, e // 16 * t // 16, ev // 16 * t // 16)
+    per_step = {"attention_k0": 0, "attention_k1": rows // 8 * (s_ + dp + dq)}
+    if apart:
+        per_step.update(attention_k2=rows // 8 * (s_ + dp + dq), attention_k3=rows // 8 * (s_ + dv))
+    else:
+        per_step.update(attention_k2=rows // 8 * (s_ + dp + dv + dq))
     for device in ("pvc", "bmg"):
         for kernel, counts in _per_kernel_native(artifact.binary, device).items():
             print(f"\n{name} {device} {kernel}: {counts}")
@@ -372,37 +402,124 @@ def test_backward_kernels(compiled_backward, name):
 
 
 GRADIENT_CASES = [
-    # (dtype, E, (batch..., H, Hkv), L, S)
-    (torch.float16, 64, (1, 2, 2), 100, 120),
-    (torch.bfloat16, 128, (2, 2, 2), 70, 45),         # L > S, tails
-    (torch.float16, 32, (1, 3, 3), 1, 77),            # one query row
-    (torch.float16, 16, (1, 2, 1), 129, 200),         # GQA, 32-byte rows
+    # (dtype, E, causal, (batch..., H, Hkv), L, S)
+    (torch.float16, 64, False, (1, 2, 2), 100, 120),
+    (torch.bfloat16, 128, False, (2, 2, 2), 70, 45),         # L > S, tails
+    (torch.float16, 32, False, (1, 3, 3), 1, 77),            # one query row
+    (torch.float16, 16, False, (1, 2, 1), 129, 200),         # GQA, 32-byte rows
+    # causal (top-left aligned): the dK/dV loop starts at the first row tile that sees its keys
+    (torch.float16, 64, True, (1, 2, 2), 100, 120),          # L < S
+    (torch.bfloat16, 64, True, (1, 2, 2), 130, 77),          # L > S: rows that see no key
+    (torch.float16, 32, True, (1, 4, 2), 96, 96),            # GQA, whole tiles
+    (torch.bfloat16, 128, True, (1, 1, 1), 70, 70),
+    # 16 x 16 tiles above head dim 64
+    (torch.bfloat16, 96, True, (1, 4, 2), 50, 60),           # GQA
+    (torch.float16, (64, 128), False, (1, 2, 2), 40, 50),    # Ev != E
+    (torch.float16, (128, 80), True, (1, 2, 2), 33, 47),
+    # above 128: dK and dV apart, A operands re-read at every step
+    (torch.bfloat16, 256, True, (1, 2, 2), 40, 50),
+    (torch.float16, (192, 160), False, (1, 4, 2), 30, 45),   # GQA, Ev != E
 ]
 
 
-@pytest.mark.parametrize("dtype,e,heads,l,s", GRADIENT_CASES)
-def test_emulated_gradients(emulated, fresh_seed, dtype, e, heads, l, s):
-    """A training step through the xegpu target's forward_lse and backward kernels: dq, dk, dv
-    within 2x SDPA's error (+ the dtype's floor) against float64 autograd."""
+def _reference_gradients(q, k, v, dout, h, hkv, causal=False, mask=None):
+    """dq, dk, dv of SDPA on the inputs and of float64 autograd of the definition."""
     import math
-    from conftest import FLOOR
-    *batch, h, hkv = heads
-    q = torch.randn(*batch, h, l, e, dtype=dtype)
-    k, v = (torch.randn(*batch, hkv, s, e, dtype=dtype) for _ in "kv")
-    dout = torch.randn(*batch, h, l, e, dtype=dtype)
-    import torch_xegpu_attn
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch_xegpu_attn.attention(*ours, enable_gqa=h != hkv).backward(dout)
-    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" for key in CACHE._memory)
+    kw = dict(is_causal=causal, attn_mask=mask, enable_gqa=h != hkv)
     sdpa = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch.nn.functional.scaled_dot_product_attention(*sdpa, enable_gqa=h != hkv).backward(dout)
+    torch.nn.functional.scaled_dot_product_attention(*sdpa, **kw).backward(dout)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
     kk, vv = (x.repeat_interleave(h // hkv, -3) for x in ref[1:])
-    (torch.softmax(ref[0] @ kk.transpose(-1, -2) / math.sqrt(e), -1) @ vv).backward(dout.double())
+    scores = ref[0] @ kk.transpose(-1, -2) / math.sqrt(q.size(-1))
+    l, s = q.size(-2), k.size(-2)
+    if causal:
+        scores = scores.masked_fill(torch.ones(l, s, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.double())
+    (torch.softmax(scores, -1).nan_to_num() @ vv).backward(dout.double())
+    return [x.grad for x in sdpa], [x.grad for x in ref]
+
+
+def _check_gradients(ours, sdpa, ref, dtype):
+    from conftest import FLOOR
     for name, a, b, r in zip(("dq", "dk", "dv"), ours, sdpa, ref):
-        err = (a.grad.double() - r.grad).abs().max().item()
-        sdpa_err = (b.grad.double() - r.grad).abs().max().item()
+        err = (a.double() - r).abs().max().item()
+        sdpa_err = (b.double() - r).abs().max().item()
+        print(f"{name}: {err:.3e} (SDPA {sdpa_err:.3e})")
         assert err <= 2 * sdpa_err + FLOOR[dtype], (name, err, sdpa_err)
+
+
+@pytest.mark.parametrize("dtype,e,causal,heads,l,s", GRADIENT_CASES)
+def test_emulated_gradients(emulated, fresh_seed, dtype, e, causal, heads, l, s):
+    """A training step through the xegpu target's forward_lse and backward kernels: dq, dk, dv
+    within 2x SDPA's error (+ the dtype's floor) against float64 autograd."""
+    import torch_xegpu_attn
+    *batch, h, hkv = heads
+    e, ev = e if isinstance(e, tuple) else (e, e)
+    q = torch.randn(*batch, h, l, e, dtype=dtype)
+    k = torch.randn(*batch, hkv, s, e, dtype=dtype)
+    v = torch.randn(*batch, hkv, s, ev, dtype=dtype)
+    dout = torch.randn(*batch, h, l, ev, dtype=dtype)
+    ours = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch_xegpu_attn.attention(*ours, is_causal=causal, enable_gqa=h != hkv).backward(dout)
+    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].causal == causal
+               for key in CACHE._memory)
+    sdpa, ref = _reference_gradients(q, k, v, dout, h, hkv, causal=causal)
+    _check_gradients([x.grad for x in ours], sdpa, ref, dtype)
+
+
+#: the backward's mask patterns: (mask shape for q (B=2, H=2, L=70, E) against S keys (the mask's
+#: last dim, else 90), dtype[, E: 64 unless given]);
+#: the dK/dV loop reads them keys first, through a transposing map.
+MASK_GRADIENT_CASES = [
+    ((2, 2, 70, 90), torch.bool),
+    ((70, 90), torch.bool),
+    ((2, 1, 1, 90), torch.bool),       # a padding mask (b, s)
+    ((1, 90), torch.bool),             # (s)
+    ((70, 1), torch.bool),             # (l)
+    ((2, 2, 70, 90), torch.float32),
+    ((1, 2, 70, 90), torch.float16),
+    ((2, 1, 1, 90), torch.float16),
+    ((70, 1), torch.float32),
+    ((2, 1, 1, 1), torch.float32),     # (b): one value a batch
+    ((1, 2, 1, 1), torch.bool),        # (h): a head with every key masked
+    ((70, 20), torch.bool),            # S = 20: mask rows narrower than a block message
+    ((2, 1, 70, 45), torch.float16),   # S = 45: rows of 90 bytes, copied for the block messages
+    ((2, 2, 70, 90), torch.bool, 192),  # E = 192: dK and dV apart, A operands re-read per step
+]
+
+
+@pytest.mark.parametrize("case", MASK_GRADIENT_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}" + "".join(f"-e{e}" for e in c[2:])
+                              for c in MASK_GRADIENT_CASES])
+def test_emulated_mask_gradients(emulated, fresh_seed, case):
+    """The backward under bool and additive masks of every broadcast pattern: dq, dk, dv within 2x
+    SDPA's error against float64 autograd (rows that see no key: zero gradients)."""
+    import torch_xegpu_attn
+    shape, dtype, e = (*case, 64)[:3]
+    s = shape[-1] if shape[-1] > 1 else 90
+    q = torch.randn(2, 2, 70, e, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, s, e, dtype=torch.float16) for _ in "kv")
+    dout = torch.randn(2, 2, 70, e, dtype=torch.float16)
+    mask = torch.rand(shape) > 0.3 if dtype == torch.bool else torch.randn(shape).to(dtype)
+    ours = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch_xegpu_attn.attention(*ours, attn_mask=mask).backward(dout)
+    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].mask is not None
+               for key in CACHE._memory)
+    sdpa, ref = _reference_gradients(q, k, v, dout, 2, 2, mask=mask)
+    if dtype == torch.bool:  # SDPA's gradients of a row that sees no key are NaN; they are 0
+        sdpa = [g.nan_to_num() for g in sdpa]
+    _check_gradients([x.grad for x in ours], sdpa, ref, torch.float16)
+
+
+def test_emulated_float32_backward_raises(emulated, fresh_seed):
+    """float32 trains on CPU tensors only: the backward's contractions are not split into bf16
+    parts yet, and the target says so rather than rounding to bf16."""
+    import torch_xegpu_attn
+    q, k, v = (torch.randn(1, 2, 40, 64, requires_grad=True) for _ in "qkv")
+    with pytest.raises(NotImplementedError, match="float32"):
+        torch_xegpu_attn.attention(q, k, v).sum().backward()
 
 
 LSE_CASES = [
@@ -673,3 +790,21 @@ def test_emulated_matches_sdpa_on_drawn_calls(masking, data):
     with _emulating():
         check_case(case)
         assert case.q.numel() == 0 or case.k.size(-2) == 0 or _ran_on_xegpu(case.q.size(-1))
+
+
+#: what the emulated xegpu backward takes: 16-bit inputs (float32 raises); smaller calls (a
+#: training step is three kernels and a forward_lse one).
+XEGPU_TRAINING_CALLS = Target(dtypes=(torch.float16, torch.bfloat16), head_dims=GPU_HEAD_DIMS, max_work=150_000)
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
+@reproducible(max_examples=budget(0.1))
+@given(data=st.data())
+def test_emulated_gradients_match_sdpa_on_drawn_calls(masking, data):
+    """Training calls drawn from SDPA's whole input space (causal, bool and additive masks of every
+    broadcast pattern, strided and broadcast inputs, GQA, any lengths and scales) through the
+    xegpu target's forward_lse and backward kernels, emulated: the gradients within the cpu
+    target's bound (sdpa_cases.check_gradients)."""
+    case = data.draw(cases(XEGPU_TRAINING_CALLS, masking), label="case")
+    with _emulating():
+        check_gradients(case)

@@ -91,10 +91,10 @@ class XegpuTarget(Target):
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
         require_no_dropout(spec, self.name)
-        if spec.kernel == "backward" and (spec.causal or spec.mask is not None or spec.dtype == "float32"):
+        if spec.kernel == "backward" and spec.dtype == "float32":
             raise NotImplementedError(
-                "the xegpu target's backward takes float16 and bfloat16 inputs without a mask and without "
-                "is_causal so far; train on CPU tensors for the rest")
+                "the xegpu target's backward takes float16 and bfloat16 inputs so far (float32 would need "
+                "every contraction split into bf16 parts); train float32 on CPU tensors")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
@@ -313,6 +313,51 @@ def _gather_vector_reads(module) -> None:
         read.erase()
 
 
+def _gather_transposed_reads(module) -> None:
+    """2-D reads through a transposing map (the backward's mask tiles in the keys-first dK/dV loop:
+    (keys x rows) read from a (rows x keys) mask) as 2-D vector.gathers: each lane reads its
+    elements of the transposed tile where they lie.  2D block messages transpose 32-bit elements
+    only (a bool mask is one byte an element), and a tile read as it lies and transposed in
+    registers goes through shared local memory (the transpose crosses sub-groups)."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith, memref, vector
+    reads = []
+
+    def visit(op):
+        if op.name == "vector.transfer_read" and ir.VectorType(op.results[0].type).rank == 2:
+            rank = ir.MemRefType(op.operands[0].type).rank
+            amap = ir.AffineMapAttr(op.attributes["permutation_map"]).value
+            if [str(e) for e in amap.results] == [f"d{rank - 1}", f"d{rank - 2}"]:
+                reads.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    index = ir.IndexType.get()
+    for read in reads:
+        vtype = ir.VectorType(read.results[0].type)
+        source, pad = read.operands[0], read.operands[-1]
+        indices = list(read.operands[1:-1])
+        rank = ir.MemRefType(source.type).rank
+        keys, rows = vtype.shape
+        with ir.InsertionPoint(read), read.location:
+            # (base, offset, sizes..., strides...): the stride of the mask's rows
+            row_stride = list(memref.extract_strided_metadata(source))[2 + rank + rank - 2]
+            tile = ir.VectorType.get([keys, rows], index)
+            key_column = vector.shape_cast(ir.VectorType.get([keys, 1], index),
+                                           vector.step(ir.VectorType.get([keys], index)))
+            row_of = vector.broadcast(tile, vector.step(ir.VectorType.get([rows], index)))
+            # element (key k, row r) lies r rows and k keys past the tile's first element
+            offsets = arith.addi(arith.muli(row_of, vector.broadcast(tile, row_stride)),
+                                 vector.broadcast(tile, key_column))
+            keys_left = arith.subi(memref.dim(source, arith.constant(index, rank - 1)), indices[rank - 1])
+            rows_left = arith.subi(memref.dim(source, arith.constant(index, rank - 2)), indices[rank - 2])
+            mask = vector.create_mask(ir.VectorType.get([keys, rows], ir.IntegerType.get_signless(1)),
+                                      [keys_left, rows_left])
+            gathered = vector.gather(vtype, source, indices, offsets, mask, vector.broadcast(vtype, pad))
+        read.results[0].replace_all_uses_with(gathered)
+        read.erase()
+
+
 def _scatter_vector_writes(module) -> None:
     """1-D writes (the training kernels' row vectors: lse, Delta) as vector.scatter, the form in
     which convert-vector-to-xegpu takes a 1-D transfer that may run past the end (a scattered
@@ -345,6 +390,125 @@ def _scatter_vector_writes(module) -> None:
             mask = vector.create_mask(ir.VectorType.get([n], ir.IntegerType.get_signless(1)), [rest])
             vector.scatter(None, dest, indices[:-1] + [arith.constant(index, 0)], lanes, mask, value)
         write.erase()
+
+
+#: the pure ops an index vector is made of (vector.step, its casts, sums and broadcast scalars)
+_INDEX_OPS = ("vector.step", "vector.broadcast", "vector.create_mask", "arith.index_cast", "arith.addi",
+              "arith.subi", "arith.muli", "arith.constant")
+#: an attribute telling the copies of an index vector apart, so that CSE does not merge them again.
+COPY = "attn.xegpu_copy"
+
+
+def _index_vectors_per_use(module) -> None:
+    """Give every use of a 1-D index vector (vector.step and what is computed from it: the key and
+    row indices of a score tile, the lanes of a scattered read) a copy of its own, down to the
+    vector.step.  Where the row and key tiles are equally long (the backward's 32 x 32 tiles) CSE
+    merges the step of the keys with that of the rows, and each needs its own layout: a slice
+    along the columns where it is broadcast over them, along the rows where over those.  Upstream's
+    layout propagation resolves such a conflict by copying the user with the second layout but
+    not its operands (then the work-group -> sub-group distribution fails: "arith.index_cast op
+    requires the same shape", an index_cast of a 32-lane vector to an 8-lane one).  The copies
+    carry distinct COPY tags, so that the pipeline's CSE keeps them apart."""
+    from torch_mlir import ir
+    order = []
+
+    def is_index_vector(op) -> bool:
+        if op.name not in _INDEX_OPS or len(op.results) != 1:
+            return False
+        vtype = op.results[0].type
+        if not isinstance(vtype, ir.VectorType) or vtype.rank != 1:
+            return False
+        return isinstance(vtype.element_type, (ir.IndexType, ir.IntegerType))
+
+    def visit(op):
+        if is_index_vector(op):
+            order.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)  # in program order: a producer before its users
+    counter = 0
+    for op in reversed(order):  # users first: a copy's operands then get a use each in their turn
+        uses = [(use.owner, use.operand_number) for use in op.results[0].uses]
+        for owner, number in uses[1:]:
+            with ir.InsertionPoint.after(op):
+                copy = op.clone()
+            counter += 1
+            copy.attributes[COPY] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), counter)
+            owner.operands[number] = copy.results[0]
+
+
+#: columns of one chunk of a wide row dot (_row_dots_in_chunks).
+ROW_DOT_CHUNK = 64
+
+
+def _row_dots_in_chunks(module) -> None:
+    """A row dot of two loaded tiles (the backward's Delta = rowsum(dOut * Out)) over rows wider
+    than 128 columns in ROW_DOT_CHUNK-column chunks, each read, multiplied and added to the
+    previous chunks' products before the next is read, and the sum reduced across once: the tiles whole in registers (8 rows of an f32 Out and of dOut in
+    f32, at head dim 256 8 KB each a sub-group) spilled 4-8 KB (bf16, ocloc pvc and bmg); in
+    chunks, none."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith, vector
+    found = []
+
+    def visit(op):
+        if op.name == "vector.multi_reduction" and list(ir.DenseI64ArrayAttr(op.attributes["reduction_dims"])) == [1]:
+            product = op.operands[0].owner
+            if not hasattr(product, "arguments") and product.name == "arith.mulf":
+                found.append(op)
+        return ir.WalkResult.ADVANCE
+
+    def loaded(value):
+        """(the load_nd, whether it is extended) a factor comes from, or None."""
+        op = value.owner
+        extended = not hasattr(op, "arguments") and op.name == "arith.extf"
+        if extended:
+            op = op.operands[0].owner
+        if hasattr(op, "arguments") or op.name != "xegpu.load_nd" or len(op.operands) != 2:
+            return None
+        return op, extended
+
+    module.operation.walk(visit)
+    for reduction in found:
+        product = reduction.operands[0].owner
+        rows, width = ir.VectorType(product.results[0].type).shape
+        factors = [loaded(v) for v in product.operands]
+        if width <= 2 * ROW_DOT_CHUNK or width % ROW_DOT_CHUNK or None in factors:  # fits up to 128
+            continue
+        with ir.InsertionPoint(reduction), reduction.location:
+            summed = None  # the chunks' products summed column by column, reduced across once
+            for start in range(0, width, ROW_DOT_CHUNK):
+                parts = []
+                for load, extended in factors:
+                    desc = load.operands[0].owner
+                    element = ir.VectorType(load.results[0].type).element_type
+                    desc_type = ir.Type.parse(f"!xegpu.tensor_desc<{rows}x{ROW_DOT_CHUNK}x{element}>")
+                    chunk_desc = ir.Operation.create(desc.name, results=[desc_type], operands=list(desc.operands),
+                                                     attributes={a: desc.attributes[a] for a in desc.attributes})
+                    offsets = list(ir.DenseI64ArrayAttr(load.attributes["const_offsets"]))
+                    attributes = {a: load.attributes[a] for a in load.attributes}
+                    attributes["const_offsets"] = ir.DenseI64ArrayAttr.get(offsets[:-1] + [offsets[-1] + start])
+                    part = ir.Operation.create(load.name, results=[ir.VectorType.get([rows, ROW_DOT_CHUNK], element)],
+                                               operands=[chunk_desc.results[0], load.operands[1]],
+                                               attributes=attributes).results[0]
+                    if extended:
+                        part = arith.extf(ir.VectorType.get([rows, ROW_DOT_CHUNK], ir.F32Type.get()), part)
+                    parts.append(part)
+                chunk = arith.mulf(*parts)
+                summed = chunk if summed is None else arith.addf(summed, chunk)
+            total = vector.multi_reduction(reduction.attributes["kind"], summed, reduction.operands[1], [1])
+        reduction.results[0].replace_all_uses_with(total)
+        reduction.erase()
+        dead = [product] + [v.owner for v in product.operands]
+        for op in dead:
+            if op.name == "arith.extf" and not list(op.results[0].uses):
+                dead.append(op.operands[0].owner)
+        for op in dead:
+            if not list(op.results[0].uses):
+                desc = op.operands[0].owner if op.name == "xegpu.load_nd" else None
+                op.erase()
+                if desc is not None and not list(desc.results[0].uses):
+                    desc.erase()
 
 
 def _scalar_read(read, indices) -> None:
@@ -382,9 +546,14 @@ def _geometry(spec: AttentionSpec, options: ScheduleOptions):
 
 
 #: the backward's tiles: 32 query rows by 32 keys in every loop (the dK/dV loop's work-group owns
-#: keys, the dQ and Delta loops' query rows); at 64 x 64 ocloc spilled 1 KB (dK/dV) and 128 B (dQ)
-#: at E = 64 on pvc.
+#: keys, the dQ and Delta loops' query rows) for head dims up to 64, 16 by 16 above
+#: (backward_tile); at 64 x 64 ocloc spilled 1 KB (dK/dV) and 128 B (dQ) at E = 64 on pvc.
 BACKWARD_TILE = 32
+#: the widest head dim (E or Ev) whose backward takes BACKWARD_TILE, not half of it.
+BACKWARD_WIDE_TILE_UP_TO = 64
+#: above this head dim (E or Ev) the backward's loops re-read their dpas A operands at every step
+#: and read each tile right before its use (reload_q).
+BACKWARD_RELOAD_ABOVE = 128
 #: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
 BACKWARD_SG_ROWS = 8
 
@@ -397,8 +566,18 @@ def backward_schedule(spec: AttentionSpec) -> ScheduleOptions:
     (no float atomics).  Above head dims of 128, dK and dV in loops of their own (their two
     accumulators in registers together would not fit)."""
     dkv = "apart" if max(spec.head_dim, spec.v_head_dim) > 128 else "together"
-    return ScheduleOptions(row_tile=BACKWARD_TILE, kv_tile=BACKWARD_TILE, k_layout="explicit", pv_in_f32=False,
+    tile = backward_tile(spec)
+    return ScheduleOptions(row_tile=tile, kv_tile=tile, k_layout="explicit", pv_in_f32=False,
                            backward_tiles="keys_by_rows", backward_dq="second_pass", backward_dkv=dkv)
+
+
+def backward_tile(spec: AttentionSpec) -> int:
+    """Query rows and keys of the backward's tiles: 32 up to head dims of 64, else 16.  Every
+    sub-group holds the whole B tiles of a step (the dQ loop's K and V, the dK/dV loop's Q and
+    dOut), as wide as the head dims: at 32 rows (or keys) the native code (ocloc, pvc and bmg)
+    spilled from head dim 96 up (E = 96: 64 B-1 KB, 128: 4-8 KB a kernel; at 80 with a bool mask
+    256 B), at 16 not up to 128 (f16, bf16, causal, masks, GQA, Ev != E)."""
+    return BACKWARD_TILE if max(spec.head_dim, spec.v_head_dim) <= BACKWARD_WIDE_TILE_UP_TO else BACKWARD_TILE // 2
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
@@ -438,9 +617,11 @@ def reload_q(spec: AttentionSpec) -> bool:
     registers across the key loop: for head dims above 128 when Q's rows are read in 32-column
     messages (E a multiple of 32).  ocloc (pvc and bmg) spilled 128-256 bytes at E = 192 and 256
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
-    0.5-4 KB where holding Q spilled at most 256 bytes."""
+    0.5-4 KB where holding Q spilled at most 256 bytes.  The backward's loops above head dim 128
+    re-read every dpas A operand they hold (Q and dOut, or K and V): without it they spilled
+    0.25-16 KB a kernel at 144-256, with it none but at 176, 208 and 240 (16-column messages)."""
     if spec.kernel == "backward":
-        return False
+        return max(spec.head_dim, spec.v_head_dim) > BACKWARD_RELOAD_ABOVE
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
         return max(spec.head_dim, spec.v_head_dim) > 64
     return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
@@ -468,10 +649,15 @@ def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
             f"builtin.module(lower-affine, canonicalize, cse, xevm-attach-target{{chip={options.chip} O=3}})"
         ).run(moved.operation)
         _gather_vector_reads(moved)
+        if spec.kernel == "backward":
+            _gather_transposed_reads(moved)
         _scatter_vector_writes(moved)
         upstream.passmanager.PassManager.parse(
             "builtin.module(gpu.module(gpu.func(convert-vector-to-xegpu, cse, loop-invariant-code-motion, "
             "canonicalize)))").run(moved.operation)
+        if spec.kernel == "backward":
+            _index_vectors_per_use(moved)
+            _row_dots_in_chunks(moved)
         assign_layouts(moved, _geometry(spec, options.schedule))
     return moved
 

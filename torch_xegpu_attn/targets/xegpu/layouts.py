@@ -129,21 +129,57 @@ def _is_qk(dpas) -> bool:
 
 
 def reload_q_per_step(kernel) -> None:
-    """Move the Q tile's load into the key loop, next to the Q.K^T dpas that reads it: each step
-    reads Q again (an L1 hit after the first) instead of holding it in registers across the
-    loop, which frees E * rows * 2 bytes per sub-group for the wide head dims."""
-    qk = [d for d in _walk(kernel, "xegpu.dpas") if _is_qk(d)]
-    if len(qk) != 1:
-        raise CompileError(f"xegpu: expected one Q.K^T dpas, found {len(qk)}")
-    q = _producer(qk[0].operands[0])
-    if q is None or q.name != "xegpu.load_nd":
-        raise CompileError("xegpu: the Q operand does not come from a 2D block load")
+    """Move the loads of the dpas A operands that a loop holds across its steps (the forward's Q
+    tile; the backward's Q and dOut in the dQ loop, K and V in the dK/dV loop) into the loop, next
+    to the dpas that reads each: every step reads the tile again (an L1 hit after the first)
+    instead of holding it in registers across the loop, which frees its bytes in every
+    sub-group for the wide head dims."""
     from torch_mlir import ir
-    with ir.InsertionPoint(qk[0]):
-        copy = q.clone()
-    qk[0].operands[0] = copy.results[0]
-    if not list(q.results[0].uses):
-        q.erase()
+    moved = 0
+    every = _walk(kernel, "xegpu.dpas")
+    for dpas in every:
+        loop = _enclosing_loop(dpas)
+        a = _producer(dpas.operands[0])
+        if loop is None or a is None or a.name != "xegpu.load_nd" or _inside(a, loop):
+            continue
+        with ir.InsertionPoint(dpas):
+            copy = a.clone()
+        dpas.operands[0] = copy.results[0]
+        if not list(a.results[0].uses):
+            a.erase()
+        moved += 1
+    if every and not moved:
+        raise CompileError("xegpu: no dpas A operand is read outside its loop (nothing to re-read per step)")
+
+
+def loads_next_to_their_use(kernel) -> None:
+    """Move every 2D block load in a loop right before the first op of its block that uses it:
+    the backward's steps read their B tiles (Q and dOut, or K and V) at the step's start, and a
+    tile read early is held in registers next to the ones used before it."""
+    for load in _walk(kernel, "xegpu.load_nd"):
+        if _enclosing_loop(load) is None:
+            continue
+        first = _first_in_block(load, [use.owner for use in load.results[0].uses])
+        if first is not None:
+            load.move_before(first)
+
+
+def _enclosing_loop(op):
+    parent = op.parent
+    while parent is not None and parent.name != "gpu.func":
+        if parent.name == "scf.for":
+            return parent
+        parent = parent.parent
+    return None
+
+
+def _inside(op, loop) -> bool:
+    parent = op.parent
+    while parent is not None and parent.name != "gpu.func":
+        if parent == loop:
+            return True
+        parent = parent.parent
+    return False
 
 
 #: where a tile read by a 2D block load goes, and so its role and layout: a dpas A operand (the
@@ -441,6 +477,8 @@ def assign_layouts(module, geometry: Geometry) -> None:
         g.check()
         if g.reload_q:
             reload_q_per_step(kernel)
+            if ROWS in kernel.attributes:  # the backward's kernels
+                loads_next_to_their_use(kernel)
         one_use_class_per_load(kernel)
         found = tag_roles(kernel, g)
         if g.element_bytes == 4:
