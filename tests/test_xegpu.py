@@ -679,7 +679,8 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     q = torch.randn(1, 2, 100, 64, dtype=torch.float16)
     torch_xegpu_attn.attention(q, q, q)
     kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu" and key[2] == "xpu"
-                  and key[0].head_dim == 64 and key[0].mask is None and not key[0].causal and key[0].group == 1)
+                  and key[0].kernel == "forward" and key[0].head_dim == 64 and key[0].mask is None
+                  and not key[0].causal and key[0].group == 1)
     base = torch.randn(2 * 100 * 64 + 8, dtype=torch.float16)
     shifted = base[8:].view(1, 2, 1, 100, 64)  # 16 bytes past a 64-byte boundary
     good = torch.randn(1, 2, 100, 64, dtype=torch.float16)
@@ -713,7 +714,7 @@ def test_emulated_launch_that_raises_frees_its_staging(emulated, cache_dir, fres
     q = torch.randn(1, 1, 40, 32, dtype=torch.float16)
     torch_xegpu_attn.attention(q, q, q)
     assert xpu.staged_buffers() == 0
-    kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu")
+    kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu" and key[0].kernel == "forward")
     (entry,) = cache_module.disk_entries(str(cache_dir))
     (binary,) = [n for n in entry["files"] if not n.endswith(".json")]
     kernels = kernel.metadata["kernels"]
