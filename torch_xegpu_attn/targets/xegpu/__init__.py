@@ -280,14 +280,9 @@ def _gather_vector_reads(module) -> None:
     which the conversion does not take."""
     from torch_mlir import ir
     from torch_mlir.dialects import arith, memref, vector
-    reads = []
-
-    def visit(op):
-        if op.name == "vector.transfer_read" and ir.VectorType(op.results[0].type).rank == 1:
-            reads.append(op)
-        return ir.WalkResult.ADVANCE
-
-    module.operation.walk(visit)
+    from .layouts import _walk
+    reads = [op for op in _walk(module.operation, "vector.transfer_read")
+             if ir.VectorType(op.results[0].type).rank == 1]
     index = ir.IndexType.get()
     for read in reads:
         vtype = ir.VectorType(read.results[0].type)
@@ -364,14 +359,9 @@ def _scatter_vector_writes(module) -> None:
     store whose lanes past the end are masked off), as _gather_vector_reads does for reads."""
     from torch_mlir import ir
     from torch_mlir.dialects import arith, memref, vector
-    writes = []
-
-    def visit(op):
-        if op.name == "vector.transfer_write" and ir.VectorType(op.operands[0].type).rank == 1:
-            writes.append(op)
-        return ir.WalkResult.ADVANCE
-
-    module.operation.walk(visit)
+    from .layouts import _walk
+    writes = [op for op in _walk(module.operation, "vector.transfer_write")
+              if ir.VectorType(op.operands[0].type).rank == 1]
     index = ir.IndexType.get()
     for write in writes:
         value, dest = write.operands[0], write.operands[1]

@@ -512,14 +512,19 @@ def _row_vector_stores_as_reduced(module) -> None:
     row a lane, and that layout, propagated back through the key loop, reached the scores'
     reductions (lanes [16, 1] on an 8 x 16 tile: "data cannot be evenly distributed")."""
     from torch_mlir import ir
-    for op in _walk(module.operation, "xegpu.store"):
-        if ROLE not in op.attributes or ir.StringAttr(op.attributes[ROLE]).value != "rows":
-            continue
+    for op in _with_role(module, "xegpu.store", "rows"):
         text = str(op.attributes["layout"])
         if not text.startswith("#xegpu.slice<#xegpu.layout<") or "lane_layout" in text:
             raise CompileError(f"xegpu: unexpected layout on a row vector's store: {text}")
         head, tail = text.split(">, dims", 1)
         op.attributes["layout"] = ir.Attribute.parse(head + ", lane_layout = [1, 16], lane_data = [1, 1]>, dims" + tail)
+
+
+def _with_role(module, name: str, role: str) -> List:
+    """The ops named `name` tagged with `role`."""
+    from torch_mlir import ir
+    return [op for op in _walk(module.operation, name)
+            if ROLE in op.attributes and ir.StringAttr(op.attributes[ROLE]).value == role]
 
 
 def _match(root, name: str, value: str):
@@ -535,9 +540,7 @@ def _plain_f32_loads(module) -> None:
     transformed read), which exists for 8- and 16-bit elements only ("'xevm.blockload2d' op
     pack_register is only supported for 8 and 16 bit elements")."""
     from torch_mlir import ir
-    for op in _walk(module.operation, "xegpu.load_nd"):
-        if ROLE not in op.attributes or ir.StringAttr(op.attributes[ROLE]).value != "v":
-            continue
+    for op in _with_role(module, "xegpu.load_nd", "v"):
         text = str(op.attributes["layout"])
         if not text.endswith(">") or "lane_layout" in text:
             raise CompileError(f"xegpu: unexpected layout on the V load: {text}")
