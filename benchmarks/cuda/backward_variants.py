@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import torch_xegpu_attn
 from sweep_schedules import with_schedule  # (this folder: the same knob, set per variant)
 
-VARIANTS = ["", '{"warpgroup_mma": false}', '{"kv_tile": 128}', '{"backward_dkv": "apart"}',
-            '{"kv_tile": 32, "warpgroup_mma": false}']
+VARIANTS = ["", '{"warpgroup_mma": false}', '{"mma_overlap": false}', '{"mma_overlap": true}',
+            '{"prefetch": "keys"}', '{"prefetch": "tiles"}', '{"prefetch": "tiles-late"}']
 ROWS = [(torch.float16, 64, False), (torch.float16, 64, True), (torch.bfloat16, 128, False),
         (torch.bfloat16, 128, True)]
 
@@ -75,13 +75,41 @@ def run(variants, n: int) -> None:
         with_schedule("")
 
 
+def breakdown(n: int, repeats: int = 20) -> None:
+    """Where the default backward's time goes: each kernel's mean time (torch.profiler) in one
+    backward of every row, ours and SDPA flash's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+    for dtype, d, causal in ROWS:
+        q, k, v, dout = tensors(dtype, d, n, "cuda")
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        ours = torch_xegpu_attn.attention(q, k, v, is_causal=causal)
+        for name, out in (("ours", ours), ("sdpa flash", flash)):
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(repeats):
+                    torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+            total = sum(e.self_device_time_total for e in events) / repeats
+            print(f"{name} {str(dtype)[6:]} D={d} N={n} causal={causal}: {total:.0f} us per backward", flush=True)
+            for e in sorted(events, key=lambda e: -e.self_device_time_total):
+                us = e.self_device_time_total / repeats
+                print(f"    {us:8.1f} us {100 * us / total:5.1f}%  {e.key[:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precompile", metavar="ARCH", default="", help="fill the disk cache, no GPU needed")
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
     parser.add_argument("--length", type=int, default=4096, help="N (B = 16k / N)")
+    parser.add_argument("--breakdown", action="store_true", help="each kernel's time in the default backward")
     args = parser.parse_args()
-    if args.precompile:
+    if args.breakdown:
+        breakdown(args.length)
+    elif args.precompile:
         precompile(args.precompile, args.variants, args.length)
     else:
         run(args.variants, args.length)
