@@ -58,6 +58,9 @@ _CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
 #: least UNROLL, more while their carried values take at most UNROLL_REGISTERS registers a lane.
 UNROLL = 4
 UNROLL_REGISTERS = 192
+#: a read that may run out of bounds with at least this many slots a lane checks once whether
+#: the tile is wholly inside (then loads without a check per slot).
+WHOLE_TILE_MIN_SLOTS = 8
 
 
 class WorkGroupKernel(Staging, TensorCoreContractions):
@@ -380,27 +383,60 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         padding = self.scalar(op.opview.padding)
         dims, in_bounds = _permutation_dims(op), _in_bounds(op)
         result = op.results[0]
-        element = _element(result)
         for layout in self.layouts_of(result):
-            # Two adjacent columns in one load where the memref is one of ours (a workspace or
-            # the output: identity layout, aligned); a user's tensor may start at any element.
-            pairs = (layout.space == "tile" and layout.axes[-1].kind == COL and in_bounds[-1]
-                     and dims[-1] == ir.MemRefType(base.type).rank - 1
-                     and "strided" not in str(base.type))
-            slots = {}
-            for slot in self.geometry.slots(layout):
-                if pairs and slot[2] % 2:
-                    continue  # loaded with its left neighbour
-                at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
-                if pairs:
-                    both = vector.load(ir.VectorType.get([2], element), base, at, alignment=2 * _bytes(element))
-                    loaded = [vector.extract(both, [], [i]) for i in (0, 1)]
-                    targets = [slot, (slot[0], slot[1], slot[2] + 1)]
-                else:
-                    loaded, targets = [memref.load(base, at)], [slot]
-                for target, value in zip(targets, loaded):
-                    slots[target] = value if inside is None else arith.select(inside, value, padding)
-            self.dists[(result, layout)] = slots
+            slots = self.geometry.slots(layout)
+            if all(in_bounds) or len(slots) < WHOLE_TILE_MIN_SLOTS:
+                self.dists[(result, layout)] = self._loads(base, indices, dims, in_bounds, padding, layout)
+                continue
+            # A tile wholly inside the memref (every tile but a tail) loads without a check per
+            # slot: a warp-uniform branch, whose loads take constant offsets from one address.
+            element = _scalar_type(_element(result))
+            branch = scf.IfOp(self._wholly_inside(base, indices, dims, in_bounds, vector_shape(result)),
+                              [element] * len(slots), has_else=True)
+            with ir.InsertionPoint(branch.then_block):
+                inside = self._loads(base, indices, dims, [True] * len(dims), padding, layout)
+                scf.YieldOp([inside[slot] for slot in slots])
+            with ir.InsertionPoint(branch.else_block):
+                checked = self._loads(base, indices, dims, in_bounds, padding, layout)
+                scf.YieldOp([checked[slot] for slot in slots])
+            self.dists[(result, layout)] = dict(zip(slots, branch.results))
+
+    @staticmethod
+    def _wholly_inside(base, indices, dims, in_bounds, shape) -> ir.Value:
+        """Whether a read of `shape` at `indices` stays inside the memref along every dim that
+        may run out of bounds (i1, uniform)."""
+        whole = None
+        for vdim, mdim in enumerate(dims):
+            if in_bounds[vdim]:
+                continue
+            end = arith.addi(indices[mdim], const_index(shape[vdim]))
+            ok = arith.cmpi(arith.CmpIPredicate.ule, end, memref.dim(base, const_index(mdim)))
+            whole = ok if whole is None else arith.andi(whole, ok)
+        return whole
+
+    def _loads(self, base, indices, dims, in_bounds, padding, layout: Layout) -> Dict[tuple, ir.Value]:
+        """Each slot of `layout` loaded from `base` at `indices` (+ its coordinates); along dims
+        not in bounds, clamped and the padding where outside."""
+        element = ir.MemRefType(base.type).element_type
+        # Two adjacent columns in one load where the memref is one of ours (a workspace or the
+        # output: identity layout, aligned); a user's tensor may start at any element.
+        pairs = (layout.space == "tile" and layout.axes[-1].kind == COL and in_bounds[-1]
+                 and dims[-1] == ir.MemRefType(base.type).rank - 1
+                 and "strided" not in str(base.type))
+        slots = {}
+        for slot in self.geometry.slots(layout):
+            if pairs and slot[2] % 2:
+                continue  # loaded with its left neighbour
+            at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
+            if pairs:
+                both = vector.load(ir.VectorType.get([2], element), base, at, alignment=2 * _bytes(element))
+                loaded = [vector.extract(both, [], [i]) for i in (0, 1)]
+                targets = [slot, (slot[0], slot[1], slot[2] + 1)]
+            else:
+                loaded, targets = [memref.load(base, at)], [slot]
+            for target, value in zip(targets, loaded):
+                slots[target] = value if inside is None else arith.select(inside, value, padding)
+        return slots
 
     def _write(self, op: ir.Operation) -> None:
         value = op.operands[0]
