@@ -58,8 +58,8 @@ _CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
 #: least UNROLL, more while their carried values take at most UNROLL_REGISTERS registers a lane.
 UNROLL = 4
 UNROLL_REGISTERS = 192
-#: a read that may run out of bounds with at least this many slots a lane checks once whether
-#: the tile is wholly inside (then loads without a check per slot).
+#: a read in a loop that may run out of bounds with at least this many slots a lane checks once
+#: whether the tile is wholly inside (then loads without a check per slot).
 WHOLE_TILE_MIN_SLOTS = 8
 
 
@@ -86,6 +86,8 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         self._before: Dict[ir.Operation, Callable[[], None]] = {}   # hooks run before an op
         self._coords: Dict[tuple, ir.Value] = {}
         self._landing: List[ir.Value] = []  # staged values outside loops whose copies are in flight
+        #: committed wgmma groups not yet waited for, oldest first: ((value, layout), their slots)
+        self._in_flight: List[Tuple[Tuple[ir.Value, Layout], Dict[tuple, ir.Value]]] = []
         self.shared_bytes = 0
 
     # ------------------------------------------------------------------ entry
@@ -103,6 +105,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         for old, new in zip(list(self.body.arguments)[:len(ivs)], ivs):
             self.scalars[old] = new
         self._block(self.body)
+        self._await()
 
     def _block(self, block: ir.Block) -> None:
         for op in block.operations:
@@ -111,6 +114,8 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
                 continue
             if self._landing and not self._may_precede_landing(op):
                 self._land_staged()
+            if op.regions:  # a loop or branch reads its values in other blocks: nothing stays in flight
+                self._await()
             if op in self._before:
                 self._before.pop(op)()
             self.translate(op)
@@ -162,6 +167,8 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         if is_uniform(value):
             scalar = self.uniform(value)
             return {slot: scalar for slot in self.geometry.slots(layout)}
+        if any(key == (value, layout) for key, _ in self._in_flight):
+            self._await((value, layout))
         try:
             return self.dists[(value, layout)]
         except KeyError:
@@ -285,6 +292,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         """select(c, arm, other) with c constant along rows: each lane ORs its rows' conditions, a
         vote.any makes the branch warp-uniform; the arm and the select run only if taken, else
         the result is `other` as is.  Exact: the select is still applied per slot."""
+        self._await()  # the branch's arms read values in their own blocks
         result = select.results[0]
         (layout,) = self.layouts_of(result)
         # a lane's slots of one row share its condition: one OR per row, not per slot
@@ -385,11 +393,13 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         result = op.results[0]
         for layout in self.layouts_of(result):
             slots = self.geometry.slots(layout)
-            if all(in_bounds) or len(slots) < WHOLE_TILE_MIN_SLOTS:
+            if all(in_bounds) or len(slots) < WHOLE_TILE_MIN_SLOTS or op.parent.name != "scf.for":
                 self.dists[(result, layout)] = self._loads(base, indices, dims, in_bounds, padding, layout)
                 continue
-            # A tile wholly inside the memref (every tile but a tail) loads without a check per
-            # slot: a warp-uniform branch, whose loads take constant offsets from one address.
+            # In a loop, a tile wholly inside the memref (every tile but a tail) loads without a
+            # check per slot: a warp-uniform branch, whose loads take constant offsets from one
+            # address.  (Outside loops a read runs once: there the branch's join, which keeps
+            # every slot live at once, would cost registers for nothing.)
             element = _scalar_type(_element(result))
             branch = scf.IfOp(self._wholly_inside(base, indices, dims, in_bounds, vector_shape(result)),
                               [element] * len(slots), has_else=True)
@@ -546,6 +556,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
             if prologue is not None:
                 prologue(loop.induction_variable)
             self._block(view.body)
+            self._await()
             scf.YieldOp(self._flatten(list(view.body.operations)[-1].operation.operands, layouts))
         return list(loop.results)
 
@@ -581,6 +592,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
                 self.scalars[view.induction_variable] = arith.addi(loop.induction_variable, const_index(k * step))
                 self._unflatten(view.inner_iter_args, layouts, carried)
                 self._block(body)
+                self._await()
                 carried = self._flatten(list(body.operations)[-1].operation.operands, layouts)
             scf.YieldOp(carried)
         results = list(loop.results)
@@ -605,5 +617,6 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
             with ir.InsertionPoint(new_block):
                 block = old_region.blocks[0]
                 self._block(block)
+                self._await()
                 scf.YieldOp(self._flatten(list(block.operations)[-1].operation.operands, layouts))
         self._unflatten(op.results, layouts, list(branch.results))
