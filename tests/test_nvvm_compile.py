@@ -403,6 +403,11 @@ def test_backward_kernels(compiled_backward, name):
         kind = "bf16" if spec.dtype == "bfloat16" else "f16"
         if wgmma:  # one wgmma a k16 slice of each contraction (every m-tile of the warpgroup)
             assert "mma.sync" not in body and body.count("wgmma.mma_async") == per_step[kernel["name"]]
+            # one group a contraction; with mma_overlap a chain is waited for at its result's
+            # first use, S's while dP's is in flight (unless dropout reads dP at once), else at once
+            waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)
+            assert body.count("wgmma.commit_group") == len(waits) or options.mma_overlap
+            assert ("1" in waits) == (options.mma_overlap and not spec.dropout_p) and set(waits) <= {"0", "1"}
             continue
         assert body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32") == per_step[kernel["name"]]
         assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body

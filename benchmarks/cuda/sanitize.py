@@ -30,6 +30,7 @@ cases = [
     ("train bool mask 37x70 (a row sees no key)", lambda: train(r(2, 3, 37, 64), r(2, 3, 70, 64), r(2, 3, 70, 64), attn_mask=mask)),
     ("train e32 ev64 133x200 causal", lambda: train(r(2, 2, 133, 32), r(2, 2, 200, 32), r(2, 2, 200, 64), is_causal=True)),
     ("train dropout 0.1 gqa 6/2 100x130", lambda: train(r(2, 6, 100, 64), r(2, 2, 130, 64), r(2, 2, 130, 64), dropout_p=0.1, enable_gqa=True)),
+    ("train e128 bf16 300x333 (wgmma, tiles copied once a step's first product is issued)", lambda: train(r(1, 2, 300, 128, dtype=torch.bfloat16), r(1, 2, 333, 128, dtype=torch.bfloat16), r(1, 2, 333, 128, dtype=torch.bfloat16))),
     ("train f32 e64 200x200 causal", lambda: train(r(2, 3, 200, 64, dtype=torch.float32), r(2, 3, 200, 64, dtype=torch.float32), r(2, 3, 200, 64, dtype=torch.float32), is_causal=True)),
     ("prefill e64 causal 100x257", lambda: t.attention(r(1, 2, 100, 64), r(1, 2, 257, 64), r(1, 2, 257, 64), is_causal=True)),
     ("prefill e64 causal 3x7 heads 300x300 (head chunks: 16 + 5)", lambda: t.attention(r(3, 7, 300, 64), r(3, 7, 300, 64), r(3, 7, 300, 64), is_causal=True)),

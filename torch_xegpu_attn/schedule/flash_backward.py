@@ -274,10 +274,14 @@ class _Backward:
             return vector.transpose(vector_type([width, self.R], self.operand_type), tile, [1, 0]), _ROW_MAJOR
         return tile, _FOLDED
 
-    def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool, keys_first: bool = False) -> ir.Value:
+    def _scores(self, q_tile, k_operand, b, h, g, row0, j, mask_keys: bool, keys_first: bool = False,
+                dp_of=None):
         """The score chain on the (R x T) tile of rows row0.. and keys j.. (`k_operand`: the K
         tile and the contraction's maps); with `keys_first` on the (T x R) tile S^T = K Q^T
-        (`k_operand`: the K tile as read).  With `mask_keys`, keys at or past S are -inf."""
+        (`k_operand`: the K tile as read).  With `mask_keys`, keys at or past S are -inf.
+        Returns (s, dp_of()): `dp_of` (the tile's other product, dP) is emitted between the
+        product Q K^T and the chain that reads it, which does not need it: a GPU's tensor
+        cores compute the two products back to back while the chain and P wait for the first."""
         shape = self._tile_shape(keys_first)
         if keys_first:
             q_operand, maps = self._rows_as_right(q_tile, self.E)
@@ -287,6 +291,7 @@ class _Backward:
         index_vectors = self._index_vectors(b, h, g, row0, j, keys_first)
         translator = BodyTranslator(shape, index_vectors)
         self.translator = translator  # the tile's: the dropout's body runs on it too
+        dp = dp_of() if dp_of is not None else None
         for op in self.score_ops:
             extra = [self._mask_tile(op, i, b, h, g, row0, j, keys_first) for i in range(1, len(op.operands) - 1)]
             s = translator.translate(op, [s, *extra, None])
@@ -294,7 +299,7 @@ class _Backward:
             inside = arith.cmpi(arith.CmpIPredicate.slt, index_vectors(_S),
                                 vector.broadcast(vector_type(shape, i32()), to_i32(self.S)))
             s = arith.select(inside, s, splat(shape, self.acc, float("-inf")))
-        return s
+        return s, dp
 
     def _tile_shape(self, keys_first: bool) -> List[int]:
         """The score tile's shape: (R x T), or (T x R) keys first."""
@@ -317,16 +322,19 @@ class _Backward:
         op = self.dropout[tag]
         return value if op is None else self.translator.translate(op, [value, None])
 
-    def _score_gradient(self, p, do_tile, v_operand, delta, keys_first: bool = False) -> ir.Value:
-        """dS = P * (Z * dOut . V^T - Delta) (`v_operand`: the V tile and the contraction's maps);
-        with `keys_first` dS^T = P^T * (Z * V . dOut^T - Delta) (`v_operand`: the V tile as read)."""
+    def _dp(self, do_tile, v_operand, keys_first: bool = False) -> ir.Value:
+        """Z * dP = Z * dOut . V^T (`v_operand`: the V tile and the contraction's maps); with
+        `keys_first` Z * dP^T = Z * V . dOut^T (`v_operand`: the V tile as read)."""
         zero = splat(self._tile_shape(keys_first), self.acc, 0.0)
         if keys_first:
             do_operand, maps = self._rows_as_right(do_tile, self.EV)
             dp = contract(v_operand, do_operand, zero, maps)
         else:
             dp = contract(do_tile, v_operand[0], zero, v_operand[1])
-        dp = self._dropped(dp, "dp_dropout")
+        return self._dropped(dp, "dp_dropout")
+
+    def _score_gradient(self, p, dp, delta, keys_first: bool = False) -> ir.Value:
+        """dS = P * (Z * dP - Delta) (dS^T with `keys_first`)."""
         return arith.mulf(p, arith.subf(dp, self._per_row(delta, keys_first)))
 
     def _scaled_out(self, value, rows: int, width: int) -> ir.Value:
@@ -380,9 +388,10 @@ class _Backward:
             with ir.InsertionPoint(steps.body):
                 j = steps.induction_variable
                 k = self._keys("k", E, b, h, j)
-                s = self._scores(q, self._transposed_operand("k", E, b, h, j), b, h, g, row0, j, mask_keys=True)
                 v = self._transposed_operand("v", self.EV, b, h, j)
-                ds = self._score_gradient(self._probabilities(s, base), dout, v, delta)
+                s, dp = self._scores(q, self._transposed_operand("k", E, b, h, j), b, h, g, row0, j, mask_keys=True,
+                                     dp_of=lambda: self._dp(dout, v))
+                ds = self._score_gradient(self._probabilities(s, base), dp, delta)
                 scf.YieldOp([contract(self._operand(ds), k, steps.inner_iter_args[0], _ROW_MAJOR)])
             dq = self._scaled_out(steps.results[0], R, E)
             self._write_rows(loop, dq, [b, h, g, row0], E)
@@ -505,14 +514,15 @@ class _Backward:
         dout = self._operand_rows("dout", self.EV, b, h, g, row0)
         base = self._lse_base(b, h, g, row0)
         delta = self._rows(delta_ws, None, b, h, g, row0, 0.0) if "dk" in gradients else None
-        s = self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys, keys_first=first)
+        dp_of = (lambda: self._dp(dout, v_operand, first)) if "dk" in gradients else None
+        s, dp = self._scores(q, k_operand, b, h, g, row0, j, mask_keys=mask_keys, keys_first=first, dp_of=dp_of)
         p = self._probabilities(s, base, first)
         maps = _ROW_MAJOR if first else _A_TRANSPOSED
         if "dv" in gradients:
             dv_acc = contract(self._operand(self._dropped(p, "dropout")), dout, dv_acc, maps)
         if "dk" not in gradients:
             return None, dv_acc, None
-        ds = self._score_gradient(p, dout, v_operand, delta, first)
+        ds = self._score_gradient(p, dp, delta, first)
         return contract(self._operand(ds), q, dk_acc, maps), dv_acc, ds
 
     def _first_row(self, j) -> ir.Value:

@@ -138,12 +138,18 @@ class NvvmOptions(TargetOptions):
                     by the tile read from shared memory through a matrix descriptor
                     (the tile stored for the 128-byte swizzle), instead of every warp
                     loading the tile into registers for mma.sync.
+    mma_overlap     (with warpgroup_mma) a wgmma chain is waited for where its result
+                    is first read, not where it is issued: the ops in between (the
+                    issue of an independent chain, elementwise work) overlap it, at
+                    the cost of the registers its accumulators hold meanwhile (no
+                    effect without warpgroup_mma: mma.sync is synchronous).
     """
 
     arch: str = DEFAULT_ARCH
     prefetch: str = "keys"
     causal_head_chunk: int = 0
     warpgroup_mma: bool = False
+    mma_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.prefetch not in PREFETCH_MODES:
@@ -161,6 +167,8 @@ class NvvmOptions(TargetOptions):
             parts.append(f"chunk{self.causal_head_chunk}")
         if self.warpgroup_mma:
             parts.append("wgmma")
+        if self.mma_overlap and self.warpgroup_mma:
+            parts.append("overlap")
         return parts
 
 
@@ -190,7 +198,8 @@ def geometry_for(spec: AttentionSpec, options: NvvmOptions, rows: Optional[int] 
     # D = 64 went wrong from its second key tile on)
     q_in_registers = spec.head_dim <= 64 and not options.warpgroup_mma and spec.dtype != "float32"
     return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=q_in_registers, prefetch=options.prefetch,
-                    warpgroup_mma=options.warpgroup_mma)
+                    warpgroup_mma=options.warpgroup_mma,
+                    mma_overlap=options.mma_overlap and options.warpgroup_mma)
 
 
 def _may_take_wide_rows(spec: AttentionSpec) -> bool:
@@ -256,10 +265,18 @@ class NvvmTarget(Target):
             # tiles): 1.15-1.37x the mma.sync backward on the H100 (backward_variants.py)
             dkv = "apart" if widest > 128 else "together"
             tile = BACKWARD_F32_TILE if spec.dtype == "float32" else BACKWARD_TILE
+            wgmma = self._warpgroup_mma(spec, arch)
+            # D = 64: wgmma chains waited for at their use and both tiles a step ahead; at D = 128
+            # the dK/dV loop's accumulators leave no registers for chains in flight (it spilled:
+            # 0.78x), and the next tiles copied once a step's first contraction is issued
+            # (backward_variants.py on the H100)
+            overlap = wgmma and widest <= 64
             return NvvmOptions(ScheduleOptions(row_tile=tile, kv_tile=tile, pv_in_f32=False,
                                                backward_tiles="keys_by_rows", backward_dq="second_pass",
                                                backward_dkv=dkv), arch=arch,
-                               warpgroup_mma=self._warpgroup_mma(spec, arch))
+                               prefetch="tiles" if overlap else "tiles-late" if wgmma else "keys",
+                               warpgroup_mma=wgmma,
+                               mma_overlap=overlap)
         if spec.length_class == "decode":
             g = spec.group
             row_tile = DECODE_ROWS // g if DECODE_ROWS % g == 0 else DECODE_ROWS

@@ -58,6 +58,9 @@ _CONTRACTIBLE = ("arith.addf", "arith.subf", "arith.mulf")
 #: least UNROLL, more while their carried values take at most UNROLL_REGISTERS registers a lane.
 UNROLL = 4
 UNROLL_REGISTERS = 192
+#: a read in a loop that may run out of bounds with at least this many slots a lane checks once
+#: whether the tile is wholly inside (then loads without a check per slot).
+WHOLE_TILE_MIN_SLOTS = 8
 
 
 class WorkGroupKernel(Staging, TensorCoreContractions):
@@ -83,6 +86,8 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         self._before: Dict[ir.Operation, Callable[[], None]] = {}   # hooks run before an op
         self._coords: Dict[tuple, ir.Value] = {}
         self._landing: List[ir.Value] = []  # staged values outside loops whose copies are in flight
+        #: committed wgmma groups not yet waited for, oldest first: ((value, layout), their slots)
+        self._in_flight: List[Tuple[Tuple[ir.Value, Layout], Dict[tuple, ir.Value]]] = []
         self.shared_bytes = 0
 
     # ------------------------------------------------------------------ entry
@@ -100,6 +105,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         for old, new in zip(list(self.body.arguments)[:len(ivs)], ivs):
             self.scalars[old] = new
         self._block(self.body)
+        self._await()
 
     def _block(self, block: ir.Block) -> None:
         for op in block.operations:
@@ -108,6 +114,8 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
                 continue
             if self._landing and not self._may_precede_landing(op):
                 self._land_staged()
+            if op.regions:  # a loop or branch reads its values in other blocks: nothing stays in flight
+                self._await()
             if op in self._before:
                 self._before.pop(op)()
             self.translate(op)
@@ -159,6 +167,8 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         if is_uniform(value):
             scalar = self.uniform(value)
             return {slot: scalar for slot in self.geometry.slots(layout)}
+        if any(key == (value, layout) for key, _ in self._in_flight):
+            self._await((value, layout))
         try:
             return self.dists[(value, layout)]
         except KeyError:
@@ -282,6 +292,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         """select(c, arm, other) with c constant along rows: each lane ORs its rows' conditions, a
         vote.any makes the branch warp-uniform; the arm and the select run only if taken, else
         the result is `other` as is.  Exact: the select is still applied per slot."""
+        self._await()  # the branch's arms read values in their own blocks
         result = select.results[0]
         (layout,) = self.layouts_of(result)
         # a lane's slots of one row share its condition: one OR per row, not per slot
@@ -380,27 +391,62 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
         padding = self.scalar(op.opview.padding)
         dims, in_bounds = _permutation_dims(op), _in_bounds(op)
         result = op.results[0]
-        element = _element(result)
         for layout in self.layouts_of(result):
-            # Two adjacent columns in one load where the memref is one of ours (a workspace or
-            # the output: identity layout, aligned); a user's tensor may start at any element.
-            pairs = (layout.space == "tile" and layout.axes[-1].kind == COL and in_bounds[-1]
-                     and dims[-1] == ir.MemRefType(base.type).rank - 1
-                     and "strided" not in str(base.type))
-            slots = {}
-            for slot in self.geometry.slots(layout):
-                if pairs and slot[2] % 2:
-                    continue  # loaded with its left neighbour
-                at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
-                if pairs:
-                    both = vector.load(ir.VectorType.get([2], element), base, at, alignment=2 * _bytes(element))
-                    loaded = [vector.extract(both, [], [i]) for i in (0, 1)]
-                    targets = [slot, (slot[0], slot[1], slot[2] + 1)]
-                else:
-                    loaded, targets = [memref.load(base, at)], [slot]
-                for target, value in zip(targets, loaded):
-                    slots[target] = value if inside is None else arith.select(inside, value, padding)
-            self.dists[(result, layout)] = slots
+            slots = self.geometry.slots(layout)
+            if all(in_bounds) or len(slots) < WHOLE_TILE_MIN_SLOTS or op.parent.name != "scf.for":
+                self.dists[(result, layout)] = self._loads(base, indices, dims, in_bounds, padding, layout)
+                continue
+            # In a loop, a tile wholly inside the memref (every tile but a tail) loads without a
+            # check per slot: a warp-uniform branch, whose loads take constant offsets from one
+            # address.  (Outside loops a read runs once: there the branch's join, which keeps
+            # every slot live at once, would cost registers for nothing.)
+            element = _scalar_type(_element(result))
+            branch = scf.IfOp(self._wholly_inside(base, indices, dims, in_bounds, vector_shape(result)),
+                              [element] * len(slots), has_else=True)
+            with ir.InsertionPoint(branch.then_block):
+                inside = self._loads(base, indices, dims, [True] * len(dims), padding, layout)
+                scf.YieldOp([inside[slot] for slot in slots])
+            with ir.InsertionPoint(branch.else_block):
+                checked = self._loads(base, indices, dims, in_bounds, padding, layout)
+                scf.YieldOp([checked[slot] for slot in slots])
+            self.dists[(result, layout)] = dict(zip(slots, branch.results))
+
+    @staticmethod
+    def _wholly_inside(base, indices, dims, in_bounds, shape) -> ir.Value:
+        """Whether a read of `shape` at `indices` stays inside the memref along every dim that
+        may run out of bounds (i1, uniform)."""
+        whole = None
+        for vdim, mdim in enumerate(dims):
+            if in_bounds[vdim]:
+                continue
+            end = arith.addi(indices[mdim], const_index(shape[vdim]))
+            ok = arith.cmpi(arith.CmpIPredicate.ule, end, memref.dim(base, const_index(mdim)))
+            whole = ok if whole is None else arith.andi(whole, ok)
+        return whole
+
+    def _loads(self, base, indices, dims, in_bounds, padding, layout: Layout) -> Dict[tuple, ir.Value]:
+        """Each slot of `layout` loaded from `base` at `indices` (+ its coordinates); along dims
+        not in bounds, clamped and the padding where outside."""
+        element = ir.MemRefType(base.type).element_type
+        # Two adjacent columns in one load where the memref is one of ours (a workspace or the
+        # output: identity layout, aligned); a user's tensor may start at any element.
+        pairs = (layout.space == "tile" and layout.axes[-1].kind == COL and in_bounds[-1]
+                 and dims[-1] == ir.MemRefType(base.type).rank - 1
+                 and "strided" not in str(base.type))
+        slots = {}
+        for slot in self.geometry.slots(layout):
+            if pairs and slot[2] % 2:
+                continue  # loaded with its left neighbour
+            at, inside = self._element_address(base, indices, dims, in_bounds, layout, slot)
+            if pairs:
+                both = vector.load(ir.VectorType.get([2], element), base, at, alignment=2 * _bytes(element))
+                loaded = [vector.extract(both, [], [i]) for i in (0, 1)]
+                targets = [slot, (slot[0], slot[1], slot[2] + 1)]
+            else:
+                loaded, targets = [memref.load(base, at)], [slot]
+            for target, value in zip(targets, loaded):
+                slots[target] = value if inside is None else arith.select(inside, value, padding)
+        return slots
 
     def _write(self, op: ir.Operation) -> None:
         value = op.operands[0]
@@ -510,6 +556,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
             if prologue is not None:
                 prologue(loop.induction_variable)
             self._block(view.body)
+            self._await()
             scf.YieldOp(self._flatten(list(view.body.operations)[-1].operation.operands, layouts))
         return list(loop.results)
 
@@ -545,6 +592,7 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
                 self.scalars[view.induction_variable] = arith.addi(loop.induction_variable, const_index(k * step))
                 self._unflatten(view.inner_iter_args, layouts, carried)
                 self._block(body)
+                self._await()
                 carried = self._flatten(list(body.operations)[-1].operation.operands, layouts)
             scf.YieldOp(carried)
         results = list(loop.results)
@@ -569,5 +617,6 @@ class WorkGroupKernel(Staging, TensorCoreContractions):
             with ir.InsertionPoint(new_block):
                 block = old_region.blocks[0]
                 self._block(block)
+                self._await()
                 scf.YieldOp(self._flatten(list(block.operations)[-1].operation.operands, layouts))
         self._unflatten(op.results, layouts, list(branch.results))

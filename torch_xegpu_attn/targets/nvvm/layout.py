@@ -100,6 +100,8 @@ class Geometry:
     (ScheduleOptions.warpgroup_mma): warps 4g..4g+3 are warpgroup g, whose
     m-tile m of each warp is one m64 operand of an instruction (A from
     registers: any 16 rows a warp holds are that warp's rows of it).
+    mma_overlap: (with warpgroup_mma) a wgmma chain's result is waited for
+    at its first use, not at its issue (NvvmOptions.mma_overlap).
     """
 
     warps: int
@@ -107,10 +109,13 @@ class Geometry:
     q_in_registers: bool = True
     prefetch: str = "keys"
     warpgroup_mma: bool = False
+    mma_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.warpgroup_mma and self.warps % 4:
             raise ValueError(f"nvvm: warpgroup MMA needs whole warpgroups (4 warps each), got {self.warps} warps")
+        if self.mma_overlap and not self.warpgroup_mma:
+            raise ValueError("nvvm: mma_overlap needs warpgroup_mma (wgmma is asynchronous, mma.sync is not)")
 
     @property
     def rows(self) -> int:

@@ -136,13 +136,13 @@ def _inline_asm(results: int, operands: Sequence[ir.Value], constraints: Sequenc
 
 
 def warpgroup_mma(acc: Optional[List[List[ir.Value]]], a: Sequence[Sequence[ir.Value]], descriptor: ir.Value,
-                  n: int, element: ir.Type, transpose_b: bool) -> List[List[ir.Value]]:
+                  n: int, element: ir.Type, transpose_b: bool, commit: bool = False) -> List[List[ir.Value]]:
     """D[m] = A[m] . B (+ D[m] unless `acc` is None: a zero accumulator) for each m-tile m of
     the warpgroup: one wgmma m64nNk16 each, A (4 words a lane) from registers, B (k16 x n)
     from shared memory through `descriptor` (transposed: stored n-major, the V tile).  One asm
     statement, so that every register it reads (the accumulators, and A: loaded or packed
-    for this slice) is written before its wgmma.fence.  The accumulators are in flight until
-    `warpgroup_wait`."""
+    for this slice) is written before its wgmma.fence.  `commit`: the statement ends the
+    chain's group (wgmma.commit_group).  The accumulators are in flight until `warpgroup_wait`."""
     t = "bf16" if isinstance(element, ir.BF16Type) else "f16"
     tiles, half = len(a), n // 2
     outputs = tiles * half
@@ -158,19 +158,19 @@ def warpgroup_mma(acc: Optional[List[List[ir.Value]]], a: Sequence[Sequence[ir.V
         words = ", ".join(f"${first_a + 4 * m + i}" for i in range(4))
         lines.append(f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{d}}}, {{{words}}}, ${desc}, p, "
                      f"1, 1, {int(transpose_b)};")
+    if commit:
+        lines.append("wgmma.commit_group.sync.aligned;")
     lines.append("}")
     values = _inline_asm(outputs, operands, constraints, "\n".join(lines))
     return [values[m * half:(m + 1) * half] for m in range(tiles)]
 
 
-def warpgroup_wait(acc: List[List[ir.Value]]) -> List[List[ir.Value]]:
-    """Commit the warpgroup's wgmmas and wait for them: the accumulators, readable after it
-    (tied through the statement, so that no use of them moves above the wait)."""
-    flat = [value for values in acc for value in values]
-    code = "wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;"
-    values = _inline_asm(len(flat), flat, [str(i) for i in range(len(flat))], code)
-    width = len(acc[0])
-    return [values[m * width:(m + 1) * width] for m in range(len(acc))]
+def warpgroup_wait(flat: List[ir.Value], newer: int) -> List[ir.Value]:
+    """Wait for the warpgroup's committed wgmma groups but the `newer` most recent: `flat`, the
+    accumulators of the groups that are then complete, readable after it (tied through the
+    statement, so that no use of them moves above the wait)."""
+    code = f"wgmma.wait_group.sync.aligned {newer};"
+    return _inline_asm(len(flat), flat, [str(i) for i in range(len(flat))], code)
 
 
 def fence_async_proxy() -> None:

@@ -379,15 +379,27 @@ class Staging:
             copy_next([first])
             next_issued.append(True)
         self._after[consumer] = copy_next_first  # the next K, once this one is consumed
-        for read in staged[1:]:
-            def wait():
-                # V's group is the newest but for the next K's, where that was committed before
-                nvvm.cp_async_wait_group(1 if next_issued else 0)
-                if swizzled:
-                    fence_async_proxy()
-                gpu.barrier()
-            self._before[read] = wait
+        def wait():
+            # V's group is the newest but for the next K's, where that was committed before
+            nvvm.cp_async_wait_group(1 if next_issued else 0)
+            if swizzled:
+                fence_async_proxy()
+            gpu.barrier()
+        # before the first op that uses one of them (not at their reads, which a body may hold
+        # at its start: then the copy would be waited for as soon as it was issued)
+        if staged[1:]:
+            self._before[_first_user(staged[1:])] = wait
 
+
+
+def _first_user(reads: List[ir.Operation]) -> ir.Operation:
+    """The first op of the reads' loop body that uses one of their tiles."""
+    body = list(reads[0].parent.regions[0].blocks[0].operations)
+    position = {op.operation: i for i, op in enumerate(body)}
+    users = [user for read in reads for user in _body_users(read.results[0], position)]
+    if not users:
+        raise CompileError("nvvm: a staged tile of a loop is not used in its body")
+    return min(users, key=lambda op: position[op])
 
 
 def _first_contraction(read: ir.Operation) -> ir.Operation:

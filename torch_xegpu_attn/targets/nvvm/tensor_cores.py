@@ -97,8 +97,11 @@ class TensorCoreContractions:
     def _warpgroup_contract(self, result, layout, a_operand, tile: SharedTile, acc, k: int, n: int,
                             element: ir.Type, k_major: bool) -> None:
         """The contraction as a chain of wgmma, one k16 slice of the tile a statement (all
-        m-tiles of the warp in it); the A fragments of the next slice load while it runs.  A
-        zero accumulator (S = Q K^T) is not read: the first slice overwrites it."""
+        m-tiles of the warp in it), committed as one group; the A fragments of the next slice
+        load while it runs.  A zero accumulator (S = Q K^T) is not read: the first slice
+        overwrites it.  With Geometry.mma_overlap the result stays in flight (see `_await`) until
+        an op reads it, so that the ops in between (the next contraction's issue, elementwise
+        work on other tiles) run while the tensor cores do; else it is waited for here."""
         tiles = self.geometry.m_tiles
         if (tile.rows if k_major else tile.cols) != n:
             raise CompileError(f"nvvm: a wgmma operand tile of {tile.rows} x {tile.cols} does not give n = {n}")
@@ -109,13 +112,30 @@ class TensorCoreContractions:
             values = [[slots[(m, j, i)] for j in range(n // 8) for i in range(4)] for m in range(tiles)]
         descriptor = tile.descriptor(k_major)
         i64 = i64_type()
-        for kk in range(k // 16):
+        slices = k // 16
+        for kk in range(slices):
             at = arith.addi(descriptor, arith.constant(i64, tile.slice_offset(kk, k_major) >> 4))
             values = warpgroup_mma(values, [a_operand(m, kk) for m in range(tiles)], at, n, element,
-                                   transpose_b=not k_major)
-        values = warpgroup_wait(values)
-        self.dists[(result, layout)] = {(m, j, i): values[m][4 * j + i]
-                                        for m in range(tiles) for j in range(n // 8) for i in range(4)}
+                                   transpose_b=not k_major, commit=kk == slices - 1)
+        slots = {(m, j, i): values[m][4 * j + i] for m in range(tiles) for j in range(n // 8) for i in range(4)}
+        self._in_flight.append(((result, layout), slots))
+        if not self.geometry.mma_overlap:
+            self._await((result, layout))
+
+    def _await(self, key=None) -> None:
+        """Wait for the in-flight wgmma group of `key` (a (value, layout) pair; None: every
+        group): wgmma.wait_group with the count of groups committed after it, which leaves those
+        in flight; the results of every group then complete become readable."""
+        if not self._in_flight:
+            return
+        keys = [entry[0] for entry in self._in_flight]
+        last = len(keys) - 1 if key is None else keys.index(key)
+        done = self._in_flight[:last + 1]
+        self._in_flight = self._in_flight[last + 1:]
+        flat = [value for _, slots in done for value in slots.values()]
+        waited = iter(warpgroup_wait(flat, newer=len(self._in_flight)))
+        for done_key, slots in done:
+            self.dists[done_key] = {slot: next(waited) for slot in slots}
 
     def _f32_contract(self, result, layout, lhs, tile: SharedTile, acc, k: int, n: int, rows_are_n: bool) -> None:
         """An f32 contraction as mma.sync m16n8k8 on tf32 halves (mma_3xtf32): f32 accuracy on the
