@@ -690,6 +690,21 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     assert kernel.properties(emulation_queue())["format"] == "spirv"
 
 
+def test_launcher_refuses_a_wrong_operand_count(emulated, fresh_seed):
+    """A kernel called with fewer or more operands than its metadata names raises, before any
+    launch (the native launcher would read past the list)."""
+    import torch_xegpu_attn
+    q = torch.randn(1, 2, 40, 64, dtype=torch.float16)
+    torch_xegpu_attn.attention(q, q, q)
+    kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu" and key[2] == "xpu"
+                  and key[0].kernel == "forward" and key[0].head_dim == 64 and key[0].mask is None)
+    out = torch.empty(1, 2, 1, 40, 64, dtype=torch.float16)
+    q5 = q.view(1, 2, 1, 40, 64)
+    for operands in ([q5, q, q], [q5, q, q, out, out]):
+        with pytest.raises(ValueError, match="takes 4 operands"):
+            kernel(operands)
+
+
 def test_emulated_memory_bound_releases_programs(emulated, cache_dir, monkeypatch, fresh_seed):
     """Three small kernels through a memory cache of one: each evicted kernel's program is
     released with it, so one stays built (the bound bounds the loaded programs too)."""

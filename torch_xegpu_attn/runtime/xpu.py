@@ -225,6 +225,9 @@ class XpuKernel(Kernel):
         self._checked = set()
 
     def __call__(self, arguments: Sequence[torch.Tensor]) -> None:
+        if len(arguments) != len(self._names):
+            raise ValueError(f"xegpu: the kernel takes {len(self._names)} operands ({', '.join(self._names)}), "
+                             f"got {len(arguments)}")
         operands = list(arguments)
         for i, (name, blocks) in enumerate(zip(self._names, self._blocks)):
             if blocks:
