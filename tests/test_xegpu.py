@@ -321,11 +321,26 @@ BACKWARD_SPECS = {
                                           kernel="backward"),
     "bwd-e32-bf16-gqa2-bool-mask-bs": replace(BASE, head_dim=32, v_head_dim=32, dtype="bfloat16", group=2,
                                               mask=MaskSpec("bool", ("b", "s"), "bool"), kernel="backward"),
+    # float32: six bf16 DPAS a product (f32.py), 16 x 16 tiles, A operands re-read per step; dK and
+    # dV apart above head dim 32
+    "bwd-f32-e32-causal-gqa2": replace(BASE, head_dim=32, v_head_dim=32, dtype="float32", group=2, causal=True,
+                                       kernel="backward"),
+    "bwd-f32-e48-bool-mask-ls": replace(BASE, head_dim=48, v_head_dim=48, dtype="float32",
+                                        mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
+    "bwd-f32-e64": replace(BASE, dtype="float32", kernel="backward"),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
-#: (pvc, bmg): none of these (16 x 16 tiles above head dim 64, backward_tile; A operands re-read
-#: per step above 128, reload_q; Delta over wide rows in chunks, _row_dots_in_chunks).
-BACKWARD_SPILLS = {}
+#: (pvc, bmg; the scratch space ocloc reserves, a power of two at least the spill): none of the
+#: 16-bit ones (16 x 16 tiles above head dim 64, backward_tile; A operands re-read per step above
+#: 128, reload_q; Delta over wide rows in chunks, _row_dots_in_chunks).  float32 holds each B
+#: tile with its three bf16 parts: at 48 with a bool mask the dQ and dK kernels spill 256 B-1 KB,
+#: at 64 the dQ and dK kernels 4.7-5.2 KB (spill_size; 8 KB of scratch).
+BACKWARD_SPILLS = {
+    ("bwd-f32-e48-bool-mask-ls", "attention_k1"): 256,
+    ("bwd-f32-e48-bool-mask-ls", "attention_k2"): 1024,
+    ("bwd-f32-e64", "attention_k1"): 8192,
+    ("bwd-f32-e64", "attention_k2"): 8192,
+}
 
 
 @pytest.fixture(scope="module")
@@ -386,6 +401,7 @@ def test_backward_kernels(compiled_backward, name):
     # (apart: dK: S^T, dP^T, dK; dV: S^T, dV)
     s_, dp, dq, dv = (t // 16 * e // 16, t // 16 * ev // 16, e // 16 * t // 16, ev // 16 * t // 16)
     per_step = {"attention_k0": 0, "attention_k1": rows // 8 * (s_ + dp + dq)}
+    parts = 6 if spec.dtype == "float32" else 1  # bf16 DPAS per f32 product (f32.py)
     if apart:
         per_step.update(attention_k2=rows // 8 * (s_ + dp + dq), attention_k3=rows // 8 * (s_ + dv))
     else:
@@ -395,7 +411,7 @@ def test_backward_kernels(compiled_backward, name):
             print(f"\n{name} {device} {kernel}: {counts}")
             assert counts["spill_bytes"] <= BACKWARD_SPILLS.get((name, kernel), 0), (kernel, counts)
             # (a multiple where a loop is unrolled: the G query heads of GQA in the dK/dV loop)
-            step = per_step[kernel]
+            step = per_step[kernel] * parts
             assert counts["dpas"] == step == 0 or (step and counts["dpas"] % step == 0 and counts["dpas"]), (kernel, counts)
             assert counts["block_loads"] >= 2
             assert counts["block_stores"] >= (0 if kernel == "attention_k0" else 1)
@@ -513,12 +529,43 @@ def test_emulated_mask_gradients(emulated, fresh_seed, case):
     _check_gradients([x.grad for x in ours], sdpa, ref, torch.float16)
 
 
-def test_emulated_float32_backward_raises(emulated, fresh_seed):
-    """float32 trains on CPU tensors only: the backward's contractions are not split into bf16
-    parts yet, and the target says so rather than rounding to bf16."""
+FLOAT32_GRADIENT_CASES = [
+    # (E, causal, (batch..., H, Hkv), L, S, bool mask shape or None): every contraction of the
+    # backward as six bf16 DPAS (f32.py)
+    (64, False, (1, 2, 2), 70, 90, None),       # tails
+    (64, True, (1, 4, 2), 50, 60, None),        # causal, GQA
+    (16, False, (1, 2, 1), 33, 40, None),       # GQA, 64-byte rows
+    (32, False, (1, 2, 2), 40, 60, (40, 60)),   # a bool mask (l, s)
+    (48, False, (2, 2, 2), 30, 45, (2, 1, 1, 45)),  # dK and dV apart; a padding mask (b, s)
+]
+
+
+@pytest.mark.parametrize("e,causal,heads,l,s,mask", FLOAT32_GRADIENT_CASES)
+def test_emulated_float32_gradients(emulated, fresh_seed, e, causal, heads, l, s, mask):
+    """float32 training through the xegpu kernels: dq, dk, dv within 2x SDPA's float32 error
+    (+ 2e-6) against float64 autograd (bf16 parts, no tf32 rounding)."""
     import torch_xegpu_attn
-    q, k, v = (torch.randn(1, 2, 40, 64, requires_grad=True) for _ in "qkv")
-    with pytest.raises(NotImplementedError, match="float32"):
+    *batch, h, hkv = heads
+    q = torch.randn(*batch, h, l, e)
+    k, v = (torch.randn(*batch, hkv, s, e) for _ in "kv")
+    dout = torch.randn(*batch, h, l, e)
+    attn_mask = torch.rand(mask) > 0.3 if mask else None
+    ours = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch_xegpu_attn.attention(*ours, attn_mask=attn_mask, is_causal=causal, enable_gqa=h != hkv).backward(dout)
+    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].dtype == "float32"
+               for key in CACHE._memory)
+    sdpa, ref = _reference_gradients(q, k, v, dout, h, hkv, causal=causal, mask=attn_mask)
+    if attn_mask is not None:  # SDPA's gradients of a row that sees no key are NaN; they are 0
+        sdpa = [g.nan_to_num() for g in sdpa]
+    _check_gradients([x.grad for x in ours], sdpa, ref, torch.float32)
+
+
+def test_emulated_float32_backward_above_64_raises(emulated, fresh_seed):
+    """float32 trains on the xegpu kernels up to head dim 64: wider heads spill every backward
+    kernel, and the target says so rather than run them."""
+    import torch_xegpu_attn
+    q, k, v = (torch.randn(1, 2, 40, 80, requires_grad=True) for _ in "qkv")
+    with pytest.raises(NotImplementedError, match="float32 backward takes head dims up to 64"):
         torch_xegpu_attn.attention(q, k, v).sum().backward()
 
 
@@ -808,9 +855,11 @@ def test_emulated_matches_sdpa_on_drawn_calls(masking, data):
         assert case.q.numel() == 0 or case.k.size(-2) == 0 or _ran_on_xegpu(case.q.size(-1))
 
 
-#: what the emulated xegpu backward takes: 16-bit inputs (float32 raises); smaller calls (a
-#: training step is three kernels and a forward_lse one).
+#: what the emulated xegpu backward takes: 16-bit inputs at every head dim, float32 up to head dim
+#: 64 (FLOAT32_BACKWARD_UP_TO); smaller calls (a training step is three kernels and a forward_lse one).
 XEGPU_TRAINING_CALLS = Target(dtypes=(torch.float16, torch.bfloat16), head_dims=GPU_HEAD_DIMS, max_work=150_000)
+XEGPU_F32_TRAINING_CALLS = Target(dtypes=(torch.float32,), head_dims=tuple(
+    e for e in GPU_HEAD_DIMS if e <= xegpu_target.FLOAT32_BACKWARD_UP_TO), max_work=150_000)
 
 
 @pytest.mark.parametrize("masking", MASKINGS)
@@ -822,5 +871,16 @@ def test_emulated_gradients_match_sdpa_on_drawn_calls(masking, data):
     xegpu target's forward_lse and backward kernels, emulated: the gradients within the cpu
     target's bound (sdpa_cases.check_gradients)."""
     case = data.draw(cases(XEGPU_TRAINING_CALLS, masking), label="case")
+    with _emulating():
+        check_gradients(case)
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
+@reproducible(max_examples=budget(0.1))
+@given(data=st.data())
+def test_emulated_float32_gradients_match_sdpa_on_drawn_calls(masking, data):
+    """float32 training calls drawn as above (head dims up to 64) through the xegpu kernels'
+    bf16-part DPAS, emulated: the gradients within the cpu target's bound."""
+    case = data.draw(cases(XEGPU_F32_TRAINING_CALLS, masking), label="case")
     with _emulating():
         check_gradients(case)

@@ -32,7 +32,7 @@ Each step reads a K tile (transposed 32-bit block reads) and a V tile
 (VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
 O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
 float32 inputs run on bf16 DPAS, each f32 operand split into three bf16 parts
-(f32.py; no tf32 anywhere).  The kernels are built for the large register
+(f32.py; no tf32 anywhere), in the forward and, up to head dim 64, the backward.  The kernels are built for the large register
 file (256 registers a thread) unless they fit the default 128 (large_grf).
 """
 
@@ -91,11 +91,13 @@ class XegpuTarget(Target):
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
         require_no_dropout(spec, self.name)
-        if spec.kernel == "backward" and spec.dtype == "float32":
-            raise NotImplementedError(
-                "the xegpu target's backward takes float16 and bfloat16 inputs so far (float32 would need "
-                "every contraction split into bf16 parts); train float32 on CPU tensors")
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
+        widest = max(spec.head_dim, spec.v_head_dim)
+        if spec.kernel == "backward" and spec.dtype == "float32" and widest > FLOAT32_BACKWARD_UP_TO:
+            raise NotImplementedError(
+                f"the xegpu target's float32 backward takes head dims up to {FLOAT32_BACKWARD_UP_TO} so far "
+                f"(wider ones spill 13-27 KB a kernel: every B tile held with its three bf16 parts); got "
+                f"{widest}; train float32 with wider heads on CPU tensors or in float16/bfloat16")
         for name, dim in (("query/key", spec.head_dim), ("value", spec.v_head_dim)):
             if dim not in SUPPORTED_HEAD_DIMS:
                 raise NotImplementedError(
@@ -544,18 +546,27 @@ BACKWARD_WIDE_TILE_UP_TO = 64
 #: above this head dim (E or Ev) the backward's loops re-read their dpas A operands at every step
 #: and read each tile right before its use (reload_q).
 BACKWARD_RELOAD_ABOVE = 128
+#: the widest head dim (E or Ev) the float32 backward takes: above it, every kernel of the
+#: backward spilled 13-27 KB (E = 128, ocloc pvc and bmg).
+FLOAT32_BACKWARD_UP_TO = 64
+#: above this head dim the float32 backward computes dK and dV in loops of their own.
+FLOAT32_BACKWARD_APART_ABOVE = 32
 #: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
 BACKWARD_SG_ROWS = 8
 
 
 def backward_schedule(spec: AttentionSpec) -> ScheduleOptions:
     """The backward's schedule: every contraction a dpas of 16-bit operands (P and dS rounded,
-    pv_in_f32 off) accumulating in f32; the dK/dV loop keys first (S^T = K Q^T: P^T and dS^T are
+    pv_in_f32 off; for float32 inputs P and dS stay f32 and every operand is split into bf16
+    parts, f32.py) accumulating in f32; the dK/dV loop keys first (S^T = K Q^T: P^T and dS^T are
     dpas A operands in the layout their dpas produced them in), Q and dOut transposed explicitly
     where they are right operands (k_layout "explicit", as K in Q K^T); dQ from a loop of its own
     (no float atomics).  Above head dims of 128, dK and dV in loops of their own (their two
-    accumulators in registers together would not fit)."""
-    dkv = "apart" if max(spec.head_dim, spec.v_head_dim) > 128 else "together"
+    accumulators in registers together would not fit); for float32 above 32 (each B tile is
+    held with its three bf16 parts, f32.py: at E = 48 together the dK/dV kernel spilled 2.8-3
+    KB, apart none)."""
+    apart_above = FLOAT32_BACKWARD_APART_ABOVE if spec.dtype == "float32" else 128
+    dkv = "apart" if max(spec.head_dim, spec.v_head_dim) > apart_above else "together"
     tile = backward_tile(spec)
     return ScheduleOptions(row_tile=tile, kv_tile=tile, k_layout="explicit", pv_in_f32=False,
                            backward_tiles="keys_by_rows", backward_dq="second_pass", backward_dkv=dkv)
@@ -566,7 +577,11 @@ def backward_tile(spec: AttentionSpec) -> int:
     sub-group holds the whole B tiles of a step (the dQ loop's K and V, the dK/dV loop's Q and
     dOut), as wide as the head dims: at 32 rows (or keys) the native code (ocloc, pvc and bmg)
     spilled from head dim 96 up (E = 96: 64 B-1 KB, 128: 4-8 KB a kernel; at 80 with a bool mask
-    256 B), at 16 not up to 128 (f16, bf16, causal, masks, GQA, Ev != E)."""
+    256 B), at 16 not up to 128 (f16, bf16, causal, masks, GQA, Ev != E).  float32 takes 16 at
+    every head dim, as its forward takes 16-key steps: an f32 tile and its bf16 parts are 10
+    bytes an element (and a 32-row transposed f32 read is a message the emulation lacks)."""
+    if spec.dtype == "float32":
+        return BACKWARD_TILE // 2
     return BACKWARD_TILE if max(spec.head_dim, spec.v_head_dim) <= BACKWARD_WIDE_TILE_UP_TO else BACKWARD_TILE // 2
 
 
@@ -609,8 +624,12 @@ def reload_q(spec: AttentionSpec) -> bool:
     holding Q, none re-reading it; with 16-column messages (E = 176, 208, 240) re-reading spilled
     0.5-4 KB where holding Q spilled at most 256 bytes.  The backward's loops above head dim 128
     re-read every dpas A operand they hold (Q and dOut, or K and V): without it they spilled
-    0.25-16 KB a kernel at 144-256, with it none but at 176, 208 and 240 (16-column messages)."""
+    0.25-16 KB a kernel at 144-256, with it none but at 176, 208 and 240 (16-column messages).
+    The float32 backward re-reads them at every head dim: at E = 64 holding them spilled 7-14 KB
+    a kernel, re-reading them 0-5 KB."""
     if spec.kernel == "backward":
+        if spec.dtype == "float32":
+            return True
         return max(spec.head_dim, spec.v_head_dim) > BACKWARD_RELOAD_ABOVE
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
         return max(spec.head_dim, spec.v_head_dim) > 64

@@ -26,7 +26,9 @@ Runs at the work-group level in upstream MLIR (stage xegpu-wg), after
 convert-vector-to-xegpu made each contraction an f32 xegpu.dpas and after
 the anchors were tagged: the six DPAS of a product carry the original's role,
 so the layout script sets the same layouts on all of them, and the split
-ops (truncf, extf, subf) get theirs from layout propagation.
+ops (truncf, extf, subf) get theirs from layout propagation.  The backward's
+five contractions (S, dP, dV, dK, dQ; P and dS kept in f32) are split the
+same way.
 """
 
 from __future__ import annotations
