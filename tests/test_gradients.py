@@ -335,9 +335,11 @@ def test_transformer_encoder_layer_trains_under_replace_sdpa(fresh_seed):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("target,fields", [("xegpu", {"kernel": "backward", "dtype": "float32", "head_dim": 80}),
-                                           ("xegpu", {"kernel": "backward", "dtype": "float32", "v_head_dim": 128}),
-                                           ("xegpu", {"dropout_p": 0.1})])
+@pytest.mark.parametrize("target,fields", [
+    ("xegpu", {"kernel": "backward", "dtype": "float32", "head_dim": 80}),
+    ("xegpu", {"kernel": "backward", "dtype": "float32", "v_head_dim": 128}),
+    ("xegpu", {"dropout_p": 0.1}),
+])
 def test_gpu_targets_reject_what_they_lack_clearly(target, fields):
     """Dropout does not run on xegpu, nor its backward in float32 above head dim 64 (E or Ev): the
     target says so before any compile."""

@@ -32,8 +32,9 @@ Each step reads a K tile (transposed 32-bit block reads) and a V tile
 (VNNI-transformed reads) that every sub-group uses whole; S = Q K^T and
 O += P V are 8x16x16 DPAS chains; the row max and sum are sub-group shuffles.
 float32 inputs run on bf16 DPAS, each f32 operand split into three bf16 parts
-(f32.py; no tf32 anywhere), in the forward and, up to head dim 64, the backward.  The kernels are built for the large register
-file (256 registers a thread) unless they fit the default 128 (large_grf).
+(f32.py; no tf32 anywhere), in the forward and, up to head dim 64, the
+backward.  The kernels are built for the large register file (256 registers
+a thread) unless they fit the default 128 (large_grf).
 """
 
 from __future__ import annotations
