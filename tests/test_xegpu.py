@@ -466,23 +466,32 @@ def _check_gradients(ours, sdpa, ref, dtype):
         assert err <= 2 * sdpa_err + FLOOR[dtype], (name, err, sdpa_err)
 
 
+def _train_and_check(q, k, v, dout, h, hkv, dtype, built, causal=False, mask=None):
+    """One training step through the op on copies of q, k, v; `built(key)` must hold for a
+    compiled xegpu backward kernel's cache key; dq, dk, dv within 2x SDPA's error."""
+    import torch_xegpu_attn
+    ours = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch_xegpu_attn.attention(*ours, attn_mask=mask, is_causal=causal, enable_gqa=h != hkv).backward(dout)
+    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and built(key[0])
+               for key in CACHE._memory)
+    sdpa, ref = _reference_gradients(q, k, v, dout, h, hkv, causal=causal, mask=mask)
+    if mask is not None and mask.dtype == torch.bool:
+        # SDPA's gradients of a row that sees no key are NaN; ours are 0
+        sdpa = [g.nan_to_num() for g in sdpa]
+    _check_gradients([x.grad for x in ours], sdpa, ref, dtype)
+
+
 @pytest.mark.parametrize("dtype,e,causal,heads,l,s", GRADIENT_CASES)
 def test_emulated_gradients(emulated, fresh_seed, dtype, e, causal, heads, l, s):
     """A training step through the xegpu target's forward_lse and backward kernels: dq, dk, dv
     within 2x SDPA's error (+ the dtype's floor) against float64 autograd."""
-    import torch_xegpu_attn
     *batch, h, hkv = heads
     e, ev = e if isinstance(e, tuple) else (e, e)
     q = torch.randn(*batch, h, l, e, dtype=dtype)
     k = torch.randn(*batch, hkv, s, e, dtype=dtype)
     v = torch.randn(*batch, hkv, s, ev, dtype=dtype)
     dout = torch.randn(*batch, h, l, ev, dtype=dtype)
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch_xegpu_attn.attention(*ours, is_causal=causal, enable_gqa=h != hkv).backward(dout)
-    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].causal == causal
-               for key in CACHE._memory)
-    sdpa, ref = _reference_gradients(q, k, v, dout, h, hkv, causal=causal)
-    _check_gradients([x.grad for x in ours], sdpa, ref, dtype)
+    _train_and_check(q, k, v, dout, h, hkv, dtype, lambda key: key.causal == causal, causal=causal)
 
 
 #: the backward's mask patterns: (mask shape for q (B=2, H=2, L=70, E) against S keys (the mask's
@@ -512,21 +521,13 @@ MASK_GRADIENT_CASES = [
 def test_emulated_mask_gradients(emulated, fresh_seed, case):
     """The backward under bool and additive masks of every broadcast pattern: dq, dk, dv within 2x
     SDPA's error against float64 autograd (rows that see no key: zero gradients)."""
-    import torch_xegpu_attn
     shape, dtype, e = (*case, 64)[:3]
     s = shape[-1] if shape[-1] > 1 else 90
     q = torch.randn(2, 2, 70, e, dtype=torch.float16)
     k, v = (torch.randn(2, 2, s, e, dtype=torch.float16) for _ in "kv")
     dout = torch.randn(2, 2, 70, e, dtype=torch.float16)
     mask = torch.rand(shape) > 0.3 if dtype == torch.bool else torch.randn(shape).to(dtype)
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch_xegpu_attn.attention(*ours, attn_mask=mask).backward(dout)
-    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].mask is not None
-               for key in CACHE._memory)
-    sdpa, ref = _reference_gradients(q, k, v, dout, 2, 2, mask=mask)
-    if dtype == torch.bool:  # SDPA's gradients of a row that sees no key are NaN; they are 0
-        sdpa = [g.nan_to_num() for g in sdpa]
-    _check_gradients([x.grad for x in ours], sdpa, ref, torch.float16)
+    _train_and_check(q, k, v, dout, 2, 2, torch.float16, lambda key: key.mask is not None, mask=mask)
 
 
 FLOAT32_GRADIENT_CASES = [
@@ -544,20 +545,13 @@ FLOAT32_GRADIENT_CASES = [
 def test_emulated_float32_gradients(emulated, fresh_seed, e, causal, heads, l, s, mask):
     """float32 training through the xegpu kernels: dq, dk, dv within 2x SDPA's float32 error
     (+ 2e-6) against float64 autograd (bf16 parts, no tf32 rounding)."""
-    import torch_xegpu_attn
     *batch, h, hkv = heads
     q = torch.randn(*batch, h, l, e)
     k, v = (torch.randn(*batch, hkv, s, e) for _ in "kv")
     dout = torch.randn(*batch, h, l, e)
     attn_mask = torch.rand(mask) > 0.3 if mask else None
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch_xegpu_attn.attention(*ours, attn_mask=attn_mask, is_causal=causal, enable_gqa=h != hkv).backward(dout)
-    assert any(key[0].target == "xegpu" and key[0].kernel == "backward" and key[0].dtype == "float32"
-               for key in CACHE._memory)
-    sdpa, ref = _reference_gradients(q, k, v, dout, h, hkv, causal=causal, mask=attn_mask)
-    if attn_mask is not None:  # SDPA's gradients of a row that sees no key are NaN; they are 0
-        sdpa = [g.nan_to_num() for g in sdpa]
-    _check_gradients([x.grad for x in ours], sdpa, ref, torch.float32)
+    _train_and_check(q, k, v, dout, h, hkv, torch.float32, lambda key: key.dtype == "float32",
+                     causal=causal, mask=attn_mask)
 
 
 def test_emulated_float32_backward_above_64_raises(emulated, fresh_seed):

@@ -159,6 +159,11 @@ class NvvmOptions(TargetOptions):
         if self.warpgroup_mma and self.arch != "sm_90a":
             raise ValueError(f"warpgroup_mma (wgmma) needs sm_90a, not {self.arch}")
 
+    @property
+    def overlaps_mma(self) -> bool:
+        """Whether wgmma chains stay in flight until their use (mma_overlap takes effect)."""
+        return self.mma_overlap and self.warpgroup_mma
+
     def own_name(self):
         parts = [self.arch]
         if self.prefetch != "keys":
@@ -167,7 +172,7 @@ class NvvmOptions(TargetOptions):
             parts.append(f"chunk{self.causal_head_chunk}")
         if self.warpgroup_mma:
             parts.append("wgmma")
-        if self.mma_overlap and self.warpgroup_mma:
+        if self.overlaps_mma:
             parts.append("overlap")
         return parts
 
@@ -199,7 +204,7 @@ def geometry_for(spec: AttentionSpec, options: NvvmOptions, rows: Optional[int] 
     q_in_registers = spec.head_dim <= 64 and not options.warpgroup_mma and spec.dtype != "float32"
     return Geometry(warps=warps, m_tiles=m_tiles, q_in_registers=q_in_registers, prefetch=options.prefetch,
                     warpgroup_mma=options.warpgroup_mma,
-                    mma_overlap=options.mma_overlap and options.warpgroup_mma)
+                    mma_overlap=options.overlaps_mma)
 
 
 def _may_take_wide_rows(spec: AttentionSpec) -> bool:

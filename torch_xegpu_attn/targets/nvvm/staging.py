@@ -391,26 +391,22 @@ class Staging:
             self._before[_first_user(staged[1:])] = wait
 
 
-
-def _first_user(reads: List[ir.Operation]) -> ir.Operation:
-    """The first op of the reads' loop body that uses one of their tiles."""
+def _first_user(reads: List[ir.Operation], name: Optional[str] = None) -> ir.Operation:
+    """The first op of the reads' loop body that uses one of their tiles (of those named `name`,
+    if given)."""
     body = list(reads[0].parent.regions[0].blocks[0].operations)
     position = {op.operation: i for i, op in enumerate(body)}
-    users = [user for read in reads for user in _body_users(read.results[0], position)]
+    users = [user for read in reads for user in _body_users(read.results[0], position)
+             if name is None or user.name == name]
     if not users:
-        raise CompileError("nvvm: a staged tile of a loop is not used in its body")
+        raise CompileError(f"nvvm: a staged tile of a loop is not used{f' by a {name}' if name else ''} in its body")
     return min(users, key=lambda op: position[op])
 
 
 def _first_contraction(read: ir.Operation) -> ir.Operation:
     """The contraction of `read`'s loop body that consumes its tile first (a tile may feed
     several: the dQ loop's K tile is the right operand of Q K^T and of dS K)."""
-    body = list(read.parent.regions[0].blocks[0].operations)
-    position = {op.operation: i for i, op in enumerate(body)}
-    contractions = [u for u in _body_users(read.results[0], position) if u.name == "vector.contract"]
-    if not contractions:
-        raise CompileError("nvvm: a staged tile of a loop feeds no contraction of its body")
-    return min(contractions, key=lambda op: position[op])
+    return _first_user([read], "vector.contract")
 
 
 def _body_users(value: ir.Value, body_ops) -> List[ir.Operation]:
