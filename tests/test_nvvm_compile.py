@@ -449,6 +449,26 @@ def test_backward_loops_get_a_thread_block_each(tiles, tmp_path):
         assert report["registers"] <= 255 and report["spill_stores"] <= 128, report
 
 
+def test_min_blocks_bounds_the_contracting_kernels(tmp_path):
+    """min_blocks=3: the backward's kernels that contract (dQ, dK/dV) declare .minnctapersm 3 and
+    fit three work-groups' registers into the register file; the Delta kernel (no contraction,
+    bound by memory) declares nothing."""
+    spec = BACKWARD_SPECS["backward-e64"]
+    artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec).with_fields(min_blocks=3))
+    ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
+    entries = dict(re.findall(r"\.visible \.entry (\w+)\((.*?)(?=\.visible \.entry|\Z)", ptx, re.S))
+    assert len(entries) == len(artifact.metadata["kernels"]) == 3
+    for kernel in artifact.metadata["kernels"]:
+        body = entries[kernel["name"]]
+        contracts = "wgmma.mma_async" in body or "mma.sync.aligned" in body
+        assert (".minnctapersm 3" in body) == contracts, kernel["name"]
+        if contracts:
+            assert artifact.metadata["resources"][kernel["name"]]["registers"] * kernel["threads"] * 3 <= 65536
+    assert sum(".minnctapersm" in body for body in entries.values()) == 2
+    with pytest.raises(ValueError, match="min_blocks"):
+        nvvm.options_for(spec).with_fields(min_blocks=-1)
+
+
 def test_backward_on_ampere(tmp_path):
     spec = BACKWARD_SPECS["backward-e128-causal-bf16"]
     artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec, "sm_80"))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch_xegpu_attn
 from sweep_schedules import with_schedule  # (this folder: the same knob, set per variant)
 
-VARIANTS = ["", '{"warpgroup_mma": false}', '{"mma_overlap": false}', '{"mma_overlap": true}',
+VARIANTS = ["", '{"min_blocks": 3}', '{"warpgroup_mma": false}', '{"mma_overlap": false}', '{"mma_overlap": true}',
             '{"prefetch": "keys"}', '{"prefetch": "tiles"}', '{"prefetch": "tiles-late"}']
 ROWS = [(torch.float16, 64, False), (torch.float16, 64, True), (torch.bfloat16, 128, False),
         (torch.bfloat16, 128, True)]
@@ -33,8 +33,8 @@ def tensors(dtype, d: int, n: int, device: str):
     return [torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(4)]
 
 
-def precompile(arch: str, variants, n: int) -> None:
-    for dtype, d, causal in ROWS:
+def precompile(arch: str, variants, n: int, rows=ROWS) -> None:
+    for dtype, d, causal in rows:
         q, k, v, _ = tensors(dtype, d, n, "meta")
         with_schedule("")
         torch_xegpu_attn.precompile(q, k, v, is_causal=causal, target="nvvm", arch=arch, kernel="forward_lse")
@@ -46,10 +46,10 @@ def precompile(arch: str, variants, n: int) -> None:
         with_schedule("")
 
 
-def run(variants, n: int) -> None:
+def run(variants, n: int, rows=ROWS) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
-    for dtype, d, causal in ROWS:
+    for dtype, d, causal in rows:
         q, k, v, dout = tensors(dtype, d, n, "cuda")
         flops = 2.5 * 4.0 * q.size(0) * q.size(1) * n * n * d / (2 if causal else 1)
         expected = None
@@ -106,13 +106,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
     parser.add_argument("--length", type=int, default=4096, help="N (B = 16k / N)")
     parser.add_argument("--breakdown", action="store_true", help="each kernel's time in the default backward")
+    parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 128], help="the rows of these head dims")
     args = parser.parse_args()
+    rows = [row for row in ROWS if row[1] in args.head_dims]
     if args.breakdown:
         breakdown(args.length)
     elif args.precompile:
-        precompile(args.precompile, args.variants, args.length)
+        precompile(args.precompile, args.variants, args.length, rows)
     else:
-        run(args.variants, args.length)
+        run(args.variants, args.length, rows)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,10 @@ class NvvmOptions(TargetOptions):
                     issue of an independent chain, elementwise work) overlap it, at
                     the cost of the registers its accumulators hold meanwhile (no
                     effect without warpgroup_mma: mma.sync is synchronous).
+    min_blocks      each kernel declared to keep at least this many work-groups
+                    resident on an SM (PTX .minnctapersm): ptxas fits its registers
+                    into the register file's share of one work-group, spilling if it
+                    must; 0 leaves the register count to ptxas.
     """
 
     arch: str = DEFAULT_ARCH
@@ -150,12 +154,15 @@ class NvvmOptions(TargetOptions):
     causal_head_chunk: int = 0
     warpgroup_mma: bool = False
     mma_overlap: bool = False
+    min_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.prefetch not in PREFETCH_MODES:
             raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {self.prefetch!r}")
         if self.causal_head_chunk < 0:
             raise ValueError(f"causal_head_chunk must be >= 0, got {self.causal_head_chunk}")
+        if not 0 <= self.min_blocks <= 32:
+            raise ValueError(f"min_blocks must be in 0..32, got {self.min_blocks}")
         if self.warpgroup_mma and self.arch != "sm_90a":
             raise ValueError(f"warpgroup_mma (wgmma) needs sm_90a, not {self.arch}")
 
@@ -174,6 +181,8 @@ class NvvmOptions(TargetOptions):
             parts.append("wgmma")
         if self.overlaps_mma:
             parts.append("overlap")
+        if self.min_blocks:
+            parts.append(f"min-blocks{self.min_blocks}")
         return parts
 
 
@@ -410,7 +419,7 @@ def _build_kernels(module, spec: AttentionSpec, options: NvvmOptions):
     from mlir import ir
     from .kernel import build_kernels
     metadata = build_kernels(module, lambda rows: geometry_for(spec, options, rows), spec.causal,
-                             options.causal_head_chunk)
+                             options.causal_head_chunk, options.min_blocks)
     limit = MAX_SHARED_BYTES.get(options.arch)
     for kernel in metadata["kernels"]:
         if limit is not None and kernel["shared_bytes"] > limit:

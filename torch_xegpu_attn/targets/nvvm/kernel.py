@@ -42,11 +42,18 @@ def assign_layouts(module: ir.Module, geometry_of: GeometryOf) -> None:
         annotate_layouts(loop.regions[0].blocks[0], geometry.rows)
 
 
-def build_kernels(module: ir.Module, geometry_of: GeometryOf, causal: bool, head_chunk: int = 0) -> Dict:
+def build_kernels(module: ir.Module, geometry_of: GeometryOf, causal: bool, head_chunk: int = 0,
+                  min_blocks: int = 0) -> Dict:
     """Replace the host function by a gpu.module of one distributed kernel per work-group loop;
-    return the launch metadata (kernel names, grids, threads, shared memory, workspaces)."""
+    return the launch metadata (kernel names, grids, threads, shared memory, workspaces).
+    `min_blocks` > 0: each kernel whose loop holds a contraction asks for that many resident
+    work-groups an SM (nvvm.minctasm, PTX .minnctapersm); a kernel without one is bound by
+    memory, and ptxas' own register count keeps the most of its work-groups resident."""
+    contracting = []
 
     def distribute(loop, outer, ip, ivs):
+        if min_blocks and _holds(loop, "vector.contract"):
+            contracting.append(_enclosing_kernel(ip.block.owner))
         work_group = WorkGroupKernel(loop, geometry_of(work_group_rows(loop)), outer, ip)
         work_group.emit(ivs)
         return {"shared_bytes": work_group.shared_bytes}
@@ -54,4 +61,21 @@ def build_kernels(module: ir.Module, geometry_of: GeometryOf, causal: bool, head
     def threads(loop) -> int:
         return geometry_of(work_group_rows(loop)).threads
 
-    return outline_work_groups(module, "nvvm", threads, distribute, causal, head_chunk)
+    metadata = outline_work_groups(module, "nvvm", threads, distribute, causal, head_chunk)
+    for kernel in contracting:
+        kernel.attributes["nvvm.minctasm"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), min_blocks)
+    return metadata
+
+
+def _holds(op: ir.Operation, name: str) -> bool:
+    """Whether an op named `name` is nested in `op`."""
+    return any(inner.operation.name == name or _holds(inner.operation, name)
+               for region in op.regions for block in region.blocks for inner in block.operations)
+
+
+def _enclosing_kernel(op: ir.Operation) -> ir.Operation:
+    """The gpu.func that holds `op`."""
+    op = op.operation
+    while op.name != "gpu.func":
+        op = op.parent.operation
+    return op
