@@ -7,8 +7,10 @@ when causal).  Rows: f16 and bf16, head dims 64 and 128, N = L = S from 1024
 to 16384 with B * N = 16k and H * D = 2048, causal and not; then decode rows
 (L = 1, S from 1k to 32k, GQA 32/8, D = 128, bf16); float32 rows next to SDPA's f32
 backends (efficient, math); training rows (forward + backward and the backward
-alone, the prefill rows' shapes, with the peak memory of a step).  Also the host
-cost of a cache-hit call on a tiny problem next to SDPA's (interleaved medians).
+alone, the prefill rows' shapes, with the peak memory of a step).  The prefill and
+training rows add FlashAttention-4 where it is installed (on the lent GPU machine:
+../shared/tools/fa4_payload.sh).  Also the host cost of a cache-hit call on a tiny
+problem next to SDPA's (interleaved medians).
 
     python benchmarks/bench_cuda.py [--csv out.csv] [--quick] [--only host,prefill,f32,decode,backward]
     python benchmarks/bench_cuda.py --precompile sm_90a     # without a GPU: its kernels, cached
@@ -40,6 +42,25 @@ def _time(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _fa4():
+    """FlashAttention-4's flash_attn_func where it is installed (../shared/tools/fa4_payload.sh
+    builds it for the lent GPU machine), else None: its columns then read "-"."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def _fa4_attention(fa4, causal: bool):
+    """FA4 as a function of (B, H, N, D) tensors: it takes (B, N, H, D), so the transposed views
+    of the same tensors (its gradients come back through them)."""
+    def attention(q, k, v):
+        out = fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    return attention
+
+
 def _sdpa_times(q, k, v, causal: bool, gqa: bool):
     times = {}
     for name, backend in BACKENDS.items():
@@ -63,14 +84,21 @@ def prefill_rows(quick: bool, lengths=None):
 
 
 def bench_prefill(rows: list, quick: bool) -> None:
+    fa4 = _fa4()
     print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>7} {'flash':>7} {'cudnn':>7} {'effic.':>7} "
-          f"{'/flash':>7}  (TFLOPS)")
+          f"{'fa4':>7} {'/flash':>7} {'/cudnn':>7} {'/fa4':>7}  (TFLOPS)")
     for dtype, d, n, causal in prefill_rows(quick):
         b, h = 16384 // n, 2048 // d
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
         flops = 4.0 * b * h * n * n * d / (2 if causal else 1)
         torch_xegpu_attn.attention(q, k, v, is_causal=causal)  # compile or load
         sdpa = _sdpa_times(q, k, v, causal, False)
+        sdpa["fa4"] = None
+        if fa4:
+            with torch.no_grad():
+                attention = _fa4_attention(fa4, causal)
+                attention(q, k, v)  # compile
+                sdpa["fa4"] = _time(lambda: attention(q, k, v))
         # The ratio's two terms: medians of ROUNDS interleaved rounds (clocks drift between rows).
         ours_runs, flash_runs = [], [sdpa["flash"]] if sdpa["flash"] else []
         for _ in range(ROUNDS):
@@ -82,10 +110,11 @@ def bench_prefill(rows: list, quick: bool) -> None:
         if flash_runs:
             sdpa["flash"] = statistics.median(flash_runs)
         tf = {name: (flops / t / 1e9 if t else None) for name, t in {"ours": ours, **sdpa}.items()}
-        ratio = tf["ours"] / tf["flash"] if tf["flash"] else float("nan")
+        ratio = lambda name: tf["ours"] / tf[name] if tf[name] else float("nan")  # noqa: E731
         fmt = lambda x: f"{x:7.0f}" if x else "      -"  # noqa: E731
         print(f"{str(dtype)[6:]:9} {d:4d} {n:6d} {str(causal):>6} {fmt(tf['ours'])} {fmt(tf['flash'])} "
-              f"{fmt(tf['cudnn'])} {fmt(tf['efficient'])} {ratio:7.2f}", flush=True)
+              f"{fmt(tf['cudnn'])} {fmt(tf['efficient'])} {fmt(tf['fa4'])} {ratio('flash'):7.2f} "
+              f"{ratio('cudnn'):7.2f} {ratio('fa4'):7.2f}", flush=True)
         rows.append({"kind": "prefill", "dtype": str(dtype)[6:], "D": d, "B": b, "H": h, "L": n, "S": n,
                      "causal": causal, **{f"{k}_tflops": (round(x, 1) if x else "") for k, x in tf.items()},
                      **{f"{k}_ms": (round(t, 4) if t else "") for k, t in {"ours": ours, **sdpa}.items()}})
@@ -109,9 +138,10 @@ def bench_backward(rows: list, quick: bool, lengths=None) -> None:
     (4 B H N^2 D, halved when causal), forward + backward 3.5 x.  Peak memory of a training
     step (ours and SDPA's default) above the inputs.  The prefill rows' problems (`lengths`: the
     Ns given)."""
+    fa4 = _fa4()
     print("\ntraining (backward TFLOPS; fwd+bwd in parentheses):")
     print(f"{'dtype':9} {'D':>4} {'N':>6} {'causal':>6} {'ours':>13} {'flash':>13} {'cudnn':>13} {'effic.':>13} "
-          f"{'/flash':>7} {'/cudnn':>7} {'MiB ours':>9} {'sdpa':>6}")
+          f"{'fa4':>13} {'/flash':>7} {'/cudnn':>7} {'/fa4':>7} {'MiB ours':>9} {'sdpa':>6}")
     for dtype, d, n, causal in prefill_rows(quick, lengths):
         b, h = 16384 // n, 2048 // d
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -127,14 +157,15 @@ def bench_backward(rows: list, quick: bool, lengths=None) -> None:
                 times[name] = _grad_times(sdpa, q, k, v, dout)
             except RuntimeError:
                 times[name] = None
+        times["fa4"] = _grad_times(_fa4_attention(fa4, causal), q, k, v, dout) if fa4 else None
         memory = {"ours": _step_memory(lambda: torch_xegpu_attn.attention(q, k, v, is_causal=causal), q, k, v, dout),
                   "sdpa": _step_memory(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v, dout)}
         tf = {name: ((3.5 * flops / t[0] / 1e9, 2.5 * flops / t[1] / 1e9) if t else None) for name, t in times.items()}
         fmt = lambda x: f"{x[1]:5.0f} ({x[0]:5.0f})" if x else "            -"  # noqa: E731
         ratio = lambda name: tf["ours"][1] / tf[name][1] if tf[name] else float("nan")  # noqa: E731
         print(f"{str(dtype)[6:]:9} {d:4d} {n:6d} {str(causal):>6} {fmt(tf['ours'])} {fmt(tf['flash'])} "
-              f"{fmt(tf['cudnn'])} {fmt(tf['efficient'])} {ratio('flash'):7.2f} {ratio('cudnn'):7.2f} "
-              f"{memory['ours']:9.0f} {memory['sdpa']:6.0f}", flush=True)
+              f"{fmt(tf['cudnn'])} {fmt(tf['efficient'])} {fmt(tf['fa4'])} {ratio('flash'):7.2f} "
+              f"{ratio('cudnn'):7.2f} {ratio('fa4'):7.2f} {memory['ours']:9.0f} {memory['sdpa']:6.0f}", flush=True)
         rows.append({"kind": "backward", "dtype": str(dtype)[6:], "D": d, "B": b, "H": h, "L": n, "S": n,
                      "causal": causal,
                      **{f"{k}_bwd_tflops": (round(x[1], 1) if x else "") for k, x in tf.items()},
