@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 import torch_xegpu_attn
-from conftest import FLOOR, reference_attention, reference_scores, repeat_heads
+from conftest import FLOOR, reference_attention, reference_keep_mask, reference_scores, repeat_heads
 
 #: the seed every property test draws from (reproducible runs; XEGPU_ATTN_HYPOTHESIS_SEED overrides).
 SEED = int(os.environ.get("XEGPU_ATTN_HYPOTHESIS_SEED", "20261206"))
@@ -522,3 +522,20 @@ def check_gradients(case: Case, run=None, sdpa=None, keep=None) -> Optional[Dict
         errors[name] = err
     return errors
 
+
+def check_dropout(q, k, v, p, **kwargs) -> None:
+    """A dropout call's output (the forward kernel) and gradients (forward_lse and backward) under
+    the keep-mask written out from the generator's definition (conftest.reference_keep_mask, with
+    the seed the call draws): each within 2x the error of SDPA's math backend under that mask of
+    the float64 reference's.  So a target's kernels must draw the cpu target's mask."""
+    from torch_xegpu_attn import frontend
+    seed = torch.randint(2**31, ()).item()
+    torch.manual_seed(seed)
+    keep = reference_keep_mask(frontend.draw_seed(torch.device("cpu")), (*q.shape[:-1], k.size(-2)), p)
+
+    def run(*args, **kw):
+        torch.manual_seed(seed)
+        return torch_xegpu_attn.attention(*args, **kw)
+    case = Case(q, k, v, {**kwargs, "dropout_p": p})
+    assert check_case(case, run, keep=keep.to(q.device)) is not None
+    assert check_gradients(case, run, keep=keep.to(q.device)) is not None

@@ -27,9 +27,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_xegpu_attn
-from conftest import reference_attention, reference_keep_mask, reference_scores, uncached_compile
+from conftest import reference_attention, reference_scores, uncached_compile
+import sdpa_cases
 from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Case, Target, budget, cases, check_case, check_gradients, reproducible
-from torch_xegpu_attn import frontend
 
 PRECOMPILE_ARCH = os.environ.get("XEGPU_ATTN_TEST_PRECOMPILE", "")
 DEVICE = "meta" if PRECOMPILE_ARCH else "cuda"
@@ -475,25 +475,14 @@ def test_gradients_on_drawn_calls(masking, data):
 
 
 def check_dropout(q, k, v, p, **kw):
-    """A dropout call's output (the forward kernel) and gradients (forward_lse and backward) under
-    the keep-mask written out from the generator's definition (conftest.reference_keep_mask, with
-    the seed the call draws): each within 2x the error of SDPA's math backend under that mask of
-    the float64 reference's.  The kernels draw the same mask as the cpu target's."""
+    """sdpa_cases.check_dropout on the GPU (with XEGPU_ATTN_TEST_PRECOMPILE: the three kernels
+    compiled into the disk cache instead)."""
     if PRECOMPILE_ARCH:
         for kernel in ("forward", "forward_lse", "backward"):
             torch_xegpu_attn.precompile(q, k, v, **kw, target="nvvm", arch=PRECOMPILE_ARCH, kernel=kernel,
                                         dropout_p=p)
         return
-    seed = torch.randint(2**31, ()).item()
-    torch.manual_seed(seed)
-    keep = reference_keep_mask(frontend.draw_seed(torch.device("cpu")), (*q.shape[:-1], k.size(-2)), p)
-
-    def run(*args, **kwargs):
-        torch.manual_seed(seed)
-        return torch_xegpu_attn.attention(*args, **kwargs)
-    case = Case(q, k, v, {**kw, "dropout_p": p})
-    assert check_case(case, run, keep=keep.to(q.device)) is not None
-    assert check_gradients(case, run, keep=keep.to(q.device)) is not None
+    sdpa_cases.check_dropout(q, k, v, p, **kw)
     torch.cuda.synchronize()
 
 

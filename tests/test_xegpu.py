@@ -31,7 +31,8 @@ from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
 
 from conftest import check
-from sdpa_cases import GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, check_gradients, reproducible
+from sdpa_cases import (GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, check_dropout, check_gradients,
+                        reproducible)
 
 xegpu = get_target("xegpu")
 _OK, _WHY = xegpu.available()
@@ -84,7 +85,16 @@ SPECS = {
     "lse-e64": replace(BASE, kernel="forward_lse"),
     "lse-e128-bf16-causal": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", causal=True,
                                     kernel="forward_lse"),
+    # dropout: the generator's rounds on every score (8-row sub-groups; 16-key steps from 128)
+    "e64-dropout": replace(BASE, dropout_p=0.2),
+    "lse-e128-bf16-causal-dropout": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", causal=True,
+                                            kernel="forward_lse", dropout_p=0.1),
+    "decode-gqa4-dropout": replace(BASE, group=4, length_class="decode", dropout_p=0.5),
+    "e256-dropout": replace(BASE, head_dim=256, v_head_dim=256, dropout_p=0.2),
 }
+#: specs whose native code spills, and the scratch space (bytes, pvc and bmg) it may take: with
+#: dropout, head dims from 176 up hold the generator's words next to the 16-key step's tiles.
+FORWARD_SPILLS = {"e256-dropout": 8192}
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +237,8 @@ def test_native_code(compiled, name, device):
     _NATIVE_REPORT.append((name, device, report))
     print(f"\n{name} {device}: {report} (DPAS per step expected {per_step})")
     assert found["grf"] == (256 if large else 128)
-    assert found["spill_bytes"] == 0 and found["scratch_messages"] == 0
+    assert found["spill_bytes"] <= FORWARD_SPILLS.get(name, 0)
+    assert found["scratch_messages"] == 0 or name in FORWARD_SPILLS
     assert found["dpas"] >= per_step and found["dpas"] % per_step == 0
     assert found["block_loads"] >= 3 and found["block_stores"] >= 1
     if xegpu_target._geometry(spec, xegpu.options_for(spec).schedule).prefetch:
@@ -328,14 +339,24 @@ BACKWARD_SPECS = {
     "bwd-f32-e48-bool-mask-ls": replace(BASE, head_dim=48, v_head_dim=48, dtype="float32",
                                         mask=MaskSpec("bool", ("l", "s"), "bool"), kernel="backward"),
     "bwd-f32-e64": replace(BASE, dtype="float32", kernel="backward"),
+    # dropout: the generator in the dQ and dK/dV loops; A operands re-read above 64, dK and dV
+    # apart above 96
+    "bwd-e64-dropout-causal-gqa2": replace(BASE, group=2, causal=True, dropout_p=0.2, kernel="backward"),
+    "bwd-e128-bf16-dropout": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", dropout_p=0.1,
+                                     kernel="backward"),
+    "bwd-e256-dropout": replace(BASE, head_dim=256, v_head_dim=256, dropout_p=0.2, kernel="backward"),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
 #: (pvc, bmg; the scratch space ocloc reserves, a power of two at least the spill): none of the
 #: 16-bit ones (16 x 16 tiles above head dim 64, backward_tile; A operands re-read per step above
 #: 128, reload_q; Delta over wide rows in chunks, _row_dots_in_chunks).  float32 holds each B
 #: tile with its three bf16 parts: at 48 with a bool mask the dQ and dK kernels spill 256 B-1 KB,
-#: at 64 the dQ and dK kernels 4.7-5.2 KB (spill_size; 8 KB of scratch).
+#: at 64 the dQ and dK kernels 4.7-5.2 KB (spill_size; 8 KB of scratch).  With dropout at 256 (the
+#: generator's words next to 16 x 16 tiles): 1-4 KB a loop kernel.
 BACKWARD_SPILLS = {
+    ("bwd-e256-dropout", "attention_k1"): 4096,
+    ("bwd-e256-dropout", "attention_k2"): 4096,
+    ("bwd-e256-dropout", "attention_k3"): 1024,
     ("bwd-f32-e48-bool-mask-ls", "attention_k1"): 256,
     ("bwd-f32-e48-bool-mask-ls", "attention_k2"): 1024,
     ("bwd-f32-e64", "attention_k1"): 8192,
@@ -552,6 +573,43 @@ def test_emulated_float32_gradients(emulated, fresh_seed, e, causal, heads, l, s
     attn_mask = torch.rand(mask) > 0.3 if mask else None
     _train_and_check(q, k, v, dout, h, hkv, torch.float32, lambda key: key.dtype == "float32",
                      causal=causal, mask=attn_mask)
+
+
+#: dropout calls: (q shape, k and v shape, keyword arguments, dtype, dropout_p)
+DROPOUT_CASES = [
+    ((2, 3, 100, 64), (2, 3, 130, 64), {}, torch.float16, 0.2),
+    ((1, 2, 77, 128), (1, 2, 90, 128), {"is_causal": True}, torch.bfloat16, 0.5),  # causal, tails
+    ((1, 4, 60, 64), (1, 2, 70, 64), {"enable_gqa": True}, torch.float16, 0.1),    # GQA
+    ((2, 2, 1, 64), (2, 2, 300, 64), {}, torch.float16, 0.1),                      # decode: one row a head
+    ((1, 2, 40, 32), (1, 2, 50, 32), {}, torch.float32, 0.3),                      # float32
+    ((1, 2, 20, 32), (1, 2, 40, 32), {}, torch.float16, 1.0),                      # every element dropped
+]
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,kwargs,dtype,p", DROPOUT_CASES,
+                         ids=["plain", "causal-e128-bf16", "gqa", "one-row", "float32", "p1"])
+def test_emulated_dropout(emulated, fresh_seed, q_shape, kv_shape, kwargs, dtype, p):
+    """Dropout through the xegpu kernels (forward; forward_lse and backward): output and gradients
+    under the keep-mask written out from the generator's definition, within 2x SDPA's error."""
+    q, k, v = torch.randn(q_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype)
+    check_dropout(q, k, v, p, **kwargs)
+    built = {key[0].kernel for key in CACHE._memory if key[0].target == "xegpu" and key[0].dropout_p == p}
+    assert built == {"forward", "forward_lse", "backward"}, built
+
+
+def test_emulated_dropout_with_a_mask(emulated, fresh_seed):
+    mask = torch.rand(2, 1, 37, 70) > 0.3
+    mask[:, :, 3] = False  # a row with no key
+    q, k, v = (torch.randn(2, 3, n, 64, dtype=torch.float16) for n in (37, 70, 70))
+    check_dropout(q, k, v, 0.2, attn_mask=mask)
+
+
+def test_emulated_dropout_draws_a_new_mask_each_call(emulated, fresh_seed):
+    """A repeated dropout call is not replayed with its first seed: each call draws its own mask."""
+    import torch_xegpu_attn
+    q, k, v = (torch.randn(1, 2, 9, 32, dtype=torch.float16) for _ in range(3))
+    outs = {torch_xegpu_attn.attention(q, k, v, dropout_p=0.5).float().sum().item() for _ in range(4)}
+    assert len(outs) == 4
 
 
 def test_emulated_float32_backward_above_64_raises(emulated, fresh_seed):

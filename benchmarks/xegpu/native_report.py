@@ -64,6 +64,10 @@ VARIANTS = {
     "f32 e128": replace(BASE, **_dims(128), dtype="float32"),
     "f32 e256": replace(BASE, **_dims(256), dtype="float32"),
     "f32 e64 decode": replace(BASE, dtype="float32", length_class="decode"),
+    # dropout: the generator's ten Philox rounds on every score
+    "f16 e64 dropout": replace(BASE, dropout_p=0.1),
+    "bf16 e128 causal dropout": replace(BASE, **_dims(128), dtype="bfloat16", causal=True, dropout_p=0.1),
+    "f16 e256 dropout": replace(BASE, **_dims(256), dropout_p=0.1),
 }
 
 

@@ -180,6 +180,8 @@ def conform_output(out: torch.Tensor) -> torch.Tensor:
 #: operands that are one value per query row (B, H, G, L): read by scattered loads and written by
 #: scattered stores, never by 2D block messages.
 ROW_VECTORS = ("lse", "dlse")
+#: operands of a few values the kernel reads by scalar loads: dropout's (seed, offset).
+SCALARS = ("seed",)
 _WORKSPACE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
 _SIZE_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
              "ceildiv": lambda a, b: -(-a // b), "div": lambda a, b: a // b, "min": min, "max": max}
@@ -213,8 +215,9 @@ class XpuKernel(Kernel):
         kernels = metadata["kernels"]
         options = "-ze-opt-large-register-file" if metadata.get("large_grf") else ""
         # operands read or written by 2D block messages: all but the row vectors (read and written
-        # by scattered messages) and a mask that is not made of (..., L, S) tiles
-        self._blocks = [o["name"] not in ROW_VECTORS and (o["name"] != "mask" or tuple(o["dims"][-2:]) == ("L", "S"))
+        # by scattered messages), the scalars and a mask that is not made of (..., L, S) tiles
+        self._blocks = [o["name"] not in ROW_VECTORS + SCALARS
+                        and (o["name"] != "mask" or tuple(o["dims"][-2:]) == ("L", "S"))
                         for o in metadata["operands"]]
         self._names = [o["name"] for o in metadata["operands"]]
         self._written = [i for i, name in enumerate(self._names) if name in metadata.get("writes", ["out"])]

@@ -215,13 +215,6 @@ def require_matrix_engine_dtype(spec: AttentionSpec, target: str, engine: str,
             f"implemented there: cast the inputs to one of those")
 
 
-def require_no_dropout(spec: AttentionSpec, target: str) -> None:
-    """Raise NotImplementedError for dropout on a target whose kernels do not generate it."""
-    if spec.dropout_p > 0:
-        raise NotImplementedError(f"the {target} target does not implement dropout yet (dropout_p="
-                                  f"{spec.dropout_p}); dropout runs on CPU tensors")
-
-
 _REGISTRY: Dict[str, Target] = {}
 
 

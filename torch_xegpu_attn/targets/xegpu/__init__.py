@@ -47,8 +47,7 @@ from ... import knobs
 from ...schedule.options import ScheduleOptions
 from ...errors import CompileError
 from ...spec import AttentionSpec, ProblemSize
-from ..base import (Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_matrix_engine_dtype,
-                    require_no_dropout)
+from ..base import Kernel, KernelArtifact, Stage, Target, TargetOptions, register, require_matrix_engine_dtype
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 #: the input dtypes the kernels take: f16 and bf16 on DPAS as they are, f32 as three bf16 parts
@@ -91,7 +90,6 @@ class XegpuTarget(Target):
 
     def check(self, spec: AttentionSpec) -> None:
         """What the target does not take raises here, before any compile, saying so."""
-        require_no_dropout(spec, self.name)
         require_matrix_engine_dtype(spec, self.name, "DPAS", XEGPU_DTYPES)
         widest = max(spec.head_dim, spec.v_head_dim)
         if spec.kernel == "backward" and spec.dtype == "float32" and widest > FLOAT32_BACKWARD_UP_TO:
@@ -552,6 +550,11 @@ BACKWARD_RELOAD_ABOVE = 128
 FLOAT32_BACKWARD_UP_TO = 64
 #: above this head dim the float32 backward computes dK and dV in loops of their own.
 FLOAT32_BACKWARD_APART_ABOVE = 32
+#: with dropout (the generator's four words a score live during its rounds), the head dim above
+#: which the backward's loops re-read their dpas A operands, and above which dK and dV take loops
+#: of their own: at 112 and 128 together the dK/dV kernel spilled 1-2 KB (ocloc, pvc), apart none.
+DROPOUT_BACKWARD_RELOAD_ABOVE = 64
+DROPOUT_BACKWARD_APART_ABOVE = 96
 #: rows of a backward tile per sub-group: the dK/dV loop carries two accumulators (dK and dV).
 BACKWARD_SG_ROWS = 8
 
@@ -565,8 +568,9 @@ def backward_schedule(spec: AttentionSpec) -> ScheduleOptions:
     (no float atomics).  Above head dims of 128, dK and dV in loops of their own (their two
     accumulators in registers together would not fit); for float32 above 32 (each B tile is
     held with its three bf16 parts, f32.py: at E = 48 together the dK/dV kernel spilled 2.8-3
-    KB, apart none)."""
-    apart_above = FLOAT32_BACKWARD_APART_ABOVE if spec.dtype == "float32" else 128
+    KB, apart none); with dropout above DROPOUT_BACKWARD_APART_ABOVE."""
+    apart_above = (FLOAT32_BACKWARD_APART_ABOVE if spec.dtype == "float32" else
+                   DROPOUT_BACKWARD_APART_ABOVE if spec.dropout_p > 0 else 128)
     dkv = "apart" if max(spec.head_dim, spec.v_head_dim) > apart_above else "together"
     tile = backward_tile(spec)
     return ScheduleOptions(row_tile=tile, kv_tile=tile, k_layout="explicit", pv_in_f32=False,
@@ -587,14 +591,15 @@ def backward_tile(spec: AttentionSpec) -> int:
 
 
 def subgroup_rows(spec: AttentionSpec) -> int:
-    """Query rows per sub-group: 16 for head dims up to 64 without a mask (lighthouse's tuned
-    choice), else 8: 16 rows of a 128-wide f32 accumulator, Q and the scores, or of a 64-wide one
-    plus the mask tile, spill out of 256 registers (ocloc, pvc and bmg)."""
+    """Query rows per sub-group: 16 for head dims up to 64 without a mask or dropout (lighthouse's
+    tuned choice), else 8: 16 rows of a 128-wide f32 accumulator, Q and the scores, or of a
+    64-wide one plus the mask tile or dropout's generator (four 32-bit words a score while its
+    rounds run) spill out of 256 registers (ocloc, pvc and bmg: 16 KB at E = 64 with dropout)."""
     if spec.kernel == "backward":
         return BACKWARD_SG_ROWS
     if spec.length_class == "decode":
         return DECODE_ROWS
-    if spec.dtype == "float32":
+    if spec.dtype == "float32" or spec.dropout_p > 0:
         return 8
     return 16 if max(spec.head_dim, spec.v_head_dim) <= 64 and spec.mask is None else 8
 
@@ -605,17 +610,25 @@ def subgroup_rows(spec: AttentionSpec) -> int:
 KV_TILE_EXCEPTIONS = {208: 32}
 
 
+#: with dropout, keys per step at most DROPOUT_KV_TILE, and 16 from head dim (E or Ev)
+#: DROPOUT_NARROW_FROM: the generator's four words of each score are live during its rounds, and
+#: 64-key steps spilled 1 KB (decode, E = 64), 32-key ones 2-4 KB at 128 (ocloc, pvc and bmg).
+DROPOUT_KV_TILE = 32
+DROPOUT_NARROW_FROM = 128
+
+
 def kv_tile(spec: AttentionSpec) -> int:
     """Keys per step: 64 for head dims up to 64 (lighthouse's tuned tile), 32 up to 128, 16
     above (one DPAS wide: a 32-key K tile of 256 columns alone is all 256 registers; with 32 keys
     head dims 144-256 spilled 0.25-8 KB), 16 for float32 (an f32 element is 4 bytes plus 6 of
-    bf16 parts, f32.py)."""
+    bf16 parts, f32.py); with dropout at most DROPOUT_KV_TILE, 16 from DROPOUT_NARROW_FROM."""
     widest = max(spec.head_dim, spec.v_head_dim)
-    if spec.dtype == "float32":
+    if spec.dtype == "float32" or (spec.dropout_p > 0 and widest >= DROPOUT_NARROW_FROM):
         return KV_TILE // 4
     if spec.head_dim == spec.v_head_dim and widest in KV_TILE_EXCEPTIONS:
         return KV_TILE_EXCEPTIONS[widest]
-    return KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
+    tile = KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
+    return min(tile, DROPOUT_KV_TILE) if spec.dropout_p > 0 else tile
 
 
 def reload_q(spec: AttentionSpec) -> bool:
@@ -627,11 +640,13 @@ def reload_q(spec: AttentionSpec) -> bool:
     re-read every dpas A operand they hold (Q and dOut, or K and V): without it they spilled
     0.25-16 KB a kernel at 144-256, with it none but at 176, 208 and 240 (16-column messages).
     The float32 backward re-reads them at every head dim: at E = 64 holding them spilled 7-14 KB
-    a kernel, re-reading them 0-5 KB."""
+    a kernel, re-reading them 0-5 KB; with dropout above 64 (at 128 the dQ kernel spilled 8 KB
+    holding them, none re-reading)."""
     if spec.kernel == "backward":
         if spec.dtype == "float32":
             return True
-        return max(spec.head_dim, spec.v_head_dim) > BACKWARD_RELOAD_ABOVE
+        reload_above = DROPOUT_BACKWARD_RELOAD_ABOVE if spec.dropout_p > 0 else BACKWARD_RELOAD_ABOVE
+        return max(spec.head_dim, spec.v_head_dim) > reload_above
     if spec.dtype == "float32":  # an f32 Q tile and its bf16 parts: 10 bytes an element
         return max(spec.head_dim, spec.v_head_dim) > 64
     return max(spec.head_dim, spec.v_head_dim) > 128 and spec.head_dim % 32 == 0
