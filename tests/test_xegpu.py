@@ -245,6 +245,20 @@ def test_native_code(compiled, name, device):
         assert found["block_prefetches"] >= 1
 
 
+@pytest.mark.skipif(toolchain.ocloc_available() is not None and not os.environ.get("CI"),
+                    reason=f"no ocloc: {toolchain.ocloc_available()}")
+def test_kernels_are_built_with_mad(compiled, monkeypatch):
+    """-cl-mad-enable in the build options ocloc and the driver (and the emulation) get: the
+    softmax's multiply-subtract before exp2 becomes one mad, fewer instructions a step."""
+    spec, artifact, folder = compiled["e64"]
+    assert artifact.metadata["build_options"] == toolchain.build_options(artifact.metadata["large_grf"])
+    assert toolchain.MAD_OPTIONS in artifact.metadata["build_options"].split()
+    with_mad = toolchain.native(artifact.binary, "pvc")
+    monkeypatch.setattr(toolchain, "MAD_OPTIONS", "")
+    without = toolchain.native(artifact.binary, "pvc")
+    assert with_mad["loop_step_instructions"] < without["loop_step_instructions"], (with_mad, without)
+
+
 # --- the op on CPU tensors, emulated ----------------------------------------------------------
 
 @pytest.fixture
@@ -382,7 +396,7 @@ def _per_kernel_native(spirv: bytes, device: str):
             f.write(spirv)
         toolchain._run(["chroot", toolchain.SID_ROOT, "ocloc", "compile", "-spirv_input", "-file",
                         f"{inside}/kernel.spv", "-device", device, "-output", f"{inside}/kernel", "-output_no_suffix",
-                        "-options", "-ze-opt-large-register-file"], "ocloc")
+                        "-options", toolchain.build_options(large_grf=True)], "ocloc")
         toolchain._run(["chroot", toolchain.SID_ROOT, "ocloc", "disasm", "-file", f"{inside}/kernel.bin", "-device",
                         device, "-dump", f"{inside}/disasm"], "ocloc disasm")
         with open(os.path.join(tmp, "kernel.bin"), "rb") as f:

@@ -9,8 +9,9 @@
 // kernels share (the backward's Delta), allocated by the caller.  Grids are functions of the operands' sizes (postfix programs, as the
 // nvvm launcher's).  Kernels are built once per SYCL context:
 //   Level Zero (Intel GPUs)  zeModuleCreate from the native binary when one was compiled for the
-//                            device, else from SPIR-V with the build options (the large register
-//                            file); zeKernelGetProperties gives the spill size, checked at load;
+//                            device, else from SPIR-V with the build options (mad enabled, the
+//                            large register file where the kernel asks for it);
+//                            zeKernelGetProperties gives the spill size, checked at load;
 //                            the module and kernels are wrapped into SYCL objects (interop, as
 //                            Triton's Intel backend does) and submitted on torch's queue: stream
 //                            order, no host round trip, no copies.
@@ -275,7 +276,7 @@ class XpuKernel {
         cl_ctx, spirv_.data(), spirv_.size(), &error);
     check_cl(error, "clCreateProgramWithIL");
     const cl_int built_status = cl<decltype(&clBuildProgram)>("clBuildProgram")(
-        program, 1, &device, emulated_ ? "" : options_.c_str(), nullptr, nullptr);
+        program, 1, &device, options_.c_str(), nullptr, nullptr);
     if (built_status != CL_SUCCESS) {
       size_t size = 0;
       auto info = cl<decltype(&clGetProgramBuildInfo)>("clGetProgramBuildInfo");

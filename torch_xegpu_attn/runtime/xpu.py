@@ -213,7 +213,7 @@ class XpuKernel(Kernel):
         self.metadata = metadata
         self.emulated = bool(metadata.get("emulated"))
         kernels = metadata["kernels"]
-        options = "-ze-opt-large-register-file" if metadata.get("large_grf") else ""
+        options = metadata["build_options"]  # the driver builds the SPIR-V as ocloc built the natives
         # operands read or written by 2D block messages: all but the row vectors (read and written
         # by scattered messages), the scalars and a mask that is not made of (..., L, S) tiles
         self._blocks = [o["name"] not in ROW_VECTORS + SCALARS

@@ -147,6 +147,7 @@ class XegpuTarget(Target):
         metadata["subgroup_size"] = toolchain.SUBGROUP_SIZE
         metadata["large_grf"] = options.large_grf
         metadata["emulated"] = options.emulated
+        metadata["build_options"] = toolchain.build_options(options.large_grf, options.emulated)
         metadata["native"] = {} if metadata["emulated"] else {
             device: base64.b64encode(code["binary"]).decode() for device, code in native.items()}
         binary = hardware
