@@ -793,7 +793,7 @@ def test_emulated_launcher_reports_broken_block_messages(emulated, fresh_seed):
     torch_xegpu_attn.attention(q, q, q)
     kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu" and key[2] == "xpu"
                   and key[0].kernel == "forward" and key[0].head_dim == 64 and key[0].mask is None
-                  and not key[0].causal and key[0].group == 1)
+                  and not key[0].causal and key[0].group == 1 and not key[0].dropout_p)
     base = torch.randn(2 * 100 * 64 + 8, dtype=torch.float16)
     shifted = base[8:].view(1, 2, 1, 100, 64)  # 16 bytes past a 64-byte boundary
     good = torch.randn(1, 2, 100, 64, dtype=torch.float16)
@@ -810,7 +810,8 @@ def test_launcher_refuses_a_wrong_operand_count(emulated, fresh_seed):
     q = torch.randn(1, 2, 40, 64, dtype=torch.float16)
     torch_xegpu_attn.attention(q, q, q)
     kernel = next(k for key, k in CACHE._memory.items() if key[0].target == "xegpu" and key[2] == "xpu"
-                  and key[0].kernel == "forward" and key[0].head_dim == 64 and key[0].mask is None)
+                  and key[0].kernel == "forward" and key[0].head_dim == 64 and key[0].mask is None
+                  and not key[0].dropout_p)
     out = torch.empty(1, 2, 1, 40, 64, dtype=torch.float16)
     q5 = q.view(1, 2, 1, 40, 64)
     for operands in ([q5, q, q], [q5, q, q, out, out]):
