@@ -9,6 +9,7 @@ from typing import Callable, Dict, Optional
 
 from mlir import ir
 
+from ...mlir_utils import ops_named
 from ...schedule.bufferize import host_function
 from ...schedule.tiling import WORK_GROUP_ROWS
 from ..outline import KERNEL_MODULE, outline_work_groups
@@ -52,7 +53,7 @@ def build_kernels(module: ir.Module, geometry_of: GeometryOf, causal: bool, head
     contracting = []
 
     def distribute(loop, outer, ip, ivs):
-        if min_blocks and _holds(loop, "vector.contract"):
+        if min_blocks and ops_named(loop, "vector.contract"):
             contracting.append(_enclosing_kernel(ip.block.owner))
         work_group = WorkGroupKernel(loop, geometry_of(work_group_rows(loop)), outer, ip)
         work_group.emit(ivs)
@@ -65,12 +66,6 @@ def build_kernels(module: ir.Module, geometry_of: GeometryOf, causal: bool, head
     for kernel in contracting:
         kernel.attributes["nvvm.minctasm"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), min_blocks)
     return metadata
-
-
-def _holds(op: ir.Operation, name: str) -> bool:
-    """Whether an op named `name` is nested in `op`."""
-    return any(inner.operation.name == name or _holds(inner.operation, name)
-               for region in op.regions for block in region.blocks for inner in block.operations)
 
 
 def _enclosing_kernel(op: ir.Operation) -> ir.Operation:

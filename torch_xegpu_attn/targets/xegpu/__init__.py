@@ -611,9 +611,9 @@ def subgroup_rows(spec: AttentionSpec) -> int:
 KV_TILE_EXCEPTIONS = {208: 32}
 
 
-#: with dropout, keys per step at most DROPOUT_KV_TILE, and 16 from head dim (E or Ev)
-#: DROPOUT_NARROW_FROM: the generator's four words of each score are live during its rounds, and
-#: 64-key steps spilled 1 KB (decode, E = 64), 32-key ones 2-4 KB at 128 (ocloc, pvc and bmg).
+#: with dropout, keys per step: DROPOUT_KV_TILE below head dim (E or Ev) DROPOUT_NARROW_FROM, 16
+#: from it: the generator's four words of each score are live during its rounds, and 64-key steps
+#: spilled 1 KB (decode, E = 64), 32-key ones 2-4 KB at 128 (ocloc, pvc and bmg).
 DROPOUT_KV_TILE = 32
 DROPOUT_NARROW_FROM = 128
 
@@ -622,14 +622,15 @@ def kv_tile(spec: AttentionSpec) -> int:
     """Keys per step: 64 for head dims up to 64 (lighthouse's tuned tile), 32 up to 128, 16
     above (one DPAS wide: a 32-key K tile of 256 columns alone is all 256 registers; with 32 keys
     head dims 144-256 spilled 0.25-8 KB), 16 for float32 (an f32 element is 4 bytes plus 6 of
-    bf16 parts, f32.py); with dropout at most DROPOUT_KV_TILE, 16 from DROPOUT_NARROW_FROM."""
+    bf16 parts, f32.py); with dropout DROPOUT_KV_TILE, 16 from DROPOUT_NARROW_FROM."""
     widest = max(spec.head_dim, spec.v_head_dim)
-    if spec.dtype == "float32" or (spec.dropout_p > 0 and widest >= DROPOUT_NARROW_FROM):
+    if spec.dtype == "float32":
         return KV_TILE // 4
+    if spec.dropout_p > 0:
+        return KV_TILE // 4 if widest >= DROPOUT_NARROW_FROM else DROPOUT_KV_TILE
     if spec.head_dim == spec.v_head_dim and widest in KV_TILE_EXCEPTIONS:
         return KV_TILE_EXCEPTIONS[widest]
-    tile = KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
-    return min(tile, DROPOUT_KV_TILE) if spec.dropout_p > 0 else tile
+    return KV_TILE if widest <= 64 else KV_TILE // 2 if widest <= 128 else KV_TILE // 4
 
 
 def reload_q(spec: AttentionSpec) -> bool:
