@@ -539,3 +539,30 @@ def check_dropout(q, k, v, p, **kwargs) -> None:
     case = Case(q, k, v, {**kwargs, "dropout_p": p})
     assert check_case(case, run, keep=keep.to(q.device)) is not None
     assert check_gradients(case, run, keep=keep.to(q.device)) is not None
+
+
+def _half_ulp(x: torch.Tensor, dtype) -> torch.Tensor:
+    """Half the spacing of `dtype`'s numbers at |x| (at least the normal range's smallest)."""
+    info = torch.finfo(dtype)
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(info.tiny))) - 1) * info.eps
+
+
+def check_summed_gradients(q, k, v, summed: str, **kwargs) -> None:
+    """Gradients of 16-bit inputs the call broadcasts (`summed`: some of "qkv"; over batch dims,
+    or key/value heads shared by all query heads) are float32 sums rounded once: each element
+    within half a unit in the last place of the float64 reference's, plus 2e-5 of the largest
+    for the float32 arithmetic.  Rounding each broadcast copy's gradient to 16 bits before
+    summing them misses that bound by up to hundreds of half-units where the copies' terms
+    cancel.  For a target whose contractions take float32 operands (the cpu target's); the GPU
+    targets' matrix engines take 16-bit ones, an error of its own."""
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch_xegpu_attn.attention(*inputs, **kwargs)
+    grad_out = torch.randn(out.shape, dtype=out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    wide = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(F.scaled_dot_product_attention(*wide, **kwargs), wide, grad_out.cpu().double())
+    for name, grad, ref in zip("qkv", grads, expected):
+        if name in summed:
+            error = (grad.cpu().double() - ref).abs()
+            worst = (error / (_half_ulp(ref, q.dtype) + 2e-5 * ref.abs().max())).max().item()
+            assert worst <= 1, f"gradient of {name}: {worst:.2f} times the bound of a sum rounded once"

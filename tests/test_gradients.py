@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import torch_xegpu_attn
 from conftest import reference_scores, uncached_compile
-from sdpa_cases import CPU, MASKINGS, Case, budget, cases, check_gradients, reproducible
+from sdpa_cases import CPU, MASKINGS, Case, budget, cases, check_gradients, check_summed_gradients, reproducible
 from torch_xegpu_attn.cache import CACHE
 
 #: backward cases cost about three forwards: a smaller drawn problem.
@@ -243,6 +243,22 @@ def test_gradient_dtypes_and_shapes_follow_the_inputs(fresh_seed):
     out.float().square().sum().backward()
     for t in (q, k, v):
         assert t.grad.shape == t.shape and t.grad.dtype == t.dtype and not t.grad.isnan().any()
+
+
+#: (query shape, key/value shape, kwargs, the inputs broadcast): 64 batch copies of one query
+#: or of the keys and values, key/value heads shared by eight query heads, a 5-D batch
+SUMMED_GRADIENTS = [((1, 2, 16, 16), (64, 2, 24, 16), {}, "q"),
+                    ((64, 2, 16, 16), (1, 2, 24, 16), {}, "kv"),
+                    ((2, 8, 16, 16), (2, 1, 24, 16), {"is_causal": True}, "kv"),
+                    ((4, 1, 2, 16, 32), (1, 3, 2, 24, 32), {}, "qkv")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_shape,kv_shape,kwargs,summed", SUMMED_GRADIENTS, ids=["q", "kv", "heads", "5d"])
+def test_summed_gradients_round_once(dtype, q_shape, kv_shape, kwargs, summed, fresh_seed):
+    """16-bit gradients summed over broadcast dims round once (the kernel writes them in float32)."""
+    check_summed_gradients(torch.randn(q_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype),
+                           torch.randn(kv_shape, dtype=dtype), summed, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ training

@@ -469,6 +469,19 @@ def test_min_blocks_bounds_the_contracting_kernels(tmp_path):
         nvvm.options_for(spec).with_fields(min_blocks=-1)
 
 
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_wide_gradients_are_stored_in_float32(arch, tmp_path):
+    """Gradients the frontend sums over broadcast dims (the spec's wide_gradients): the dK/dV
+    kernel stores dK and dV as pairs of float32 (st.global.v2.b32), the dQ kernel dQ as pairs of
+    halves (st.global.b32) as before."""
+    spec = replace(BACKWARD, group=2, wide_gradients=("dk", "dv"))
+    artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec, arch))
+    ptx = next(tmp_path.rglob("kernel.ptx")).read_text()
+    _, dq, dkv = (ptx.split(".entry " + k["name"])[1].split(".entry")[0] for k in artifact.metadata["kernels"])
+    assert set(re.findall(r"st\.global[.\w]*", dq)) == {"st.global.b32"}
+    assert set(re.findall(r"st\.global[.\w]*", dkv)) == {"st.global.v2.b32"}
+
+
 def test_backward_on_ampere(tmp_path):
     spec = BACKWARD_SPECS["backward-e128-causal-bf16"]
     artifact = compile_spec(spec, dump_dir=str(tmp_path), options=nvvm.options_for(spec, "sm_80"))

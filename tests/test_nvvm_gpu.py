@@ -440,6 +440,13 @@ def test_training_gqa(hq, hk, causal, fresh_seed):
                    rand(2, hk, 150, 64, dtype=torch.bfloat16), is_causal=causal, enable_gqa=True)
 
 
+@pytest.mark.parametrize("q_batch,kv_batch", [(8, 1), (1, 8)])
+def test_training_summed_gradients(q_batch, kv_batch, fresh_seed):
+    """Inputs broadcast over the batch: their gradients written in float32 by the kernel (the
+    spec's wide_gradients), summed and rounded once by the frontend."""
+    check_training(rand(q_batch, 2, 100, 64), rand(kv_batch, 2, 150, 64), rand(kv_batch, 2, 150, 64), is_causal=True)
+
+
 @pytest.mark.parametrize("e,ev", [(32, 64), (128, 64), (64, 128)])
 def test_training_value_head_dim_differs(e, ev, fresh_seed):
     check_training(rand(2, 2, 133, e), rand(2, 2, 200, e), rand(2, 2, 200, ev), is_causal=True)

@@ -318,7 +318,22 @@ BACKWARD_SPECS = {
                                 length_class="long", kernel="backward"),
     "mask": AttentionSpec(group=1, head_dim=32, v_head_dim=32, dtype="float32",
                           mask=MaskSpec("bool", ("b", "l", "s"), "bool"), length_class="long", kernel="backward"),
+    # gradients the frontend sums over broadcast dims, written in float32
+    "wide": AttentionSpec(group=2, head_dim=32, v_head_dim=64, dtype="float16", length_class="long",
+                          kernel="backward", wide_gradients=("dq", "dk", "dv")),
 }
+
+
+def test_wide_gradients_are_written_in_the_accumulator_type():
+    spec = replace(BACKWARD_SPECS["causal-gqa"], wide_gradients=("dk",))
+    assert {n: t for n, _, t in spec.operands() if n in ("dq", "dk", "dv")} == {
+        "dq": "bfloat16", "dk": "float32", "dv": "bfloat16"}
+    assert AttentionSpec.from_json(json.loads(spec.to_json())) == spec
+    assert spec.short_name() != BACKWARD_SPECS["causal-gqa"].short_name()
+    for fields, match in [({"wide_gradients": ("dv", "dk")}, "ordered subset"), ({"wide_gradients": ("dx",)}, "subset"),
+                          ({"kernel": "forward_lse"}, "backward kernel"), ({"dtype": "float32"}, "accumulator")]:
+        with pytest.raises(ValueError, match=match):
+            replace(spec, **fields)
 
 
 @pytest.mark.parametrize("backward_dq", ["second_pass", "per_head"])

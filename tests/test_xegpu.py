@@ -31,8 +31,8 @@ from torch_xegpu_attn.targets import xegpu as xegpu_target
 from torch_xegpu_attn.targets.xegpu import toolchain
 
 from conftest import check
-from sdpa_cases import (GPU_HEAD_DIMS, MASKINGS, Target, budget, cases, check_case, check_dropout, check_gradients,
-                        reproducible)
+from sdpa_cases import (GPU_HEAD_DIMS, MASKINGS, Case, Target, budget, cases, check_case, check_dropout,
+                        check_gradients, reproducible)
 
 xegpu = get_target("xegpu")
 _OK, _WHY = xegpu.available()
@@ -359,6 +359,9 @@ BACKWARD_SPECS = {
     "bwd-e128-bf16-dropout": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", dropout_p=0.1,
                                      kernel="backward"),
     "bwd-e256-dropout": replace(BASE, head_dim=256, v_head_dim=256, dropout_p=0.2, kernel="backward"),
+    # gradients summed over broadcast dims: written in float32 (f32 2D block stores)
+    "bwd-e128-bf16-wide": replace(BASE, head_dim=128, v_head_dim=128, dtype="bfloat16", kernel="backward",
+                                  wide_gradients=("dq", "dk", "dv")),
 }
 #: the kernels of a backward (Delta, dQ, dK/dV) whose native code spills, and how much it may
 #: (pvc, bmg; the scratch space ocloc reserves, a power of two at least the spill): none of the
@@ -624,6 +627,19 @@ def test_emulated_dropout_draws_a_new_mask_each_call(emulated, fresh_seed):
     q, k, v = (torch.randn(1, 2, 9, 32, dtype=torch.float16) for _ in range(3))
     outs = {torch_xegpu_attn.attention(q, k, v, dropout_p=0.5).float().sum().item() for _ in range(4)}
     assert len(outs) == 4
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,summed", [((8, 2, 20, 64), (1, 2, 40, 64), "kv"),
+                                                      ((1, 2, 20, 64), (8, 2, 40, 64), "q")], ids=["kv", "q"])
+def test_emulated_summed_gradients(emulated, fresh_seed, q_shape, kv_shape, summed):
+    """Gradients summed over broadcast batch dims: the xegpu backward writes them in float32
+    (2D block stores of the accumulator's type), the frontend sums and rounds them once; within
+    2x SDPA's error.  (Its DPAS operands are 16-bit, so the rounding of the sum is not the only
+    error left, as it is on the cpu target: test_gradients.test_summed_gradients_round_once.)"""
+    q, k, v = (torch.randn(shape, dtype=torch.float16) for shape in (q_shape, kv_shape, kv_shape))
+    assert check_gradients(Case(q, k, v, {})) is not None
+    wide = ("dk", "dv") if summed == "kv" else ("dq",)
+    assert any(key[0].target == "xegpu" and key[0].wide_gradients == wide for key in CACHE._memory)
 
 
 def test_emulated_float32_backward_above_64_raises(emulated, fresh_seed):

@@ -339,7 +339,9 @@ def spec_for_target(query, key, value, attn_mask=None, is_causal=False, scale=No
     if kernel == "backward" or dropout_p > 0:  # the backward of that call: the same spec, classified as one
         batch, h, _ = layout(query, key, value, enable_gqa)
         size = ProblemSize(batch=math.prod(batch), kv_heads=h, q_len=query.size(-2), kv_len=key.size(-2))
-        spec = chosen.classified(dataclasses.replace(spec, kernel=kernel, dropout_p=float(dropout_p)), size, arch)
+        wide = summed_gradients(query, key, value, batch, h, spec.group) if kernel == "backward" else ()
+        spec = chosen.classified(dataclasses.replace(spec, kernel=kernel, dropout_p=float(dropout_p),
+                                                     wide_gradients=wide), size, arch)
         chosen.check(spec)
     if arch is not None:
         chosen.options_for(spec, arch)  # the cpu target raises: it compiles for this machine
@@ -432,20 +434,37 @@ def backward_plan(grad_out, grad_lse, query, key, value, attn_mask, out, lse, se
     operands.append(torch.zeros(rows, dtype=acc, device=query.device) if grad_lse is None
                     else grad_lse.to(acc).reshape(rows).contiguous())
     roles.append(_ZEROS if grad_lse is None else _copy("grad_lse"))
-    grads = [_new_output(q.shape, query), _new_output(k.shape, key), _new_output(v.shape, value)]
+    wide = summed_gradients(query, key, value, batch, h, g)
+    grads = [_new_output(t.shape, like, acc if name in wide else None)
+             for name, t, like in (("dq", q, query), ("dk", k, key), ("dv", v, value))]
     operands += grads
     roles += [_NEW] * 3
     size = ProblemSize(batch=B, kv_heads=h, q_len=l, kv_len=s)
     chosen = get_target(target)
     spec = AttentionSpec(group=g, head_dim=e, v_head_dim=ev, dtype=_DTYPE_NAMES[query.dtype], causal=is_causal,
-                         scale=scale, mask=mask_spec, target=target, kernel="backward", dropout_p=float(dropout_p))
+                         scale=scale, mask=mask_spec, target=target, kernel="backward", dropout_p=float(dropout_p),
+                         wide_gradients=wide)
     spec = chosen.classified(spec, size)
     chosen.check(spec)
 
     def gradients():
         dq = _reduce_to(grads[0].reshape(*batch, h * g, l, e), query)
-        return dq, _kv_gradient(grads[1], key, batch, h), _kv_gradient(grads[2], value, batch, h)
+        dk, dv = _kv_gradient(grads[1], key, batch, h), _kv_gradient(grads[2], value, batch, h)
+        return tuple(grad.to(like.dtype) for grad, like in ((dq, query), (dk, key), (dv, value)))
     return BackwardPlan(spec=spec, operands=operands, roles=roles, gradients=gradients)
+
+
+def summed_gradients(query, key, value, batch, h: int, g: int) -> Tuple[str, ...]:
+    """The backward's gradients (of "dq", "dk", "dv") that the frontend sums over dims the forward
+    broadcast (batch dims, key/value heads shared by all), where the inputs are 16-bit: the
+    kernel writes those in float32 (`AttentionSpec.wide_gradients`), so that their sum rounds
+    once, as SDPA's does, not once per term."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return ()
+    rows, keys = math.prod(batch) * h, math.prod(batch) * h * key.size(-2)
+    canonical = {"dq": (rows * g * query.size(-2) * query.size(-1), query), "dk": (keys * key.size(-1), key),
+                 "dv": (keys * value.size(-1), value)}
+    return tuple(name for name, (numel, like) in canonical.items() if numel > like.numel())
 
 
 def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,6 @@ def _log_sum_exp(spec, q, k, mask, lse_out):
 
 def _backward(spec, t):
     """dq, dk, dv of standard attention (the module docstring's equations), by name."""
-    et = element_type(spec.dtype)
     acc = accumulator_type(spec.dtype)
     g, e, ev = spec.group, spec.head_dim, spec.v_head_dim
     q, k, v, out, lse, dout, dlse = (t[n] for n in ("q", "k", "v", "out", "lse", "dout", "dlse"))
@@ -248,9 +247,10 @@ def _backward(spec, t):
     for name, value, rank in (("dq", dq, 5), ("dk", dk, 4), ("dv", dv, 4)):
         ident = affine_map(rank, range(rank))
         factor = None if name == "dv" else scale
+        written = ir.RankedTensorType(t[name].type).element_type  # the inputs' type or the accumulator's
         results[name] = linalg_generic(
             [value], [t[name]], [ident, ident], ["parallel"] * rank,
-            lambda x, _, f=factor: _cast(et, x if f is None else arith.mulf(x, f)), f"{name}_out")
+            lambda x, _, f=factor, w=written: _cast(w, x if f is None else arith.mulf(x, f)), f"{name}_out")
     return results
 
 

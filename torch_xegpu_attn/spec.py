@@ -48,6 +48,8 @@ TARGET_DEVICES = {"cpu": "cpu", "nvvm": "cuda", "xegpu": "xpu"}
 #:   "backward"     dQ, dK, dV from dOut (and dLSE), recomputing the probabilities
 #:                  from the saved log-sum-exp
 KERNELS = ("forward", "forward_lse", "backward")
+#: what the backward kernel writes
+GRADIENTS = ("dq", "dk", "dv")
 
 #: run-time extents: the symbols that stand for them in operand shapes.
 RUNTIME_SYMBOLS = {"b": "B", "h": "H", "l": "L", "s": "S"}
@@ -116,6 +118,9 @@ class AttentionSpec:
     length_class: str = "any"
     kernel: str = "forward"
     dropout_p: float = 0.0
+    #: the backward's gradients (of "dq", "dk", "dv") written in the accumulator's type instead of
+    #: the inputs': those the caller sums over broadcast dims, so that a 16-bit sum rounds once.
+    wide_gradients: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("group", "head_dim", "v_head_dim"):
@@ -133,12 +138,27 @@ class AttentionSpec:
         object.__setattr__(self, "dropout_p", float(self.dropout_p))
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionSpec.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        self._check_wide_gradients()
         if not isinstance(self.length_class, str) or not self.length_class:
             raise ValueError(f"AttentionSpec.length_class must be a non-empty str, got {self.length_class!r}")
         if self.scale is None:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
         else:
             object.__setattr__(self, "scale", float(self.scale))
+
+    def _check_wide_gradients(self) -> None:
+        wide = tuple(self.wide_gradients)
+        object.__setattr__(self, "wide_gradients", wide)
+        if not wide:
+            return
+        if self.kernel != "backward":
+            raise ValueError("AttentionSpec.wide_gradients is for the backward kernel")
+        if self.dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"AttentionSpec.wide_gradients: {self.dtype} gradients are in the accumulator's "
+                             f"type already")
+        if tuple(n for n in GRADIENTS if n in wide) != wide:
+            raise ValueError(f"AttentionSpec.wide_gradients must be a non-empty ordered subset of {GRADIENTS}, "
+                             f"got {wide!r}")
 
     def operand_dims(self) -> Dict[str, Tuple[Dim, ...]]:
         """Canonical operand shapes, by operand name: ints are compiled in, "B", "H", "L", "S"
@@ -182,8 +202,9 @@ class AttentionSpec:
     def operands(self) -> List[Tuple[str, Tuple[Dim, ...], str]]:
         """The kernel's arguments in order (`operand_names`): (name, dims, element dtype).
 
-        A bool mask travels as bytes ("uint8"); log-sum-exps (lse, dlse) are in the accumulator's
-        type: float64 for float64 inputs, float32 otherwise.  So is the output of the training
+        A bool mask travels as bytes ("uint8"); log-sum-exps (lse, dlse) and the
+        `wide_gradients` are in the accumulator's type: float64 for float64 inputs, float32
+        otherwise.  So is the output of the training
         kernels (forward_lse writes it, backward reads it): the backward's
         delta = rowsum(dO * O) cancels against dP = dO . V^T where a row's probabilities peak, and
         an output rounded to a 16-bit type would leave those rows' gradients mostly rounding error.
@@ -193,7 +214,8 @@ class AttentionSpec:
         def dtype(name):
             if name == "mask":
                 return "uint8" if self.mask.dtype == "bool" else self.mask.dtype
-            if name in ("lse", "dlse") or (name == "out" and self.kernel != "forward"):
+            if (name in ("lse", "dlse") + self.wide_gradients
+                    or (name == "out" and self.kernel != "forward")):
                 return "float64" if self.dtype == "float64" else "float32"
             if name == "seed":
                 return "int32"
@@ -233,6 +255,8 @@ class AttentionSpec:
         if fields.get("mask") is not None:
             mask = fields["mask"]
             fields["mask"] = MaskSpec(mask["kind"], tuple(mask["dims"]), mask["dtype"])
+        if "wide_gradients" in fields:
+            fields["wide_gradients"] = tuple(fields["wide_gradients"])
         return AttentionSpec(**fields)
 
     def short_name(self) -> str:
@@ -241,5 +265,6 @@ class AttentionSpec:
         c = "_causal" if self.causal else ""
         kind = "" if self.kernel == "forward" else f"_{self.kernel}"
         kind += f"_dropout{self.dropout_p:g}" if self.dropout_p > 0 else ""
+        kind += f"_wide{''.join(n[1] for n in self.wide_gradients)}" if self.wide_gradients else ""
         return (f"g{self.group}_e{self.head_dim}v{self.v_head_dim}_{self.dtype}{m}{c}"
                 f"_{self.length_class}{kind}")

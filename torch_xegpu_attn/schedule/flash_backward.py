@@ -337,8 +337,12 @@ class _Backward:
         """dS = P * (Z * dP - Delta) (dS^T with `keys_first`)."""
         return arith.mulf(p, arith.subf(dp, self._per_row(delta, keys_first)))
 
-    def _scaled_out(self, value, rows: int, width: int) -> ir.Value:
-        return _convert(arith.mulf(value, splat([rows, width], self.acc, self.spec.scale)), self.et)
+    def _gradient_out(self, name: str, value: ir.Value) -> ir.Value:
+        """An accumulated tile of gradient `name` as written: dQ and dK times the scale, in its
+        tensor's type (the inputs', or the accumulator's for a spec's wide gradients)."""
+        if name != "dv":
+            value = arith.mulf(value, splat(ir.VectorType(value.type).shape, self.acc, self.spec.scale))
+        return _convert(value, element_type_of(self.tensors[name]))
 
     # ------------------------------------------------------------------ the loops
 
@@ -393,7 +397,7 @@ class _Backward:
                                      dp_of=lambda: self._dp(dout, v))
                 ds = self._score_gradient(self._probabilities(s, base), dp, delta)
                 scf.YieldOp([contract(self._operand(ds), k, steps.inner_iter_args[0], _ROW_MAJOR)])
-            dq = self._scaled_out(steps.results[0], R, E)
+            dq = self._gradient_out("dq", steps.results[0])
             self._write_rows(loop, dq, [b, h, g, row0], E)
         return loop.results[0]
 
@@ -420,7 +424,7 @@ class _Backward:
             valid = arith.minui(const_index(T), arith.subi(self.S, j))
             writes = []
             for index, (name, acc) in enumerate(zip(gradients, accumulated)):
-                value = self._scaled_out(acc, T, widths[name]) if name == "dk" else _convert(acc, self.et)
+                value = self._gradient_out(name, acc)
                 arg = loop.inner_iter_args[index]
                 offsets, sizes = [b, h, j, 0], [1, 1, valid, widths[name]]
                 written = write_tile(value, slice_of(arg, offsets, sizes), [(2, False), (3, True)], {})
@@ -466,7 +470,7 @@ class _Backward:
                     return [dk_acc, dv_acc, _write_rows_at(contract(self._operand(ds), k, rows, dq_maps), ws, g, row0)]
 
                 dk_acc, dv_acc, ws = self._over_rows(carried, self._first_row(j), step)
-                dk_tile, dv_tile = self._scaled_out(dk_acc, T, E), _convert(dv_acc, self.et)
+                dk_tile, dv_tile = self._gradient_out("dk", dk_acc), self._gradient_out("dv", dv_acc)
                 dk_head = write_tile(dk_tile, dk_head, [(2, False), (3, True)], {2: j})
                 dv_head = write_tile(dv_tile, dv_head, [(2, False), (3, True)], {2: j})
                 scf.YieldOp([ws, dk_head, dv_head])
@@ -480,14 +484,14 @@ class _Backward:
         return self._dq_from_workspace(loop.results[0]), loop.results[1], loop.results[2]
 
     def _dq_from_workspace(self, workspace: ir.Value) -> ir.Value:
-        """forall (b, h, g, 0, r): dQ = scale * the accumulated workspace rows, in the inputs' type."""
+        """forall (b, h, g, 0, r): dQ = scale * the accumulated workspace rows, in dQ's type."""
         R, E = self.R, self.E
         loop, iv = self._loop([self.B, self.H, self.G, 1, self.row_tiles], [self.tensors["dq"]], DQ_LOOP, self.R)
         with ir.InsertionPoint(loop.body):
             b, h, g = iv["b"], iv["h"], iv["g"]
             row0 = arith.muli(iv["r"], const_index(R))
             rows = self._rows(workspace, E, b, h, g, row0, 0.0)
-            self._write_rows(loop, self._scaled_out(rows, R, E), [b, h, g, row0], E)
+            self._write_rows(loop, self._gradient_out("dq", rows), [b, h, g, row0], E)
         return loop.results[0]
 
     @property

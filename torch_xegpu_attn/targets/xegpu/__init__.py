@@ -384,6 +384,25 @@ def _scatter_vector_writes(module) -> None:
         write.erase()
 
 
+def _loop_results_stored_as_copies(module) -> None:
+    """A 2D store of a loop's result (an accumulator written as the loop left it: a float32
+    dV the frontend sums) stores a copy made after the loop, x + 0.0 (which no pass folds: it
+    differs from x only on -0.0, which it makes +0.0).  Given the loop's result itself, IGC
+    keeps that accumulator in scratch memory through the whole loop (16 KB of spills at head
+    dim 128 in the dK/dV kernel); a copy leaves it in registers."""
+    from torch_mlir import ir
+    from torch_mlir.dialects import arith
+    from .layouts import _walk
+    for store in _walk(module.operation, "xegpu.store_nd"):
+        value = store.operands[0]
+        if not isinstance(value.owner, ir.OpView) or value.owner.name != "scf.for":
+            continue
+        vtype = ir.VectorType(value.type)
+        with ir.InsertionPoint(store), store.location:
+            zero = ir.DenseElementsAttr.get_splat(vtype, ir.FloatAttr.get(vtype.element_type, 0.0))
+            store.operands[0] = arith.addf(value, arith.constant(vtype, zero))
+
+
 #: the pure ops an index vector is made of (vector.step, its casts, sums and broadcast scalars)
 _INDEX_OPS = ("vector.step", "vector.broadcast", "vector.create_mask", "arith.index_cast", "arith.addi",
               "arith.subi", "arith.muli", "arith.constant")
@@ -685,6 +704,7 @@ def _to_xegpu(module, spec: AttentionSpec, options: XegpuOptions):
         if spec.kernel == "backward":
             _index_vectors_per_use(moved)
             _row_dots_in_chunks(moved)
+        _loop_results_stored_as_copies(moved)
         assign_layouts(moved, _geometry(spec, options.schedule))
     return moved
 
