@@ -147,6 +147,9 @@ class AttentionSpec:
             object.__setattr__(self, "scale", float(self.scale))
 
     def _check_wide_gradients(self) -> None:
+        """wide_gradients as a tuple: of the backward only, of 16-bit inputs only (float32 and
+        float64 gradients are in the accumulator's type already), in operand order, so that one
+        kernel has one spec."""
         wide = tuple(self.wide_gradients)
         object.__setattr__(self, "wide_gradients", wide)
         if not wide:
