@@ -385,11 +385,12 @@ def _scatter_vector_writes(module) -> None:
 
 
 def _loop_results_stored_as_copies(module) -> None:
-    """A 2D store of a loop's result (an accumulator written as the loop left it: a float32
-    dV the frontend sums) stores a copy made after the loop, x + 0.0 (which no pass folds: it
-    differs from x only on -0.0, which it makes +0.0).  Given the loop's result itself, IGC
-    kept that accumulator in scratch memory through the whole loop (the dK/dV kernel at head
-    dim 128: docs/training.md); a copy leaves it in registers."""
+    """A 2D store of a loop's result (an accumulator written as the loop left it: the float32
+    dV of a float32 backward, or of a 16-bit one whose dV the frontend sums) stores a copy made
+    after the loop, x + 0.0 (which no pass folds: it differs from x only on -0.0, which it makes
+    +0.0).  Given the loop's result itself, IGC kept that accumulator in scratch memory through
+    the whole loop (the dK/dV kernel at head dim 128: docs/xegpu.md); a copy leaves it in
+    registers."""
     from torch_mlir import ir
     from torch_mlir.dialects import arith
     from .layouts import _walk
